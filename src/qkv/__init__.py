@@ -1,0 +1,22 @@
+"""qkv: exact, fast attention for PyTorch.
+
+``qkv.attention(q, k, v, ...)`` is the function; :mod:`qkv.masks` and :mod:`qkv.scores` describe
+what to mask and how to modify scores; :mod:`qkv.backends` holds the implementations and their
+dispatch; :mod:`qkv.nn` the modules.
+"""
+
+from qkv import masks, scores
+from qkv._version import __version__
+from qkv.backends import available_backends, register_backend
+from qkv.functional import Explanation, attention, explain
+
+__all__ = [
+    "Explanation",
+    "__version__",
+    "attention",
+    "available_backends",
+    "explain",
+    "masks",
+    "register_backend",
+    "scores",
+]

@@ -1,0 +1,155 @@
+"""``qkv.attention``: the one function every module and model calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, overload
+
+from torch import Tensor
+
+from qkv.backends import select_backend
+from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_request
+
+__all__ = ["Explanation", "attention", "explain"]
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[False] = ...,
+    backend: str = ...,
+) -> Tensor: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[True],
+    backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = None,
+    bias: BiasArg = None,
+    causal: CausalArg = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Exact attention: ``softmax(q k^T * scale + bias, masked) v``.
+
+    Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads, ``Nq`` queries, ``Nk``
+    keys, ``D`` query/key head dim, ``Dv`` value head dim.
+
+    Args:
+        q: ``(B, Hq, Nq, D)`` queries; float16, bfloat16, float32 or float64.
+        k: ``(B, Hkv, Nk, D)`` keys, same dtype and device. ``Hq`` must be a multiple of ``Hkv``:
+            query head ``h`` attends with key/value head ``h // (Hq // Hkv)`` (grouped-query
+            attention; ``Hkv = 1`` is multi-query). K and V are not repeated in memory.
+        v: ``(B, Hkv, Nk, Dv)`` values.
+        mask: which keys each query may attend to. A bool tensor broadcastable to
+            ``(B, Hq, Nq, Nk)`` with True = attend, or a mask function of
+            ``(b, h, q_idx, kv_idx)`` from :mod:`qkv.masks` (composable with ``&``, ``|``).
+        bias: added to the scaled scores before softmax. A float tensor broadcastable to
+            ``(B, Hq, Nq, Nk)``, or a score function ``(score, b, h, q_idx, kv_idx) -> score``
+            from :mod:`qkv.scores` (ALiBi, softcap, a learnable relative-position bias).
+        causal: ``False``; ``True`` or ``"top_left"`` (query ``i`` sees keys ``j <= i``, as
+            PyTorch's ``is_causal``); or ``"bottom_right"`` (query ``i`` sees ``j <= i + Nk - Nq``,
+            as FlashAttention and KV-cache decoding). They differ only when ``Nq != Nk``::
+
+                Nq=2, Nk=5   top_left         bottom_right
+                             x . . . .        x x x x .
+                             x x . . .        x x x x x
+
+            Combined with ``mask`` by logical and.
+        scale: multiplies ``q k^T``; default ``1 / sqrt(D)``.
+        dropout_p: probability of zeroing each attention weight (the rest are scaled by
+            ``1 / (1 - p)``). Applied whenever > 0, as in ``F.scaled_dot_product_attention``:
+            modules pass 0 in eval mode.
+        return_weights: also return the probabilities (before dropout).
+        backend: ``"auto"`` (see :func:`explain`), or a registered name such as ``"reference"``
+            or ``"sdpa"``; a named backend that cannot serve the call raises with its reason.
+
+    Returns:
+        ``out (B, Hq, Nq, Dv)`` in the input dtype, and with ``return_weights=True`` also
+        ``weights (B, Hq, Nq, Nk)``. A query row with no key to attend to gives zeros in both
+        (and zero gradients), never NaN.
+
+    Numerics: for float16 and bfloat16 the softmax (max, exponentials, sum) runs in float32.
+
+    Raises:
+        TypeError, ValueError: for inputs of the wrong type, rank, dtype or shape, naming the
+            argument and its shape or value.
+    """
+    request = build_request(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+    )
+    out, weights = select_backend(request, backend).backend.forward(request)
+    if return_weights:
+        assert weights is not None, "backend ignored return_weights"
+        return out, weights
+    return out
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` found: the backend ``auto`` (or the named backend) picks, and for
+    every other registered backend the reason it was passed over (None if it could serve)."""
+
+    chosen: str
+    reasons: dict[str, str | None]
+    call: str
+
+    def __str__(self) -> str:
+        lines = [f"call: {self.call}", f"backend: {self.chosen}"]
+        for name, reason in self.reasons.items():
+            if name != self.chosen:
+                lines.append(
+                    f"  {name}: {reason or 'could serve, but comes later in the auto order'}"
+                )
+        return "\n".join(lines)
+
+
+def explain(
+    q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs: object
+) -> Explanation:
+    """Say which backend :func:`attention` would use for these arguments, and why not the others.
+
+    Takes exactly the arguments of :func:`attention`; computes nothing but the decision.
+    """
+    from qkv.backends import available_backends, get_backend
+
+    request: AttentionRequest = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
+    chosen = select_backend(request, backend).backend.name
+    reasons = {name: get_backend(name).supports(request) for name in available_backends()}
+    return Explanation(chosen=chosen, reasons=reasons, call=request.describe())

@@ -1,0 +1,168 @@
+"""Score modifiers: functions ``(score, b, h, q_idx, kv_idx) -> score`` applied before softmax.
+
+``score`` is a float tensor of (a tile of) the scaled scores ``q k^T * scale``, shaped
+``(B, H, Nq, Nk)`` or any tile of it; the index tensors broadcast against it as in
+:mod:`qkv.masks`. A modifier that only *adds* something independent of the score (ALiBi, a
+relative-position bias) sets ``additive = True``, which lets a backend that takes a dense bias
+(PyTorch SDPA) serve it; others (``softcap``) need a backend that runs the function itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "RelativePositionBias",
+    "ScoreFunction",
+    "ScoreMod",
+    "alibi",
+    "alibi_slopes",
+    "chain",
+    "is_additive",
+    "softcap",
+]
+
+
+@runtime_checkable
+class ScoreFunction(Protocol):
+    """Anything callable as ``score_mod(score, b, h, q_idx, kv_idx) -> score``."""
+
+    def __call__(
+        self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
+    ) -> Tensor: ...
+
+
+class ScoreMod:
+    """A named score modifier.
+
+    Args:
+        fn: ``fn(score, b, h, q_idx, kv_idx) -> score``.
+        name: how it prints.
+        additive: True when ``fn(s, ...) == s + fn(0, ...)`` for every ``s``.
+    """
+
+    __slots__ = ("additive", "fn", "name")
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor],
+        name: str,
+        *,
+        additive: bool = False,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.additive = additive
+
+    def __call__(
+        self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
+    ) -> Tensor:
+        return self.fn(score, b, h, q_idx, kv_idx)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def is_additive(score_mod: ScoreFunction) -> bool:
+    """Whether ``score_mod`` declares itself a pure additive bias."""
+    return bool(getattr(score_mod, "additive", False))
+
+
+def chain(*mods: ScoreFunction) -> ScoreMod:
+    """Apply score modifiers left to right: ``chain(alibi(8), softcap(30))``."""
+
+    def chained(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        for mod in mods:
+            score = mod(score, b, h, q, kv)
+        return score
+
+    name = "chain(" + ", ".join(repr(m) for m in mods) + ")"
+    return ScoreMod(chained, name, additive=all(is_additive(m) for m in mods))
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi head slopes (Press et al., 2022): a geometric sequence starting at ``2^(-8/n)``.
+
+    For a head count that is not a power of two, the paper's recipe interleaves the slopes of the
+    next power of two. Returns a float32 tensor of shape ``(num_heads,)``.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two_slopes(closest)
+    if closest < num_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi(num_heads: int | Tensor, *, offset: int = 0) -> ScoreMod:
+    """ALiBi: subtract ``slope[h] * |i + offset - j|`` from the score of query ``i``, key ``j``.
+
+    Args:
+        num_heads: number of query heads (slopes from :func:`alibi_slopes`), or the ``(H,)``
+            slopes themselves.
+        offset: added to query positions, e.g. ``Nk - Nq`` when decoding against a cache.
+
+    On the causal part ``j <= i`` this is the paper's ``slope * (j - i)``; the absolute distance
+    makes it usable for bidirectional encoders too.
+    """
+    slopes = alibi_slopes(num_heads) if isinstance(num_heads, int) else num_heads.float()
+
+    def linear_bias(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        distance = (q + offset - kv).abs().to(score.dtype)
+        return score - slopes.to(score.device, score.dtype)[h] * distance
+
+    return ScoreMod(linear_bias, f"alibi({slopes.numel()} heads)", additive=True)
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Squash scores smoothly into ``(-cap, cap)``: ``cap * tanh(score / cap)`` (Gemma 2, Grok)."""
+    if not cap > 0:
+        raise ValueError(f"softcap needs cap > 0; got {cap}")
+    return ScoreMod(lambda s, b, h, q, kv: cap * torch.tanh(s / cap), f"softcap({cap})")
+
+
+class RelativePositionBias(nn.Module):
+    """A learnable bias per head and clipped relative distance, added to the scores.
+
+    ``bias[h, clip(j - i - offset, -max_distance, max_distance)]``, the Shaw et al. (2018) scalar
+    form used as a score modifier. The table receives gradients like any parameter.
+
+    Args:
+        num_heads: query heads H.
+        max_distance: distances beyond this share the edge bucket.
+        offset: added to query positions (``Nk - Nq`` for bottom-right aligned decoding).
+
+    Attributes:
+        table: ``(H, 2 * max_distance + 1)`` float32 parameter, initialised to zero.
+    """
+
+    additive = True
+
+    def __init__(self, num_heads: int, max_distance: int = 128, *, offset: int = 0) -> None:
+        super().__init__()
+        if num_heads < 1 or max_distance < 0:
+            raise ValueError(
+                f"need num_heads >= 1 and max_distance >= 0; got {num_heads}, {max_distance}"
+            )
+        self.num_heads = num_heads
+        self.max_distance = max_distance
+        self.offset = offset
+        self.table = nn.Parameter(torch.zeros(num_heads, 2 * max_distance + 1))
+
+    def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        relative = (kv_idx - q_idx - self.offset).clamp(-self.max_distance, self.max_distance)
+        return score + self.table[h, relative + self.max_distance].to(score.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, max_distance={self.max_distance}"
