@@ -228,13 +228,11 @@ def document(query_ids: Tensor, key_ids: Tensor | None = None) -> MaskFn:
 
 def _as_ids(ids: Tensor, what: str) -> Tensor:
     ids = torch.as_tensor(ids)
-    if ids.ndim == 1:
-        ids = ids.unsqueeze(0)
-    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+    if ids.ndim not in (1, 2) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(
             f"{what} must be an integer tensor of shape (B, N) or (N,); got {tuple(ids.shape)} {ids.dtype}"
         )
-    return ids.long()
+    return ids.long().reshape(-1, ids.shape[-1])  # (B or 1, N)
 
 
 def _index_ids(q_ids: Tensor, k_ids: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:

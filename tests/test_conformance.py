@@ -1,0 +1,197 @@
+"""Every backend against the float64 reference, output and gradients, over the feature matrix.
+
+Axes: backend x dtype x causal alignment x mask kind x score modifier, each case with a shape,
+GQA ratio and memory layout drawn from a fixed cycle (awkward lengths 1 and primes, Nq != Nk in
+both directions, non-contiguous inputs), so every value of every axis is met many times without
+the full cross product.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+import qkv
+from gold import Inputs, assert_within_control, dense_mask_of, naive_attention, random_inputs
+from qkv import masks, scores
+from qkv.backends import available_backends, get_backend
+from qkv.request import build_request
+
+BACKENDS = [name for name in available_backends()]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+CAUSAL = [False, "top_left", "bottom_right"]
+MASKS = [
+    "none",
+    "key_padding",
+    "sliding_window",
+    "document",
+    "prefix_lm",
+    "dense",
+    "fully_masked_rows",
+]
+BIASES = ["none", "tensor", "alibi", "softcap", "relative"]
+# (B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous)
+SHAPES = [
+    (2, 4, 4, 13, 13, 16, 16, False),
+    (1, 4, 2, 1, 7, 8, 8, True),
+    (2, 6, 2, 5, 17, 16, 8, False),
+    (2, 4, 1, 17, 5, 8, 12, True),
+    (1, 2, 2, 31, 29, 32, 32, False),
+    (3, 3, 1, 7, 11, 4, 4, True),
+]
+
+
+def make_mask(
+    kind: str, B: int, Hq: int, Nq: int, Nk: int, seed: int
+) -> Tensor | masks.MaskFn | None:
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "none":
+        return None
+    if kind == "key_padding":
+        return masks.key_padding(torch.randint(1, Nk + 1, (B,), generator=g))
+    if kind == "sliding_window":
+        return masks.sliding_window(3)
+    if kind == "document":
+        n = max(Nq, Nk)
+        ids = torch.sort(torch.randint(0, 3, (B, n), generator=g), dim=-1).values
+        return masks.document(ids[:, :Nq], ids[:, :Nk])
+    if kind == "prefix_lm":
+        return masks.prefix_lm(2)
+    if kind == "dense":
+        return torch.rand(B, 1, Nq, Nk, generator=g) < 0.7
+    if kind == "fully_masked_rows":
+        dense = torch.rand(B, Hq, Nq, Nk, generator=g) < 0.7
+        dense[:, :, ::3] = False
+        return dense
+    raise AssertionError(kind)
+
+
+def make_bias(
+    kind: str, Hq: int, Nq: int, Nk: int, seed: int
+) -> Tensor | scores.ScoreFunction | None:
+    g = torch.Generator().manual_seed(seed + 2)
+    if kind == "none":
+        return None
+    if kind == "tensor":
+        return torch.randn(1, Hq, Nq, Nk, generator=g, dtype=torch.float64)
+    if kind == "alibi":
+        return scores.alibi(Hq)
+    if kind == "softcap":
+        return scores.softcap(2.0)
+    if kind == "relative":
+        rel = scores.RelativePositionBias(Hq, max_distance=4)
+        with torch.no_grad():
+            rel.table.copy_(torch.randn(rel.table.shape, generator=g))
+        return rel
+    raise AssertionError(kind)
+
+
+def cast_bias(bias: object, dtype: torch.dtype) -> object:
+    """A per-run copy of the bias: tensors in ``dtype`` and requiring grad, modules deep-copied."""
+    if isinstance(bias, Tensor):
+        return bias.detach().to(dtype).requires_grad_(True)
+    if isinstance(bias, torch.nn.Module):
+        return copy.deepcopy(bias)
+    return bias
+
+
+def bias_grad(bias: object) -> Tensor | None:
+    if isinstance(bias, Tensor):
+        return bias.grad
+    if isinstance(bias, scores.RelativePositionBias):
+        return bias.table.grad
+    return None
+
+
+def run(
+    fn: Callable[..., Tensor], x: Inputs, bias: object, grad_out: Tensor
+) -> list[Tensor | None]:
+    out = fn(x.q, x.k, x.v, bias)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach(), x.q.grad, x.k.grad, x.v.grad, bias_grad(bias)]
+
+
+def readable(value: object) -> str:
+    return str(value).removeprefix("torch.")
+
+
+CASES = list(itertools.product(BACKENDS, DTYPES, CAUSAL, MASKS, BIASES))
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "causal", "mask_kind", "bias_kind"), CASES, ids=readable
+)
+def test_matches_float64_reference(
+    backend: str, dtype: torch.dtype, causal: object, mask_kind: str, bias_kind: str
+) -> None:
+    case = CASES.index((backend, dtype, causal, mask_kind, bias_kind))
+    B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
+    x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
+    mask = make_mask(mask_kind, B, Hq, Nq, Nk, case)
+    bias0 = make_bias(bias_kind, Hq, Nq, Nk, case)
+    kwargs = {"mask": mask, "causal": causal}
+
+    request = build_request(
+        x.q.to(dtype), x.k.to(dtype), x.v.to(dtype), bias=cast_bias(bias0, dtype), **kwargs
+    )  # type: ignore[arg-type]
+    reason = get_backend(backend).supports(request)
+    if reason is not None:
+        pytest.skip(f"{backend} does not serve this case: {reason}")
+
+    grad_out = torch.randn(
+        B, Hq, Nq, Dv, generator=torch.Generator().manual_seed(case), dtype=torch.float64
+    )
+    dense = dense_mask_of(x.q, x.k, **kwargs)
+
+    def candidate(q: Tensor, k: Tensor, v: Tensor, bias: object) -> Tensor:
+        return qkv.attention(q, k, v, bias=bias, backend=backend, **kwargs)  # type: ignore[arg-type]
+
+    def gold(q: Tensor, k: Tensor, v: Tensor, bias: object) -> Tensor:
+        return qkv.attention(q, k, v, bias=bias, backend="reference", **kwargs)  # type: ignore[arg-type]
+
+    def control(q: Tensor, k: Tensor, v: Tensor, bias: object) -> Tensor:
+        req = build_request(q, k, v, bias=bias)  # type: ignore[arg-type]
+        modify = None if bias is None else (lambda s: req.modify_scores(s, req.full_q, req.full_kv))
+        return naive_attention(q, k, v, dense, modify, req.scale)
+
+    got = run(candidate, x.to(dtype), cast_bias(bias0, dtype), grad_out)
+    want = run(gold, x.to(torch.float64), cast_bias(bias0, torch.float64), grad_out)
+    ctrl = run(control, x.to(dtype), cast_bias(bias0, dtype), grad_out)
+    for name, g, w, c in zip(("out", "dq", "dk", "dv", "dbias"), got, want, ctrl, strict=True):
+        if w is None:
+            continue
+        assert g is not None, f"{name}: no gradient"
+        assert_within_control(name, g, w, c, dtype)
+    if mask_kind == "fully_masked_rows":
+        empty = ~dense.any(-1)  # (B, Hq, Nq)
+        assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+        assert got[1] is not None and torch.equal(got[1][empty], torch.zeros_like(got[1][empty]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=readable)
+def test_output_dtype_shape_and_layout(backend: str, dtype: torch.dtype) -> None:
+    x = random_inputs(2, 4, 2, 5, 9, 8, 6, seed=3, non_contiguous=True).to(
+        dtype, requires_grad=False
+    )
+    out = qkv.attention(x.q, x.k, x.v, backend=backend)
+    assert out.dtype == dtype
+    assert out.shape == (2, 4, 5, 6)
+    assert torch.isfinite(out).all()
+
+
+def test_half_types_keep_float32_softmax_statistics() -> None:
+    # A long row of equal scores: every weight is 1/N. Summed in float16, the weights would drift
+    # visibly; with float32 statistics the output equals the mean of V to float16 precision.
+    N = 4096
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16)
+    k = torch.randn(1, 1, N, 16).half()
+    v = torch.randn(1, 1, N, 8).half()
+    out, weights = qkv.attention(q + 1e-3, k * 0, v, return_weights=True, backend="reference")
+    assert weights.float().sum().item() == pytest.approx(1.0, abs=2e-3)
+    torch.testing.assert_close(out.float(), v.float().mean(dim=2, keepdim=True), atol=2e-3, rtol=0)
