@@ -1,0 +1,1 @@
+"""The ``qkv`` command line: parse -> library call -> print."""

@@ -1,0 +1,125 @@
+"""``qkv <command>``: the entry point and its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from qkv._version import __version__
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkv",
+        description="qkv: exact, fast attention for PyTorch. softmax(QK^T / sqrt(d_k)) V, with masks, "
+        "biases and several backends behind one dispatch.",
+    )
+    parser.add_argument("--version", action="version", version=f"qkv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check",
+        help="run every backend on this machine against the float64 reference and print the errors",
+    )
+    _add_shape_args(check, q_len=96, kv_len=128)
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.set_defaults(run=_run_check)
+
+    explain = commands.add_parser(
+        "explain", help="say which backend `auto` picks for a call shape, and why"
+    )
+    _add_shape_args(explain, q_len=1024, kv_len=None)
+    explain.add_argument("--causal", choices=["none", "top_left", "bottom_right"], default="none")
+    explain.add_argument(
+        "--window", type=int, default=None, help="sliding window: keys this far back"
+    )
+    explain.add_argument("--weights", action="store_true", help="ask for the attention weights too")
+    explain.set_defaults(run=_run_explain)
+    return parser
+
+
+def _add_shape_args(p: argparse.ArgumentParser, *, q_len: int, kv_len: int | None) -> None:
+    p.add_argument("--batch", type=int, default=2, help="B (default %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="query heads Hq (default %(default)s)")
+    p.add_argument(
+        "--kv-heads", type=int, default=2, help="key/value heads Hkv (default %(default)s)"
+    )
+    p.add_argument("--q-len", type=int, default=q_len, help="Nq (default %(default)s)")
+    p.add_argument("--kv-len", type=int, default=kv_len, help="Nk (default: Nq)")
+    p.add_argument("--head-dim", type=int, default=64, help="D (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.diagnostics import check_backends
+
+    rows = check_backends(
+        batch=args.batch,
+        q_heads=args.heads,
+        kv_heads=args.kv_heads,
+        q_len=args.q_len,
+        kv_len=args.kv_len or args.q_len,
+        head_dim=args.head_dim,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        seed=args.seed,
+        progress=None
+        if args.json
+        else lambda case: print(f"  checking {case} ...", file=sys.stderr),
+    )
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    print(f"qkv {__version__}, torch {torch.__version__}, {args.dtype} on {args.device}")
+    print(
+        f"max |backend - float64 reference| for q ({args.batch}, {args.heads}, {args.q_len}, {args.head_dim}):"
+    )
+    print(f"{'case':<24} {'backend':<12} result")
+    for row in rows:
+        result = f"{row.error:.2e}" if row.error is not None else f"not served: {row.reason}"
+        print(f"{row.case:<24} {row.backend:<12} {result}")
+    return 0
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    import qkv
+
+    dtype = getattr(torch, args.dtype)
+    kv_len = args.kv_len or args.q_len
+    q = torch.empty(
+        args.batch, args.heads, args.q_len, args.head_dim, dtype=dtype, device=args.device
+    )
+    k = torch.empty(
+        args.batch, args.kv_heads, kv_len, args.head_dim, dtype=dtype, device=args.device
+    )
+    mask = qkv.masks.sliding_window(args.window) if args.window is not None else None
+    causal = False if args.causal == "none" else args.causal
+    print(qkv.explain(q, k, k, mask=mask, causal=causal, return_weights=args.weights))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args))
+    except (ValueError, TypeError) as error:
+        print(f"qkv {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
