@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from qkv._version import __version__
+from qkv.cli.progress import ProgressBar
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -28,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_args(check, q_len=96, kv_len=128)
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
     check.set_defaults(run=_run_check)
+
+    bench = commands.add_parser(
+        "bench", help="time every backend over a sweep of N and mask kinds, with ratios to SDPA"
+    )
+    _add_bench_args(bench)
+    bench.set_defaults(run=_run_bench)
 
     explain = commands.add_parser(
         "explain", help="say which backend `auto` picks for a call shape, and why"
@@ -54,6 +62,102 @@ def _add_shape_args(p: argparse.ArgumentParser, *, q_len: int, kv_len: int | Non
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from qkv.bench import MASK_KINDS
+
+    p.add_argument(
+        "--n",
+        type=_int_list,
+        default=[1024, 4096],
+        help="sequence lengths, comma-separated (default 1024,4096)",
+    )
+    p.add_argument(
+        "--masks",
+        type=_str_list,
+        default=list(MASK_KINDS),
+        help=f"mask kinds from {','.join(MASK_KINDS)}",
+    )
+    p.add_argument(
+        "--backends", type=_str_list, default=None, help="backends (default: every registered one)"
+    )
+    p.add_argument("--modes", type=_str_list, default=["fwd", "fwd+bwd"], help="fwd and/or fwd+bwd")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--window", type=int, default=256, help="sliding window size (default %(default)s)"
+    )
+    p.add_argument(
+        "--documents",
+        type=int,
+        default=16,
+        help="documents packed in a sequence (default %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed calls per case after a warm-up; the median is reported",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per case")
+    p.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.png")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from qkv.backends import available_backends
+    from qkv.bench import expand_sweep, run_sweep
+    from qkv.bench.report import format_table, write_json, write_plot
+
+    backends = args.backends or [
+        b for b in available_backends() if b != "triton" or args.device.startswith("cuda")
+    ]
+    unknown = sorted(set(backends) - set(available_backends()))
+    if unknown:
+        raise ValueError(f"--backends: unknown {unknown}; known: {available_backends()}")
+    cases = expand_sweep(
+        backends=backends,
+        mask_kinds=args.masks,
+        seq_lens=args.n,
+        modes=args.modes,
+        batch=args.batch,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        device=args.device,
+        window=args.window,
+        documents=args.documents,
+        repeats=args.repeats,
+    )
+    bar = ProgressBar(len(cases))
+    results = run_sweep(
+        cases,
+        timeout_s=args.timeout,
+        on_result=lambda r: bar.step(f"{r.case.backend} {r.case.label()}"),
+    )
+    print(format_table(results))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(results, args.out / "bench.json")
+        plotted = write_plot(results, args.out / "bench.png")
+        print(
+            f"wrote {args.out / 'bench.json'}"
+            + (f" and {args.out / 'bench.png'}" if plotted else " (no plot: pip install qkv[viz])")
+        )
+    return 0
 
 
 def _run_check(args: argparse.Namespace) -> int:

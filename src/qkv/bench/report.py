@@ -1,0 +1,80 @@
+"""The benchmark as a text table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qkv.bench.run import BenchResult
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def format_table(results: list[BenchResult]) -> str:
+    header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<10} {'ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} {'x sdpa':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        c = r.case
+        head = f"{c.mask_kind:<15} {c.seq_len:>6} {c.mode:<8} {c.backend:<10}"
+        if r.error is not None:
+            lines.append(f"{head} {'failed: ' + r.error}")
+            continue
+        assert r.seconds is not None and r.gflops is not None
+        ratio = "-" if r.ratio_to_sdpa is None else f"{r.ratio_to_sdpa:.2f}"
+        lines.append(
+            f"{head} {r.seconds * 1e3:>10.1f} {r.gflops:>8.1f} {_mib(r.peak_extra_bytes):>9} {ratio:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(results: list[BenchResult], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([r.to_json() for r in results], indent=2))
+    tmp.replace(path)
+
+
+def write_plot(results: list[BenchResult], path: Path) -> bool:
+    """Time and peak memory against N, one panel pair per mask kind. Returns False when
+    matplotlib is not installed (``pip install qkv[viz]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    kinds = list(dict.fromkeys(r.case.mask_kind for r in results))
+    modes = list(dict.fromkeys(r.case.mode for r in results))
+    fig, axes = plt.subplots(
+        2, len(kinds) * len(modes), figsize=(4 * len(kinds) * len(modes), 7), squeeze=False
+    )
+    for col, (kind, mode) in enumerate((k, m) for k in kinds for m in modes):
+        chosen = [
+            r
+            for r in results
+            if r.case.mask_kind == kind and r.case.mode == mode and r.error is None
+        ]
+        for backend in dict.fromkeys(r.case.backend for r in chosen):
+            rows = sorted(
+                (r for r in chosen if r.case.backend == backend), key=lambda r: r.case.seq_len
+            )
+            n = [r.case.seq_len for r in rows]
+            axes[0][col].plot(n, [r.seconds for r in rows], marker="o", label=backend)
+            axes[1][col].plot(
+                n, [(r.peak_extra_bytes or 0) / 2**20 for r in rows], marker="o", label=backend
+            )
+        axes[0][col].set_title(f"{kind}, {mode}")
+        for row, ylabel in ((0, "seconds"), (1, "peak extra MiB")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            # Time spans decades; memory is drawn linear so linear growth in N reads as such.
+            ax.set_yscale("log" if row == 0 else "linear")
+            ax.set_xlabel("N")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
