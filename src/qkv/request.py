@@ -183,6 +183,22 @@ class AttentionRequest:
         zeros = torch.zeros((), dtype=stats_dtype(self.dtype), device=self.device)
         return self.modify_scores(zeros, self.full_q, self.full_kv)
 
+    # --- memory -------------------------------------------------------------------------------
+    @property
+    def score_elements(self) -> int:
+        """Entries of the full score matrix, ``B * Hq * Nq * Nk``."""
+        return self.batch * self.q_heads * self.q_len * self.kv_len
+
+    def dense_mask_elements(self) -> int:
+        """Entries of the mask a dense backend materializes (0 if none): the broadcast shape a
+        mask function produces, found by evaluating it on a 2 x 2 corner."""
+        if self.mask_fn is None:
+            return 0
+        corner = self.mask_fn(*self.indices((0, min(2, self.q_len)), (0, min(2, self.kv_len))))
+        batch = self.batch if corner.ndim == 4 and corner.shape[0] > 1 else 1
+        heads = self.q_heads if corner.ndim >= 3 and corner.shape[-3] > 1 else 1
+        return batch * heads * self.q_len * self.kv_len
+
     def describe(self) -> str:
         """One line naming the shapes and options, for messages and ``explain``."""
         parts = [

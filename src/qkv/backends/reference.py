@@ -65,6 +65,14 @@ class ReferenceBackend:
     def supports(self, request: AttentionRequest) -> str | None:
         return None
 
+    def memory_estimate(self, request: AttentionRequest) -> int:
+        """Bytes beyond inputs and output: about three live score-sized tensors in the forward
+        pass, three and a half more kept for backward, one more for the masked copy, and the
+        mask itself with its int64 index arithmetic (measured with ``qkv bench``)."""
+        stats_bytes = torch.empty((), dtype=stats_dtype(request.dtype)).element_size()
+        live = 3.0 + (3.5 if request.needs_grad else 0.0) + (1.0 if request.has_mask else 0.0)
+        return int(request.score_elements * stats_bytes * live + request.dense_mask_elements() * 9)
+
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         out, probs = reference_attention(request)
         return out, (probs.to(request.dtype) if request.return_weights else None)

@@ -26,6 +26,26 @@ class SdpaBackend:
             return f"score function {request.score_mod!r} is not an additive bias, and SDPA can only add one"
         return None
 
+    def memory_estimate(self, request: AttentionRequest) -> int:
+        """Bytes beyond inputs and output: the fused kernel's O(N * D) buffers (calibrated with
+        ``qkv bench`` on the CPU: about 2x the size of q forward, 18x with autograd), plus the
+        O(Nq * Nk) dense mask or bias we hand it when the call is not plain (int64 index
+        arithmetic to build a mask, a byte to keep it, four for SDPA's float copy)."""
+        linear = request.q.numel() * request.q.element_size() * (18 if request.needs_grad else 2)
+        if _is_plain(request):
+            return linear
+        mask_elements = request.dense_mask_elements()
+        if isinstance(request.mask, Tensor):
+            mask_elements += request.mask.numel()
+        if request.causal is not None and mask_elements == 0:
+            mask_elements = request.q_len * request.kv_len
+        bias_elements = 0
+        if request.bias is not None:
+            bias_elements += request.bias.numel()
+        if request.score_mod is not None:
+            bias_elements += request.q_heads * request.q_len * request.kv_len
+        return linear + mask_elements * 13 + bias_elements * 2 * request.q.element_size()
+
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         attn_mask, is_causal = _sdpa_mask(request)
         out = F.scaled_dot_product_attention(
@@ -41,14 +61,19 @@ class SdpaBackend:
         return out, None
 
 
+def _is_plain(request: AttentionRequest) -> bool:
+    """No mask and no bias beyond what ``is_causal`` expresses."""
+    plain_causal = request.causal in (None, "top_left") or request.q_len == request.kv_len
+    return (
+        request.mask is None and request.bias is None and request.score_mod is None and plain_causal
+    )
+
+
 def _sdpa_mask(request: AttentionRequest) -> tuple[Tensor | None, bool]:
     """SDPA's ``(attn_mask, is_causal)`` for the request's mask, causal flag and bias."""
-    plain_causal = request.causal == "top_left" or (
-        request.causal == "bottom_right" and request.q_len == request.kv_len
-    )
-    bias = request.dense_bias()
-    if request.mask is None and bias is None and (request.causal is None or plain_causal):
+    if _is_plain(request):
         return None, request.causal is not None
+    bias = request.dense_bias()
     mask = request.mask_tile(request.full_q, request.full_kv)
     if bias is None:
         return mask, False

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from qkv.backends import get_backend
 from qkv.bench.cases import BenchCase
-from qkv.functional.attention import attention
+from qkv.functional.attention import attention, memory_estimate
 from qkv.request import build_request
 
 
@@ -75,6 +76,7 @@ def measure(case: BenchCase) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    estimate = memory_estimate(get_backend(case.backend), build_request(q, k, v, **kwargs))
     baseline = _max_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -86,7 +88,11 @@ def measure(case: BenchCase) -> dict[str, Any]:
         call()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _max_rss_bytes()
-    return {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak - baseline)}
+    return {
+        "seconds": statistics.median(times),
+        "peak_extra_bytes": max(0, peak - baseline),
+        "estimated_bytes": estimate,
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ def _mib(n: int | None) -> str:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<10} {'ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} {'x sdpa':>7}"
+    header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<10} {'ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} {'est MiB':>8} {'x sdpa':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         c = r.case
@@ -24,7 +24,7 @@ def format_table(results: list[BenchResult]) -> str:
         assert r.seconds is not None and r.gflops is not None
         ratio = "-" if r.ratio_to_sdpa is None else f"{r.ratio_to_sdpa:.2f}"
         lines.append(
-            f"{head} {r.seconds * 1e3:>10.1f} {r.gflops:>8.1f} {_mib(r.peak_extra_bytes):>9} {ratio:>7}"
+            f"{head} {r.seconds * 1e3:>10.1f} {r.gflops:>8.1f} {_mib(r.peak_extra_bytes):>9} {_mib(r.estimated_bytes):>8} {ratio:>7}"
         )
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ class BenchResult:
     case: BenchCase
     seconds: float | None = None
     peak_extra_bytes: int | None = None
+    estimated_bytes: int | None = None
     gflops: float | None = None
     ratio_to_sdpa: float | None = None
     error: str | None = None
@@ -31,6 +32,7 @@ class BenchResult:
             **self.case.to_json(),
             "seconds": self.seconds,
             "peak_extra_bytes": self.peak_extra_bytes,
+            "estimated_bytes": self.estimated_bytes,
             "gflops": self.gflops,
             "ratio_to_sdpa": self.ratio_to_sdpa,
             "error": self.error,
@@ -75,6 +77,7 @@ def run_sweep(
             )
             result.seconds = figures["seconds"]
             result.peak_extra_bytes = figures["peak_extra_bytes"]
+            result.estimated_bytes = figures["estimated_bytes"]
             key = (
                 case.mask_kind,
                 case.seq_len,

@@ -7,7 +7,7 @@ from typing import Literal, overload
 
 from torch import Tensor
 
-from qkv.backends import select_backend
+from qkv.backends import Backend, select_backend
 from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_request
 
 __all__ = ["Explanation", "attention", "explain"]
@@ -129,15 +129,22 @@ class Explanation:
     chosen: str
     reasons: dict[str, str | None]
     call: str
+    memory: dict[str, int | None]
 
     def __str__(self) -> str:
-        lines = [f"call: {self.call}", f"backend: {self.chosen}"]
+        lines = [
+            f"call: {self.call}",
+            f"backend: {self.chosen}{_mib(self.memory.get(self.chosen))}",
+        ]
         for name, reason in self.reasons.items():
             if name != self.chosen:
-                lines.append(
-                    f"  {name}: {reason or 'could serve, but comes later in the auto order'}"
-                )
+                why = reason or "could serve, but comes later in the auto order"
+                lines.append(f"  {name}: {why}{_mib(self.memory.get(name))}")
         return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return "" if n is None else f" (expected peak extra memory {n / 2**20:,.1f} MiB)"
 
 
 def explain(
@@ -152,4 +159,14 @@ def explain(
     request: AttentionRequest = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
     chosen = select_backend(request, backend).backend.name
     reasons = {name: get_backend(name).supports(request) for name in available_backends()}
-    return Explanation(chosen=chosen, reasons=reasons, call=request.describe())
+    memory = {name: memory_estimate(get_backend(name), request) for name in available_backends()}
+    return Explanation(chosen=chosen, reasons=reasons, call=request.describe(), memory=memory)
+
+
+def memory_estimate(backend: Backend, request: AttentionRequest) -> int | None:
+    """A backend's estimate of the extra bytes a call needs, or None if it gives none (or
+    cannot serve the call)."""
+    estimate = getattr(backend, "memory_estimate", None)
+    if estimate is None or backend.supports(request) is not None:
+        return None
+    return int(estimate(request))
