@@ -164,6 +164,10 @@ def query_dim(name: str) -> int:
     return DK if name == "dot" else DQ
 
 
+def _inputs(name: str) -> tuple[Tensor, Tensor, Tensor]:
+    return rand(B, NQ, query_dim(name), seed=1), rand(B, NK, DK, seed=2), rand(B, NK, DV, seed=3)
+
+
 def gold_scores(name: str, module: nn.Module, q: Tensor, k: Tensor) -> Tensor:
     """The paper's score for every (query, key) pair, as an einsum on the module's parameters."""
     p = dict(module.named_parameters())
@@ -307,6 +311,35 @@ def test_luong_dot_and_general_agree_with_reference_attention(name: str) -> None
     torch.testing.assert_close(module(q, k, v, mask=mask)[0], context)
 
 
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("single_step", [False, True])
+def test_need_weights_false_gives_the_same_context(name: str, single_step: bool) -> None:
+    module = make(name)
+    q, k, v = _inputs(name)
+    if single_step:
+        q = q[:, 0]  # (B, Dq)
+    mask = random_mask(B, NK, seed=4)
+    context, weights = module(q, k, v, mask=mask)
+    context_only, none = module(q, k, v, mask=mask, need_weights=False)
+    assert weights is not None and none is None
+    torch.testing.assert_close(context_only, context)
+
+
+@pytest.mark.parametrize("name", ["dot", "general", "cosine"])
+def test_dot_product_scores_run_on_sdpa_without_weights(name: str) -> None:
+    """SDPA cannot return weights, so naming it works exactly when need_weights=False."""
+    module = make(name)
+    q, k, v = _inputs(name)
+    mask = random_mask(B, NQ, NK, seed=4)
+    context, _ = module(q, k, v, mask=mask)
+    assert isinstance(module, LuongAttention | CosineAttention)
+    module.backend = "sdpa"
+    context_sdpa, _ = module(q, k, v, mask=mask, need_weights=False)
+    torch.testing.assert_close(context_sdpa, context)
+    with pytest.raises(ValueError, match="return_weights"):
+        module(q, k, v, mask=mask)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -328,10 +361,6 @@ def test_bad_constructor_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         build()
-
-
-def _inputs(name: str) -> tuple[Tensor, Tensor, Tensor]:
-    return rand(B, NQ, query_dim(name), seed=1), rand(B, NK, DK, seed=2), rand(B, NK, DV, seed=3)
 
 
 BAD_FORWARD: list[tuple[str, Callable[..., dict[str, object]], type[Exception], str]] = [
@@ -357,9 +386,42 @@ BAD_FORWARD: list[tuple[str, Callable[..., dict[str, object]], type[Exception], 
     ),
     ("keys int", lambda q, k, v: {"keys": k.long()}, TypeError, r"keys must be a floating"),
     ("dtype", lambda q, k, v: {"values": v.float()}, TypeError, r"values torch.float32"),
-    ("batch", lambda q, k, v: {"keys": k[:1], "values": v[:1]}, ValueError, r"batch size B"),
-    ("query_dim", lambda q, k, v: {"query": q[..., :1]}, ValueError, r"query_dim"),
-    ("key_dim", lambda q, k, v: {"keys": k[..., :1]}, ValueError, r"key_dim"),
+    (
+        "batch",
+        lambda q, k, v: {"keys": k[:1], "values": v[:1]},
+        ValueError,
+        r"query, keys and values must share the batch size B .* keys \(1, 7, 4\)",
+    ),
+    (
+        "query_dim",
+        lambda q, k, v: {"query": q[..., :1]},
+        ValueError,
+        r"query's last dim \(1\) must equal query_dim \([46]\); got query \(2, 5, 1\)",
+    ),
+    (
+        "query_dim single step",
+        lambda q, k, v: {"query": q[:, 0, :1]},
+        ValueError,
+        r"query's last dim \(1\) must equal query_dim .* got query \(2, 1\),",
+    ),
+    (
+        "key_dim",
+        lambda q, k, v: {"keys": k[..., :1]},
+        ValueError,
+        r"keys' last dim \(1\) must equal key_dim \(4\)",
+    ),
+    (
+        "device",
+        lambda q, k, v: {"keys": k.to("meta")},
+        ValueError,
+        r"query, keys and values must be on one device; .* keys meta",
+    ),
+    (
+        "mask device",
+        lambda q, k, v: {"mask": torch.ones(B, NK, dtype=torch.bool, device="meta")},
+        ValueError,
+        r"mask is on meta but query is on cpu",
+    ),
     ("Nk", lambda q, k, v: {"values": v[:, :3]}, ValueError, r"length Nk .* values \(2, 3, 3\)"),
     (
         "mask dtype",
@@ -413,7 +475,21 @@ def test_bad_forward_arguments(
             r"weight must have shape \(H, Dq \+ Dk\) = \(H, 10\)",
         ),
         (lambda q, k: dot_scores(q, k), ValueError, r"q and k must share .* q \(2, 5, 6\)"),
+        (
+            lambda q, k: additive_scores(
+                q, k, rand(H, DQ, seed=9), rand(H, DK, seed=9), rand(1, H, seed=9)
+            ),
+            ValueError,
+            r"v must have shape \(H,\); got \(1, 8\)",
+        ),
         (lambda q, k: cosine_scores(q, q, 0.0), ValueError, r"temperature .* got 0.0"),
+        (
+            lambda q, k: score_attention(
+                rand(B, NQ, NK, seed=9), k, torch.ones(B, 2, NQ, NK, dtype=torch.bool)
+            ),
+            ValueError,
+            r"mask of shape \(2, 2, 5, 7\) does not broadcast to the scores .* \(2, 5, 7\)",
+        ),
         (
             lambda q, k: score_attention(rand(B, NQ, NK, seed=9), k, torch.ones(B, NQ, NK)),
             TypeError,

@@ -65,6 +65,14 @@ def _check_last_dims(name_a: str, a: Tensor, name_b: str, b: Tensor, what: str) 
         )
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without changing it (the mask may not add
+    dims or sizes to the scores: the result would not be the weights of these scores)."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
     """Luong's ``dot`` score: ``q . k``, unscaled.
 
@@ -150,7 +158,9 @@ def additive_scores(
     Raises:
         ValueError: if a weight's shape does not fit ``q``, ``k`` or ``H``.
     """
-    H = v.shape[-1]
+    if v.ndim != 1:
+        raise ValueError(f"v must have shape (H,); got {tuple(v.shape)}")
+    H = v.shape[0]
     expected = {"w_q": (H, q.shape[-1]), "w_k": (H, k.shape[-1]), "v": (H,)}
     given = {"w_q": w_q, "w_k": w_k, "v": v}
     if bias is not None:
@@ -244,10 +254,16 @@ def score_attention(
 
     Raises:
         TypeError: if ``mask`` is not a bool tensor.
-        ValueError: if ``scores`` and ``values`` disagree on ``Nk``.
+        ValueError: if ``mask`` does not broadcast to ``scores``, or ``scores`` and ``values``
+            disagree on ``Nk``.
     """
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")
+    if mask is not None and not _broadcasts_to(tuple(mask.shape), tuple(scores.shape)):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the scores "
+            f"(..., Nq, Nk) = {tuple(scores.shape)}"
+        )
     if scores.shape[-1] != values.shape[-2]:
         raise ValueError(
             f"scores (..., Nq, Nk) and values (..., Nk, Dv) must share Nk; "

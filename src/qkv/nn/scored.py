@@ -3,7 +3,7 @@ cosine attention, as thin modules over :mod:`qkv.functional.score_functions`.
 
 Every module has the same interface, single-head, as in the papers::
 
-    context, weights = layer(query, keys, values=None, mask=None)
+    context, weights = layer(query, keys, values=None, mask=None, *, need_weights=True)
 
 Notation used for tensor shapes: ``B`` batch, ``Nq`` queries (decoder steps), ``Nk`` keys
 (encoder positions), ``Dq`` query dim, ``Dk`` key dim, ``Dv`` value dim, ``H`` hidden size.
@@ -14,17 +14,26 @@ Notation used for tensor shapes: ``B`` batch, ``Nq`` queries (decoder steps), ``
 - ``mask``: bool ``(B, Nk)`` (padding, shared by every query) or ``(B, Nq, Nk)``; True = attend.
 - returns ``context (B, Nq, Dv)`` and ``weights (B, Nq, Nk)``, or ``(B, Dv)`` and ``(B, Nk)``
   for a single-step query. A query with nothing to attend to gets zeros in both, never NaN.
+  ``need_weights=False`` returns None for the weights.
 
 Scores that are a dot product after a change of ``q`` and ``k`` (Luong ``dot`` and ``general``,
-cosine) go through :func:`qkv.attention`, so they run on any backend; additive scores (Bahdanau,
-Luong ``concat``) are materialized, ``(B, Nq, Nk, H)`` in memory.
+cosine) go through :func:`qkv.attention`, so they run on any backend (a fused one such as SDPA
+only with ``need_weights=False``, as it never forms the weights); additive scores (Bahdanau, Luong
+``concat``) are materialized, through a ``(B, Nq, Nk, H)`` tensor.
+
+Example, one decoder step of Bahdanau attention over padded encoder states::
+
+    layer = AdditiveAttention(query_dim=512, key_dim=1024, hidden_dim=512)
+    context, weights = layer(decoder_state, encoder_states, mask=source_mask)
+    # decoder_state (B, 512), encoder_states (B, Nk, 1024), source_mask (B, Nk) bool
+    # -> context (B, 1024), weights (B, Nk)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, TypeAlias, get_args
+from typing import Literal, TypeAlias, get_args, overload
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +65,11 @@ class _Batch:
     mask: Tensor | None
     single_step: bool
 
-    def finish(self, context: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    def finish(self, context: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Drop the ``Nq = 1`` dim again for a single-step query."""
         if self.single_step:
-            return context.squeeze(1), weights.squeeze(1)  # (B, Dv), (B, Nk)
+            squeezed = None if weights is None else weights.squeeze(1)  # (B, Nk)
+            return context.squeeze(1), squeezed  # (B, Dv), (B, Nk)
         return context, weights
 
 
@@ -88,14 +98,17 @@ def _prepare(
     query = _check_tensor("query", query, "(B, Nq, Dq) or (B, Dq)", (2, 3))
     keys = _check_tensor("keys", keys, "(B, Nk, Dk)", (3,))
     values = keys if values is None else _check_tensor("values", values, "(B, Nk, Dv)", (3,))
-    single_step = query.ndim == 2
-    if single_step:
-        query = query.unsqueeze(1)  # (B, 1, Dq)
+    # Shapes as the caller passed them, before a single-step query gains its Nq = 1 dim.
     shapes = f"query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
     if not (query.dtype == keys.dtype == values.dtype):
         raise TypeError(
             f"query, keys and values must share a dtype; got query {query.dtype}, "
             f"keys {keys.dtype}, values {values.dtype}"
+        )
+    if not (query.device == keys.device == values.device):
+        raise ValueError(
+            f"query, keys and values must be on one device; got query {query.device}, "
+            f"keys {keys.device}, values {values.device}"
         )
     if not (query.shape[0] == keys.shape[0] == values.shape[0]):
         raise ValueError(
@@ -111,15 +124,22 @@ def _prepare(
         )
     if keys.shape[1] != values.shape[1]:
         raise ValueError(f"keys and values must have the same length Nk (dim 1); got {shapes}")
+    single_step = query.ndim == 2
+    if single_step:
+        query = query.unsqueeze(1)  # (B, 1, Dq)
     if mask is not None:
-        mask = _check_mask(mask, query.shape[0], query.shape[1], keys.shape[1])
+        mask = _check_mask(mask, query, keys.shape[1])
     return _Batch(query, keys, values, mask, single_step)
 
 
-def _check_mask(mask: Tensor, B: int, Nq: int, Nk: int) -> Tensor:
+def _check_mask(mask: Tensor, query: Tensor, Nk: int) -> Tensor:
+    """A ``(B, Nk)`` or ``(B, Nq, Nk)`` bool mask as ``(B, 1 | Nq, Nk)``; ``query (B, Nq, Dq)``."""
+    B, Nq = query.shape[0], query.shape[1]
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor (True = attend); got {kind}")
+    if mask.device != query.device:
+        raise ValueError(f"mask is on {mask.device} but query is on {query.device}")
     if tuple(mask.shape) == (B, Nk):
         return mask.unsqueeze(1)  # (B, 1, Nk): one padding mask for every query
     if tuple(mask.shape) == (B, Nq, Nk):
@@ -131,21 +151,21 @@ def _check_mask(mask: Tensor, B: int, Nq: int, Nk: int) -> Tensor:
 
 
 def _dot_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str, need_weights: bool
+) -> tuple[Tensor, Tensor | None]:
     """Unscaled ``softmax(q k^T) v`` through :func:`qkv.attention` with one head.
 
     ``q (B, Nq, D)``, ``k (B, Nk, D)``, ``v (B, Nk, Dv)``, mask ``(B, 1 | Nq, Nk)`` ->
-    ``context (B, Nq, Dv)``, ``weights (B, Nq, Nk)``. Any scale is folded into ``q`` beforehand.
+    ``context (B, Nq, Dv)`` and ``weights (B, Nq, Nk)`` or None. Any scale is folded into ``q``
+    beforehand. Without weights, fused backends (SDPA) can serve the call.
     """
+    q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, N, D): one head
+    mask4 = None if mask is None else mask.unsqueeze(1)  # (B, 1, 1 | Nq, Nk)
+    if not need_weights:
+        out = attention(q4, k4, v4, mask=mask4, scale=1.0, backend=backend)
+        return out.squeeze(1), None  # (B, Nq, Dv)
     out, weights = attention(
-        q.unsqueeze(1),  # (B, 1, Nq, D)
-        k.unsqueeze(1),  # (B, 1, Nk, D)
-        v.unsqueeze(1),  # (B, 1, Nk, Dv)
-        mask=None if mask is None else mask.unsqueeze(1),  # (B, 1, 1 | Nq, Nk)
-        scale=1.0,
-        return_weights=True,
-        backend=backend,
+        q4, k4, v4, mask=mask4, scale=1.0, return_weights=True, backend=backend
     )
     return out.squeeze(1), weights.squeeze(1)  # (B, Nq, Dv), (B, Nq, Nk)
 
@@ -165,7 +185,76 @@ def _linear_init(weight: Tensor, fan_in: int) -> None:
 # --- modules --------------------------------------------------------------------------------------
 
 
-class AdditiveAttention(nn.Module):
+class _ScoredAttention(nn.Module):
+    """What the three layers share: input validation, the single-step query form and the
+    ``need_weights`` switch. A subclass sets ``query_dim`` and ``key_dim`` and implements
+    :meth:`_attend`, its score."""
+
+    query_dim: int
+    key_dim: int
+
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor | None = ...,
+        mask: Tensor | None = ...,
+        *,
+        need_weights: Literal[True] = ...,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor | None = ...,
+        mask: Tensor | None = ...,
+        *,
+        need_weights: Literal[False],
+    ) -> tuple[Tensor, None]: ...
+
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        need_weights: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from each query over the keys and average the values by the weights.
+
+        Args:
+            query: ``(B, Nq, Dq)``, or ``(B, Dq)`` for a single decoder step.
+            keys: ``(B, Nk, Dk)``.
+            values: ``(B, Nk, Dv)``; the keys when None.
+            mask: bool ``(B, Nk)`` (key padding, shared by every query) or ``(B, Nq, Nk)``,
+                True = attend; or None.
+            need_weights: return the weights. With False the second result is None and the
+                dot-product scores may run on a fused backend that never forms them (SDPA).
+
+        Returns:
+            ``context (B, Nq, Dv)`` and ``weights (B, Nq, Nk)`` (or None), in the query's dtype;
+            ``(B, Dv)`` and ``(B, Nk)`` for a ``(B, Dq)`` query. A query with nothing to attend
+            to gets zeros in both, and zero gradients, never NaN.
+
+        Raises:
+            TypeError: for a non-tensor, a non-float input, mixed dtypes or a non-bool mask.
+            ValueError: for a wrong rank, batch size, feature dim, ``Nk`` or mask shape, or
+                mixed devices; the message names the argument and the shapes.
+        """
+        x = _prepare(query, keys, values, mask, self.query_dim, self.key_dim)
+        context, weights = self._attend(x, need_weights)
+        return x.finish(context, weights if need_weights else None)
+
+    def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``context (B, Nq, Dv)`` and ``weights (B, Nq, Nk)``, or None if not needed."""
+        raise NotImplementedError
+
+
+class AdditiveAttention(_ScoredAttention):
     """Bahdanau attention: ``score(q, k) = v^T tanh(W_q q + W_k k + b)``.
 
     Bahdanau, Cho, Bengio. "Neural Machine Translation by Jointly Learning to Align and
@@ -201,27 +290,15 @@ class AdditiveAttention(nn.Module):
         nn.init.zeros_(self.bias)
         _linear_init(self.v, self.hidden_dim)
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """See the module docstring of :mod:`qkv.nn.scored` for shapes.
-
-        Raises:
-            TypeError, ValueError: naming the argument and its shape or value.
-        """
-        x = _prepare(query, keys, values, mask, self.query_dim, self.key_dim)
+    def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         scores = additive_scores(x.query, x.keys, self.w_q, self.w_k, self.v, self.bias)
-        return x.finish(*score_attention(scores, x.values, x.mask))  # scores: (B, Nq, Nk)
+        return score_attention(scores, x.values, x.mask)  # scores: (B, Nq, Nk)
 
     def extra_repr(self) -> str:
         return f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}"
 
 
-class LuongAttention(nn.Module):
+class LuongAttention(_ScoredAttention):
     """Luong attention with the ``dot``, ``general`` or ``concat`` score.
 
     Luong, Pham, Manning. "Effective Approaches to Attention-based Neural Machine Translation".
@@ -286,32 +363,20 @@ class LuongAttention(nn.Module):
         if self.v is not None:
             _linear_init(self.v, self.v.shape[0])
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """See the module docstring of :mod:`qkv.nn.scored` for shapes.
-
-        Raises:
-            TypeError, ValueError: naming the argument and its shape or value.
-        """
-        x = _prepare(query, keys, values, mask, self.query_dim, self.key_dim)
+    def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         if self.score == "concat":
             assert self.weight is not None and self.v is not None  # set in __init__
             scores = concat_scores(x.query, x.keys, self.weight, self.v)  # (B, Nq, Nk)
-            return x.finish(*score_attention(scores, x.values, x.mask))
+            return score_attention(scores, x.values, x.mask)
         q = x.query if self.weight is None else x.query @ self.weight  # (B, Nq, Dk)
-        return x.finish(*_dot_attention(q, x.keys, x.values, x.mask, self.backend))
+        return _dot_attention(q, x.keys, x.values, x.mask, self.backend, need_weights)
 
     def extra_repr(self) -> str:
         hidden = f", hidden_dim={self.hidden_dim}" if self.hidden_dim is not None else ""
         return f"query_dim={self.query_dim}, key_dim={self.key_dim}, score={self.score!r}{hidden}"
 
 
-class CosineAttention(nn.Module):
+class CosineAttention(_ScoredAttention):
     """Cosine attention with a learnable temperature: ``score(q, k) = cos(W q, k) / temperature``.
 
     Content-based addressing as in Graves et al. "Neural Turing Machines" (2014): the query is
@@ -366,25 +431,13 @@ class CosineAttention(nn.Module):
         """``()`` the current temperature, ``exp(log_temperature)``."""
         return self.log_temperature.exp()
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """See the module docstring of :mod:`qkv.nn.scored` for shapes.
-
-        Raises:
-            TypeError, ValueError: naming the argument and its shape or value.
-        """
-        x = _prepare(query, keys, values, mask, self.query_dim, self.key_dim)
+    def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         # cosine_scores(x.query @ W.T, keys, temperature), with the temperature folded into q so
         # that qkv.attention (whose scale is a Python number) carries its gradient.
         q = F.normalize(x.query @ self.weight.T, dim=-1)  # (B, Nq, Dk)
         k = F.normalize(x.keys, dim=-1)  # (B, Nk, Dk)
         q = q / self.temperature.to(q.dtype)
-        return x.finish(*_dot_attention(q, k, x.values, x.mask, self.backend))
+        return _dot_attention(q, k, x.values, x.mask, self.backend, need_weights)
 
     def extra_repr(self) -> str:
         return (
