@@ -5,7 +5,7 @@ what to mask and how to modify scores; :mod:`qkv.backends` holds the implementat
 dispatch; :mod:`qkv.nn` the modules.
 """
 
-from qkv import masks, scores
+from qkv import masks, nn, scores
 from qkv._version import __version__
 from qkv.backends import available_backends, register_backend
 from qkv.functional import Explanation, attention, explain
@@ -17,6 +17,7 @@ __all__ = [
     "available_backends",
     "explain",
     "masks",
+    "nn",
     "register_backend",
     "scores",
 ]

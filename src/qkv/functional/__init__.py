@@ -1,5 +1,28 @@
-"""The functional core: attention and the classic score functions as pure functions."""
+"""The functional core: attention, the classic score functions and RoPE as pure functions."""
 
 from qkv.functional.attention import Explanation, attention, explain
+from qkv.functional.rotary import apply_rotary, rotary_frequencies
+from qkv.functional.score_functions import (
+    additive_scores,
+    concat_scores,
+    cosine_scores,
+    dot_scores,
+    general_scores,
+    scaled_dot_scores,
+    score_attention,
+)
 
-__all__ = ["Explanation", "attention", "explain"]
+__all__ = [
+    "Explanation",
+    "additive_scores",
+    "apply_rotary",
+    "attention",
+    "concat_scores",
+    "cosine_scores",
+    "dot_scores",
+    "explain",
+    "general_scores",
+    "rotary_frequencies",
+    "scaled_dot_scores",
+    "score_attention",
+]

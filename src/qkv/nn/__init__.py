@@ -1,2 +1,26 @@
-"""Thin ``torch.nn`` modules over :func:`qkv.attention`: they own parameters, never a second
-attention implementation."""
+"""Thin ``torch.nn`` modules over :func:`qkv.attention`: they own parameters and reshape, never
+carry a second attention implementation."""
+
+from qkv.nn.attention import Attention
+from qkv.nn.kv_cache import KVCache
+from qkv.nn.multihead import MultiHeadAttention
+from qkv.nn.positional import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    alibi_slopes,
+)
+from qkv.nn.scored import AdditiveAttention, CosineAttention, LuongAttention
+
+__all__ = [
+    "AdditiveAttention",
+    "Attention",
+    "CosineAttention",
+    "KVCache",
+    "LearnedPositionalEmbedding",
+    "LuongAttention",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "alibi_slopes",
+]
