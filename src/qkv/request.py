@@ -21,7 +21,14 @@ from qkv import masks as M
 from qkv.masks import MaskFn, MaskFunction
 from qkv.scores import ScoreFunction, is_additive
 
-__all__ = ["AttentionRequest", "CausalAlignment", "CausalArg", "build_request", "stats_dtype"]
+__all__ = [
+    "AttentionRequest",
+    "CausalAlignment",
+    "CausalArg",
+    "broadcasts_to",
+    "build_request",
+    "stats_dtype",
+]
 
 CausalAlignment: TypeAlias = Literal["top_left", "bottom_right"]
 CausalArg: TypeAlias = bool | CausalAlignment | None
@@ -300,7 +307,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head dims must be >= 1; got {shapes}")
 
 
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (without growing its rank past it)."""
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
@@ -317,7 +325,7 @@ def _check_mask(
                 f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}. "
                 "Pass an additive float mask as bias= instead."
             )
-        if not _broadcasts_to(tuple(mask.shape), target):
+        if not broadcasts_to(tuple(mask.shape), target):
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to (B, Hq, Nq, Nk) = {target}"
             )
@@ -341,7 +349,7 @@ def _check_bias(
             raise TypeError(
                 f"bias must be a floating-point tensor; got dtype {bias.dtype}. Pass a bool mask as mask=."
             )
-        if not _broadcasts_to(tuple(bias.shape), target):
+        if not broadcasts_to(tuple(bias.shape), target):
             raise ValueError(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to (B, Hq, Nq, Nk) = {target}"
             )

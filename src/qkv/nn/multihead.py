@@ -35,7 +35,7 @@ from qkv.functional.attention import attention
 from qkv.masks import MaskFunction
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.positional import RotaryEmbedding
-from qkv.request import BiasArg, CausalArg, MaskArg
+from qkv.request import BiasArg, CausalArg, MaskArg, broadcasts_to
 
 __all__ = ["MultiHeadAttention"]
 
@@ -61,12 +61,6 @@ def _check_input(name: str, x: object, dim: int, dim_name: str) -> Tensor:
             f"got shape {tuple(x.shape)}"
         )
     return x
-
-
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    return len(shape) <= len(target) and all(
-        s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False)
-    )
 
 
 def _make_rope(rope: bool | RotaryEmbedding | None, head_dim: int) -> RotaryEmbedding | None:
@@ -478,7 +472,7 @@ class MultiHeadAttention(nn.Module):
                     f"attn_mask must be a bool tensor (True = attend) or a mask function; got "
                     f"dtype {attn_mask.dtype}. Pass an additive float mask as bias= instead."
                 )
-            if attn_mask.ndim not in (2, 4) or not _broadcasts_to(tuple(attn_mask.shape), target):
+            if attn_mask.ndim not in (2, 4) or not broadcasts_to(tuple(attn_mask.shape), target):
                 raise ValueError(
                     f"attn_mask must have shape (Nq, Nk) = ({Nq}, {Nk}) or broadcast to "
                     f"(B, Hq, Nq, Nk) = {target}; got {tuple(attn_mask.shape)} (reshape a "
