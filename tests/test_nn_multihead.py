@@ -195,6 +195,33 @@ def test_cached_decoding_with_padding_and_weights() -> None:
     torch.testing.assert_close(torch.cat(ws, 1), full_w, rtol=1e-12, atol=1e-12)
 
 
+def test_cached_decoding_with_position_functions_needs_their_offset() -> None:
+    """ALiBi and a sliding window see step-local query indices; built with offset=len(cache)
+    they reproduce the full computation, and without it they do not."""
+    mha = qkv_mha(num_kv_heads=2)
+    N = 7
+    x = rand(B, N, E, seed=1)
+    with torch.no_grad():
+        full, _ = mha(x, causal=True, attn_mask=masks.sliding_window(2), bias=scores.alibi(H))
+        cache, stale = mha.make_kv_cache(B, N), mha.make_kv_cache(B, N)
+        steps, unshifted = [], []
+        for t in range(N):
+            L = len(cache)
+            out, _ = mha(
+                x[:, t : t + 1],
+                causal=True,
+                kv_cache=cache,
+                attn_mask=masks.sliding_window(2, offset=L),
+                bias=scores.alibi(H, offset=L),
+            )
+            steps.append(out)
+            out, _ = mha(x[:, t : t + 1], causal=True, kv_cache=stale, bias=scores.alibi(H))
+            unshifted.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-12, atol=1e-12)
+    without_window, _ = mha(x, causal=True, bias=scores.alibi(H))
+    assert (torch.cat(unshifted, 1) - without_window).abs().max() > 1e-3
+
+
 def test_rope_scores_depend_only_on_relative_positions() -> None:
     """Shifting a whole sequence (by 3 masked-out cache slots) leaves a RoPE module's output
     unchanged; without RoPE the module is position-free, so this is RoPE's property."""

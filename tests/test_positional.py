@@ -154,6 +154,23 @@ def test_rotary_module_float32_tables_for_half_inputs() -> None:
     assert rope.rotate(x.half()).dtype == torch.float16
 
 
+def test_tables_grown_in_inference_mode_still_serve_training() -> None:
+    """Decoding under inference_mode grows the cached tables; training afterwards must still
+    backpropagate through them (autograd refuses to save inference tensors)."""
+    rope, pe = RotaryEmbedding(8, max_positions=2), SinusoidalPositionalEncoding(8, max_len=2)
+    with torch.inference_mode():
+        rope.rotate(rand(1, 1, 6, 8, seed=1))
+        pe(rand(1, 6, 8, seed=2))
+    assert rope.tables(6, device=torch.device("cpu"), dtype=F64)[0].shape[0] >= 6
+    assert pe.pe.shape[0] >= 6
+    x = rand(1, 2, 6, 8, seed=3).requires_grad_()
+    rope.rotate(x).square().sum().backward()
+    y = rand(1, 6, 8, seed=4).requires_grad_()
+    (pe(y) * y).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
 def test_rotary_module_errors() -> None:
     with pytest.raises(ValueError, match=r"head_dim=5"):
         RotaryEmbedding(5)

@@ -196,6 +196,15 @@ class MultiHeadAttention(nn.Module):
                 in ``bias``.
             bias: float tensor broadcastable to ``(B, Hq, Nq, Nk)`` added to the scaled scores,
                 or a score function such as ``qkv.scores.alibi(num_heads)``; passed through.
+
+                Mask and score functions see this call's indices: ``q_idx`` in ``0 .. Nq - 1``
+                and ``kv_idx`` in ``0 .. Nk - 1``. With a ``kv_cache`` the keys are the whole
+                cache but the queries sit at positions ``L .. L + Nq - 1``, so build a
+                position-dependent function with ``offset=L`` (``len(cache)`` before the call,
+                or ``Nk - Nq``), e.g. ``scores.alibi(Hq, offset=L)`` or
+                ``masks.sliding_window(w, offset=L)``. The module does not shift them for you,
+                as it cannot tell whether a function already carries an offset; ``causal``
+                needs none.
             causal: False, True, ``"top_left"`` or ``"bottom_right"`` as in
                 :func:`qkv.attention`. With a ``kv_cache``, True means ``"bottom_right"``: the
                 new queries sit at the end of the cached sequence.

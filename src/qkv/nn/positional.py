@@ -19,6 +19,8 @@ Notation used for tensor shapes: ``B`` batch, ``N`` positions, ``H`` heads, ``D`
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -51,6 +53,13 @@ def _check_embeddings(x: object, dim: int) -> Tensor:
     if x.ndim != 3 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (B, N, dim) with dim={dim}; got {tuple(x.shape)}")
     return x
+
+
+def _ordinary_tensors() -> contextlib.AbstractContextManager[None]:
+    """Build cached tables as ordinary tensors even inside ``torch.inference_mode()``: a table
+    first grown while decoding in inference mode is reused later in training, and autograd
+    refuses to save an inference tensor for backward."""
+    return torch.inference_mode(False)
 
 
 def _sinusoid_table(length: int, dim: int, base: float = 10000.0) -> Tensor:
@@ -101,7 +110,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         if not base > 0:
             raise ValueError(f"base must be > 0; got base={base!r}")
         self.base = float(base)
-        self.register_buffer("pe", _sinusoid_table(max_len, dim, self.base), persistent=False)
+        with _ordinary_tensors():
+            table = _sinusoid_table(max_len, dim, self.base)
+        self.register_buffer("pe", table, persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """Add the encodings of positions ``offset .. offset + N - 1``.
@@ -121,7 +132,8 @@ class SinusoidalPositionalEncoding(nn.Module):
         if end > self.pe.shape[0]:
             # Grow to the next power of two so that a decoding loop recomputes rarely.
             length = 1 << (end - 1).bit_length()
-            self.pe = _sinusoid_table(length, self.dim, self.base).to(self.pe)
+            with _ordinary_tensors():
+                self.pe = _sinusoid_table(length, self.dim, self.base).to(self.pe)
         return x + self.pe[offset:end].to(x.dtype)  # (B, N, dim)
 
     def extra_repr(self) -> str:
@@ -202,7 +214,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         _check_size("max_positions", max_positions)
         # Also validates head_dim and base, with messages naming them.
-        self._cos, self._sin = rotary_frequencies(head_dim, max_positions, base)
+        with _ordinary_tensors():
+            self._cos, self._sin = rotary_frequencies(head_dim, max_positions, base)
         self.head_dim = head_dim
         self.base = float(base)
         self.max_positions = max_positions
@@ -217,9 +230,10 @@ class RotaryEmbedding(nn.Module):
         if cached < length or self._cos.device != device or self._cos.dtype != table_dtype:
             # Grow to the next power of two so that a decoding loop recomputes rarely.
             size = cached if length <= cached else 1 << (length - 1).bit_length()
-            self._cos, self._sin = rotary_frequencies(
-                self.head_dim, size, self.base, dtype=table_dtype, device=device
-            )
+            with _ordinary_tensors():
+                self._cos, self._sin = rotary_frequencies(
+                    self.head_dim, size, self.base, dtype=table_dtype, device=device
+                )
         return self._cos, self._sin
 
     def rotate(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
