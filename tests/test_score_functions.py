@@ -508,3 +508,63 @@ def test_bad_function_arguments(
     q, k = rand(B, NQ, DQ, seed=1), rand(B, NK, DK, seed=2)
     with pytest.raises(error, match=match):
         call(q, k)
+
+
+# --- additive attention over query chunks ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 11), (2, 7, 11)])
+def test_chunked_additive_attention_equals_eager_with_gradients(
+    mask_shape: tuple[int, ...] | None,
+) -> None:
+    from qkv.functional.score_functions import additive_attention
+
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w_q, w_k = (
+        torch.randn(4, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (5, 6)
+    )
+    v, b = (torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = None if mask_shape is None else torch.rand(mask_shape, generator=g) < 0.7
+    if mask is not None:
+        mask[0, -1] = False  # a fully masked row, inside the last chunk
+    inputs = (q, k, w_q, w_k, v, values, b)
+
+    def grads(context: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(context.square().sum(), inputs))
+
+    eager_ctx, eager_w = score_attention(additive_scores(q, k, w_q, w_k, v, b), values, mask)
+    # 2 * 11 * 4 * 8 bytes = one query row: a budget of 2 rows gives chunks of 2, 2, 2, 1.
+    ctx, w = additive_attention(q, k, w_q, w_k, v, values, b, mask, chunk_bytes=2 * 2 * 11 * 4 * 8)
+    torch.testing.assert_close(ctx, eager_ctx)
+    torch.testing.assert_close(w, eager_w)
+    for got, want in zip(grads(ctx), grads(eager_ctx), strict=True):
+        torch.testing.assert_close(got, want)
+    no_weights = additive_attention(
+        q, k, w_q, w_k, v, values, b, mask, need_weights=False, chunk_bytes=1
+    )
+    assert no_weights[1] is None
+    torch.testing.assert_close(no_weights[0], eager_ctx)
+
+
+def test_chunked_additive_attention_keeps_no_hidden_tensor_for_backward() -> None:
+    from qkv.functional.score_functions import additive_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 64, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 64, 8, generator=g)
+    w_q, w_k = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+    v = torch.randn(32, generator=g)
+    saved: list[int] = []
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        additive_attention(q, k, w_q, w_k, v, k, chunk_bytes=8 * 64 * 32 * 4)
+    chunk_hidden_numel = 8 * 64 * 32  # (Tq, Nk, H) of one 8-row chunk
+    assert saved, "nothing was saved for backward"
+    assert max(saved) < chunk_hidden_numel, "a chunk's hidden tensor was kept instead of recomputed"

@@ -42,11 +42,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from qkv.backends.reference import masked_softmax
-from qkv.request import stats_dtype
+from qkv.request import broadcasts_to, stats_dtype
 
 __all__ = [
+    "ADDITIVE_CHUNK_BYTES",
+    "additive_attention",
     "additive_scores",
     "concat_scores",
     "cosine_scores",
@@ -63,14 +66,6 @@ def _check_last_dims(name_a: str, a: Tensor, name_b: str, b: Tensor, what: str) 
             f"{name_a} and {name_b} must share the {what} (last dim); "
             f"got {name_a} {tuple(a.shape)}, {name_b} {tuple(b.shape)}"
         )
-
-
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """Whether ``shape`` broadcasts to ``target`` without changing it (the mask may not add
-    dims or sizes to the scores: the result would not be the weights of these scores)."""
-    if len(shape) > len(target):
-        return False
-    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -134,6 +129,24 @@ def general_scores(q: Tensor, k: Tensor, weight: Tensor) -> Tensor:
     return dot_scores(q @ weight, k)  # q @ weight: (..., Nq, Dk)
 
 
+def _check_additive_weights(
+    q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, v: Tensor, bias: Tensor | None
+) -> None:
+    if v.ndim != 1:
+        raise ValueError(f"v must have shape (H,); got {tuple(v.shape)}")
+    H = v.shape[0]
+    expected = {"w_q": (H, q.shape[-1]), "w_k": (H, k.shape[-1]), "v": (H,)}
+    given = {"w_q": w_q, "w_k": w_k, "v": v}
+    if bias is not None:
+        expected["bias"], given["bias"] = (H,), bias
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for q {tuple(q.shape)}, k {tuple(k.shape)} "
+                f"and hidden size H = {H}; got {tuple(given[name].shape)}"
+            )
+
+
 def additive_scores(
     q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, v: Tensor, bias: Tensor | None = None
 ) -> Tensor:
@@ -141,7 +154,7 @@ def additive_scores(
 
     Queries and keys are projected separately (``Nq + Nk`` projections, not ``Nq * Nk``), then
     every pair is combined. This eager form materializes the ``(..., Nq, Nk, H)`` hidden tensor,
-    ``H`` times the size of the scores; a chunked path is needed for long sequences. In a decoder
+    ``H`` times the size of the scores; :func:`additive_attention` never does. In a decoder
     loop ``W_k k + b`` does not change between steps and could be cached by the caller.
 
     Args:
@@ -158,25 +171,89 @@ def additive_scores(
     Raises:
         ValueError: if a weight's shape does not fit ``q``, ``k`` or ``H``.
     """
-    if v.ndim != 1:
-        raise ValueError(f"v must have shape (H,); got {tuple(v.shape)}")
-    H = v.shape[0]
-    expected = {"w_q": (H, q.shape[-1]), "w_k": (H, k.shape[-1]), "v": (H,)}
-    given = {"w_q": w_q, "w_k": w_k, "v": v}
-    if bias is not None:
-        expected["bias"], given["bias"] = (H,), bias
-    for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for q {tuple(q.shape)}, k {tuple(k.shape)} "
-                f"and hidden size H = {H}; got {tuple(given[name].shape)}"
-            )
+    _check_additive_weights(q, k, w_q, w_k, v, bias)
     pq = q @ w_q.T  # (..., Nq, H)
     pk = k @ w_k.T  # (..., Nk, H)
     if bias is not None:
         pk = pk + bias  # added on the Nk side: cheaper than on the (Nq, Nk, H) sum
     hidden = torch.tanh(pq.unsqueeze(-2) + pk.unsqueeze(-3))  # (..., Nq, Nk, H)
     return hidden @ v  # (..., Nq, Nk)
+
+
+#: One query chunk's ``(..., Tq, Nk, H)`` hidden tensor is kept near this size by
+#: :func:`additive_attention`.
+ADDITIVE_CHUNK_BYTES = 32 * 2**20
+
+
+def additive_attention(
+    q: Tensor,
+    k: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    v: Tensor,
+    values: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    need_weights: bool = True,
+    chunk_bytes: int = ADDITIVE_CHUNK_BYTES,
+) -> tuple[Tensor, Tensor | None]:
+    """Bahdanau attention without the ``(..., Nq, Nk, H)`` hidden tensor.
+
+    Computes exactly ``score_attention(additive_scores(q, k, ...), values, mask)``, but over
+    chunks of query rows sized so that one chunk's hidden tensor stays near ``chunk_bytes``. Each
+    chunk runs under activation checkpointing, so backward recomputes it instead of keeping every
+    chunk's ``tanh``: peak extra memory is one chunk plus the ``(..., Nq, Nk)`` scores, not
+    ``H`` times the scores.
+
+    Args:
+        q: ``(..., Nq, Dq)``; k: ``(..., Nk, Dk)``; w_q ``(H, Dq)``, w_k ``(H, Dk)``, v ``(H,)``,
+            bias ``(H,)`` or None, as in :func:`additive_scores`.
+        values: ``(..., Nk, Dv)``.
+        mask: bool broadcastable to ``(..., Nq, Nk)``, True = attend; or None.
+        need_weights: also return the ``(..., Nq, Nk)`` weights (otherwise each chunk's weights
+            are dropped as soon as its context is computed).
+        chunk_bytes: the target size of one chunk's hidden tensor.
+
+    Returns:
+        ``context (..., Nq, Dv)`` and ``weights (..., Nq, Nk)`` or None.
+    """
+    _check_additive_weights(q, k, w_q, w_k, v, bias)
+    pq = q @ w_q.T  # (..., Nq, H)
+    pk = k @ w_k.T  # (..., Nk, H)
+    if bias is not None:
+        pk = pk + bias
+    lead = torch.broadcast_shapes(pq.shape[:-2], pk.shape[:-2])
+    row_bytes = math.prod(lead) * pk.shape[-2] * pk.shape[-1] * pk.element_size()
+    rows = max(1, chunk_bytes // max(row_bytes, 1))
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, w_q, w_k, v, values, bias)
+    )
+    contexts, weights = [], []
+    for start in range(0, pq.shape[-2], rows):
+        part = slice(start, start + rows)
+        part_mask = (
+            mask[..., part, :]
+            if mask is not None and mask.ndim >= 2 and mask.shape[-2] > 1
+            else mask
+        )
+        args = (pq[..., part, :], pk, v, values, part_mask)
+        if recompute:
+            context, weight = checkpoint(_additive_chunk, *args, use_reentrant=False)
+        else:
+            context, weight = _additive_chunk(*args)
+        contexts.append(context)
+        if need_weights:
+            weights.append(weight)
+    context = torch.cat(contexts, dim=-2)  # (..., Nq, Dv)
+    return context, (torch.cat(weights, dim=-2) if need_weights else None)
+
+
+def _additive_chunk(
+    pq: Tensor, pk: Tensor, v: Tensor, values: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    hidden = torch.tanh(pq.unsqueeze(-2) + pk.unsqueeze(-3))  # (..., Tq, Nk, H)
+    return score_attention(hidden @ v, values, mask)  # (..., Tq, Dv), (..., Tq, Nk)
 
 
 def concat_scores(
@@ -259,7 +336,7 @@ def score_attention(
     """
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")
-    if mask is not None and not _broadcasts_to(tuple(mask.shape), tuple(scores.shape)):
+    if mask is not None and not broadcasts_to(tuple(mask.shape), tuple(scores.shape)):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to the scores "
             f"(..., Nq, Nk) = {tuple(scores.shape)}"

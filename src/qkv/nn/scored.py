@@ -19,7 +19,8 @@ Notation used for tensor shapes: ``B`` batch, ``Nq`` queries (decoder steps), ``
 Scores that are a dot product after a change of ``q`` and ``k`` (Luong ``dot`` and ``general``,
 cosine) go through :func:`qkv.attention`, so they run on any backend (a fused one such as SDPA
 only with ``need_weights=False``, as it never forms the weights); additive scores (Bahdanau, Luong
-``concat``) are materialized, through a ``(B, Nq, Nk, H)`` tensor.
+``concat``) go through :func:`~qkv.functional.score_functions.additive_attention`, which works
+over chunks of queries and never holds the whole ``(B, Nq, Nk, H)`` hidden tensor.
 
 Example, one decoder step of Bahdanau attention over padded encoder states::
 
@@ -40,11 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.functional.attention import attention
-from qkv.functional.score_functions import (
-    additive_scores,
-    concat_scores,
-    score_attention,
-)
+from qkv.functional.score_functions import additive_attention
 
 __all__ = ["AdditiveAttention", "CosineAttention", "LuongAttention", "LuongScore"]
 
@@ -291,8 +288,17 @@ class AdditiveAttention(_ScoredAttention):
         _linear_init(self.v, self.hidden_dim)
 
     def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        scores = additive_scores(x.query, x.keys, self.w_q, self.w_k, self.v, self.bias)
-        return score_attention(scores, x.values, x.mask)  # scores: (B, Nq, Nk)
+        return additive_attention(
+            x.query,
+            x.keys,
+            self.w_q,
+            self.w_k,
+            self.v,
+            x.values,
+            self.bias,
+            x.mask,
+            need_weights=need_weights,
+        )
 
     def extra_repr(self) -> str:
         return f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}"
@@ -366,8 +372,11 @@ class LuongAttention(_ScoredAttention):
     def _attend(self, x: _Batch, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         if self.score == "concat":
             assert self.weight is not None and self.v is not None  # set in __init__
-            scores = concat_scores(x.query, x.keys, self.weight, self.v)  # (B, Nq, Nk)
-            return score_attention(scores, x.values, x.mask)
+            Dq = self.query_dim  # W [q; k] = W[:, :Dq] q + W[:, Dq:] k, as in concat_scores
+            w_q, w_k = self.weight[:, :Dq], self.weight[:, Dq:]
+            return additive_attention(
+                x.query, x.keys, w_q, w_k, self.v, x.values, mask=x.mask, need_weights=need_weights
+            )
         q = x.query if self.weight is None else x.query @ self.weight  # (B, Nq, Dk)
         return _dot_attention(q, x.keys, x.values, x.mask, self.backend, need_weights)
 
