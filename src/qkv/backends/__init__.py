@@ -1,5 +1,6 @@
 """Attention backends behind one dispatch. See :mod:`qkv.backends.registry`."""
 
+from qkv.backends.chunked import ChunkedBackend
 from qkv.backends.reference import ReferenceBackend
 from qkv.backends.registry import (
     AUTO_ORDER,
@@ -15,6 +16,7 @@ from qkv.backends.sdpa import SdpaBackend
 
 register_backend(SdpaBackend(), auto_priority=0)
 register_backend(ReferenceBackend(), auto_priority=1)
+register_backend(ChunkedBackend())  # named only; the auto policy comes later
 
 __all__ = [
     "AUTO_ORDER",

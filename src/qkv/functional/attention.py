@@ -138,9 +138,17 @@ class Explanation:
         ]
         for name, reason in self.reasons.items():
             if name != self.chosen:
-                why = reason or "could serve, but comes later in the auto order"
+                why = reason or _why_not_chosen(name)
                 lines.append(f"  {name}: {why}{_mib(self.memory.get(name))}")
         return "\n".join(lines)
+
+
+def _why_not_chosen(name: str) -> str:
+    from qkv.backends import AUTO_ORDER
+
+    if name in AUTO_ORDER:
+        return "could serve, but comes later in the auto order"
+    return "could serve, but is not in the auto order (runs only when named)"
 
 
 def _mib(n: int | None) -> str:
