@@ -195,3 +195,64 @@ def test_half_types_keep_float32_softmax_statistics() -> None:
     out, weights = qkv.attention(q + 1e-3, k * 0, v, return_weights=True, backend="reference")
     assert weights.float().sum().item() == pytest.approx(1.0, abs=2e-3)
     torch.testing.assert_close(out.float(), v.float().mean(dim=2, keepdim=True), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", CAUSAL, ids=readable)
+def test_zero_keys_give_zeros_and_zero_gradients(backend: str, causal: object) -> None:
+    # As torch's SDPA: with Nk = 0 every row has nothing to attend to, so out is zeros.
+    x = random_inputs(2, 4, 2, 5, 0, 8, 6, seed=11).to(torch.float32)
+    kwargs = {"causal": causal, "mask": masks.sliding_window(2)}
+    out = qkv.attention(x.q, x.k, x.v, backend=backend, **kwargs)  # type: ignore[arg-type]
+    assert out.shape == (2, 4, 5, 6)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.backward(torch.randn_like(out))
+    assert x.q.grad is not None and torch.equal(x.q.grad, torch.zeros_like(x.q))
+    if get_backend(backend).supports(build_request(x.q, x.k, x.v, return_weights=True)) is None:
+        _, weights = qkv.attention(x.q, x.k, x.v, backend=backend, return_weights=True)
+        assert weights.shape == (2, 4, 5, 0)
+
+
+LOW_RANK = {
+    "mask (Nk,)": lambda g, Nq, Nk: {"mask": torch.rand(Nk, generator=g) < 0.6},
+    "mask (Nq, 1)": lambda g, Nq, Nk: {"mask": torch.rand(Nq, 1, generator=g) < 0.6},
+    "mask (Nq, Nk)": lambda g, Nq, Nk: {"mask": torch.rand(Nq, Nk, generator=g) < 0.6},
+    "bias (Nk,)": lambda g, Nq, Nk: {"bias": torch.randn(Nk, generator=g, dtype=torch.float64)},
+    "bias (1, Nk)": lambda g, Nq, Nk: {
+        "bias": torch.randn(1, Nk, generator=g, dtype=torch.float64)
+    },
+    "bias (Nq, Nk)": lambda g, Nq, Nk: {
+        "bias": torch.randn(Nq, Nk, generator=g, dtype=torch.float64)
+    },
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(LOW_RANK))
+def test_masks_and_biases_of_rank_below_four(backend: str, kind: str) -> None:
+    # Validation accepts any tensor that broadcasts to (B, Hq, Nq, Nk); every backend must too,
+    # and a bias keeps its own shape for its gradient.
+    x = random_inputs(2, 4, 2, 6, 9, 8, seed=12).to(torch.float64)
+    kwargs = LOW_RANK[kind](torch.Generator().manual_seed(13), 6, 9)
+    bias = kwargs.get("bias")
+    if bias is not None:
+        bias.requires_grad_(True)
+    grad_out = torch.randn(
+        2, 4, 6, 8, generator=torch.Generator().manual_seed(14), dtype=torch.float64
+    )
+    out = qkv.attention(x.q, x.k, x.v, backend=backend, **kwargs)
+    out.backward(grad_out)
+    got = [out.detach(), x.q.grad, bias.grad if bias is not None else None]
+    if bias is not None:
+        bias.grad = None
+    y = x.to(torch.float64)
+    want_out = qkv.attention(y.q, y.k, y.v, backend="reference", **kwargs)
+    want_out.backward(grad_out)
+    want = [want_out.detach(), y.q.grad, bias.grad if bias is not None else None]
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            continue
+        assert g is not None and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    if bias is not None:
+        assert bias.grad is not None and bias.grad.shape == bias.shape

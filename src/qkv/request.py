@@ -25,6 +25,7 @@ __all__ = [
     "AttentionRequest",
     "CausalAlignment",
     "CausalArg",
+    "as_4d",
     "broadcasts_to",
     "build_request",
     "stats_dtype",
@@ -55,9 +56,10 @@ class AttentionRequest:
         q: ``(B, Hq, Nq, D)``.
         k: ``(B, Hkv, Nk, D)``.
         v: ``(B, Hkv, Nk, Dv)``.
-        mask: bool tensor broadcastable to ``(B, Hq, Nq, Nk)`` (True = attend), a mask function,
+        mask: 4-d bool tensor broadcastable to ``(B, Hq, Nq, Nk)`` (True = attend; a lower-rank
+            one given by the caller is viewed as 4-d), a mask function, or None.
+        bias: 4-d float tensor broadcastable to ``(B, Hq, Nq, Nk)`` added to the scaled scores,
             or None.
-        bias: float tensor broadcastable to ``(B, Hq, Nq, Nk)`` added to the scaled scores, or None.
         score_mod: a score function applied after ``bias``, or None.
         causal: None, ``"top_left"`` or ``"bottom_right"``.
         scale: multiplies ``q k^T``.
@@ -314,6 +316,13 @@ def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
+def as_4d(t: Tensor) -> Tensor:
+    """``t`` with leading size-1 dims up to rank 4 (a view): a ``(Nk,)`` mask becomes
+    ``(1, 1, 1, Nk)``, so every backend can slice its last two dims as queries and keys, and a
+    bias's gradient still flows back to the tensor the caller passed."""
+    return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape)) if t.ndim < 4 else t
+
+
 def _check_mask(
     mask: MaskArg, target: tuple[int, ...], device: torch.device
 ) -> Tensor | MaskFn | None:
@@ -331,7 +340,7 @@ def _check_mask(
             )
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but q is on {device}")
-        return mask
+        return as_4d(mask)
     if callable(mask):
         return M.mask_function(mask)
     raise TypeError(
@@ -355,7 +364,7 @@ def _check_bias(
             )
         if bias.device != device:
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
-        return bias, None
+        return as_4d(bias), None
     if callable(bias):
         return None, bias
     raise TypeError(

@@ -34,8 +34,11 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 
     Masked entries become ``-inf`` before the max is taken, so they contribute exactly 0. The max is
     detached (softmax does not depend on it) and replaced by 0 in fully masked rows, and the sum by
-    1, so those rows give zeros and no NaN reaches the gradients.
+    1, so those rows give zeros and no NaN reaches the gradients. With no keys at all (``Nk = 0``)
+    the empty probabilities are returned as they are, and ``P V`` is then zeros.
     """
+    if scores.shape[-1] == 0:  # no keys at all (Nk = 0): every row is empty, as in SDPA
+        return scores
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
