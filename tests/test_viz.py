@@ -1,0 +1,309 @@
+"""qkv.viz without matplotlib: rollout, per-head statistics, token shading, the attention page."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkv.viz import (
+    HeadStats,
+    attention_page,
+    attention_rollout,
+    head_stats,
+    html_document,
+    shade_tokens_ansi,
+    shade_tokens_html,
+    write_page,
+)
+
+
+def random_weights(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Fresh attention probabilities: softmax of random scores, rows sum to one."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(2).softmax(dim=-1)
+
+
+# --- rollout ---------------------------------------------------------------------------------
+
+
+def test_rollout_hand_checked_two_tokens() -> None:
+    # Every query attends only to token 0. With the residual: (A + I) / 2 = [[1, 0], [.5, .5]];
+    # two such layers: [[1, 0], [.75, .25]].
+    layer = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    one = attention_rollout([layer])
+    two = attention_rollout([layer, layer])
+    torch.testing.assert_close(one[0], torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    torch.testing.assert_close(two[0], torch.tensor([[1.0, 0.0], [0.75, 0.25]]))
+
+
+def test_rollout_is_the_product_of_normalised_layers() -> None:
+    layers = [random_weights(2, 3, 5, 5, seed=s) for s in range(3)]
+    expected = torch.stack([torch.eye(5, dtype=torch.float64)] * 2)
+    for weights in layers:
+        step = 0.5 * weights.mean(dim=1) + 0.5 * torch.eye(5, dtype=torch.float64)
+        expected = step @ expected
+    got = attention_rollout(layers)
+    assert got.shape == (2, 5, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_without_residual_is_the_plain_product_of_head_means() -> None:
+    a, b = random_weights(1, 4, 6, 6, seed=1), random_weights(1, 2, 6, 6, seed=2)
+    expected = b.mean(dim=1) @ a.mean(dim=1)
+    torch.testing.assert_close(
+        attention_rollout([a, b], residual=False), expected.float(), rtol=1e-5, atol=1e-6
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layers=st.integers(1, 4),
+    heads=st.integers(1, 3),
+    n=st.integers(1, 7),
+    reduce=st.sampled_from(["mean", "max", "min"]),
+    residual=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rollout_rows_sum_to_one(
+    layers: int, heads: int, n: int, reduce: str, residual: bool, seed: int
+) -> None:
+    stack = [random_weights(2, heads, n, n, seed=seed + i) for i in range(layers)]
+    got = attention_rollout(stack, residual=residual, head_reduce=reduce)  # type: ignore[arg-type]
+    assert bool((got >= 0).all())
+    torch.testing.assert_close(got.sum(dim=-1), torch.ones(2, n), rtol=0, atol=1e-5)
+
+
+def test_rollout_max_reduce_renormalises_the_head_maximum() -> None:
+    weights = random_weights(1, 3, 4, 4, seed=3)
+    merged = weights.amax(dim=1)
+    expected = merged / merged.sum(dim=-1, keepdim=True)
+    got = attention_rollout([weights], residual=False, head_reduce="max")
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_keeps_a_fully_masked_row_zero_without_residual() -> None:
+    weights = random_weights(1, 2, 3, 3, seed=4)
+    weights[:, :, 1] = 0.0
+    got = attention_rollout([weights], residual=False)
+    assert bool((got[0, 1] == 0).all()) and not bool(torch.isnan(got).any())
+
+
+@pytest.mark.parametrize(
+    ("layers", "kwargs", "message"),
+    [
+        ([], {}, "at least one"),
+        ([torch.rand(2, 3, 4)], {}, r"\(B, H, N, N\)"),
+        ([torch.rand(1, 2, 3, 4)], {}, "Nq == Nk"),
+        ([random_weights(1, 2, 3, 3), random_weights(1, 2, 4, 4)], {}, "same B and N"),
+        ([random_weights(1, 2, 3, 3) - 0.5], {}, "non-negative"),
+        ([random_weights(1, 2, 3, 3)], {"head_reduce": "median"}, "head_reduce"),
+    ],
+)
+def test_rollout_rejects_bad_input(layers: list[torch.Tensor], kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        attention_rollout(layers, **kwargs)
+
+
+# --- per-head statistics ---------------------------------------------------------------------
+
+
+def loop_stats(weights: torch.Tensor, offset: int) -> dict[str, torch.Tensor]:
+    """The definitions written as plain loops over (b, h, i, j), skipping all-zero rows."""
+    B, H, nq, nk = weights.shape
+    out = {name: torch.zeros(B, H, dtype=torch.float64) for name in HeadStats.__annotations__}
+    for b in range(B):
+        for h in range(H):
+            rows = [i for i in range(nq) if float(weights[b, h, i].sum()) > 0]
+            for i in rows:
+                p = [float(x) for x in weights[b, h, i]]
+                out["entropy"][b, h] -= sum(x * math.log(x) for x in p if x > 0)
+                out["max_weight"][b, h] += max(p)
+                out["mean_distance"][b, h] += sum(x * abs(i + offset - j) for j, x in enumerate(p))
+                out["diagonal_distance"][b, h] += sum(
+                    x * abs(j / max(nk - 1, 1) - i / max(nq - 1, 1)) for j, x in enumerate(p)
+                )
+                out["first_token_weight"][b, h] += p[0]
+            for name in out:
+                out[name][b, h] /= max(len(rows), 1)
+    return out
+
+
+@pytest.mark.parametrize(("nq", "nk"), [(5, 5), (3, 7), (6, 2)])
+def test_head_stats_match_loops(nq: int, nk: int) -> None:
+    weights = random_weights(2, 3, nq, nk, seed=nq * 10 + nk)
+    weights[1, 2, 0] = 0.0  # a fully masked query row, left out of the means
+    stats = head_stats(weights)
+    expected = loop_stats(weights, offset=nk - nq)
+    for name, value in stats.as_dict().items():
+        assert value.shape == (2, 3)
+        torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_head_stats_three_d_input_and_offset() -> None:
+    weights = random_weights(4, 6, 6, seed=7)
+    stats = head_stats(weights, query_offset=2)
+    expected = loop_stats(weights.unsqueeze(0), offset=2)
+    assert stats.entropy.shape == (4,) and stats.num_heads == 4
+    torch.testing.assert_close(
+        stats.mean_distance.double(), expected["mean_distance"][0], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_head_stats_extremes() -> None:
+    n = 5
+    uniform = torch.full((1, n, n), 1.0 / n)
+    identity = torch.eye(n).unsqueeze(0)
+    sink = torch.zeros(1, n, n)
+    sink[..., 0] = 1.0
+    stats = head_stats(torch.cat([uniform, identity, sink]))
+    torch.testing.assert_close(
+        stats.entropy, torch.tensor([math.log(n), 0.0, 0.0]), rtol=1e-6, atol=1e-6
+    )
+    torch.testing.assert_close(stats.max_weight, torch.tensor([1.0 / n, 1.0, 1.0]))
+    assert float(stats.mean_distance[1]) == 0.0 and float(stats.diagonal_distance[1]) == 0.0
+    torch.testing.assert_close(stats.first_token_weight, torch.tensor([1.0 / n, 1.0 / n, 1.0]))
+
+
+def test_head_stats_batch_mean_and_validation() -> None:
+    stats = head_stats(random_weights(3, 2, 4, 4, seed=8))
+    mean = stats.batch_mean()
+    torch.testing.assert_close(mean.max_weight, stats.max_weight.mean(dim=0))
+    with pytest.raises(ValueError, match="shape of entropy"):
+        HeadStats(*([torch.zeros(3)] * 4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"\(B, H, Nq, Nk\)"):
+        head_stats(torch.rand(4, 4))
+    with pytest.raises(ValueError, match="non-negative"):
+        head_stats(torch.randn(2, 4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        head_stats(torch.ones(2, 4, 4, dtype=torch.long))
+
+
+# --- token shading ---------------------------------------------------------------------------
+
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_ansi_truecolor_shades_the_heaviest_token_fully() -> None:
+    tokens = ["a", "great", "film", "!"]
+    weights = torch.rand(4, generator=torch.Generator().manual_seed(9)) + 0.05
+    text = shade_tokens_ansi(tokens, weights)
+    assert ANSI_CODE.sub("", text) == "a great film !"
+    assert text.count("\x1b[0m") == 4
+    heaviest = tokens[int(weights.argmax())]
+    assert f"\x1b[48;2;230;85;13m\x1b[38;2;0;0;0m{heaviest}\x1b[0m" in text
+
+
+def test_ansi_256_colours_stay_in_the_colour_cube() -> None:
+    text = shade_tokens_ansi(["x", "y", "z"], torch.tensor([0.0, 0.3, 0.9]), truecolor=False)
+    codes = [int(c) for c in re.findall(r"\x1b\[48;5;(\d+)m", text)]
+    assert len(codes) == 3 and all(16 <= c <= 231 for c in codes)
+    assert codes[0] == 231  # weight 0 is white
+
+
+def test_ansi_neutralises_control_characters_in_tokens() -> None:
+    text = shade_tokens_ansi(["ok", "\x1b[2J", "new\nline"], torch.tensor([0.2, 0.5, 0.3]))
+    assert "\x1b[2J" not in text and "\n" not in text
+    assert "\\x1b[2J" in ANSI_CODE.sub("", text) and "new\\nline" in text
+
+
+def test_html_escapes_tokens_and_label() -> None:
+    tokens = ["<script>alert(1)</script>", "a & b", '"quoted"']
+    page = shade_tokens_html(tokens, torch.tensor([0.7, 0.2, 0.1]), label="<b>positive</b> 0.93")
+    assert "<script>" not in page and "</script>" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a &amp; b" in page and "&quot;quoted&quot;" in page
+    assert page.startswith("<!DOCTYPE html>") and page.count('class="tok"') == 3
+    assert not re.search(r"https?://|src=|<link", page)
+    assert 'title="0.7000"' in page and "background:rgb(230,85,13)" in page
+
+
+def test_html_fragments_combine_into_one_document() -> None:
+    parts = [
+        shade_tokens_html(["a", "b"], torch.tensor([0.4, 0.6]), document=False, label=f"#{i}")
+        for i in range(3)
+    ]
+    assert all(p.startswith('<div class="shaded">') for p in parts)
+    page = html_document(parts, title="reviews <1>")
+    assert page.count('class="shaded"') == 3 and "<title>reviews &lt;1&gt;</title>" in page
+
+
+@pytest.mark.parametrize(
+    ("tokens", "weights", "error", "message"),
+    [
+        (["a", "b"], torch.tensor([0.5, 0.3, 0.2]), ValueError, "2 tokens"),
+        (["a", "b"], torch.tensor([0.5, -0.1]), ValueError, "non-negative"),
+        (["a", "b"], torch.tensor([[0.5, 0.5]]), ValueError, r"\(N,\)"),
+        (["a", 3], torch.tensor([0.5, 0.5]), TypeError, r"tokens\[1\]"),
+        ("ab", torch.tensor([0.5, 0.5]), TypeError, "one string"),
+        (["a", "b"], torch.tensor([0.5, float("nan")]), ValueError, "finite"),
+    ],
+)
+def test_shading_rejects_bad_input(
+    tokens: list, weights: torch.Tensor, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        shade_tokens_ansi(tokens, weights)
+    with pytest.raises(error, match=message):
+        shade_tokens_html(tokens, weights)
+
+
+# --- the interactive page --------------------------------------------------------------------
+
+
+def page_data(page: str) -> dict:
+    match = re.search(r'<script type="application/json" id="qkv-data">(.*?)</script>', page, re.S)
+    assert match is not None
+    return json.loads(match.group(1))
+
+
+def test_page_embeds_the_weights_and_tokens() -> None:
+    layers = {"enc 0": random_weights(2, 3, 4, seed=10), "cross <0>": random_weights(4, 3, 4)}
+    source, target = ["le", "chat", "</script><script>alert(1)", "."], ["the", "cat", "."]
+    page = attention_page(layers, source, target, title="fr -> en")
+    data = page_data(page)
+    assert [layer["name"] for layer in data["layers"]] == ["enc 0", "cross <0>"]
+    assert data["source"] == source and data["target"] == target
+    for layer, weights in zip(data["layers"], layers.values(), strict=True):
+        torch.testing.assert_close(
+            torch.tensor(layer["heads"], dtype=torch.float64), weights, rtol=0, atol=1e-4
+        )
+    # Only the page's own two script elements close; the token cannot end one early.
+    assert page.count("</script>") == 2 and page.count("<script") == 2
+    assert "<title>fr -&gt; en</title>" in page
+
+
+def test_page_is_self_contained() -> None:
+    page = attention_page({"layer": random_weights(1, 3, 3, seed=11)})
+    assert not re.search(r"https?:|//cdn|src=|<link|@import|url\(", page)
+    assert page_data(page)["source"] == ["0", "1", "2"]
+
+
+def test_write_page_writes_atomically(tmp_path: Path) -> None:
+    path = write_page(tmp_path / "sub" / "attention.html", {"l": random_weights(2, 2, 5, seed=12)})
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert [p.name for p in path.parent.iterdir()] == ["attention.html"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ({}, "non-empty"),
+        ({"a": random_weights(2, 3, 4), "b": random_weights(2, 4, 4)}, "same"),
+        ({"a": random_weights(3, 4)}, r"\(H, Nq, Nk\)"),
+    ],
+)
+def test_page_rejects_bad_layers(layers: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        attention_page(layers)
+
+
+def test_page_rejects_token_count_mismatch() -> None:
+    with pytest.raises(ValueError, match="source_tokens has 2 tokens"):
+        attention_page({"a": random_weights(1, 3, 4)}, ["x", "y"], ["a", "b", "c"])
