@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -307,3 +309,96 @@ def test_page_rejects_bad_layers(layers: dict, message: str) -> None:
 def test_page_rejects_token_count_mismatch() -> None:
     with pytest.raises(ValueError, match="source_tokens has 2 tokens"):
         attention_page({"a": random_weights(1, 3, 4)}, ["x", "y"], ["a", "b", "c"])
+
+
+# --- the page's script, run under node against a minimal fake DOM ----------------------------
+
+FAKE_DOM = r"""
+function Element(tag) {
+  this.tagName = tag; this.children = []; this.style = {}; this.handlers = {};
+  this.className = ""; this._text = ""; this.value = ""; this.title = "";
+  var self = this;
+  this.classList = { set: {}, toggle: function (c, on) { if (on) { self.classList.set[c] = 1; } else { delete self.classList.set[c]; } },
+                     has: function (c) { return c in self.classList.set; } };
+}
+Object.defineProperty(Element.prototype, "textContent", {
+  get: function () { return this._text; },
+  set: function (t) { this._text = String(t); this.children = []; if (this.tagName === "select") { this.value = ""; } }
+});
+Object.defineProperty(Element.prototype, "rows", { get: function () { return this.children; } });
+Object.defineProperty(Element.prototype, "cells", { get: function () { return this.children; } });
+Element.prototype.appendChild = function (c) {
+  this.children.push(c);
+  if (this.tagName === "select" && this.children.length === 1) { this.value = c.value; }
+  return c;
+};
+Element.prototype.insertRow = function () { return this.appendChild(new Element("tr")); };
+Element.prototype.insertCell = function () { return this.appendChild(new Element("td")); };
+Element.prototype.addEventListener = function (name, fn) { this.handlers[name] = fn; };
+Element.prototype.fire = function (name) { this.handlers[name](); };
+Element.prototype.all = function () {
+  var out = [];
+  this.children.forEach(function (c) { out.push(c); out = out.concat(c.all()); });
+  return out;
+};
+Element.prototype.querySelectorAll = function (selector) {
+  var cls = selector.slice(1);
+  return this.all().filter(function (e) { return e.classList.has(cls); });
+};
+var byId = {};
+["layer", "head", "map", "status", "source-strip", "target-strip", "qkv-data"].forEach(function (id) {
+  byId[id] = new Element(id === "layer" || id === "head" ? "select" : id === "map" ? "table" : "div");
+});
+byId["qkv-data"]._text = require("fs").readFileSync(process.argv[2], "utf8");
+global.document = { getElementById: function (id) { return byId[id]; },
+                    createElement: function (tag) { return new Element(tag); } };
+"""
+
+PROBE = r"""
+var table = byId["map"], report = {};
+report.rows = table.rows.length;
+report.cols = table.rows[0].cells.length;
+report.heads = byId["head"].children.map(function (o) { return o.textContent; });
+report.header = table.rows[0].cells.slice(1).map(function (c) { return c.textContent; });
+table.rows[2].cells[0].fire("mouseenter");  // hover target token 1
+report.hot = table.querySelectorAll(".hot").length;
+report.source_shades = byId["source-strip"].children.map(function (s) { return s.style.background; });
+report.status = byId["status"].textContent;
+table.rows[2].cells[0].fire("mouseleave");
+report.hot_after = table.querySelectorAll(".hot").length;
+byId["layer"].value = "1"; byId["layer"].fire("change");
+report.heads_layer1 = byId["head"].children.length;
+byId["head"].value = "0"; byId["head"].fire("change");
+report.cell_title = table.rows[1].cells[1].title;
+console.log(JSON.stringify(report));
+"""
+
+
+def test_page_script_runs_and_reacts_to_hover(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed; the page's JavaScript is not exercised")
+    layers = {"a": random_weights(2, 3, 4, seed=13), "b": random_weights(3, 3, 4, seed=14)}
+    source, target = ["s0", "<s1>", "s2", "s3"], ["t0", "t1", "t2"]
+    page = attention_page(layers, source, target)
+    script = re.search(r"<script>(.*?)</script>", page, re.S)
+    assert script is not None
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps(page_data(page)))
+    runner = tmp_path / "run.js"
+    runner.write_text(FAKE_DOM + script.group(1) + PROBE)
+    done = subprocess.run(
+        [node, str(runner), str(data_path)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["rows"], report["cols"]) == (4, 5)  # header + 3 targets, label + 4 sources
+    assert report["heads"] == ["mean of 2 heads", "head 0", "head 1"]
+    assert report["header"] == source
+    assert report["hot"] == 4 and report["hot_after"] == 0
+    # The source strip is shaded by target 1's row of the head mean: its largest weight is full.
+    row = layers["a"].mean(dim=0)[1]
+    assert report["source_shades"][int(row.argmax())] == "rgb(230,85,13)"
+    assert '"t1"' in report["status"]
+    assert report["heads_layer1"] == 4
+    assert report["cell_title"] == f"t0 -> s0: {float(layers['b'][0, 0, 0]):.4f}"
