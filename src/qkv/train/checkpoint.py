@@ -1,0 +1,356 @@
+"""Model folders: ``config.json`` + ``model.safetensors`` + tokenizer + ``training_state.pt``.
+
+A model folder is what ``qkv train`` writes and ``qkv translate`` / ``qkv evaluate`` read::
+
+    out/
+      config.json          {"format": "qkv-model", "task": ..., "model": {...}, "training": {...}}
+      model.safetensors    weights (no pickle: loading a model never runs code)
+      tokenizer.json       (+ target_tokenizer.json when the vocabularies are separate)
+      training_state.pt    optimizer, scheduler, step, RNG states, data position, best metric
+
+Writing is atomic per file and ordered: every file is written in a staging folder inside the
+model folder, flushed and fsynced, then moved into place with ``os.replace`` (atomic on POSIX),
+``config.json`` last, and the folder itself is fsynced. A crash leaves either the previous
+checkpoint or the new one for each file, never a truncated file; the step recorded in
+``model.safetensors`` and ``training_state.pt`` is checked against ``config.json`` on resume, so
+a crash between two replacements is detected instead of resuming from mixed files.
+
+The training state is loaded with ``torch.load(weights_only=True)``: tensors and plain Python
+values only, nothing is unpickled into code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qkv._version import __version__
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "STATE_FILE",
+    "WEIGHTS_FILE",
+    "ModelFolderError",
+    "is_model_folder",
+    "load_model",
+    "load_training_state",
+    "load_weights",
+    "prepare_output_folder",
+    "read_config",
+    "save_model_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "qkv-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+_STAGING_PREFIX = ".staging-"
+_SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install 'qkv[tasks]')"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be used: missing, not a qkv model, or inconsistent. The
+    message names the folder or file and what is wrong."""
+
+
+class SavesToFolder(Protocol):
+    """A tokenizer (or anything) that writes its files into a folder, e.g.
+    :class:`qkv.data.PairTokenizer`."""
+
+    def save(self, directory: str | os.PathLike[str]) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a folder before training into it
+
+
+def _entries(path: Path) -> list[str]:
+    return [p.name for p in path.iterdir() if not p.name.startswith(_STAGING_PREFIX)]
+
+
+def is_model_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a ``config.json`` written by :func:`save_model_folder`."""
+    try:
+        read_config(path)
+    except ModelFolderError:
+        return False
+    return True
+
+
+def prepare_output_folder(
+    path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Check that training may write into ``path``, before any training time is spent.
+
+    Args:
+        path: the output folder.
+        resume: the run continues the checkpoint in ``path`` (which must then exist).
+        overwrite: a qkv model folder there may be replaced by a new run.
+
+    Raises:
+        ModelFolderError: ``path`` is a file; is non-empty and not a qkv model folder (never
+            written into, whatever the flags: it holds someone's other files); holds a model
+            and neither flag is given; or ``resume`` without a training state there.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ModelFolderError(f"{folder}: exists and is not a folder")
+    occupied = folder.is_dir() and bool(_entries(folder))
+    if occupied and not is_model_folder(folder):
+        raise ModelFolderError(
+            f"{folder}: not empty and not a qkv model folder (no qkv config.json); "
+            "refusing to write into it: choose a new or empty folder"
+        )
+    if resume:
+        if not (folder / STATE_FILE).is_file() or not occupied:
+            raise ModelFolderError(f"{folder}: nothing to resume (no {STATE_FILE} there)")
+        return
+    if occupied and not overwrite:
+        raise ModelFolderError(
+            f"{folder}: already holds a qkv model; pass --resume to continue its training "
+            "or --overwrite to start again from scratch"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(model: nn.Module, file: Path, step: int) -> None:
+    try:
+        from safetensors.torch import save_model
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"saving a model needs safetensors, which is not installed; run: {_SAFETENSORS_INSTALL}"
+        ) from None
+    # save_model (not save_file) drops the duplicate names of tied weights.
+    save_model(model, str(file), metadata={"step": str(step), "format": FORMAT})
+
+
+def _write_config(config: dict[str, Any], files: list[str], step: int, file: Path) -> None:
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "qkv_version": __version__,
+        "step": step,
+        "files": sorted(files),
+        **config,
+    }
+    file.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _stage(
+    staging: Path,
+    *,
+    model: nn.Module,
+    config: dict[str, Any],
+    tokenizer: SavesToFolder | None,
+    training_state: dict[str, Any] | None,
+    step: int,
+) -> list[str]:
+    """Write every file into ``staging``; return their names, ``config.json`` last."""
+    _write_weights(model, staging / WEIGHTS_FILE, step)
+    if tokenizer is not None:
+        tokenizer.save(staging)
+    if training_state is not None:
+        torch.save({**training_state, "step": step}, staging / STATE_FILE)
+    names = sorted(p.name for p in staging.iterdir())
+    _write_config(config, [*names, CONFIG_FILE], step, staging / CONFIG_FILE)
+    return [*names, CONFIG_FILE]
+
+
+def save_model_folder(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    config: dict[str, Any],
+    tokenizer: SavesToFolder | None = None,
+    training_state: dict[str, Any] | None = None,
+    step: int = 0,
+) -> Path:
+    """Write a model folder atomically (see the module docstring).
+
+    Args:
+        path: the folder (created if missing; check it first with
+            :func:`prepare_output_folder`).
+        model: the module whose ``state_dict`` is saved (unwrap DDP first).
+        config: JSON-ready sections, e.g. ``{"task": ..., "model": ..., "training": ...}``;
+            ``"model"`` must hold what rebuilds the model.
+        tokenizer: written with ``tokenizer.save(folder)``.
+        training_state: what :func:`load_training_state` returns on resume.
+        step: the optimizer step, recorded in every file for the consistency check.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(folder)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
+    try:
+        names = _stage(
+            staging,
+            model=model,
+            config=config,
+            tokenizer=tokenizer,
+            training_state=training_state,
+            step=step,
+        )
+        previous = _previous_files(folder)
+        for name in names:
+            _fsync_file(staging / name)
+        for name in names:  # config.json last: it is what makes the folder a model folder
+            os.replace(staging / name, folder / name)
+        for name in previous - set(names):  # e.g. a target vocabulary no longer separate
+            (folder / name).unlink(missing_ok=True)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved model folder %s (step %d)", folder, step)
+    return folder
+
+
+def _previous_files(folder: Path) -> set[str]:
+    try:
+        files = read_config(folder).get("files", [])
+    except ModelFolderError:
+        return set()
+    # Only plain names this module wrote: never follow a path out of the folder.
+    return {f for f in files if isinstance(f, str) and f == Path(f).name}
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    for leftover in folder.glob(_STAGING_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model folder.
+
+    Raises:
+        ModelFolderError: no folder, no ``config.json``, invalid JSON, or not written by qkv.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such model folder")
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise ModelFolderError(f"{folder}: not a qkv model folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFolderError(f'{file}: not a qkv model config (no "format": "{FORMAT}")')
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{file}: format_version {config['format_version']} is newer than this qkv "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade qkv"
+        )
+    return config
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> int:
+    """Load ``model.safetensors`` into ``model`` (strict: every name must match).
+
+    Returns:
+        The step recorded in the file.
+
+    Raises:
+        ModelFolderError: the file is missing or does not fit the model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise ModelFolderError(f"{Path(path)}: no {WEIGHTS_FILE}")
+    try:
+        load_model(model, str(file), strict=True, device="cpu")
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (RuntimeError, OSError) as error:
+        raise ModelFolderError(f"{file}: does not fit the model in config.json ({error})") from None
+    return int(metadata.get("step", -1))
+
+
+def load_training_state(
+    path: str | os.PathLike[str], *, expected_step: int | None = None
+) -> dict[str, Any]:
+    """The training state saved beside the weights (tensors and plain values only).
+
+    Args:
+        path: the model folder.
+        expected_step: the step of ``config.json`` / the weights; a different step in the state
+            means an interrupted write, which is refused.
+
+    Raises:
+        ModelFolderError: missing, unreadable, or from another step.
+    """
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise ModelFolderError(f"{Path(path)}: no {STATE_FILE} (nothing to resume)")
+    try:
+        state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise ModelFolderError(f"{file}: cannot be read as a training state ({error})") from None
+    if expected_step is not None and state.get("step") != expected_step:
+        raise ModelFolderError(
+            f"{file}: holds step {state.get('step')} but the weights are from step "
+            f"{expected_step} (an interrupted save?); cannot resume exactly"
+        )
+    return state
+
+
+def load_model(
+    path: str | os.PathLike[str], build: Callable[[dict[str, Any]], nn.Module]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a folder: ``build(config["model"])`` then its weights.
+
+    Returns:
+        The model (on the CPU, in eval mode) and the whole ``config.json``.
+
+    Raises:
+        ModelFolderError: see :func:`read_config` and :func:`load_weights`; also a config
+            without a ``"model"`` section or one ``build`` rejects.
+    """
+    config = read_config(path)
+    if not isinstance(config.get("model"), dict):
+        raise ModelFolderError(f'{Path(path) / CONFIG_FILE}: no "model" section')
+    try:
+        model = build(config["model"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelFolderError(f"{Path(path) / CONFIG_FILE}: bad model config: {error}") from None
+    load_weights(model, path)
+    return model.eval(), config
