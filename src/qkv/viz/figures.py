@@ -70,6 +70,8 @@ def attention_heatmap(
     target_tokens: Sequence[str] | None = None,
     *,
     title: str | None = None,
+    x_label: str = "source (keys)",
+    y_label: str = "target (queries)",
 ) -> Figure:
     """Heat map of one attention matrix: target (query) tokens down, source (key) tokens across.
 
@@ -79,6 +81,8 @@ def attention_heatmap(
         source_tokens: ``Ns`` key-side labels (default: positions ``0..Ns-1``).
         target_tokens: ``Nt`` query-side labels (default: positions).
         title: drawn above the map.
+        x_label, y_label: axis captions, e.g. ``"input token"`` and ``"output position"`` for
+            an attention rollout.
 
     Returns:
         A figure with two axes: the map and its colour bar.
@@ -91,8 +95,8 @@ def attention_heatmap(
     ax = fig.add_subplot()
     image = ax.imshow(values.numpy(), cmap=CMAP, vmin=0.0, aspect="auto", interpolation="nearest")
     _label_axes(ax, sources, targets)
-    ax.set_xlabel("source (keys)")
-    ax.set_ylabel("target (queries)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     if title is not None:
         ax.set_title(title)
     fig.colorbar(image, ax=ax, label="attention weight")
@@ -309,6 +313,8 @@ def _stats_maps(layers: list[HeadStats], title: str | None) -> Figure:
         ax.set_title(STAT_TITLES[name], fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
+        ax.set_xticks(range(table.shape[1]))
+        ax.set_yticks(range(table.shape[0]))
         fig.colorbar(image, ax=ax)
     if title is not None:
         fig.suptitle(title)

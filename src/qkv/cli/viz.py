@@ -1,0 +1,225 @@
+"""``qkv viz``: pictures and pages of attention, from a saved file or from a synthetic example.
+
+Register it in ``qkv.cli.main.build_parser`` with ``add_viz_command(commands)``.
+
+- ``qkv viz masks --out masks.png``: the built-in masks drawn side by side.
+- ``qkv viz page WEIGHTS.pt --out page.html [--png map.png --layer NAME --head H]``: the
+  interactive page (and a heat map) of weights saved with ``torch.save({"layers": {name:
+  (H, Nq, Nk) tensor}, "source_tokens": [...], "target_tokens": [...]}, path)``.
+- ``qkv viz example --out DIR``: every kind of picture from *synthetic* weights (random
+  queries and keys run through ``qkv.attention`` with alignment and ALiBi biases), as in
+  docs/visualization.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_viz_command"]
+
+SOURCE = ["le", "petit", "chat", "noir", "dort", "sur", "le", "tapis", "."]
+TARGET = ["the", "little", "black", "cat", "sleeps", "on", "the", "mat", "."]
+# Which source word each target word translates (French puts the colour after the noun).
+ALIGNMENT = [0, 1, 3, 2, 4, 5, 6, 7, 8]
+REVIEW = ["a", "quietly", "brilliant", "film", "with", "one", "dull", "scene"]
+
+
+def add_viz_command(commands: Any) -> None:
+    """Add ``viz`` and its subcommands to the ``qkv`` sub-parsers action ``commands``."""
+    viz = commands.add_parser("viz", help="attention pictures and offline interactive pages")
+    actions = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
+
+    masks = actions.add_parser("masks", help="draw the built-in masks side by side")
+    masks.add_argument("--out", type=Path, required=True, help="image file (.png, .svg, .pdf)")
+    masks.add_argument("--q-len", type=int, default=6, help="Nq (default %(default)s)")
+    masks.add_argument("--kv-len", type=int, default=10, help="Nk (default %(default)s)")
+    masks.add_argument("--window", type=int, default=3, help="sliding window: keys this far back")
+    masks.set_defaults(run=_run_masks)
+
+    page = actions.add_parser("page", help="interactive page (and heat map) of saved weights")
+    page.add_argument(
+        "weights",
+        type=Path,
+        help="torch.save file: {'layers': {name: (H, Nq, Nk)}, "
+        "'source_tokens': [...], 'target_tokens': [...]}",
+    )
+    page.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    page.add_argument("--png", type=Path, default=None, help="also write this heat map")
+    page.add_argument("--layer", default=None, help="layer for --png (default: the last)")
+    page.add_argument("--head", type=int, default=None, help="head for --png (default: mean)")
+    page.set_defaults(run=_run_page)
+
+    example = actions.add_parser("example", help="every picture, from synthetic weights")
+    example.add_argument("--out", type=Path, required=True, help="folder to write into")
+    example.add_argument("--seed", type=int, default=0)
+    example.set_defaults(run=_run_example)
+
+
+def _run_masks(args: argparse.Namespace) -> int:
+    from qkv.viz import mask_grid, save_figure
+
+    fig = mask_grid(_mask_examples(args.q_len, args.kv_len, args.window), args.q_len, args.kv_len)
+    print(f"wrote {save_figure(fig, args.out)}")
+    return 0
+
+
+def _mask_examples(nq: int, nk: int, window: int) -> dict[str, Any]:
+    """Causal in both alignments, a sliding window and packed documents for ``Nq x Nk``."""
+    import torch
+
+    from qkv import masks
+
+    offset = nk - nq
+    key_ids = torch.arange(nk) * 3 // nk  # three documents packed in the keys
+    return {
+        "causal, top-left": masks.causal(),
+        "causal, bottom-right": masks.causal_bottom_right(nq, nk),
+        f"sliding window {window}": masks.sliding_window(window, offset=offset),
+        "documents (bottom-right)": masks.document(key_ids[offset:], key_ids)
+        & masks.causal(offset),
+    }
+
+
+def _load_saved(path: Path) -> tuple[dict[str, Any], list[str] | None, list[str] | None]:
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
+        raise ValueError(
+            f"{path} must hold a dict with 'layers': {{name: (H, Nq, Nk) tensor}}; got "
+            f"{type(saved).__name__} with keys {sorted(saved) if isinstance(saved, dict) else '-'}"
+        )
+    return saved["layers"], saved.get("source_tokens"), saved.get("target_tokens")
+
+
+def _run_page(args: argparse.Namespace) -> int:
+    from qkv.viz import attention_heatmap, save_figure, write_page
+
+    layers, source, target = _load_saved(args.weights)
+    print(f"wrote {write_page(args.out, layers, source, target, title=args.weights.name)}")
+    if args.png is not None:
+        name = args.layer if args.layer is not None else list(layers)[-1]
+        if name not in layers:
+            raise ValueError(f"--layer {name!r} is not in the file; it has {list(layers)}")
+        weights = layers[name]
+        chosen = weights.mean(dim=0) if args.head is None else weights[args.head]
+        label = "mean of heads" if args.head is None else f"head {args.head}"
+        fig = attention_heatmap(chosen, source, target, title=f"{name}, {label}")
+        print(f"wrote {save_figure(fig, args.png)}")
+    return 0
+
+
+def _synthetic_cross_attention(seed: int, heads: int = 4) -> Any:
+    """``(H, Nt, Ns)`` weights of random queries and keys plus a bias towards ``ALIGNMENT``."""
+    import torch
+
+    import qkv
+
+    generator = torch.Generator().manual_seed(seed)
+    nt, ns, dim = len(TARGET), len(SOURCE), 16
+    q = torch.randn(1, heads, nt, dim, generator=generator)
+    k = torch.randn(1, heads, ns, dim, generator=generator)
+    aligned = torch.tensor(ALIGNMENT, dtype=torch.float32).view(nt, 1)
+    distance = (torch.arange(ns, dtype=torch.float32).view(1, ns) - aligned).abs()  # (Nt, Ns)
+    # Sharper alignment in the first heads, blurrier in the last, as trained models often show.
+    sharpness = torch.linspace(3.0, 0.5, heads).view(1, heads, 1, 1)
+    _, weights = qkv.attention(q, k, k, bias=-sharpness * distance, return_weights=True)
+    return weights[0]  # (H, Nt, Ns)
+
+
+def _synthetic_self_attention(seed: int, layers: int = 4, heads: int = 8, n: int = 12) -> list[Any]:
+    """``layers`` tensors ``(1, H, N, N)``: random causal self-attention with ALiBi (local heads
+    and broad heads) and a pull towards the first token in the last heads (a "sink")."""
+    import torch
+
+    import qkv
+    from qkv import scores
+
+    generator = torch.Generator().manual_seed(seed)
+    slopes = scores.alibi_slopes(heads).view(1, heads, 1, 1)
+    position = torch.arange(n, dtype=torch.float32)
+    distance = (position.view(n, 1) - position.view(1, n)).abs()  # (N, N)
+    sink = torch.zeros(1, heads, 1, n)
+    sink[:, heads // 2 :, :, 0] = 3.0
+    bias = -slopes * distance + sink  # (1, H, N, N)
+    stack = []
+    for _ in range(layers):
+        q = torch.randn(1, heads, n, 16, generator=generator)
+        k = torch.randn(1, heads, n, 16, generator=generator)
+        _, weights = qkv.attention(q, k, k, causal=True, bias=bias, return_weights=True)
+        stack.append(weights)
+    return stack
+
+
+def _run_example(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.viz import (
+        attention_heatmap,
+        attention_rollout,
+        head_grid,
+        head_stats,
+        head_stats_figure,
+        mask_grid,
+        save_figure,
+        shade_tokens_ansi,
+        shade_tokens_html,
+        write_page,
+    )
+
+    out: Path = args.out
+    cross = _synthetic_cross_attention(args.seed)
+    stack = _synthetic_self_attention(args.seed + 1)
+    positions = [f"t{i}" for i in range(stack[0].shape[-1])]
+    written = [
+        save_figure(mask_grid(_mask_examples(6, 10, 3), 6, 10), out / "masks.png"),
+        save_figure(
+            attention_heatmap(
+                cross.mean(dim=0), SOURCE, TARGET, title="cross-attention, mean of heads"
+            ),
+            out / "cross_attention.png",
+        ),
+        save_figure(
+            head_grid(cross, SOURCE, TARGET, title="cross-attention heads"), out / "cross_heads.png"
+        ),
+        save_figure(
+            head_grid(stack[-1][0], positions, positions, title="self-attention, last layer"),
+            out / "self_heads.png",
+        ),
+        save_figure(
+            head_stats_figure(
+                [head_stats(w) for w in stack], title="per-head statistics, 4 layers"
+            ),
+            out / "head_stats.png",
+        ),
+        save_figure(
+            attention_heatmap(
+                attention_rollout(stack)[0],
+                positions,
+                positions,
+                title="attention rollout",
+                x_label="input token",
+                y_label="output position",
+            ),
+            out / "rollout.png",
+        ),
+        write_page(
+            out / "attention.html",
+            {
+                "cross-attention": cross,
+                **{f"self {i}": w[0, :, : len(TARGET), : len(SOURCE)] for i, w in enumerate(stack)},
+            },
+            SOURCE,
+            TARGET,
+            title="qkv attention (synthetic weights)",
+        ),
+    ]
+    review = torch.rand(len(REVIEW), generator=torch.Generator().manual_seed(args.seed)).pow(2)
+    (out / "shaded.html").write_text(shade_tokens_html(REVIEW, review, label="synthetic weights"))
+    written.append(out / "shaded.html")
+    print(shade_tokens_ansi(REVIEW, review))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
