@@ -291,6 +291,10 @@ def test_write_page_writes_atomically(tmp_path: Path) -> None:
     path = write_page(tmp_path / "sub" / "attention.html", {"l": random_weights(2, 2, 5, seed=12)})
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in path.parent.iterdir()] == ["attention.html"]
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    path.chmod(0o640)
+    write_page(path, {"l": random_weights(1, 2, 2, seed=13)})
+    assert path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
 
 
 @pytest.mark.parametrize(

@@ -68,10 +68,14 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file private (0600); a picture or page is for sharing, so give it the
+    # mode of the file it replaces, or the usual 0644.
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
     handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
+        os.chmod(tmp_name, mode)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

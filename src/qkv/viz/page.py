@@ -22,8 +22,8 @@ from qkv.viz._checks import as_weights, check_nonnegative, token_labels, write_a
 
 __all__ = ["attention_page", "write_page"]
 
-# Four decimals keep a 12-layer, 12-head, 64-token page near 3 MB while a weight still reads
-# to 0.01 %.
+# Four decimals: a weight still reads to 0.01 %, and a 12-layer, 12-head, 64-token page of
+# random weights measured 4.1 MB.
 DECIMALS = 4
 
 
