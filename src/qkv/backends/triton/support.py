@@ -1,0 +1,93 @@
+"""What the triton backend serves, decided without importing triton (so ``qkv.explain`` and
+``auto`` stay cheap and work where triton is not installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from functools import cache
+
+import torch
+
+from qkv import masks as M
+from qkv.request import AttentionRequest
+from qkv.scores import ScoreFunction, is_additive
+
+__all__ = ["KERNEL_DTYPES", "MAX_HEAD_DIM", "softcap_of", "triton_installed", "unsupported_reason"]
+
+#: dtypes the backend serves. float32 runs exactly only with slow non-tensor-core matmuls
+#: (``input_precision="ieee"``, which the launcher accepts when called directly); TF32 would cost
+#: ~1e-3 relative error, so ``auto`` leaves float32 to exact backends.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+LAUNCHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def softcap_of(score_mod: ScoreFunction) -> float | None:
+    """The cap of a :func:`qkv.scores.softcap` score function, or None for any other function.
+
+    Read from a ``cap`` attribute or the function's name, then confirmed numerically on random
+    scores and indices, so a look-alike that does something else is never taken for softcap.
+    """
+    cap = getattr(score_mod, "cap", None)
+    if cap is None:
+        found = re.fullmatch(r"softcap\(([-+0-9.eE]+)\)", repr(score_mod))
+        if found is None:
+            return None
+        cap = float(found.group(1))
+    if not (isinstance(cap, int | float) and math.isfinite(cap) and cap > 0):
+        return None
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) * 2 * cap
+    try:
+        got = score_mod(scores, *M.index_grid(2, 3, (0, 5), (0, 7)))
+    except Exception:
+        return None
+    expected = cap * torch.tanh(scores / cap)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return None
+    return float(cap) if torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-9) else None
+
+
+def unsupported_reason(
+    request: AttentionRequest,
+    *,
+    allow_cpu: bool = False,
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
+) -> str | None:
+    """Why the triton kernels cannot serve ``request`` (None when they can).
+
+    Args:
+        request: the call.
+        allow_cpu: accept CPU tensors (only meaningful under ``TRITON_INTERPRET=1``, for tests).
+        dtypes: the dtypes accepted (the backend: float16/bfloat16; the launcher also float32).
+    """
+    if not triton_installed():
+        return "triton is not installed (pip install 'qkv[gpu]')"
+    if request.device.type != "cuda" and not allow_cpu:
+        return f"runs on CUDA tensors only; got {request.device.type} tensors"
+    if request.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return (
+            f"the kernels take {names}; got {str(request.dtype).removeprefix('torch.')} "
+            "(float32 would need TF32 matmuls, ~1e-3 relative error; sdpa serves it exactly)"
+        )
+    if max(request.head_dim, request.value_dim) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM}; got D={request.head_dim}, Dv={request.value_dim}"
+    if request.return_weights:
+        return "return_weights: the kernels never materialise the (B, Hq, Nq, Nk) weights"
+    mod = request.score_mod
+    if mod is not None and not is_additive(mod) and softcap_of(mod) is None:
+        return (
+            f"score function {mod!r} is neither additive (materialised as a bias) nor softcap "
+            "(computed in the kernel)"
+        )
+    if request.q_len == 0 or request.kv_len == 0 or request.batch == 0:
+        return "empty sequences or batch"
+    return None
