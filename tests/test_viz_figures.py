@@ -52,6 +52,20 @@ def test_heatmap_without_tokens_numbers_positions() -> None:
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "2", "3"]
 
 
+def test_heatmap_takes_half_precision_weights_that_need_grad() -> None:
+    weights = random_weights(3, 4, seed=6).to(torch.bfloat16).requires_grad_()
+    fig = attention_heatmap(weights, x_label="input token", y_label="output position")
+    torch.testing.assert_close(image_data(fig).float(), weights.detach().float())
+    assert fig.axes[0].get_xlabel() == "input token"
+
+
+def test_heatmap_thins_labels_on_long_sequences() -> None:
+    fig = attention_heatmap(random_weights(5, 150, seed=7), [f"w{i}" for i in range(150)])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == [f"w{i}" for i in range(0, 150, 3)]  # at most 60 labels
+    assert image_data(fig).shape == (5, 150)
+
+
 @pytest.mark.parametrize(("heads", "columns", "rows"), [(6, 4, 2), (3, 4, 1), (1, 2, 1)])
 def test_head_grid_has_one_axes_per_head(heads: int, columns: int, rows: int) -> None:
     weights = random_weights(heads, 4, 5, seed=heads)
@@ -84,6 +98,9 @@ def test_mask_picture_of_a_bool_tensor_and_a_plain_function() -> None:
     def even_keys(
         b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
     ) -> torch.Tensor:
+        # The layout qkv.attention hands a mask function: four broadcastable 4-d index tensors.
+        if (b.ndim, h.ndim, q.shape, kv.shape) != (4, 4, (1, 1, 3, 1), (1, 1, 1, 4)):
+            raise AssertionError(f"unexpected index shapes {q.shape} {kv.shape}")
         return kv % 2 == 0
 
     even = image_data(mask_picture(even_keys, 3, 4))

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ from qkv.viz.stats import HeadStats
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from qkv.masks import MaskFunction
 
 __all__ = [
     "attention_heatmap",
@@ -166,7 +168,7 @@ def head_grid(
     return fig
 
 
-def _mask_matrix(mask: Any, num_queries: int, num_keys: int) -> Tensor:
+def _mask_matrix(mask: MaskFunction | Tensor, num_queries: int, num_keys: int) -> Tensor:
     """``(Nq, Nk)`` bool matrix of a mask function or a bool tensor broadcastable to it."""
     for name, value in (("num_queries", num_queries), ("num_keys", num_keys)):
         if not isinstance(value, int) or value < 1:
@@ -176,10 +178,12 @@ def _mask_matrix(mask: Any, num_queries: int, num_keys: int) -> Tensor:
             raise TypeError(f"mask must be a bool tensor (True = attend); got {mask.dtype}")
         matrix = mask.detach().cpu()
     elif callable(mask):
-        # The same broadcastable index layout qkv.masks uses: b, h, q_idx (Nq, 1), kv_idx (1, Nk).
-        zero = torch.zeros((), dtype=torch.long)
-        q_idx = torch.arange(num_queries).view(-1, 1)
-        kv_idx = torch.arange(num_keys).view(1, -1)
+        # The index layout of qkv.masks for one batch row and head: b and h (1, 1, 1, 1),
+        # q_idx (1, 1, Nq, 1), kv_idx (1, 1, 1, Nk), so hand-written mask functions see what
+        # qkv.attention gives them.
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+        q_idx = torch.arange(num_queries).view(1, 1, -1, 1)
+        kv_idx = torch.arange(num_keys).view(1, 1, 1, -1)
         matrix = torch.as_tensor(mask(zero, zero, q_idx, kv_idx)).cpu()
     else:
         raise TypeError(
@@ -214,7 +218,9 @@ def _draw_mask(ax: Axes, matrix: Tensor, title: str | None) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def mask_picture(mask: Any, num_queries: int, num_keys: int, *, title: str | None = None) -> Figure:
+def mask_picture(
+    mask: MaskFunction | Tensor, num_queries: int, num_keys: int, *, title: str | None = None
+) -> Figure:
     """Draw which keys each query may attend to (dark = attend).
 
     Args:
@@ -233,7 +239,7 @@ def mask_picture(mask: Any, num_queries: int, num_keys: int, *, title: str | Non
 
 
 def mask_grid(
-    masks: Mapping[str, Any], num_queries: int, num_keys: int, *, columns: int = 4
+    masks: Mapping[str, MaskFunction | Tensor], num_queries: int, num_keys: int, *, columns: int = 4
 ) -> Figure:
     """Several masks side by side, titled by their keys in ``masks``. One axes per mask."""
     if not masks:
@@ -250,7 +256,7 @@ def mask_grid(
     return fig
 
 
-def _mask_name(mask: Any) -> str | None:
+def _mask_name(mask: object) -> str | None:
     name = getattr(mask, "name", None)
     return name if isinstance(name, str) else None
 
