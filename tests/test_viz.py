@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,17 @@ def test_page_script_runs_and_reacts_to_hover(tmp_path: Path) -> None:
     assert '"t1"' in report["status"]
     assert report["heads_layer1"] == 4
     assert report["cell_title"] == f"t0 -> s0: {float(layers['b'][0, 0, 0]):.4f}"
+
+
+def test_import_does_not_load_matplotlib_and_functions_do_not_print(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = "import sys, qkv.viz; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    weights = random_weights(2, 4, 4, seed=15)
+    head_stats(weights)
+    attention_rollout([weights.unsqueeze(0)])
+    shade_tokens_ansi(list("abcd"), weights[0, 0])
+    attention_page({"l": weights})
+    assert capsys.readouterr() == ("", "")

@@ -36,7 +36,7 @@ __all__ = [
     "save_figure",
 ]
 
-# Sequential colour map: low weights pale, high weights dark, readable in grey-scale print too.
+# Perceptually uniform (dark = 0, bright = the maximum) and still ordered when printed in grey.
 CMAP = "viridis"
 # Inches per token on a heat-map axis, clamped so long sentences stay on a page.
 CELL_INCHES = 0.32

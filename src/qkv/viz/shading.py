@@ -34,7 +34,8 @@ def _relative_weights(tokens: Sequence[str], weights: Tensor) -> tuple[list[str]
 
 def _shade(level: float) -> tuple[int, int, int]:
     """Linear blend from white to ``HOT_RGB``."""
-    return tuple(round(255 + (c - 255) * level) for c in HOT_RGB)  # type: ignore[return-value]
+    r, g, b = (round(255 + (c - 255) * level) for c in HOT_RGB)
+    return r, g, b
 
 
 def _visible(token: str) -> str:
@@ -65,20 +66,15 @@ def shade_tokens_ansi(
         One line of text; every token is shaded and followed by a reset code.
     """
     labels, levels = _relative_weights(tokens, weights)
+    # Black text on every shade: the darkest shade is still light enough to read it.
+    foreground = "\x1b[38;2;0;0;0m" if truecolor else "\x1b[38;5;16m"
     parts = []
     for label, level in zip(labels, levels, strict=True):
-        rgb = _shade(level)
+        r, g, b = _shade(level)
         background = (
-            f"\x1b[48;2;{rgb[0]};{rgb[1]};{rgb[2]}m"
-            if truecolor
-            else f"\x1b[48;5;{_ansi_256(rgb)}m"
+            f"\x1b[48;2;{r};{g};{b}m" if truecolor else f"\x1b[48;5;{_ansi_256((r, g, b))}m"
         )
-        # Black text on every shade: the darkest shade is still light enough to read it.
-        parts.append(
-            f"{background}\x1b[38;2;0;0;0m{_visible(label)}{RESET}"
-            if truecolor
-            else f"{background}\x1b[38;5;16m{_visible(label)}{RESET}"
-        )
+        parts.append(f"{background}{foreground}{_visible(label)}{RESET}")
     return separator.join(parts)
 
 
