@@ -430,6 +430,27 @@ def test_block_mask_built_once_and_reused() -> None:
     )
 
 
+def test_built_in_masks_are_summarised_without_evaluating_them() -> None:
+    # The classifier of a built-in mask, attached to a function that must never run: building
+    # the summary only does index arithmetic, and agrees with evaluating the real mask.
+    def never(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        raise AssertionError("the mask was evaluated")
+
+    N = 96
+    ids = torch.arange(N) * 5 // N
+    for real in (
+        masks.sliding_window(10, 3),
+        masks.document(ids) & masks.causal(),
+        masks.prefix_lm(12) | masks.key_padding([40]),
+    ):
+        hinted = masks.MaskFn(never, "never", real.tiles)
+        got = build_block_mask(hinted, q_len=N, kv_len=N, tile_q=TILE_Q, tile_kv=TILE_KV)
+        plain = masks.MaskFn(real.fn, "plain")  # no classifier: evaluated tile by tile
+        want = build_block_mask(plain, q_len=N, kv_len=N, tile_q=TILE_Q, tile_kv=TILE_KV)
+        assert torch.equal(got.status, want.status), real
+        assert 0 < got.visited_tiles < got.num_tiles  # some work is skipped, not all
+
+
 def test_block_mask_picture_and_causal_summary() -> None:
     bm = build_block_mask(None, q_len=8, kv_len=8, causal=True, tile_q=2, tile_kv=2)
     assert bm.to_string() == "+...\n#+..\n##+.\n###+"

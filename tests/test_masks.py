@@ -136,3 +136,79 @@ def test_relative_bias_lookup_and_chain_additivity() -> None:
     assert torch.equal(got, want)
     assert scores.chain(scores.alibi(2), rel).additive
     assert not scores.chain(rel, scores.softcap(3.0)).additive
+
+
+# --- tile classification ---------------------------------------------------------------------
+
+
+def true_states(mask: masks.MaskFn, B: int, Nq: int, Nk: int, tq: int, tk: int) -> Tensor:
+    """Tile states by evaluating every entry: (nQ, nK) int8, over every batch entry."""
+    dense = evaluate(mask, B, 1, Nq, Nk)
+    out = torch.empty(-(-Nq // tq), -(-Nk // tk), dtype=torch.int8)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            tile = dense[:, :, i * tq : (i + 1) * tq, j * tk : (j + 1) * tk]
+            out[i, j] = (
+                masks.FULL if tile.all() else masks.EMPTY if not tile.any() else masks.PARTIAL
+            )
+    return out
+
+
+def bounds(n: int, tile: int) -> Tensor:
+    return torch.tensor([*range(0, n, tile), n])
+
+
+def classification_cases(seed: int) -> list[tuple[masks.MaskFn, bool]]:
+    """(mask, whether its classification is exact) over two batch entries, 23 x 29 positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.sort(torch.randint(0, 4, (2, 29), generator=g), dim=-1).values
+    shuffled = ids[:, torch.randperm(29, generator=g)]
+    key_lengths = torch.randint(0, 30, (2,), generator=g)
+    query_lengths = torch.randint(0, 24, (2,), generator=g)
+    window = masks.sliding_window(5, 2, offset=3)
+    return [
+        (masks.causal(), True),
+        (masks.causal_bottom_right(23, 29), True),
+        (window, True),
+        (masks.key_padding(key_lengths), True),
+        (masks.query_padding(query_lengths), True),
+        (masks.document(ids[:, :23], ids), True),
+        (masks.document(shuffled[:, :23], shuffled), False),
+        (masks.prefix_lm(key_lengths), False),
+        (masks.prefix_lm(7), False),
+        (window & masks.causal(), False),
+        (masks.key_padding(key_lengths) | masks.causal(offset=-4), False),
+        (~window, True),
+        (masks.document(ids[:, :23], ids) & ~masks.causal(offset=-2), False),
+    ]
+
+
+def test_built_in_masks_classify_tiles_from_index_ranges() -> None:
+    # FULL and EMPTY must be true of every entry of the tile in every batch entry; for the
+    # exact classifiers PARTIAL must be, too; the others may only err towards PARTIAL.
+    for seed in range(3):
+        for mask, exact in classification_cases(seed):
+            for tq, tk in ((4, 8), (5, 3), (23, 29), (1, 7)):
+                got = masks.classify_tiles(mask, bounds(23, tq), bounds(29, tk))
+                want = true_states(mask, 2, 23, 29, tq, tk)
+                assert got.shape == want.shape and got.dtype == torch.int8, mask
+                assert not (got == masks.UNKNOWN).any(), mask
+                decided = got != masks.PARTIAL
+                assert torch.equal(got[decided], want[decided]), (mask, tq, tk)
+                if exact:
+                    assert torch.equal(got, want), (mask, tq, tk)
+
+
+def test_user_mask_functions_are_unknown_and_combinations_keep_what_is_known() -> None:
+    def near(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q - kv).abs() < 3
+
+    q_bounds, kv_bounds = bounds(16, 4), bounds(16, 4)
+    assert (masks.classify_tiles(near, q_bounds, kv_bounds) == masks.UNKNOWN).all()
+    both = masks.classify_tiles(masks.causal() & near, q_bounds, kv_bounds)
+    causal = masks.classify_tiles(masks.causal(), q_bounds, kv_bounds)
+    # Tiles causal hides stay EMPTY; the rest must be evaluated.
+    assert torch.equal(both == masks.EMPTY, causal == masks.EMPTY)
+    assert torch.equal(both == masks.UNKNOWN, causal != masks.EMPTY)
+    either = masks.classify_tiles(masks.causal() | near, q_bounds, kv_bounds)
+    assert torch.equal(either == masks.FULL, causal == masks.FULL)

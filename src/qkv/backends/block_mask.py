@@ -14,12 +14,14 @@ entry and head at once::
         # # + .                                       . + + .
         # # # +                                       . . + +
 
-The summary is shared across batch and heads: a mask function is evaluated on index tensors that
-broadcast, so a mask that ignores ``b`` and ``h`` (causal, windows, prefix-LM) is evaluated once
-per position pair, and one that reads them (padding lengths, document ids per batch) only over
-the dimensions it uses. Causal masks are summarised from arithmetic alone; other masks cost one
-evaluation of every ``(q, kv)`` pair not already excluded by the causal mask, in strips of at most
-:data:`SUMMARY_BUDGET` elements (memory ``O(N)``, never ``O(Nq * Nk)``).
+The summary is shared across batch and heads. The built-in masks (causal in both alignments,
+sliding windows, key/query padding, documents, prefix-LM) and their ``&``, ``|``, ``~``
+combinations classify their tiles from index ranges alone (:func:`qkv.masks.classify_tiles`), so
+summarising them costs ``O(number of tiles)`` and evaluates nothing. Only tiles left
+:data:`~qkv.masks.UNKNOWN` (a user's own mask function, a mask tensor) are evaluated: on index
+tensors that broadcast, so a mask that ignores ``b`` and ``h`` is evaluated once per position
+pair, in strips of at most :data:`SUMMARY_BUDGET` elements (memory ``O(N)``, never
+``O(Nq * Nk)``).
 
 A summary is computed once per call, or built once with :func:`build_block_mask` and passed as
 ``mask=`` to any number of calls: a :class:`BlockMask` *is* a mask function (it evaluates the mask
@@ -35,7 +37,7 @@ import torch
 from torch import Tensor
 
 from qkv import masks as M
-from qkv.masks import MaskFn, MaskFunction
+from qkv.masks import EMPTY, FULL, PARTIAL, UNKNOWN, MaskFn, MaskFunction
 from qkv.request import AttentionRequest, CausalArg
 
 __all__ = [
@@ -49,9 +51,10 @@ __all__ = [
     "build_block_mask",
     "causal_status",
     "default_tile_sizes",
+    "hinted_status",
+    "tile_bounds",
 ]
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
 #: Most mask elements evaluated at once while summarising (a strip of ``tile_q`` rows and as many
 #: key tiles as fit), so the summary needs ``O(N)`` memory however long the sequences are.
 SUMMARY_BUDGET = 1 << 21
@@ -84,51 +87,62 @@ def _num_tiles(length: int, tile: int) -> int:
     return math.ceil(length / tile)
 
 
+def tile_bounds(length: int, tile: int) -> Tensor:
+    """``(n + 1,)`` int64 tile boundaries ``0, tile, 2 * tile, ..., length`` on the CPU."""
+    return torch.cat([torch.arange(0, length, tile), torch.tensor([length])])
+
+
 def causal_status(q_len: int, kv_len: int, tile_q: int, tile_kv: int, offset: int) -> Tensor:
     """Tile states of the causal mask ``kv <= q + offset``, from arithmetic alone.
 
     Returns an ``(nQ, nK)`` int8 tensor on the CPU (``nQ = ceil(q_len / tile_q)``).
     """
-    q_lo = torch.arange(0, q_len, tile_q).view(-1, 1)  # (nQ, 1) first query of each tile
-    q_hi = (q_lo + tile_q).clamp(max=q_len) - 1  # last query
-    kv_lo = torch.arange(0, kv_len, tile_kv).view(1, -1)  # (1, nK)
-    kv_hi = (kv_lo + tile_kv).clamp(max=kv_len) - 1
-    full = kv_hi <= q_lo + offset  # the tile's top row already sees its last key
-    empty = kv_lo > q_hi + offset  # even its bottom row sees none of its keys
-    status = torch.full(full.shape, PARTIAL, dtype=torch.int8)
-    return status.masked_fill_(full, FULL).masked_fill_(empty, EMPTY)
+    return M.classify_tiles(
+        M.causal(offset), tile_bounds(q_len, tile_q), tile_bounds(kv_len, tile_kv)
+    )
 
 
-def _and_status(a: Tensor, b: Tensor) -> Tensor:
-    """Tile states of the logical and of two masks (conservative: partial & partial is partial)."""
-    both_full = (a == FULL) & (b == FULL)
-    any_empty = (a == EMPTY) | (b == EMPTY)
-    out = torch.full_like(a, PARTIAL)
-    return out.masked_fill_(both_full, FULL).masked_fill_(any_empty, EMPTY)
+def hinted_status(
+    mask_fn: MaskFn | None, has_tensor: bool, q_len: int, kv_len: int, tile_q: int, tile_kv: int
+) -> Tensor:
+    """Tile states known without evaluating anything: the mask function's own classification
+    (:func:`qkv.masks.classify_tiles`; built-in masks and their combinations know theirs), and
+    :data:`~qkv.masks.UNKNOWN` wherever a mask tensor (``has_tensor``) or a mask function without
+    a classifier has to be looked at. ``O(number of tiles)``."""
+    q_bounds, kv_bounds = tile_bounds(q_len, tile_q), tile_bounds(kv_len, tile_kv)
+    shape = (q_bounds.numel() - 1, kv_bounds.numel() - 1)
+    status = torch.full(shape, FULL, dtype=torch.int8)
+    if mask_fn is not None:
+        status = M.classify_tiles(mask_fn, q_bounds, kv_bounds)
+    if has_tensor:  # EMPTY stays EMPTY; everything else depends on the tensor's values
+        status = torch.where(status == EMPTY, EMPTY, UNKNOWN).to(torch.int8)
+    return status
 
 
 TileFn = Callable[[tuple[int, int], tuple[int, int]], Tensor | None]
 
 
 def _summarize(
-    tile_fn: TileFn, q_len: int, kv_len: int, tile_q: int, tile_kv: int, within: Tensor
+    tile_fn: TileFn, q_len: int, kv_len: int, tile_q: int, tile_kv: int, hinted: Tensor
 ) -> Tensor:
-    """Evaluate ``tile_fn`` on every tile that ``within`` does not already mark EMPTY.
+    """Resolve the :data:`~qkv.masks.UNKNOWN` tiles of ``hinted`` by evaluating ``tile_fn``.
 
     ``tile_fn(q_range, kv_range)`` returns the mask of that block, broadcastable to
     ``(B, H, Tq, Tk)``, or None when all of it is visible. Tiles are visited a strip of
-    ``tile_q`` query rows at a time, with as many neighbouring key tiles as fit in
+    ``tile_q`` query rows at a time, with as many neighbouring unknown key tiles as fit in
     :data:`SUMMARY_BUDGET` elements, counting the batch and head dimensions the mask uses.
+    Nothing is evaluated when no tile is unknown.
     """
-    status = within.clone()
-    if status.numel() == 0:
+    status = hinted.clone()
+    unknown = status == UNKNOWN
+    if not bool(unknown.any()):
         return status
     corner = tile_fn((0, 1), (0, 1))  # learns which of B and H the mask really spans
     spanned = 1 if corner is None or corner.ndim < 3 else math.prod(corner.shape[:-2])
     run_tiles = max(1, SUMMARY_BUDGET // (spanned * tile_q * tile_kv))
-    for i in range(status.shape[0]):
+    for i in unknown.any(1).nonzero().flatten().tolist():
         q_range = (i * tile_q, min((i + 1) * tile_q, q_len))
-        candidates = (within[i] != EMPTY).nonzero().flatten().tolist()
+        candidates = unknown[i].nonzero().flatten().tolist()
         for j_lo, j_hi in _runs(candidates, run_tiles):
             kv_range = (j_lo * tile_kv, min(j_hi * tile_kv, kv_len))
             mask = tile_fn(q_range, kv_range)
@@ -355,17 +369,14 @@ def build_block_mask(
         parts.append(M.mask_function(mask))
     combined = None if not parts else parts[0] if len(parts) == 1 else M.and_masks(*parts)
 
-    within = _all_full(q_len, kv_len, tile_q, tile_kv)
-    if alignment is not None:
-        within = causal_status(q_len, kv_len, tile_q, tile_kv, offset)
-    status = within
-    if mask is not None and combined is not None:
-        fn = combined
+    hinted = hinted_status(combined, False, q_len, kv_len, tile_q, tile_kv)
 
-        def tile_fn(q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor:
-            return fn(*M.index_grid(batch, heads, q_range, kv_range, device))
+    def tile_fn(q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor | None:
+        if combined is None:
+            return None
+        return combined(*M.index_grid(batch, heads, q_range, kv_range, device))
 
-        status = _summarize(tile_fn, q_len, kv_len, tile_q, tile_kv, within)
+    status = _summarize(tile_fn, q_len, kv_len, tile_q, tile_kv, hinted)
     return BlockMask(
         status,
         mask=combined,
@@ -388,9 +399,12 @@ def _alignment(causal: CausalArg) -> str | None:
     raise ValueError(f'causal must be False, True, "top_left" or "bottom_right"; got {causal!r}')
 
 
-def _all_full(q_len: int, kv_len: int, tile_q: int, tile_kv: int) -> Tensor:
-    shape = (_num_tiles(q_len, tile_q), _num_tiles(kv_len, tile_kv))
-    return torch.full(shape, FULL, dtype=torch.int8)
+def _and_status(a: Tensor, b: Tensor) -> Tensor:
+    """Tile states of the logical and of two masks (conservative: partial & partial is partial)."""
+    both_full = (a == FULL) & (b == FULL)
+    any_empty = (a == EMPTY) | (b == EMPTY)
+    out = torch.full_like(a, PARTIAL)
+    return out.masked_fill_(both_full, FULL).masked_fill_(any_empty, EMPTY)
 
 
 def block_mask_for(request: AttentionRequest, tile_q: int, tile_kv: int) -> BlockMask:
@@ -405,18 +419,23 @@ def block_mask_for(request: AttentionRequest, tile_q: int, tile_kv: int) -> Bloc
     given = request.mask if isinstance(request.mask, BlockMask) else None
     if given is not None:
         tile_q, tile_kv = given.tile_q, given.tile_kv
-    within = _all_full(request.q_len, request.kv_len, tile_q, tile_kv)
-    if request.causal is not None:
-        offset = 0 if request.causal == "top_left" else request.kv_len - request.q_len
-        within = causal_status(request.q_len, request.kv_len, tile_q, tile_kv, offset)
     if given is not None:
-        status = _and_status(within, given.status)
-    elif request.mask is not None:
-        status = _summarize(
-            request.mask_tile, request.q_len, request.kv_len, tile_q, tile_kv, within
+        causal_only = hinted_status(
+            request.causal_mask, False, request.q_len, request.kv_len, tile_q, tile_kv
         )
+        status = _and_status(causal_only, given.status)
     else:
-        status = within
+        hinted = hinted_status(
+            request.mask_fn,
+            isinstance(request.mask, Tensor),
+            request.q_len,
+            request.kv_len,
+            tile_q,
+            tile_kv,
+        )
+        status = _summarize(
+            request.mask_tile, request.q_len, request.kv_len, tile_q, tile_kv, hinted
+        )
     whole = [] if request.mask_fn is None else [request.mask_fn]
     if isinstance(request.mask, Tensor):
         whole.append(M.dense(request.mask))

@@ -27,9 +27,10 @@ What it does, and why:
   ``request.modify_scores``, so every mask kind, bias tensors, both causal alignments, ALiBi,
   softcap and learnable biases work. A :class:`~qkv.backends.block_mask.BlockMask` summarises the
   mask once per call: EMPTY tiles are skipped (causal halves the work, a sliding window of ``W``
-  makes it ``O(N * W)``), FULL tiles never evaluate the mask. Summarising a mask function costs
-  one cheap evaluation per ``(q, kv)`` pair (causal alone costs nothing); build the block mask once
-  with :func:`build_block_mask` and pass it as ``mask=`` to pay that once for many calls.
+  makes it ``O(N * W)``), FULL tiles never evaluate the mask. Built-in masks and their
+  combinations classify their tiles from index ranges (``O(tiles)``); a mask function of your own
+  costs one cheap evaluation per ``(q, kv)`` pair: build the block mask once with
+  :func:`build_block_mask` and pass it as ``mask=`` to pay that once for many calls.
 - **Memory.** Forward keeps one score tile and per-row statistics; backward recomputes each tile
   from ``q, k, v`` and the log-sum-exp (FlashAttention-2's backward: ``dS = P * (dP - D_i)`` with
   ``D_i = rowsum(dO * O)``). Extra memory is ``O(B * H * N * D)`` plus a few tiles, never
