@@ -1,20 +1,29 @@
-"""Seq2seq models: shapes, masking, incremental decoding, round-trips, config validation."""
+"""Seq2seq models: shapes, masking, incremental decoding, round-trips, config validation,
+and each model overfitting a small reversal task."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qkv.models import (
+    EncoderOutput,
     RNNConfig,
+    RNNSeq2Seq,
     Seq2SeqModel,
+    Seq2SeqTransformer,
     TransformerConfig,
     build_model,
 )
 
 SRC_V, TGT_V = 23, 17
 
-CONFIGS = {
+CONFIGS: dict[str, TransformerConfig | RNNConfig] = {
     "transformer": TransformerConfig.from_name("tiny", src_vocab_size=SRC_V, tgt_vocab_size=TGT_V),
     "transformer-rope-gqa-tied": TransformerConfig.from_name(
         "tiny",
@@ -54,30 +63,263 @@ CONFIGS = {
         cell="lstm",
     ),
 }
+NAMES = sorted(CONFIGS)
 
 
-def make_model(name: str, seed: int = 0) -> torch.nn.Module:
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny models on one intra-op thread: on a busy 2-core machine two threads spin against
+    other processes and ran these tests 30x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+WITH_ATTENTION = [n for n in NAMES if getattr(CONFIGS[n], "attention", "mha") != "none"]
+
+
+def make_model(name: str, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     return build_model(CONFIGS[name].to_dict()).eval()
 
 
-def random_batch(
-    seed: int, vocab_src: int = SRC_V, vocab_tgt: int = TGT_V
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """source (3, 9) and target_in (3, 6) of real ids (>= 3), <bos> first, no padding."""
+def random_batch(name: str, seed: int, B: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """source (B, 9) and target_in (B, 6) of real ids (>= 3), <bos> first, no padding."""
     g = torch.Generator().manual_seed(seed)
-    source = torch.randint(3, vocab_src, (3, 9), generator=g)
-    target_in = torch.randint(3, vocab_tgt, (3, 6), generator=g)
+    source = torch.randint(3, CONFIGS[name].src_vocab_size, (B, 9), generator=g)
+    target_in = torch.randint(3, TGT_V, (B, 6), generator=g)
     target_in[:, 0] = 1
     return source, target_in
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+def pad_right(ids: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], dim=1)
+
+
+# --- shapes, masking ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_forward_shape_and_protocol(name: str) -> None:
     model = make_model(name)
     assert isinstance(model, Seq2SeqModel)
-    vocab = CONFIGS[name].src_vocab_size
-    source, target_in = random_batch(1, vocab_src=vocab)
+    source, target_in = random_batch(name, 1)
     logits = model(source, target_in)
     assert logits.shape == (3, 6, TGT_V)
     assert torch.isfinite(logits).all()
+    encoded = model.encode(source)
+    assert isinstance(encoded, EncoderOutput)
+    assert encoded.memory.shape[:2] == (3, 9) and encoded.source_mask.all()
+    torch.testing.assert_close(model.decode(encoded, target_in), logits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_does_not_change_real_tokens(name: str) -> None:
+    model = make_model(name)
+    source, target_in = random_batch(name, 2)
+    source[1, 6:] = 0  # a shorter source in the batch
+    with torch.no_grad():
+        reference = model(source, target_in)
+        padded = model(pad_right(source, 4), pad_right(target_in, 3))
+        alone = model(source[1:2, :6], target_in[1:2])
+    torch.testing.assert_close(padded[:, :6], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, reference[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_changes_nothing_but_a_real_token_does() -> None:
+    """Control for the masking test: the same comparison sees a changed real token."""
+    model = make_model("transformer")
+    source, target_in = random_batch("transformer", 3)
+    changed = source.clone()
+    changed[0, 4] = (changed[0, 4] - 2) % (SRC_V - 3) + 3
+    with torch.no_grad():
+        diff = (model(changed, target_in) - model(source, target_in)).abs()
+    assert diff[0].max() > 1e-3 and diff[1:].max() == 0
+
+
+# --- incremental decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_steps_equal_full_recompute_with_reorder(name: str) -> None:
+    """decode_step logits equal decode() over the whole prefix, also after a beam reorder."""
+    model = make_model(name)
+    source, target_in = random_batch(name, 4, B=2)
+    source[1, 5:] = 0
+    beam = 2
+    order = torch.tensor([1, 1, 3, 2])  # rows of a (B * beam) batch, one copied twice
+    with torch.no_grad():
+        encoded = model.encode(source)
+        state = model.start_decoding(encoded, beam_size=beam, max_len=8)
+        prefix = target_in.repeat_interleave(beam, dim=0)  # (4, 6)
+        prefix[1::2, 2:] = prefix.flip(0)[1::2, 2:]  # beams of a source diverge after step 2
+        expanded = encoded.repeat_rows(beam)
+        for t in range(prefix.shape[1]):
+            if t == 3:
+                state.select(order)
+                prefix = prefix.index_select(0, order)
+            step = model.decode_step(state, prefix[:, t])  # (4, V)
+            full = model.decode(expanded, prefix[:, : t + 1])[:, -1]
+            torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-5)
+        assert state.length == prefix.shape[1] and state.batch_size == 4
+
+
+# --- round trip, configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_and_config_round_trip(name: str) -> None:
+    model = make_model(name, seed=5)
+    config = json.loads(json.dumps(model.config.to_dict()))
+    rebuilt = build_model(config).eval()
+    assert rebuilt.config == model.config
+    assert type(rebuilt) is type(model)
+    rebuilt.load_state_dict(model.state_dict())
+    source, target_in = random_batch(name, 6)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(source, target_in), model(source, target_in))
+
+
+def test_tied_embeddings_share_one_table() -> None:
+    model = make_model("transformer-rope-gqa-tied")
+    assert model.output.weight is model.tgt_embed.weight is model.src_embed.weight
+    untied = make_model("transformer")
+    assert untied.output.weight is not untied.tgt_embed.weight
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (TransformerConfig, {"d_model": 30, "num_heads": 4}, r"d_model \(30\).*num_heads \(4\)"),
+        (TransformerConfig, {"num_kv_heads": 3}, r"num_kv_heads \(3\)"),
+        (TransformerConfig, {"dropout": 1.5}, r"dropout=1\.5"),
+        (TransformerConfig, {"positional": "alibi"}, r"positional='alibi'"),
+        (TransformerConfig, {"tie_embeddings": "all"}, r"tie_embeddings=\"all\".*23 and 17"),
+        (TransformerConfig, {"num_encoder_layers": 0}, r"num_encoder_layers=0"),
+        (TransformerConfig, {"src_vocab_size": -2}, r"src_vocab_size=-2"),
+        (RNNConfig, {"cell": "rnn"}, r"cell='rnn'"),
+        (RNNConfig, {"attention": "dot"}, r"attention='dot'"),
+        (RNNConfig, {"luong_score": "cosine"}, r"luong_score='cosine'"),
+        (RNNConfig, {"hidden_dim": 0}, r"hidden_dim=0"),
+        (RNNConfig, {"input_feeding": True}, r"input_feeding=True.*bahdanau"),
+        (RNNConfig, {"input_feeding": 1}, r"input_feeding=1"),
+    ],
+)
+def test_config_validation_names_field_and_value(
+    cls: Any, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        cls(**{"src_vocab_size": SRC_V, "tgt_vocab_size": TGT_V, **kwargs})
+
+
+def test_presets_and_build_errors() -> None:
+    small = TransformerConfig.from_name("base", src_vocab_size=9, tgt_vocab_size=9)
+    assert (small.d_model, small.num_heads, small.num_encoder_layers) == (512, 8, 6)
+    assert RNNConfig.from_name("small", src_vocab_size=9, tgt_vocab_size=9).hidden_dim == 256
+    with pytest.raises(ValueError, match=r"name='huge'"):
+        TransformerConfig.from_name("huge", src_vocab_size=9, tgt_vocab_size=9)
+    with pytest.raises(ValueError, match=r"kind='lstm'"):
+        build_model({"kind": "lstm", "src_vocab_size": 9, "tgt_vocab_size": 9})
+    with pytest.raises(ValueError, match=r"unknown RNNConfig fields: heads"):
+        build_model({"kind": "rnn", "src_vocab_size": 9, "tgt_vocab_size": 9, "heads": 2})
+    with pytest.raises(TypeError, match="config must be a TransformerConfig"):
+        Seq2SeqTransformer(CONFIGS["rnn-none"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be an RNNConfig"):
+        RNNSeq2Seq(CONFIGS["transformer"])  # type: ignore[arg-type]
+
+
+def test_input_errors_name_the_argument() -> None:
+    model = make_model("transformer")
+    source, target_in = random_batch("transformer", 7)
+    with pytest.raises(TypeError, match="source must be int64"):
+        model(source.int(), target_in)
+    with pytest.raises(ValueError, match=r"target_in holds ids outside \[0, 17\)"):
+        model(source, target_in + 20)
+    with pytest.raises(ValueError, match=r"target_in has batch size 2 but the source has 3"):
+        model(source, target_in[:2])
+    with pytest.raises(ValueError, match=r"max_len must be a positive int; got max_len=0"):
+        model.start_decoding(model.encode(source), max_len=0)
+
+
+# --- cross-attention for heat maps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WITH_ATTENTION)
+def test_cross_attention_weights(name: str) -> None:
+    model = make_model(name)
+    source, target_in = random_batch(name, 8, B=1)
+    source = pad_right(source, 2)  # (1, 11): two padding positions
+    weights = model.cross_attention(source, target_in)
+    assert weights.shape == (6, 11)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(6))
+    assert (weights[:, 9:] == 0).all() and (weights[:, :9] > 0).all()
+    heads = model.cross_attention(source, target_in, per_head=True)
+    torch.testing.assert_close(heads.mean(0), weights)
+    every_layer = model.cross_attention(source, target_in, layer=None)
+    torch.testing.assert_close(every_layer[-1], weights)
+    with pytest.raises(ValueError, match=r"source must have shape \(1, N\)"):
+        model.cross_attention(source.repeat(2, 1), target_in)
+
+
+def test_cross_attention_without_attention_raises() -> None:
+    source, target_in = random_batch("rnn-none", 9, B=1)
+    with pytest.raises(ValueError, match='attention="none"'):
+        make_model("rnn-none").cross_attention(source, target_in)
+
+
+# --- learning ------------------------------------------------------------------------------------
+
+
+def reversal_pairs(n: int = 32, vocab: int = 13, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``n`` random sources of 3..6 tokens and their reversals: source (n, 6), target (n, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    source = torch.zeros(n, 6, dtype=torch.long)
+    target = torch.zeros(n, 8, dtype=torch.long)
+    for i, length in enumerate(torch.randint(3, 7, (n,), generator=g).tolist()):
+        tokens = torch.randint(3, vocab, (length,), generator=g)
+        source[i, :length] = tokens
+        target[i, 0], target[i, length + 1] = 1, 2
+        target[i, 1 : length + 1] = tokens.flip(0)
+    return source, target[:, :-1], target[:, 1:]
+
+
+OVERFIT = {
+    "transformer": (
+        TransformerConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13),
+        5e-3,
+    ),
+    "rnn-bahdanau-gru": (RNNConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13), 2e-2),
+    "rnn-luong-general-lstm": (
+        RNNConfig.from_name(
+            "tiny", src_vocab_size=13, tgt_vocab_size=13, attention="luong", cell="lstm"
+        ),
+        2e-2,
+    ),
+    "rnn-none": (
+        RNNConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13, attention="none"),
+        2e-2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERFIT))
+def test_overfits_32_reversal_pairs(name: str) -> None:
+    config, lr = OVERFIT[name]
+    torch.manual_seed(0)
+    model = build_model(config.replace(dropout=0.0))
+    source, target_in, target_out = reversal_pairs()
+    real = target_out != 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    accuracy = 0.0
+    for _ in range(120):
+        logits = model(source, target_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), target_out.flatten(), ignore_index=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        correct = (logits.detach().argmax(-1) == target_out) & real
+        accuracy = float(correct.sum() / real.sum())
+        if accuracy == 1.0:
+            break
+    assert accuracy == 1.0, f"{name}: token accuracy {accuracy:.3f} after 120 steps"

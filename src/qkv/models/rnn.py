@@ -24,7 +24,7 @@ embed_dim, ``H`` hidden_dim (the encoder has ``H`` per direction, so its states 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -133,6 +133,10 @@ class RNNConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields plus ``"kind": "rnn"``."""
         return {"kind": self.kind, **asdict(self)}
+
+    def replace(self, **changes: Any) -> RNNConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
 
 
 class RNNDecoderState:

@@ -155,6 +155,7 @@ class TransformerConfig:
         return {"kind": self.kind, **asdict(self)}
 
     def replace(self, **changes: Any) -> TransformerConfig:
+        """A copy with ``changes`` applied (and validated)."""
         return replace(self, **changes)
 
 
