@@ -172,8 +172,8 @@ def _choose_beams(
                     source.add(past[b][parent], lp, ended=True)
                 continue
             next_lp[b, live], next_parents[b, live], next_words[b, live] = lp, parent, word
-            if last:
-                source.add([*past[b][parent], word], lp, ended=False)  # out of room: finished without eos
+            if last:  # out of room: finished without eos
+                source.add([*past[b][parent], word], lp, ended=False)
             live += 1
         source.update_done(float("-inf") if last else float(next_lp[b, 0]))
     device = top.device
