@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,15 @@ from qkv._version import __version__
 from qkv.cli.progress import ProgressBar
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+#: Modules adding their sub-commands: each defines ``register(commands)`` and imports its
+#: heavy dependencies only when its command runs, so ``qkv --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = (
+    "qkv.cli.train",
+    "qkv.cli.translate",
+    "qkv.cli.evaluate",
+    "qkv.cli.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--weights", action="store_true", help="ask for the attention weights too")
     explain.set_defaults(run=_run_explain)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
@@ -220,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.run(args))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # bad arguments, data, model folders
         print(f"qkv {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, ImportError) as error:  # unreadable files, missing optional packages
+        print(f"qkv {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """``[#####.....] 5/10  12s  <note>``, redrawn in place on a terminal, one line per step
+    """``[#####.....] 5/10  12s  <note>``, redrawn in place on a terminal, one line per update
     otherwise (so CI logs stay readable)."""
 
     def __init__(self, total: int, *, width: int = 24, stream: TextIO | None = None) -> None:
@@ -20,13 +20,24 @@ class ProgressBar:
         self.interactive = self.stream.isatty()
 
     def step(self, note: str = "") -> None:
-        self.done += 1
+        """One more unit done."""
+        self.update(self.done + 1, note)
+
+    def update(self, done: int, note: str = "", *, elapsed: float | None = None) -> None:
+        """``done`` units of ``total`` done (``elapsed`` overrides the bar's own clock, e.g.
+        for a resumed training run)."""
+        self.done = min(done, self.total)
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.monotonic() - self.start
-        line = f"[{bar}] {self.done}/{self.total} {elapsed:5.0f}s {note}"
+        seconds = time.monotonic() - self.start if elapsed is None else elapsed
+        line = f"[{bar}] {self.done}/{self.total} {seconds:5.0f}s {note}"
         if self.interactive:
             self.stream.write("\r\033[K" + line + ("\n" if self.done >= self.total else ""))
         else:
             self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (e.g. a validation result) without breaking the bar."""
+        self.stream.write(("\r\033[K" if self.interactive else "") + text + "\n")
         self.stream.flush()

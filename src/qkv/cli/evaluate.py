@@ -1,0 +1,144 @@
+"""``qkv evaluate --model DIR [--model DIR2 ...] --data SPEC``: score model folders on held-out
+data, overall and by source length, as a table, JSON, and a PNG.
+
+The folder's ``config.json`` names its task; translation is scored here (BLEU, chrF, exact
+match). Other tasks register a scorer in :data:`EVALUATORS`: task name -> ``"module:function"``,
+the function taking ``(args, folder)`` and returning a JSON-ready dict (printed by this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EVALUATORS", "register"]
+
+#: Scorers of the other tasks: ``{"sentiment": "qkv.cli.classify:evaluate_folder"}``.
+EVALUATORS: dict[str, str] = {}
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="score model folders on held-out data (translation: BLEU, chrF, exact match)",
+        description="qkv evaluate --model dates-model --data builtin:dates --plot scores.png",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        required=True,
+        help="model folder (repeat to compare several)",
+    )
+    p.add_argument(
+        "--data", default=None, help="data spec (default: the data the model was trained on)"
+    )
+    p.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N pairs")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument(
+        "--buckets", type=int, default=6, help="source-length buckets (default %(default)s)"
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="score vs source length, one line per model",
+    )
+    p.add_argument("--plot-metric", choices=["chrf", "bleu", "exact_match"], default="chrf")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_run)
+
+
+def _task_of(folder: Path) -> str:
+    from qkv.train import read_config
+
+    return str(read_config(folder).get("task"))
+
+
+def evaluate_translation(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Scores of one translation model folder (see :func:`qkv.tasks.evaluation.score_translations`)."""
+    from qkv.data import load_pairs
+    from qkv.tasks.evaluation import score_translations
+    from qkv.tasks.translation import Translator
+
+    translator = Translator.load(folder, device=args.device)
+    options = translator.config.data_options if args.data is None else {}
+    splits = load_pairs(args.data or translator.config.data, **options)
+    pairs = splits[args.split][: args.limit]
+    if not pairs:
+        raise ValueError(
+            f"--split {args.split}: no pairs in {args.data or translator.config.data!r}"
+        )
+    hypotheses = translator.translate([p.source for p in pairs], beam_size=args.beam)
+    scores = score_translations(
+        hypotheses, [p.target for p in pairs], [p.source for p in pairs], num_buckets=args.buckets
+    )
+    return {"model": str(folder), "task": "translation", "split": args.split, **scores.to_dict()}
+
+
+def _evaluate(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    task = _task_of(folder)
+    if task == "translation":
+        return evaluate_translation(args, folder)
+    if task not in EVALUATORS:
+        known = ", ".join(["translation", *EVALUATORS])
+        raise ValueError(f"--model {folder}: no evaluator for task {task!r} (known: {known})")
+    module, _, function = EVALUATORS[task].partition(":")
+    result: dict[str, Any] = getattr(importlib.import_module(module), function)(args, folder)
+    return result
+
+
+def _print_translation(report: dict[str, Any]) -> None:
+    print(
+        f"{report['model']}: {report['count']} pairs ({report['split']}): "
+        f"BLEU {report['bleu']:.2f}  chrF {report['chrf']:.2f}  "
+        f"exact match {100 * report['exact_match']:.2f}%"
+    )
+    print(f"  {'source chars':>14} {'pairs':>6} {'BLEU':>7} {'chrF':>7} {'exact':>8}")
+    for b in report["by_length"]:
+        print(
+            f"  {str(b['low']) + '-' + str(b['high']):>14} {b['count']:>6} {b['bleu']:7.2f} "
+            f"{b['chrf']:7.2f} {100 * b['exact_match']:7.2f}%"
+        )
+
+
+def _plot(args: argparse.Namespace, reports: list[dict[str, Any]]) -> Path | None:
+    from qkv.tasks.evaluation import BucketScores, TranslationScores, plot_scores_by_length
+
+    series = {}
+    for r in reports:
+        if r.get("task") != "translation":
+            continue
+        buckets = [BucketScores(**b) for b in r["by_length"]]
+        series[Path(r["model"]).name or r["model"]] = TranslationScores(
+            r["count"], r["bleu"], r["chrf"], r["exact_match"], buckets
+        )
+    if not series:
+        return None
+    return plot_scores_by_length(series, args.plot, metric=args.plot_metric)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {args.beam}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    reports = [_evaluate(args, folder) for folder in args.model]
+    plotted = _plot(args, reports) if args.plot is not None else None
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        for report in reports:
+            if report.get("task") == "translation":
+                _print_translation(report)
+            else:
+                print(json.dumps(report, indent=2))
+    if plotted is not None and not args.json:
+        print(f"plot: {plotted}")
+    return 0

@@ -1,0 +1,537 @@
+"""Sentiment analysis (any text classification) end to end: train, save, classify, evaluate.
+
+::
+
+    from qkv.tasks.sentiment import train_sentiment, TextClassifier, evaluate_classifier
+
+    train_sentiment("builtin:rt", "runs/rt", train=TrainConfig(max_minutes=20))
+    clf = TextClassifier.load("runs/rt")
+    clf.classify(["a gorgeous, witty film"])[0].label          # 'positive'
+    evaluate_classifier(clf, load_labeled("builtin:rt").test)  # accuracy, macro-F1, confusion
+
+Training goes through the shared :class:`qkv.train.Trainer` with :class:`SentimentTask` (summed
+cross-entropy per example, validation accuracy for early stopping) and writes a model folder
+with :func:`qkv.train.save_model_folder`: ``config.json`` (``"task": "sentiment"``, the model
+config, the label list, the text length limit), ``model.safetensors``, ``tokenizer.json``.
+
+Long texts keep their head and tail (:func:`head_tail`): the verdict of a review is often in its
+last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", found
+head+tail truncation best on IMDB).
+
+Shapes: ``B`` texts, ``N`` tokens of the longest, ``C`` classes, ``r`` pooling queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from qkv.data.batching import BucketBatchSampler
+from qkv.data.labeled import LabeledText, LabelSet, load_labeled
+from qkv.data.tokenizer import PairTokenizer, TextTokenizer, pad_ids
+from qkv.models.classifier import (
+    AttentionClassifier,
+    ClassifierConfig,
+    ClassifierOutput,
+    pooling_penalty,
+)
+from qkv.train import (
+    LossOutput,
+    SamplerBatches,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    load_model,
+    load_training_state,
+    prepare_output_folder,
+    read_config,
+    save_model_folder,
+)
+from qkv.train.trainer import EvalReport, StepReport
+
+__all__ = [
+    "LabeledBatch",
+    "LabeledDataset",
+    "Prediction",
+    "SentimentSetup",
+    "SentimentTask",
+    "TextClassifier",
+    "classification_metrics",
+    "collate_labeled",
+    "evaluate_classifier",
+    "head_tail",
+    "train_sentiment",
+]
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME = "sentiment"
+Item = tuple[int, list[int], int]
+
+
+def head_tail(ids: list[int], max_length: int | None) -> list[int]:
+    """``ids`` cut to ``max_length`` by keeping the first and last halves (head + tail)."""
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
+def encode_texts(
+    tokenizer: TextTokenizer, texts: Sequence[str], max_length: int | None
+) -> list[list[int]]:
+    """Token ids of each text (no specials), head+tail-truncated to ``max_length``."""
+    rows = tokenizer.encode_all(texts, add_eos=False)
+    return [head_tail(row, max_length) or [0] for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True)
+class LabeledBatch:
+    """Padded token ids with their class indices.
+
+    Attributes:
+        ids: ``(B, N)`` int64, right-padded with 0.
+        mask: bool ``(B, N)``, True at real tokens.
+        labels: ``(B,)`` int64 class indices.
+        index: ``(B,)`` int64 position of each example in its dataset.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    labels: Tensor
+    index: Tensor
+
+    def to(self, device: torch.device | str) -> LabeledBatch:
+        return LabeledBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return (self.ids, self.mask, self.labels, self.index)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class LabeledDataset(Dataset[Item]):
+    """Pre-tokenized examples; item ``i`` is ``(i, ids, label_index)``.
+
+    Raises:
+        ValueError: ``ids`` and ``labels`` differ in length.
+    """
+
+    def __init__(self, ids: Sequence[list[int]], labels: Sequence[int]) -> None:
+        if len(ids) != len(labels):
+            raise ValueError(f"ids ({len(ids)}) and labels ({len(labels)}) must align")
+        self.ids = list(ids)
+        self.labels = list(labels)
+
+    @classmethod
+    def from_examples(
+        cls,
+        examples: Sequence[LabeledText],
+        tokenizer: TextTokenizer,
+        labels: LabelSet,
+        *,
+        max_length: int | None,
+    ) -> LabeledDataset:
+        """Tokenize once. A label outside ``labels`` raises ``ValueError`` naming it."""
+        ids = encode_texts(tokenizer, [e.text for e in examples], max_length)
+        return cls(ids, [labels.index(e.label) for e in examples])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Item:
+        return index, self.ids[index], self.labels[index]
+
+    def lengths(self) -> list[int]:
+        return [len(row) for row in self.ids]
+
+
+def collate_labeled(items: Sequence[Item]) -> LabeledBatch:
+    """Pad ``(index, ids, label)`` items into a :class:`LabeledBatch`."""
+    padded = pad_ids([ids for _, ids, _ in items])
+    labels = torch.tensor([label for _, _, label in items], dtype=torch.long)  # (B,)
+    index = torch.tensor([i for i, _, _ in items], dtype=torch.long)  # (B,)
+    return LabeledBatch(padded.ids, padded.padding_mask, labels, index)
+
+
+def _batches(dataset: LabeledDataset, batch_size: int) -> list[LabeledBatch]:
+    """Evaluation batches, sorted by length (little padding), covering every example once."""
+    sampler = BucketBatchSampler(dataset.lengths(), batch_size=batch_size, shuffle=False)
+    return [collate_labeled([dataset[i] for i in b]) for b in sampler.batches()]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def classification_metrics(
+    gold: Sequence[int], predicted: Sequence[int], labels: LabelSet
+) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix (scikit-learn).
+
+    Returns:
+        ``{"accuracy": float, "macro_f1": float, "confusion": [[int]] (rows gold, columns
+        predicted, in ``labels`` order), "labels": [str], "count": int}``.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    classes = list(range(len(labels)))
+    return {
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "macro_f1": float(
+            f1_score(gold, predicted, labels=classes, average="macro", zero_division=0)
+        ),
+        "confusion": confusion_matrix(gold, predicted, labels=classes).tolist(),
+        "labels": list(labels.labels),
+        "count": len(gold),
+    }
+
+
+def _predict_batches(
+    model: nn.Module, batches: Sequence[LabeledBatch], device: torch.device
+) -> tuple[list[int], list[int], float]:
+    """Gold and predicted class indices in dataset order, and the summed cross-entropy."""
+    gold: dict[int, int] = {}
+    predicted: dict[int, int] = {}
+    total = 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(batch.ids, batch.mask).logits.float()  # (B, C)
+        total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        for i, g, p in zip(
+            batch.index.tolist(), batch.labels.tolist(), logits.argmax(-1).tolist(), strict=True
+        ):
+            gold[i], predicted[i] = g, p
+    order = sorted(gold)
+    return [gold[i] for i in order], [predicted[i] for i in order], total
+
+
+# --------------------------------------------------------------------------------------------
+# The task the trainer runs
+
+
+class SentimentTask:
+    """Cross-entropy over examples; validation accuracy (early stopping), macro-F1 and loss.
+
+    Args:
+        validation: the validation examples, tokenized.
+        labels: the label set.
+        batch_size: validation batch size.
+        penalty: weight of Lin et al.'s pooling penalty (used when ``r > 1``).
+    """
+
+    name = TASK_NAME
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        validation: LabeledDataset,
+        labels: LabelSet,
+        *,
+        batch_size: int = 64,
+        penalty: float = 0.0,
+    ) -> None:
+        self.labels = labels
+        self.penalty = penalty
+        self._validation = _batches(validation, batch_size) if len(validation) else []
+
+    def loss(self, model: nn.Module, batch: LabeledBatch) -> LossOutput:
+        out: ClassifierOutput = model(batch.ids, batch.mask)
+        total = F.cross_entropy(out.logits.float(), batch.labels, reduction="sum")
+        if self.penalty > 0 and out.weights.shape[1] > 1:
+            total = total + self.penalty * len(batch) * pooling_penalty(out.weights.float())
+        return LossOutput(total, len(batch), int(batch.mask.sum()))
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        if not self._validation:
+            return {"accuracy": float("nan")}
+        device = next(model.parameters()).device
+        gold, predicted, total = _predict_batches(model, self._validation, device)
+        metrics = classification_metrics(gold, predicted, self.labels)
+        return {
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "loss": total / len(gold),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class SentimentSetup:
+    """What to build before training (saved in ``config.json`` under ``"data"``).
+
+    Attributes:
+        preset: a :data:`qkv.models.classifier.PRESETS` name.
+        vocab_size: BPE vocabulary size.
+        max_length: tokens kept per text (head + tail); ``None`` keeps all.
+        batch_size: examples per training batch.
+        penalty: weight of the pooling penalty (only with several pooling queries).
+        model_overrides: fields of :class:`ClassifierConfig` replacing the preset's.
+        data_options: options of :func:`qkv.data.load_labeled` (column names, loader options).
+    """
+
+    preset: str = "bigru-small"
+    vocab_size: int = 8000
+    max_length: int | None = 256
+    batch_size: int = 32
+    penalty: float = 0.0
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 16:
+            raise ValueError(f"vocab_size must be >= 16, got {self.vocab_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.penalty < 0:
+            raise ValueError(f"penalty must be >= 0, got {self.penalty}")
+
+
+def _folder_config(
+    config: ClassifierConfig, labels: LabelSet, setup: SentimentSetup, data: str, train: TrainConfig
+) -> dict[str, Any]:
+    return {
+        "task": TASK_NAME,
+        "model": config.to_dict(),
+        "labels": list(labels.labels),
+        "data": {"spec": data, "max_length": setup.max_length, "preset": setup.preset},
+        "training": train.to_dict(),
+    }
+
+
+def train_sentiment(
+    data: str,
+    out: str | os.PathLike[str],
+    *,
+    setup: SentimentSetup | None = None,
+    train: TrainConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_eval: Callable[[EvalReport], None] | None = None,
+) -> TrainResult:
+    """Train an :class:`AttentionClassifier` on ``data`` and write the model folder ``out``.
+
+    Args:
+        data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
+            a folder).
+        out: the model folder (checked before any work: see
+            :func:`qkv.train.prepare_output_folder`).
+        setup: tokenizer, model and batching choices (default :class:`SentimentSetup`).
+        train: the trainer's settings (default ``TrainConfig()``).
+        resume: continue the run saved in ``out`` (its tokenizer, labels and model config).
+        overwrite: replace a model already in ``out``.
+        on_step, on_eval: progress callbacks, passed to the trainer.
+
+    Raises:
+        DataError: malformed data; ModelFolderError: an unusable ``out``.
+    """
+    setup = setup or SentimentSetup()
+    train = train or TrainConfig()
+    prepare_output_folder(out, resume=resume, overwrite=overwrite)
+    splits = load_labeled(data, **setup.data_options)
+    if resume:
+        saved = read_config(out)
+        tokenizer = TextTokenizer.load(Path(out) / "tokenizer.json")
+        labels = LabelSet(saved["labels"])
+        config = ClassifierConfig.from_dict(saved["model"])
+    else:
+        tokenizer = TextTokenizer.train(
+            [e.text for e in splits.train], mode="bpe", vocab_size=setup.vocab_size
+        )
+        labels = LabelSet.from_examples(splits.train)
+        config = ClassifierConfig.from_name(
+            setup.preset,
+            vocab_size=tokenizer.vocab_size,
+            num_classes=len(labels),
+            **setup.model_overrides,
+        )
+    logger.info("sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
+    train_set = LabeledDataset.from_examples(
+        splits.train, tokenizer, labels, max_length=setup.max_length
+    )
+    validation = LabeledDataset.from_examples(
+        splits.validation, tokenizer, labels, max_length=setup.max_length
+    )
+    model = AttentionClassifier(config)
+    task = SentimentTask(validation, labels, batch_size=2 * setup.batch_size, penalty=setup.penalty)
+    sampler = BucketBatchSampler(train_set.lengths(), batch_size=setup.batch_size, seed=train.seed)
+    folder_config = _folder_config(config, labels, setup, data, train)
+
+    def save(module: nn.Module, state: dict[str, Any], step: int) -> None:
+        save_model_folder(
+            out,
+            model=module,
+            config=folder_config,
+            tokenizer=PairTokenizer(tokenizer),
+            training_state=state,
+            step=step,
+        )
+
+    state = None
+    if resume:
+        loaded, saved = load_model(
+            out, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
+        )
+        model.load_state_dict(loaded.state_dict())
+        state = load_training_state(out, expected_step=saved["step"])
+    trainer = Trainer(
+        model,
+        task,
+        SamplerBatches(train_set, sampler, collate_labeled),
+        train,
+        save=save,
+        on_step=on_step,
+        on_eval=on_eval,
+    )
+    return trainer.fit(resume=state)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's classification.
+
+    Attributes:
+        label: the most probable label.
+        probabilities: ``{label: probability}`` for every label, in label order.
+        tokens: the text's tokens as the model read them (after truncation).
+        weights: the pooling weight of each token, averaged over the pooling queries
+            (sums to 1 over ``tokens``).
+    """
+
+    label: str
+    probabilities: dict[str, float]
+    tokens: list[str]
+    weights: list[float]
+
+
+class TextClassifier:
+    """A trained classifier with its tokenizer and labels, loaded from a model folder.
+
+    Args:
+        model: the network (eval mode).
+        tokenizer: its tokenizer.
+        labels: its labels.
+        max_length: tokens kept per text.
+    """
+
+    def __init__(
+        self,
+        model: AttentionClassifier,
+        tokenizer: TextTokenizer,
+        labels: LabelSet,
+        max_length: int | None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.max_length = max_length
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> TextClassifier:
+        """Load a folder written by :func:`train_sentiment`.
+
+        Raises:
+            ModelFolderError: not a sentiment model folder, or inconsistent files.
+        """
+        from qkv.train import ModelFolderError
+
+        config = read_config(folder)
+        if config.get("task") != TASK_NAME:
+            raise ModelFolderError(
+                f"{folder}: holds a {config.get('task')!r} model, not a {TASK_NAME!r} classifier"
+            )
+        model, config = load_model(
+            folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
+        )
+        tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
+        assert isinstance(model, AttentionClassifier)
+        return cls(model, tokenizer, LabelSet(config["labels"]), config["data"]["max_length"])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
+        """Classify ``texts``.
+
+        Raises:
+            ValueError: an empty (or whitespace-only) text, naming its position.
+        """
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {i} is empty: there is nothing to classify")
+        ids = encode_texts(self.tokenizer, texts, self.max_length)
+        predictions: list[Prediction] = []
+        for start in range(0, len(ids), batch_size):
+            predictions.extend(self._classify_ids(ids[start : start + batch_size]))
+        return predictions
+
+    def _classify_ids(self, rows: list[list[int]]) -> list[Prediction]:
+        padded = pad_ids(rows)
+        out = self.model(padded.ids.to(self._device()), padded.padding_mask.to(self._device()))
+        probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
+        weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
+        result = []
+        for row, p, w in zip(rows, probs, weights, strict=True):
+            tokens = [self.tokenizer.hf.decode([i], skip_special_tokens=False) for i in row]
+            result.append(
+                Prediction(
+                    label=self.labels[int(p.argmax())],
+                    probabilities={
+                        lab: float(x) for lab, x in zip(self.labels.labels, p, strict=True)
+                    },
+                    tokens=tokens,
+                    weights=w[: len(row)].tolist(),
+                )
+            )
+        return result
+
+
+def evaluate_classifier(
+    classifier: TextClassifier, examples: Sequence[LabeledText], *, batch_size: int = 64
+) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix of ``classifier`` on ``examples``.
+
+    Raises:
+        ValueError: an example's label is not one the model knows (named in the message), or
+            no examples.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    dataset = LabeledDataset.from_examples(
+        examples, classifier.tokenizer, classifier.labels, max_length=classifier.max_length
+    )
+    with torch.no_grad():
+        gold, predicted, total = _predict_batches(
+            classifier.model, _batches(dataset, batch_size), classifier._device()
+        )
+    metrics = classification_metrics(gold, predicted, classifier.labels)
+    metrics["loss"] = total / len(gold)
+    majority = max(range(len(classifier.labels)), key=gold.count)
+    metrics["majority_baseline"] = gold.count(majority) / len(gold)
+    return metrics

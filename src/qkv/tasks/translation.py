@@ -1,0 +1,548 @@
+"""Translation end to end: data -> tokenizer -> model -> :class:`~qkv.train.Trainer` -> decoding.
+
+::
+
+    from qkv.tasks.translation import TranslationConfig, train_translation, Translator
+
+    outcome = train_translation(TranslationConfig(data="builtin:dates"),
+                                TrainConfig(max_steps=2000), out="dates-model")
+    translator = Translator.load("dates-model")
+    translator.translate(["3 mars 1998"])             # ['1998-03-03']
+
+The model folder holds ``config.json`` with three sections (``translation``: this module's
+:class:`TranslationConfig`; ``model``: what :func:`qkv.models.build_model` rebuilds;
+``training``: the :class:`~qkv.train.TrainConfig`), the weights, the tokenizer and the training
+state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from qkv.data import (
+    BucketBatchSampler,
+    Pair,
+    PairBatch,
+    PairDataset,
+    PairTokenizer,
+    Splits,
+    collate_pairs,
+    load_pairs,
+)
+from qkv.train import (
+    DistributedContext,
+    EvalReport,
+    LossOutput,
+    SamplerBatches,
+    StepReport,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    init_from_env,
+    load_model,
+    load_training_state,
+    load_weights,
+    prepare_output_folder,
+    read_config,
+    resolve_device,
+    save_model_folder,
+    seed_everything,
+)
+from qkv.train.checkpoint import ModelFolderError
+
+__all__ = [
+    "TranslationConfig",
+    "TranslationOutcome",
+    "TranslationTask",
+    "Translator",
+    "build_translation_model",
+    "train_translation",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelKind = Literal["transformer", "rnn"]
+AttentionKind = Literal["bahdanau", "luong", "none"]
+Metric = Literal["exact_match", "chrf", "bleu", "loss"]
+TASK_NAME = "translation"
+
+
+@dataclass(frozen=True)
+class TranslationConfig:
+    """What to translate and with which model (the training loop has :class:`TrainConfig`).
+
+    Attributes:
+        data: a :func:`qkv.data.load_pairs` spec: ``builtin:NAME``, a file, ``SRC,TGT`` files
+            or a folder.
+        data_options: keyword options of the data loader (e.g. ``{"n_train": 20000}``).
+        model: ``"transformer"`` or ``"rnn"``.
+        attention: the RNN's attention, ``"bahdanau"``, ``"luong"`` or ``"none"`` (the
+            Transformer always uses scaled dot-product attention: leave this ``None``).
+        preset: ``"tiny"``, ``"small"`` or ``"base"`` (see :mod:`qkv.models`).
+        model_overrides: fields of the model config to change, e.g. ``{"dropout": 0.0}``.
+        tokenizer: ``"char"``, ``"bpe"``, or ``"auto"`` (characters for ``dates`` and
+            ``numbers``, byte-level BPE otherwise).
+        vocab_size: BPE vocabulary size (default 8,000).
+        shared_vocab: one vocabulary for both sides (lets the Transformer tie all embeddings).
+        batch_size: pairs per batch (per process under DDP).
+        max_tokens: also cap padded tokens per batch.
+        max_source_length, max_target_length: longer sequences are cut (specials included).
+        label_smoothing: of the cross-entropy, in ``[0, 1)``.
+        metric: the validation metric early stopping watches.
+        valid_size: validation pairs decoded at each validation.
+        max_decode_length: most tokens generated per sentence; ``None``: from the data
+            (filled in by :func:`train_translation` and saved).
+
+    Raises:
+        ValueError: a field out of range (named with its value).
+    """
+
+    data: str = "builtin:dates"
+    data_options: dict[str, Any] = field(default_factory=dict)
+    model: ModelKind = "transformer"
+    attention: AttentionKind | None = None
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Literal["auto", "char", "bpe"] = "auto"
+    vocab_size: int | None = None
+    shared_vocab: bool = True
+    batch_size: int = 64
+    max_tokens: int | None = None
+    max_source_length: int = 256
+    max_target_length: int = 256
+    label_smoothing: float = 0.1
+    metric: Metric = "chrf"
+    valid_size: int = 500
+    max_decode_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.model, ("transformer", "rnn"))
+        _check_choice("tokenizer", self.tokenizer, ("auto", "char", "bpe"))
+        _check_choice("metric", self.metric, ("exact_match", "chrf", "bleu", "loss"))
+        if self.model == "rnn":
+            _check_choice("attention", self.attention, ("bahdanau", "luong", "none", None))
+        elif self.attention is not None:
+            raise ValueError(
+                f"attention={self.attention!r} is for model='rnn'; the Transformer always uses "
+                "scaled dot-product attention (leave attention unset)"
+            )
+        for name in ("batch_size", "max_source_length", "max_target_length", "valid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "vocab_size", "max_decode_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def tokenizer_mode(self) -> Literal["char", "bpe"]:
+        if self.tokenizer != "auto":
+            return self.tokenizer
+        name = self.data.removeprefix("builtin:") if self.data.startswith("builtin:") else ""
+        return "char" if name in ("dates", "numbers") else "bpe"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TranslationConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown translation config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {shown}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def build_translation_model(
+    config: TranslationConfig, tokenizer: PairTokenizer
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh model for ``config`` sized to ``tokenizer``; returns it and its config dict
+    (what :func:`qkv.models.build_model` rebuilds it from)."""
+    from qkv.models import RNNConfig, TransformerConfig, build_model
+
+    sizes = {
+        "src_vocab_size": tokenizer.source.vocab_size,
+        "tgt_vocab_size": tokenizer.target.vocab_size,
+    }
+    model_config: TransformerConfig | RNNConfig
+    if config.model == "transformer":
+        tie = "all" if tokenizer.shared else "decoder"
+        options = {"tie_embeddings": tie, **config.model_overrides}
+        model_config = TransformerConfig.from_name(config.preset, **sizes, **options)
+    else:
+        options = {"attention": config.attention or "bahdanau", **config.model_overrides}
+        model_config = RNNConfig.from_name(config.preset, **sizes, **options)
+    as_dict = model_config.to_dict()
+    return build_model(as_dict), as_dict
+
+
+def _build_from_dict(model_config: dict[str, Any]) -> nn.Module:
+    from qkv.models import build_model
+
+    return build_model(model_config)
+
+
+# --------------------------------------------------------------------------------------------
+# The task the trainer runs
+
+
+def split_target(target: Tensor) -> tuple[Tensor, Tensor]:
+    """``<bos> y <eos>`` ids ``(B, Nt + 1)`` -> decoder input and labels, each ``(B, Nt)``."""
+    return target[:, :-1], target[:, 1:]
+
+
+class TranslationTask:
+    """Teacher-forced, label-smoothed cross-entropy; validation decodes greedily.
+
+    Args:
+        tokenizer: the pair tokenizer.
+        validation: pairs to decode at each validation.
+        config: the translation settings (label smoothing, metric, decode length).
+    """
+
+    name = TASK_NAME
+
+    def __init__(
+        self, tokenizer: PairTokenizer, validation: Sequence[Pair], config: TranslationConfig
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.validation = list(validation)
+        self.config = config
+        self.metric: str = config.metric
+        self.higher_is_better = config.metric != "loss"
+
+    def loss(self, model: nn.Module, batch: PairBatch) -> LossOutput:
+        target_in, labels = split_target(batch.target)
+        logits = model(batch.source, target_in)  # (B, Nt, V)
+        total = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=0,
+            reduction="sum",
+            label_smoothing=self.config.label_smoothing,
+        )
+        return LossOutput(total=total, count=int((labels != 0).sum()), tokens=batch.num_tokens)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        from qkv.tasks.evaluation import score_translations
+
+        device = next(model.parameters()).device
+        translator = Translator(model, self.tokenizer, self.config, device=device)
+        hypotheses = translator.translate([p.source for p in self.validation])
+        scores = score_translations(
+            hypotheses, [p.target for p in self.validation], [p.source for p in self.validation]
+        )
+        return {
+            "exact_match": scores.exact_match,
+            "chrf": scores.chrf,
+            "bleu": scores.bleu,
+            "loss": self._validation_loss(model, device),
+        }
+
+    def _validation_loss(self, model: nn.Module, device: torch.device) -> float:
+        dataset = PairDataset.from_pairs(
+            self.validation,
+            self.tokenizer,
+            max_source_length=self.config.max_source_length,
+            max_target_length=self.config.max_target_length,
+        )
+        sampler = BucketBatchSampler(dataset.lengths(), batch_size=256, shuffle=False)
+        total, count = 0.0, 0
+        for indices in sampler:
+            out = self.loss(model, collate_pairs([dataset[i] for i in indices]).to(device))
+            total, count = total + float(out.total), count + out.count
+        return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class TranslationOutcome:
+    """What :func:`train_translation` returns: the folder and the trainer's result."""
+
+    out: Path
+    result: TrainResult
+    config: TranslationConfig
+    splits: Splits[Pair]
+
+
+def _decode_length(pairs: Sequence[Pair], tokenizer: PairTokenizer) -> int:
+    """Room for the longest training target plus a margin for longer test sentences."""
+    longest = max(len(ids) for ids in tokenizer.target.encode_all([p.target for p in pairs]))
+    return int(longest * 1.5) + 8
+
+
+def _batches(
+    pairs: Sequence[Pair],
+    tokenizer: PairTokenizer,
+    config: TranslationConfig,
+    seed: int,
+    context: DistributedContext,
+) -> SamplerBatches:
+    dataset = PairDataset.from_pairs(
+        pairs,
+        tokenizer,
+        max_source_length=config.max_source_length,
+        max_target_length=config.max_target_length,
+    )
+    sampler = BucketBatchSampler(
+        dataset.lengths(),
+        batch_size=config.batch_size,
+        max_tokens=config.max_tokens,
+        seed=seed,
+        num_replicas=context.world_size,  # each process takes every world_size-th batch
+        rank=context.rank,
+    )
+    return SamplerBatches(dataset, sampler, collate_pairs)
+
+
+def _resumed_configs(
+    out: Path, training: TrainConfig
+) -> tuple[TranslationConfig, TrainConfig, dict[str, Any]]:
+    """The saved configs; only the limits (and the device) may change on resume."""
+    saved = read_config(out)
+    if saved.get("task") != TASK_NAME:
+        raise ModelFolderError(f"{out}: holds a {saved.get('task')!r} model, not a translation one")
+    saved_training = TrainConfig.from_dict(saved["training"])
+    merged = replace(
+        saved_training,
+        max_steps=training.max_steps,
+        max_minutes=training.max_minutes,
+        device=training.device,
+    )
+    return TranslationConfig.from_dict(saved["translation"]), merged, saved["model"]
+
+
+def train_translation(
+    config: TranslationConfig,
+    training: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_eval: Callable[[EvalReport], None] | None = None,
+) -> TranslationOutcome:
+    """Train a translation model into the folder ``out``.
+
+    Args:
+        config: data, tokenizer and model choices (ignored on resume: the saved ones are used).
+        training: the training loop's settings (on resume, only the step/time limits and the
+            device are taken from here; the rest is the saved run's).
+        out: the model folder (created; must be empty, a qkv model folder with ``resume`` or
+            ``overwrite``, or absent).
+        resume: continue the run saved in ``out`` exactly where it stopped.
+        overwrite: replace a model folder already in ``out``.
+        on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
+
+    Raises:
+        ModelFolderError: ``out`` cannot be used (see :func:`~qkv.train.prepare_output_folder`).
+        DataError: malformed data files (naming file and line).
+        ValueError: bad settings.
+    """
+    folder = Path(out)
+    prepare_output_folder(folder, resume=resume, overwrite=overwrite)
+    model_config: dict[str, Any] | None = None
+    if resume:
+        config, training, model_config = _resumed_configs(folder, training)
+    splits = load_pairs(config.data, **config.data_options)
+    if not splits.train:
+        raise ValueError(f"data {config.data!r}: no training pairs")
+    validation = (splits.validation or splits.train)[: config.valid_size]
+    if resume:
+        tokenizer = PairTokenizer.load(folder)
+    else:
+        tokenizer = PairTokenizer.train(
+            splits.train,
+            mode=config.tokenizer_mode,
+            vocab_size=config.vocab_size,
+            shared=config.shared_vocab,
+        )
+    if config.max_decode_length is None:
+        config = replace(config, max_decode_length=_decode_length(splits.train, tokenizer))
+    seed_everything(training.seed)
+    if model_config is None:
+        model, model_config = build_translation_model(config, tokenizer)
+    else:
+        model = _build_from_dict(model_config)
+    state = None
+    if resume:
+        step = load_weights(model, folder)
+        state = load_training_state(folder, expected_step=step)
+    sections = {
+        "task": TASK_NAME,
+        "translation": config.to_dict(),
+        "model": model_config,
+        "training": training.to_dict(),
+    }
+
+    def save(module: nn.Module, training_state: dict[str, Any], step: int) -> None:
+        save_model_folder(
+            folder,
+            model=module,
+            config=sections,
+            tokenizer=tokenizer,
+            training_state=training_state,
+            step=step,
+        )
+
+    logger.info(
+        "training a %s (%d parameters) on %s: %d train / %d validation pairs",
+        model_config["kind"],
+        sum(p.numel() for p in model.parameters()),
+        config.data,
+        len(splits.train),
+        len(validation),
+    )
+    context = init_from_env(resolve_device(training.device))
+    trainer = Trainer(
+        model,
+        TranslationTask(tokenizer, validation, config),
+        _batches(splits.train, tokenizer, config, training.seed, context),
+        training,
+        save=save,
+        on_step=on_step,
+        on_eval=on_eval,
+        distributed=context,
+    )
+    return TranslationOutcome(folder, trainer.fit(resume=state), config, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+
+
+class Translator:
+    """A trained model with its tokenizer: text in, text out.
+
+    Args:
+        model: a :class:`~qkv.models.Seq2SeqModel`.
+        tokenizer: its tokenizer.
+        config: the translation settings it was trained with.
+        device: where to run (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PairTokenizer,
+        config: TranslationConfig,
+        *,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device or next(model.parameters()).device
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto") -> Translator:
+        """Load a model folder written by :func:`train_translation`.
+
+        Raises:
+            ModelFolderError: not a translation model folder, or its files do not fit.
+        """
+        folder = Path(path)
+        config = read_config(folder)
+        if config.get("task") != TASK_NAME:
+            raise ModelFolderError(
+                f"{folder}: holds a {config.get('task')!r} model, not a translation one"
+            )
+        model, _ = load_model(folder, _build_from_dict)
+        try:
+            tokenizer = PairTokenizer.load(folder)
+        except FileNotFoundError as error:
+            raise ModelFolderError(str(error)) from None
+        settings = TranslationConfig.from_dict(config["translation"])
+        return cls(model.eval(), tokenizer, settings, device=resolve_device(device))
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_decode_length or 2 * self.config.max_target_length
+
+    def _encode_sources(self, texts: Sequence[str]) -> Tensor:
+        return self.tokenizer.source.encode_batch(
+            texts, add_eos=True, max_length=self.config.max_source_length
+        ).ids
+
+    def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
+        batch_size: int = 128,
+    ) -> list[str]:
+        """Translations of ``texts``, in order (greedy for ``beam_size=1``).
+
+        Sentences are decoded in batches of similar length (less padding), then put back.
+        """
+        from qkv.decode import beam_search, greedy_decode
+
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[str] = [""] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            source = self._encode_sources([texts[i] for i in chunk]).to(self.device)
+            if beam_size == 1:
+                ids = greedy_decode(self.model, source, max_len=self.max_length)  # type: ignore[arg-type]
+            else:
+                ids = beam_search(
+                    self.model,  # type: ignore[arg-type]
+                    source,
+                    beam_size=beam_size,
+                    length_penalty=length_penalty,
+                    max_len=self.max_length,
+                )
+            for i, row in zip(chunk, ids, strict=True):
+                results[i] = self.tokenizer.target.decode(row)
+        return results
+
+    def attention(
+        self, text: str, translation: str | None = None
+    ) -> tuple[Tensor, list[str], list[str]]:
+        """The cross-attention of one sentence (averaged over heads, last decoder layer).
+
+        Args:
+            text: the source sentence.
+            translation: the target to align with (default: the model's own translation).
+
+        Returns:
+            ``weights (Nt, Ns)`` on the CPU, the source token labels (``Ns``, with ``</s>``),
+            and the target token labels (``Nt``: each row is the attention used to produce
+            that token, ``</s>`` last).
+        """
+        if translation is None:
+            translation = self.translate([text])[0]
+        source_ids = self.tokenizer.source.encode(text, add_eos=True)
+        target_ids = self.tokenizer.target.encode(translation, add_bos=True, add_eos=True)
+        source = torch.tensor([source_ids], device=self.device)  # (1, Ns)
+        target_in = torch.tensor([target_ids[:-1]], device=self.device)  # (1, Nt)
+        weights = self.model.cross_attention(source, target_in)  # type: ignore[operator]
+        source_labels = [*self.tokenizer.source.tokens(text), "</s>"]
+        target_labels = [*self.tokenizer.target.tokens(translation), "</s>"]
+        return weights.float().cpu(), source_labels, target_labels
