@@ -380,12 +380,15 @@ class Seq2SeqTransformer(nn.Module):
         source repeated ``beam_size`` times (row ``b * beam_size + k``)."""
         check_positive_int("max_len", max_len)
         encoded = encoded.repeat_rows(beam_size)
-        memory = encoded.memory
+        layers = self._decoder_layers()
+        memory_kv = [layer.cross_attn.project_kv(encoded.memory) for layer in layers]
+        # The caches take the dtype the projections produce here, which under autocast is the
+        # autocast dtype rather than the parameters' (the steps must run in the same context).
+        dtype = memory_kv[0][0].dtype
         caches = [
-            layer.self_attn.make_kv_cache(batch_size=encoded.batch_size, max_len=max_len)
-            for layer in self._decoder_layers()
+            layer.self_attn.make_kv_cache(encoded.batch_size, max_len, dtype=dtype)
+            for layer in layers
         ]
-        memory_kv = [layer.cross_attn.project_kv(memory) for layer in self._decoder_layers()]
         return TransformerDecoderState(caches, memory_kv, encoded.source_mask)
 
     def decode_step(self, state: TransformerDecoderState, tokens: Tensor) -> Tensor:
