@@ -148,7 +148,9 @@ def test_cached_steps_equal_full_recompute_with_reorder(name: str) -> None:
     source, target_in = random_batch(name, 4, B=2)
     source[1, 5:] = 0
     beam = 2
-    order = torch.tensor([1, 1, 3, 2])  # rows of a (B * beam) batch, one copied twice
+    # Reorders of the (B * beam) rows: within each source's beams (one copied twice), as beam
+    # search does, then across sources, which must move the encoder side too.
+    orders = {3: torch.tensor([1, 1, 3, 2]), 5: torch.tensor([3, 2, 1, 1])}
     with torch.no_grad():
         encoded = model.encode(source)
         state = model.start_decoding(encoded, beam_size=beam, max_len=8)
@@ -156,9 +158,10 @@ def test_cached_steps_equal_full_recompute_with_reorder(name: str) -> None:
         prefix[1::2, 2:] = prefix.flip(0)[1::2, 2:]  # beams of a source diverge after step 2
         expanded = encoded.repeat_rows(beam)
         for t in range(prefix.shape[1]):
-            if t == 3:
-                state.select(order)
-                prefix = prefix.index_select(0, order)
+            if t in orders:
+                state.select(orders[t])
+                prefix = prefix.index_select(0, orders[t])
+                expanded = expanded.select(orders[t])
             step = model.decode_step(state, prefix[:, t])  # (4, V)
             full = model.decode(expanded, prefix[:, : t + 1])[:, -1]
             torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-5)

@@ -48,6 +48,7 @@ __all__ = [
     "check_positive_int",
     "check_probability",
     "check_token_ids",
+    "stays_in_groups",
 ]
 
 # The ids qkv.data reserves; repeated here so that models do not import the data layer.
@@ -195,6 +196,17 @@ class Seq2SeqModel(Protocol):
     def parameters(self, recurse: bool = True) -> Any: ...
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def stays_in_groups(indices: Tensor, group_size: int) -> bool:
+    """Whether row ``i`` of a reorder takes an old row of its own group of ``group_size``
+    (``indices[i] // group_size == i // group_size``), as every beam search reorder does.
+
+    Rows of one group were repeated from one source (:meth:`EncoderOutput.repeat_rows`), so
+    per-source tensors such as the encoder memory need no reordering then.
+    """
+    rows = torch.arange(indices.shape[0], device=indices.device)
+    return bool(torch.equal(indices // group_size, rows // group_size))
 
 
 # --- validation helpers shared by the configs and the models -------------------------------------

@@ -38,6 +38,7 @@ from qkv.models.base import (
     check_probability,
     check_token_ids,
     config_from_dict,
+    stays_in_groups,
 )
 from qkv.nn import AdditiveAttention, LuongAttention
 
@@ -147,12 +148,22 @@ class RNNDecoderState:
         feed: ``(B, F)`` what the next step reads besides its token (Luong's ``h~``, the
             encoder summary), or None.
         encoded: the encoder output, one row per decoder row.
+        group_size: rows per source (the beam size) while every reorder stays within a
+            source's rows, which then share the encoder output and need not move it.
     """
 
-    def __init__(self, hidden: Hidden, feed: Tensor | None, encoded: EncoderOutput) -> None:
+    def __init__(
+        self,
+        hidden: Hidden,
+        feed: Tensor | None,
+        encoded: EncoderOutput,
+        *,
+        group_size: int = 1,
+    ) -> None:
         self.hidden = hidden
         self.feed = feed
         self.encoded = encoded
+        self.group_size = group_size
         self.steps = 0
 
     @property
@@ -172,6 +183,9 @@ class RNNDecoderState:
             self.hidden = self.hidden.index_select(1, indices)
         if self.feed is not None:
             self.feed = self.feed.index_select(0, indices)
+        if self.group_size > 1 and stays_in_groups(indices, self.group_size):
+            return  # a beam search reorder: each source's rows share one encoder output
+        self.group_size = 1
         self.encoded = self.encoded.select(indices)
 
 
@@ -255,7 +269,12 @@ class RNNSeq2Seq(nn.Module):
         ``b * beam_size + k``); ``max_len`` is checked but an RNN needs no buffer for it."""
         check_positive_int("max_len", max_len)
         encoded = encoded.repeat_rows(beam_size)
-        return RNNDecoderState(self._initial_hidden(encoded), self._initial_feed(encoded), encoded)
+        return RNNDecoderState(
+            self._initial_hidden(encoded),
+            self._initial_feed(encoded),
+            encoded,
+            group_size=beam_size,
+        )
 
     def decode_step(self, state: RNNDecoderState, tokens: Tensor) -> Tensor:
         """``tokens (B,)`` int64 -> ``logits (B, V)``; advances ``state``."""

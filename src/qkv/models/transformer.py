@@ -31,6 +31,7 @@ from qkv.models.base import (
     check_probability,
     check_token_ids,
     config_from_dict,
+    stays_in_groups,
 )
 from qkv.nn import KVCache, MultiHeadAttention, SinusoidalPositionalEncoding
 
@@ -248,14 +249,22 @@ class TransformerDecoderState:
         caches: one :class:`~qkv.nn.KVCache` per decoder layer, ``(B, Hkv, max_len, D)``.
         memory_kv: per layer ``(k, v)``, each ``(B, Hkv, Ns, D)``, projected once.
         source_mask: bool ``(B, Ns)``.
+        group_size: rows per source (the beam size) while every reorder stays within a
+            source's rows, which then share the memory and need not move it; 1 otherwise.
     """
 
     def __init__(
-        self, caches: list[KVCache], memory_kv: list[tuple[Tensor, Tensor]], source_mask: Tensor
+        self,
+        caches: list[KVCache],
+        memory_kv: list[tuple[Tensor, Tensor]],
+        source_mask: Tensor,
+        *,
+        group_size: int = 1,
     ) -> None:
         self.caches = caches
         self.memory_kv = memory_kv
         self.source_mask = source_mask
+        self.group_size = group_size
 
     @property
     def batch_size(self) -> int:
@@ -272,6 +281,9 @@ class TransformerDecoderState:
             # Only the filled prefix is meaningful; copying it back keeps the cache's buffers.
             cache.k[:, :, :filled] = cache.k[:, :, :filled].index_select(0, indices)
             cache.v[:, :, :filled] = cache.v[:, :, :filled].index_select(0, indices)
+        if self.group_size > 1 and stays_in_groups(indices, self.group_size):
+            return  # a beam search reorder: each source's rows share one memory
+        self.group_size = 1
         self.memory_kv = [
             (k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.memory_kv
         ]
@@ -389,7 +401,7 @@ class Seq2SeqTransformer(nn.Module):
             layer.self_attn.make_kv_cache(encoded.batch_size, max_len, dtype=dtype)
             for layer in layers
         ]
-        return TransformerDecoderState(caches, memory_kv, encoded.source_mask)
+        return TransformerDecoderState(caches, memory_kv, encoded.source_mask, group_size=beam_size)
 
     def decode_step(self, state: TransformerDecoderState, tokens: Tensor) -> Tensor:
         """``tokens (B,)`` int64 -> ``logits (B, V)``; appends to the KV caches."""
