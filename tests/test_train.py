@@ -29,6 +29,16 @@ from qkv.train import (
 
 pytest.importorskip("safetensors")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # A toy task every training test shares (also imported by test_checkpoint and test_ddp).
 

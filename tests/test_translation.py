@@ -1,0 +1,288 @@
+"""The translation task end to end on tiny data: overfitting, model folders, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+pytest.importorskip("sacrebleu")
+
+
+from qkv.cli.main import main
+from qkv.data import DataError
+from qkv.tasks.evaluation import length_buckets, score_translations
+from qkv.tasks.translation import (
+    TranslationConfig,
+    Translator,
+    train_translation,
+)
+from qkv.train import ModelFolderError, TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = {
+    "d_model": 32,
+    "num_heads": 2,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "dropout": 0.0,
+}
+
+
+def reversal_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """Random lowercase words and their reversals (a task attention solves by alignment)."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(n)]
+    return [(w, w[::-1]) for w in words]
+
+
+def write_tsv(folder: Path, pairs: list[tuple[str, str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
+    return folder
+
+
+def tiny_config(data: Path, **overrides: object) -> TranslationConfig:
+    base: dict[str, object] = {
+        "data": str(data),
+        "tokenizer": "char",
+        "model_overrides": TINY,
+        "label_smoothing": 0.0,
+        "metric": "exact_match",
+        "batch_size": 32,
+    }
+    return TranslationConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def training(steps: int, **overrides: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "lr": 5e-3,
+        "warmup_steps": 10,
+        "max_steps": steps,
+        "eval_every": steps,
+        "schedule": "cosine",
+        "device": "cpu",
+    }
+    return TrainConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    """A tiny Transformer trained to reverse 32 words (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("translation")
+    pairs = reversal_pairs(32, seed=1)
+    outcome = train_translation(
+        tiny_config(write_tsv(root / "data", pairs)), training(150), root / "model"
+    )
+    assert outcome.result.stopped == "max_steps"
+    return root / "model", pairs
+
+
+def test_overfits_32_pairs(trained: tuple[Path, list[tuple[str, str]]]) -> None:
+    folder, pairs = trained
+    translator = Translator.load(folder, device="cpu")
+    outputs = translator.translate([s for s, _ in pairs])
+    assert outputs == [t for _, t in pairs]
+
+
+def test_model_folder_round_trips_exactly(trained: tuple[Path, list[tuple[str, str]]]) -> None:
+    folder, pairs = trained
+    a = Translator.load(folder, device="cpu")
+    b = Translator.load(folder, device="cpu")
+    source = a._encode_sources([s for s, _ in pairs[:5]])
+    target = torch.randint(4, 12, (5, 6))
+    assert torch.equal(a.model(source, target), b.model(source, target))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["task"] == "translation" and config["model"]["kind"] == "transformer"
+    assert {"model.safetensors", "tokenizer.json", "training_state.pt"} <= set(config["files"])
+
+
+def test_beam_search_and_attention(trained: tuple[Path, list[tuple[str, str]]]) -> None:
+    folder, pairs = trained
+    translator = Translator.load(folder, device="cpu")
+    sources = [s for s, _ in pairs[:4]]
+    assert translator.translate(sources, beam_size=3) == [t for _, t in pairs[:4]]
+    weights, source_tokens, target_tokens = translator.attention(sources[0])
+    assert weights.shape == (len(target_tokens), len(source_tokens))
+    assert torch.allclose(weights.sum(-1), torch.ones(len(target_tokens)), atol=1e-5)
+    # Reversal: the first output character attends most to the last input character.
+    assert int(weights[0].argmax()) == len(sources[0]) - 1
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path: Path) -> None:
+    data = write_tsv(tmp_path / "data", reversal_pairs(48, seed=2))
+    config = tiny_config(data, model_overrides={**TINY, "dropout": 0.1})
+    whole = train_translation(config, training(12, eval_every=6), tmp_path / "whole")
+    train_translation(config, training(6, eval_every=6), tmp_path / "split")
+    resumed = train_translation(config, training(12, eval_every=6), tmp_path / "split", resume=True)
+    assert resumed.result.state.losses == whole.result.state.losses
+
+
+def test_malformed_data_names_file_and_line(tmp_path: Path) -> None:
+    data = write_tsv(tmp_path / "data", reversal_pairs(8, seed=3))
+    (data / "train.tsv").write_text("abc\tcba\nno tab here\n")
+    with pytest.raises(DataError, match=r"train.tsv:2: "):
+        train_translation(tiny_config(data), training(2), tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "lstm"}, "model must be one of 'transformer', 'rnn'; got 'lstm'"),
+        ({"attention": "bahdanau"}, "attention='bahdanau' is for model='rnn'"),
+        ({"model": "rnn", "attention": "cosine"}, "attention must be one of"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_config_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TranslationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_scores_and_length_buckets() -> None:
+    sources = ["a" * n for n in (1, 2, 3, 4, 5, 6, 7, 8)]
+    references = ["x y z"] * 8
+    hypotheses = ["x y z"] * 4 + ["x y"] * 4  # the long half is wrong
+    scores = score_translations(hypotheses, references, sources, num_buckets=2)
+    assert scores.exact_match == 0.5
+    assert [(b.low, b.high, b.exact_match) for b in scores.by_length] == [(1, 4, 1.0), (5, 8, 0.0)]
+    assert scores.by_length[0].chrf == 100.0 and scores.by_length[1].chrf < 100.0
+    assert length_buckets([5, 5, 5, 5], 3) == [(5, 5)]
+    with pytest.raises(ValueError, match=r"hypotheses \(1\), references \(2\)"):
+        score_translations(["a"], ["a", "b"], ["a"])
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_cli_translate_file_stdin_and_attention(
+    trained: tuple[Path, list[tuple[str, str]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("matplotlib")
+    folder, pairs = trained
+    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n\n{pairs[2][0]}\n")
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(pairs[3][0] + "\n"))
+    picture = tmp_path / "att.png"
+    argv = [
+        "translate",
+        "--model",
+        str(folder),
+        pairs[0][0],
+        "-",
+        "--file",
+        str(tmp_path / "in.txt"),
+    ]
+    assert main([*argv, "--show-attention", str(picture)]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [pairs[0][1], pairs[3][1], pairs[1][1], pairs[2][1]]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_evaluate_json_and_plot(
+    trained: tuple[Path, list[tuple[str, str]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    folder, _ = trained
+    plot = tmp_path / "by_length.png"
+    argv = ["evaluate", "--model", str(folder), "--json", "--buckets", "2", "--plot", str(plot)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact_match"] == 1.0 and report["count"] == 32
+    assert report["chrf"] == 100.0 and len(report["by_length"]) == 2
+    assert plot.stat().st_size > 1000
+
+
+def test_cli_train_writes_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_tsv(tmp_path / "data", reversal_pairs(16, seed=4))
+    argv = ["train", "translation", "--data", str(data), "--model", "rnn", "--attention", "luong"]
+    argv += [
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--out",
+        str(tmp_path / "m"),
+        "--quiet",
+    ]
+    assert main([*argv, "--device", "cpu", "--tokenizer", "char"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model"]["kind"] == "rnn" and config["model"]["attention"] == "luong"
+    # Running again into the same folder needs --resume or --overwrite.
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert "already holds a qkv model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "train",
+                "translation",
+                "--data",
+                "builtin:dates",
+                "--attention",
+                "bahdanau",
+                "--out",
+                "x",
+            ],
+            "is for model='rnn'",
+        ),
+        (
+            ["train", "translation", "--data", "builtin:nope", "--out", "{tmp}/m"],
+            "unknown builtin data set 'nope'",
+        ),
+        (["translate", "--model", "{tmp}/missing", "hello"], "no such model folder"),
+        (["translate", "--model", "{tmp}", "hello"], "not a qkv model folder"),
+        (["evaluate", "--model", "{tmp}/missing"], "no such model folder"),
+    ],
+)
+def test_cli_errors(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+
+
+def test_cli_rejects_bad_flag_values(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "translation", "--data", "builtin:dates", "--out", "x", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_translate_refuses_a_model_of_another_task(tmp_path: Path) -> None:
+    from qkv.train import save_model_folder
+    from test_train import ToyModel
+
+    model = ToyModel()
+    save_model_folder(tmp_path, model=model, config={"task": "toy", "model": model.config})
+    with pytest.raises(ModelFolderError, match="holds a 'toy' model, not a translation one"):
+        Translator.load(tmp_path)
