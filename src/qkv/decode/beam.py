@@ -149,9 +149,10 @@ def _choose_beams(
     ``K``; a finished or exhausted source keeps ``-inf`` beams that are never extended.
     """
     B, K = history.shape[0], history.shape[1]
-    next_lp = torch.full((B, K), float("-inf"))
-    next_parents = torch.arange(K).repeat(B, 1)  # (B, K)
-    next_words = torch.full((B, K), eos, dtype=torch.long)
+    # Built as lists (cheap element writes), turned into (B, K) tensors once at the end.
+    next_lp = [[float("-inf")] * K for _ in range(B)]
+    next_parents = [list(range(K)) for _ in range(B)]
+    next_words = [[eos] * K for _ in range(B)]
     top_l, parents_l, words_l, past = (
         top.tolist(),
         parents.tolist(),
@@ -171,13 +172,17 @@ def _choose_beams(
                 if rank < K:
                     source.add(past[b][parent], lp, ended=True)
                 continue
-            next_lp[b, live], next_parents[b, live], next_words[b, live] = lp, parent, word
+            next_lp[b][live], next_parents[b][live], next_words[b][live] = lp, parent, word
             if last:  # out of room: finished without eos
                 source.add([*past[b][parent], word], lp, ended=False)
             live += 1
-        source.update_done(float("-inf") if last else float(next_lp[b, 0]))
+        source.update_done(float("-inf") if last else next_lp[b][0])
     device = top.device
-    return next_lp.to(device), next_parents.to(device), next_words.to(device)
+    return (
+        torch.tensor(next_lp, device=device),
+        torch.tensor(next_parents, dtype=torch.long, device=device),
+        torch.tensor(next_words, dtype=torch.long, device=device),
+    )
 
 
 def beam_search(
