@@ -17,7 +17,10 @@ from typing import Any
 __all__ = ["EVALUATORS", "register"]
 
 #: Scorers of the other tasks: ``{"sentiment": "qkv.cli.classify:evaluate_folder"}``.
-EVALUATORS: dict[str, str] = {}
+EVALUATORS: dict[str, str] = {
+    "sentiment": "qkv.cli.classify:evaluate_folder",
+    "summarization": "qkv.cli.summarize:evaluate_folder",
+}
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

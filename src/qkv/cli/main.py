@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.translate",
     "qkv.cli.evaluate",
     "qkv.cli.demo",
+    "qkv.cli.classify",
+    "qkv.cli.summarize",
 )
 
 

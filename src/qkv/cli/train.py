@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: Modules defining ``register_train(tasks)``, each adding ``qkv train <its task>``.
-TRAIN_TASK_MODULES: tuple[str, ...] = ()
+TRAIN_TASK_MODULES: tuple[str, ...] = ("qkv.cli.classify", "qkv.cli.summarize")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

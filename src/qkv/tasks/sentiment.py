@@ -314,7 +314,12 @@ def _folder_config(
         "task": TASK_NAME,
         "model": config.to_dict(),
         "labels": list(labels.labels),
-        "data": {"spec": data, "max_length": setup.max_length, "preset": setup.preset},
+        "data": {
+            "spec": data,
+            "options": setup.data_options,
+            "max_length": setup.max_length,
+            "preset": setup.preset,
+        },
         "training": train.to_dict(),
     }
 

@@ -578,7 +578,7 @@ def train_summarization(
     folder_config = {
         "task": TASK_NAME,
         "model": config.to_dict(),
-        "data": {"spec": data, **lengths, "preset": setup.preset},
+        "data": {"spec": data, "options": setup.data_options, **lengths, "preset": setup.preset},
         "training": train.to_dict(),
     }
 
