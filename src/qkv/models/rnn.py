@@ -354,10 +354,11 @@ class RNNSeq2Seq(nn.Module):
         """``query (B, H)`` or ``(B, Nt, H)`` -> context ``(B, [Nt,] 2H)`` and weights
         ``(B, [Nt,] Ns)`` or None."""
         assert self.attention is not None  # callers check attention != "none"
-        keys = encoded.extras.get("keys", encoded.memory)
-        return self.attention(
-            query, keys, encoded.memory, encoded.source_mask, need_weights=need_weights
-        )
+        # Under autocast the recurrent layers and the linear ones return different half dtypes
+        # (cuDNN RNNs run in float16 even in a bfloat16 region); the layer needs one.
+        keys = encoded.extras.get("keys", encoded.memory).to(query.dtype)
+        values = encoded.memory.to(query.dtype)
+        return self.attention(query, keys, values, encoded.source_mask, need_weights=need_weights)
 
     def _step(
         self, state: RNNDecoderState, embedded: Tensor, *, need_weights: bool
