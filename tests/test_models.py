@@ -326,3 +326,15 @@ def test_overfits_32_reversal_pairs(name: str) -> None:
         if accuracy == 1.0:
             break
     assert accuracy == 1.0, f"{name}: token accuracy {accuracy:.3f} after 120 steps"
+
+
+def test_decode_step_checks_its_tokens() -> None:
+    model = make_model("transformer")
+    source, _ = random_batch("transformer", 10)
+    with torch.no_grad():
+        state = model.start_decoding(model.encode(source), beam_size=2, max_len=4)
+        with pytest.raises(ValueError, match=r"tokens must have shape \(B,\) = \(6,\)"):
+            model.decode_step(state, torch.ones(3, dtype=torch.long))
+        with pytest.raises(TypeError, match="tokens must be int64"):
+            model.decode_step(state, torch.ones(6))
+        assert model.decode_step(state, torch.ones(6, dtype=torch.long)).shape == (6, TGT_V)

@@ -47,6 +47,7 @@ __all__ = [
     "Seq2SeqModel",
     "check_positive_int",
     "check_probability",
+    "check_step_tokens",
     "check_token_ids",
     "stays_in_groups",
 ]
@@ -249,6 +250,24 @@ def check_token_ids(name: str, ids: object, vocab_size: int) -> Tensor:
             f"max {int(ids.max())}"
         )
     return ids
+
+
+def check_step_tokens(tokens: object, batch_size: int) -> Tensor:
+    """One decoding step's ``tokens (B,)`` int64 as ``(B, 1)``, or an error naming them.
+
+    Unlike :func:`check_token_ids` this does not read the values: on a GPU that would wait for
+    the device at every step, and the decoders only feed ids they took from the logits.
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of token ids; got {type(tokens).__name__}")
+    if tokens.dtype != torch.int64:
+        raise TypeError(f"tokens must be int64 token ids; got dtype {tokens.dtype}")
+    if tuple(tokens.shape) != (batch_size,):
+        raise ValueError(
+            f"tokens must have shape (B,) = ({batch_size},), one per decoder row; "
+            f"got {tuple(tokens.shape)}"
+        )
+    return tokens.unsqueeze(-1)  # (B, 1)
 
 
 def config_from_dict(cls: Any, data: Mapping[str, Any]) -> Any:

@@ -36,6 +36,7 @@ from qkv.models.base import (
     check_choice,
     check_positive_int,
     check_probability,
+    check_step_tokens,
     check_token_ids,
     config_from_dict,
     stays_in_groups,
@@ -278,7 +279,7 @@ class RNNSeq2Seq(nn.Module):
 
     def decode_step(self, state: RNNDecoderState, tokens: Tensor) -> Tensor:
         """``tokens (B,)`` int64 -> ``logits (B, V)``; advances ``state``."""
-        tokens = check_token_ids("tokens", tokens.unsqueeze(-1), self.config.tgt_vocab_size)
+        tokens = check_step_tokens(tokens, state.batch_size)  # (B, 1)
         readout, _ = self._step(state, self.drop(self.tgt_embed(tokens[:, 0])), need_weights=False)
         state.steps += 1
         return self.output(self.drop(readout))  # (B, V)

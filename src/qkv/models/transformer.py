@@ -29,6 +29,7 @@ from qkv.models.base import (
     check_choice,
     check_positive_int,
     check_probability,
+    check_step_tokens,
     check_token_ids,
     config_from_dict,
     stays_in_groups,
@@ -405,7 +406,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def decode_step(self, state: TransformerDecoderState, tokens: Tensor) -> Tensor:
         """``tokens (B,)`` int64 -> ``logits (B, V)``; appends to the KV caches."""
-        tokens = check_token_ids("tokens", tokens.unsqueeze(-1), self.config.tgt_vocab_size)
+        tokens = check_step_tokens(tokens, state.batch_size)  # (B, 1)
         y = self._embed(self.tgt_embed, tokens, offset=state.length)  # (B, 1, E)
         for layer, cache, kv in zip(
             self.decoder_layers, state.caches, state.memory_kv, strict=True
