@@ -1,4 +1,5 @@
 # mypy: disable-error-code="no-untyped-def"
+# ruff: noqa: SIM108 (constexpr if/else blocks are compiled out; a ternary would not be)
 # (Triton kernels take untyped tensors/pointers; only their constexpr parameters are annotated.)
 """Triton kernels of the ``triton`` backend: FlashAttention-2 forward and backward, split-KV decoding.
 
@@ -142,40 +143,50 @@ def _fwd_tile(
     SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Fold one key tile into the running ``(acc, m_i, l_i)`` of a query tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Nk
-    k = tl.load(
-        K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-        mask=n_ok[None, :] & (offs_d[:, None] < D),
-        other=0.0,
-    )  # (BLOCK_D, BLOCK_N)
-    qk = tl.dot(q, k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) float32
-    s, _ = _modified_scores(
-        qk, offs_m, offs_n, Nq, Nk, sm_scale, softcap, BIAS, bias_off, stride_am, stride_an,
-        HAS_BIAS, SOFTCAP,
-    )  # fmt: skip
-    s = s * 1.4426950408889634  # base 2
+    k_ptr = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptr = V_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    # A FULL tile lies inside Nk (the ragged last tile is always PARTIAL): no bounds check
+    # unless the head dims are padded, so the loads stay plain and vectorised.
+    if MASKED or D != BLOCK_D:
+        k = tl.load(k_ptr, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        k = tl.load(k_ptr)  # (BLOCK_N, BLOCK_D), rows contiguous as stored
+    if MASKED or DV != BLOCK_DV:
+        v = tl.load(v_ptr, mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        v = tl.load(v_ptr)  # (BLOCK_N, BLOCK_DV)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) float32
+    if HAS_BIAS or SOFTCAP:
+        s, _ = _modified_scores(
+            qk, offs_m, offs_n, Nq, Nk, sm_scale, softcap, BIAS, bias_off, stride_am, stride_an,
+            HAS_BIAS, SOFTCAP,
+        )  # fmt: skip
+        s = s * 1.4426950408889634  # base 2
+    else:
+        s = qk * (sm_scale * 1.4426950408889634)  # one multiply: scale and base 2 together
     if MASKED:
         visible = _partial_mask(
             offs_m, offs_n, Nq, Nk, causal_offset, BITS, bits_off, MASK_MODE, BLOCK_M, BLOCK_N
         )
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED or HAS_BIAS:
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # FULL tiles come first and are finite: m is finite from the first one
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # the normaliser counts every weight; only the value sum sees the dropout
         keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-    v = tl.load(
-        V_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_DV)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -195,10 +206,12 @@ def attention_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     """One program per (query tile, batch * query head). Writes ``OUT`` and ``LSE2``."""
-    pid_m = tl.program_id(0)
+    # Last query tiles first: under a causal mask they have the most keys, and starting the
+    # longest programs first leaves short ones to fill the machine at the end.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -227,13 +240,18 @@ def attention_fwd_kernel(
 
     row = pid_m * table_stride
     n_full = tl.load(FULL_CNT + pid_m)
+    first_full = tl.load(FULL_IDX + row)
     for t in range(0, n_full):
-        start_n = tl.load(FULL_IDX + row + t) * BLOCK_N
+        if FULL_RUN:  # consecutive tiles: affine addresses the pipeliner can prefetch
+            start_n = (first_full + t) * BLOCK_N
+        else:
+            start_n = tl.load(FULL_IDX + row + t) * BLOCK_N
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, Nq, Nk, sm_scale, softcap, causal_offset,
             BIAS, bias_off, stride_am, stride_an, BITS, 0, seed, bh, dropout_p,
             D, DV, BLOCK_N, BLOCK_M, False, MASK_MODE, HAS_BIAS, SOFTCAP, DROPOUT, PRECISION,
+            BLOCK_D, BLOCK_DV,
         )  # fmt: skip
     n_part = tl.load(PART_CNT + pid_m)
     for t in range(0, n_part):
@@ -244,6 +262,7 @@ def attention_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, Nq, Nk, sm_scale, softcap, causal_offset,
             BIAS, bias_off, stride_am, stride_an, BITS, bits_off, seed, bh, dropout_p,
             D, DV, BLOCK_N, BLOCK_M, True, MASK_MODE, HAS_BIAS, SOFTCAP, DROPOUT, PRECISION,
+            BLOCK_D, BLOCK_DV,
         )  # fmt: skip
 
     attended = l_i > 0.0
@@ -330,7 +349,7 @@ def attention_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     """One program per (key tile, batch * key/value head); the tables are key-tile-major."""
     pid_n = tl.program_id(0)
@@ -363,6 +382,7 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     row = pid_n * table_stride
     n_full = tl.load(FULL_CNT + pid_n)
+    first_full = tl.load(FULL_IDX + row)
     n_part = tl.load(PART_CNT + pid_n)
     for g in range(0, G):
         h = kvh * G + g
@@ -372,7 +392,10 @@ def attention_bwd_dkdv_kernel(
         bias_off = b * stride_ab + h * stride_ah
         bits_base = b * stride_bits_b + h * stride_bits_h
         for t in range(0, n_full):
-            start_m = tl.load(FULL_IDX + row + t) * BLOCK_M
+            if FULL_RUN:
+                start_m = (first_full + t) * BLOCK_M
+            else:
+                start_m = tl.load(FULL_IDX + row + t) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, Q_head, DO_head, LSE2 + bh * Nq, DELTA + bh * Nq, start_m, offs_n,
                 offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, Nq, Nk, sm_scale,
@@ -473,9 +496,10 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     """One program per (query tile, batch * query head); the same tables as forward."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in forward
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -512,8 +536,12 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     row = pid_m * table_stride
     n_full = tl.load(FULL_CNT + pid_m)
+    first_full = tl.load(FULL_IDX + row)
     for t in range(0, n_full):
-        start_n = tl.load(FULL_IDX + row + t) * BLOCK_N
+        if FULL_RUN:  # consecutive tiles: affine addresses the pipeliner can prefetch
+            start_n = (first_full + t) * BLOCK_N
+        else:
+            start_n = tl.load(FULL_IDX + row + t) * BLOCK_N
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, Nq, Nk, sm_scale, softcap, causal_offset,

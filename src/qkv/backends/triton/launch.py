@@ -88,7 +88,12 @@ def _common(call: _Call, plan: MaskPlan) -> list[Any]:
 
 
 def _constexprs(
-    call: _Call, q: Tensor, v: Tensor, config: KernelConfig, plan: MaskPlan
+    call: _Call,
+    q: Tensor,
+    v: Tensor,
+    config: KernelConfig,
+    plan: MaskPlan,
+    transposed: bool = False,
 ) -> dict[str, Any]:
     return {
         "D": q.shape[3],
@@ -101,6 +106,7 @@ def _constexprs(
         "SOFTCAP": call.softcap is not None,
         "DROPOUT": call.dropout_p > 0,
         "PRECISION": call.precision,
+        "FULL_RUN": plan.full_run(transposed),
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
@@ -188,7 +194,7 @@ def _backward(
             H, Hkv, H // Hkv, Nq, Nk,
             *_scalars(call, plan),
             HAS_BIAS=bias is not None,
-            **_constexprs(call, q, v, config, plan),
+            **_constexprs(call, q, v, config, plan, transposed=True),
         )  # fmt: skip
 
     def run_dq(config: KernelConfig) -> None:

@@ -110,6 +110,8 @@ class MaskPlan:
     cols: TileTables
     bits: Tensor
     status: Tensor
+    rows_run: bool = False
+    cols_run: bool = False
 
     def bits_strides(self) -> tuple[int, int]:
         """Batch and head strides of :attr:`bits` (0 where the mask ignores that index)."""
@@ -117,6 +119,11 @@ class MaskPlan:
             return 0, 0
         b, h = self.bits.shape[0], self.bits.shape[1]
         return (self.bits.stride(0) if b > 1 else 0, self.bits.stride(1) if h > 1 else 0)
+
+    def full_run(self, transposed: bool) -> bool:
+        """Whether every row's FULL tiles are consecutive (then the kernels step through them
+        without reading the lists: plain address arithmetic that pipelines better)."""
+        return self.cols_run if transposed else self.rows_run
 
     @property
     def visited_tiles(self) -> int:
@@ -210,6 +217,14 @@ def _bitmap(
     ).contiguous()
 
 
+def _consecutive(tables: TileTables) -> bool:
+    """Whether each row's FULL columns form one run ``first, first + 1, ...``."""
+    cnt = tables.full_cnt.long()
+    last = tables.full_idx.gather(1, (cnt - 1).clamp(min=0)[:, None]).squeeze(1).long()
+    first = tables.full_idx[:, 0].long()
+    return bool(((cnt == 0) | (last - first == cnt - 1)).all())
+
+
 def _build(request: AttentionRequest, block_m: int, block_n: int) -> MaskPlan:
     status, mask = _status(request, block_m, block_n)
     status = status.clone()
@@ -242,8 +257,15 @@ def _build(request: AttentionRequest, block_m: int, block_n: int) -> MaskPlan:
         cols=cols,
         bits=bits,
         status=status,
+        rows_run=_consecutive(rows),
+        cols_run=_consecutive(cols),
     )
 
+
+# Plans of calls with no mask beyond causal, by sizes: rebuilding them costs more host time than
+# a short kernel takes.
+_PLAIN: dict[tuple[object, ...], MaskPlan] = {}
+_PLAIN_MAX = 64
 
 # Plans of masks that can be reused: BlockMask objects and bool tensors, keyed by identity and
 # everything else the plan depends on; entries die with their mask.
@@ -254,6 +276,20 @@ def mask_plan(request: AttentionRequest, block_m: int, block_n: int) -> MaskPlan
     """The plan of ``request``'s mask at tile sizes ``(block_m, block_n)``. Plans of a
     :class:`BlockMask` (or a bool tensor) passed as ``mask=`` are cached while it lives, so a
     block mask built once serves many calls without being evaluated again."""
+    if request.mask is None:  # causal or nothing: a function of the sizes alone
+        plain = (
+            request.causal,
+            request.q_len,
+            request.kv_len,
+            block_m,
+            block_n,
+            str(request.device),
+        )
+        if plain not in _PLAIN:
+            if len(_PLAIN) >= _PLAIN_MAX:
+                del _PLAIN[next(iter(_PLAIN))]  # oldest first
+            _PLAIN[plain] = _build(request, block_m, block_n)
+        return _PLAIN[plain]
     reusable = isinstance(request.mask, BlockMask | Tensor)
     if not reusable:
         return _build(request, block_m, block_n)
