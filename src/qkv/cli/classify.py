@@ -135,7 +135,7 @@ def register_train(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     g.add_argument(
         "--preset",
-        choices=["tiny", "bigru-small", "bigru-base", "transformer-small"],
+        choices=["tiny", "bigru-fast", "bigru-small", "bigru-base", "transformer-small"],
         default="bigru-small",
     )
     g.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")

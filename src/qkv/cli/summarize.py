@@ -91,7 +91,7 @@ def register_train(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     g.add_argument("--document-field", default="document", help="JSONL document field")
     g.add_argument("--summary-field", default="summary", help="JSONL summary field")
-    g.add_argument("--preset", choices=["tiny", "small", "see2017"], default="small")
+    g.add_argument("--preset", choices=["tiny", "cpu", "small", "see2017"], default="small")
     g.add_argument("--coverage", action="store_true", help="add the coverage mechanism and loss")
     g.add_argument("--coverage-weight", type=float, default=1.0)
     g.add_argument(

@@ -151,6 +151,7 @@ class ClassifierConfig:
 #: :meth:`ClassifierConfig.from_name` replaces.
 PRESETS: dict[str, ClassifierConfig] = {
     "tiny": ClassifierConfig(2, 2, "bigru", embed_dim=32, hidden_dim=32, pool_dim=32, dropout=0.0),
+    "bigru-fast": ClassifierConfig(2, 2, "bigru", embed_dim=64, hidden_dim=64, pool_dim=64),
     "bigru-small": ClassifierConfig(2, 2, "bigru", embed_dim=128, hidden_dim=128, pool_dim=128),
     "bigru-base": ClassifierConfig(
         2, 2, "bigru", embed_dim=256, hidden_dim=256, pool_queries=4, pool_dim=256

@@ -114,6 +114,7 @@ class PointerGeneratorConfig:
 #: Named presets (``vocab_size`` is replaced by :meth:`PointerGeneratorConfig.from_name`).
 POINTER_PRESETS: dict[str, PointerGeneratorConfig] = {
     "tiny": PointerGeneratorConfig(8, embed_dim=32, hidden_dim=64, dropout=0.0),
+    "cpu": PointerGeneratorConfig(8, embed_dim=64, hidden_dim=128),  # minutes on a laptop CPU
     "small": PointerGeneratorConfig(8, embed_dim=128, hidden_dim=256),
     "see2017": PointerGeneratorConfig(8, embed_dim=128, hidden_dim=256, coverage=True),
 }

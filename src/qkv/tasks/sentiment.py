@@ -473,8 +473,9 @@ class TextClassifier:
         model, config = load_model(
             folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
         )
+        if not isinstance(model, AttentionClassifier):
+            raise ModelFolderError(f"{folder}: the model is not an AttentionClassifier")
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
-        assert isinstance(model, AttentionClassifier)
         return cls(model, tokenizer, LabelSet(config["labels"]), config["data"]["max_length"])
 
     def _device(self) -> torch.device:
