@@ -245,6 +245,11 @@ def test_schedules() -> None:
     assert lr_factor(9, cos) == 1.0
     assert lr_factor(59, cos) == pytest.approx(0.55)
     assert lr_factor(109, cos) == pytest.approx(0.1)
+    # With a time limit too, the cosine follows whichever limit is nearer.
+    timed = TrainConfig(warmup_steps=10, max_steps=110, max_minutes=1.0, schedule="cosine")
+    assert lr_factor(59, timed, elapsed_s=0.0) == pytest.approx(0.5)
+    assert lr_factor(59, timed, elapsed_s=60.0) == pytest.approx(0.0)
+    assert lr_factor(20, timed, elapsed_s=30.0) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +259,6 @@ def test_schedules() -> None:
         ({"max_steps": None}, "give max_steps, max_minutes or both"),
         ({"eval_every": 0}, "eval_every must be >= 1, got 0"),
         ({"schedule": "linear"}, "schedule must be"),
-        ({"schedule": "cosine", "max_steps": None, "max_minutes": 1.0}, "give max_steps"),
         ({"betas": (0.9, 1.5)}, "betas must be two numbers in [0, 1), got (0.9, 1.5)"),
         ({"clip_norm": -1.0}, "clip_norm must be > 0, got -1.0"),
     ],

@@ -3,8 +3,10 @@ held-out exact match, and draw what the attention learned.
 
 The settings below were tuned on a shared 2-core CPU (see docs/training.md): a tiny
 Transformer without dropout or label smoothing (50,000 pairs are plenty of data for it, and
-dropout alone cost about a quarter of each step), cosine decay over a fixed number of steps, and a
-time limit as a safety net on slower machines.
+dropout alone cost about a quarter of each step), batches of 64, a cosine decay over 3,000 steps
+or 5 minutes, whichever ends first (so a slower machine trains fewer steps but still anneals),
+and one CPU thread: these matrices are too small for a second thread to pay, and on a busy
+machine two threads per process made each step several times slower.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from qkv.train import EvalReport, StepReport, TrainConfig
 
@@ -80,7 +84,7 @@ def demo_configs(*, quick: bool, seed: int = 0, device: str = "auto") -> tuple[A
         batch_size=64,
         valid_size=100 if quick else 500,
     )
-    steps = 40 if quick else 1500
+    steps = 40 if quick else 3000
     training = TrainConfig(
         lr=2e-3,
         warmup_steps=10 if quick else 100,
@@ -155,7 +159,14 @@ def run_demo(
     for stale in (model_dir, folder / ATTENTION_DIR):
         shutil.rmtree(stale, ignore_errors=True)
     translation, training = demo_configs(quick=quick, seed=seed, device=device)
-    outcome = train_translation(translation, training, model_dir, on_step=on_step, on_eval=on_eval)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outcome = train_translation(
+            translation, training, model_dir, on_step=on_step, on_eval=on_eval
+        )
+    finally:
+        torch.set_num_threads(threads)
     translator = Translator.load(model_dir, device=device)
     test = outcome.splits.test
     hypotheses = translator.translate([p.source for p in test])

@@ -21,8 +21,8 @@ class TrainConfig:
         betas: AdamW's moment coefficients.
         warmup_steps: linear warmup from 0 to ``lr``.
         schedule: decay after the warmup: ``"inverse_sqrt"`` (``lr * sqrt(warmup / step)``, the
-            original Transformer's), ``"cosine"`` (to ``min_lr_ratio * lr`` at ``max_steps``),
-            or ``"constant"``.
+            original Transformer's), ``"cosine"`` (to ``min_lr_ratio * lr`` at ``max_steps`` or
+            at ``max_minutes``, whichever comes first), or ``"constant"``.
         min_lr_ratio: where the cosine ends, as a fraction of ``lr``.
         max_steps: stop after this many optimizer steps (``None``: only the time limit).
         max_minutes: stop after this much training time (``None``: only the step limit).
@@ -37,8 +37,8 @@ class TrainConfig:
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
 
     Raises:
-        ValueError: a field out of range (the message names it and its value), neither limit
-            given, or a cosine schedule without ``max_steps``.
+        ValueError: a field out of range (the message names it and its value), or neither
+            limit given.
     """
 
     lr: float = 1e-3
@@ -66,8 +66,6 @@ class TrainConfig:
             raise ValueError(
                 f"schedule must be 'inverse_sqrt', 'cosine' or 'constant', got {self.schedule!r}"
             )
-        if self.schedule == "cosine" and self.max_steps is None:
-            raise ValueError("schedule='cosine' decays over max_steps: give max_steps")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

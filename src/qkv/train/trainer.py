@@ -118,8 +118,8 @@ class Trainer:
         self.on_step = on_step
         self.on_eval = on_eval
         self.optimizer = _adamw(self.model, config)
-        self.scheduler = make_scheduler(self.optimizer, config)
         self.state = TrainState()
+        self.scheduler = make_scheduler(self.optimizer, config, lambda: self.state.elapsed_s)
         self._wrapped: nn.Module = self.model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
