@@ -385,3 +385,43 @@ def test_gpu_auto_picks_triton_when_registered() -> None:
         pytest.skip("triton backend not registered")
     q = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
     assert qkv.explain(q, q, q, causal=True).chosen == "triton"
+
+
+@interpreter
+@pytest.mark.slow
+def test_multihead_kv_cache_decodes_through_the_triton_backend() -> None:
+    # The KV-cache path of MultiHeadAttention needs no hook of its own: a cached step is a call
+    # with a few queries, causal="bottom_right" and no grad, which the backend sends to the
+    # split-KV kernel. Registered here under another name, with CPU tensors allowed.
+    from qkv.backends import register_backend, unregister_backend
+    from qkv.backends.triton import launch
+    from qkv.nn import MultiHeadAttention
+
+    backend = TritonBackend()
+    backend._allow_cpu = True
+    backend.name = "triton_interpreted"
+    register_backend(backend)
+    decoded: list[bool] = []
+    original = launch._decode
+
+    def spy(request: object, softcap: object) -> Tensor:
+        decoded.append(True)
+        return original(request, softcap)  # type: ignore[arg-type]
+
+    launch._decode = spy  # type: ignore[assignment]
+    try:
+        torch.manual_seed(0)
+        mha = MultiHeadAttention(64, num_heads=4, num_kv_heads=2, backend=backend.name).half()
+        x = torch.randn(1, 260, 64).half()
+        cache = mha.make_kv_cache(batch_size=1, max_len=260)
+        with torch.no_grad():
+            mha(x[:, :258], causal=True, kv_cache=cache)  # prefill: the flash kernels
+            steps = [mha(x[:, t : t + 1], causal=True, kv_cache=cache)[0] for t in (258, 259)]
+            mha.backend = "reference"
+            full, _ = mha(x, causal=True)  # the whole sequence at once, reference backend
+    finally:
+        launch._decode = original  # type: ignore[assignment]
+        unregister_backend(backend.name)
+    assert len(decoded) == 2
+    for t, step in zip((258, 259), steps, strict=True):
+        torch.testing.assert_close(step.float(), full[:, t : t + 1].float(), rtol=2e-2, atol=2e-2)
