@@ -425,3 +425,11 @@ def test_multihead_kv_cache_decodes_through_the_triton_backend() -> None:
     assert len(decoded) == 2
     for t, step in zip((258, 259), steps, strict=True):
         torch.testing.assert_close(step.float(), full[:, t : t + 1].float(), rtol=2e-2, atol=2e-2)
+
+
+@interpreter
+def test_forced_decoding_refuses_what_it_cannot_compute() -> None:
+    x = random_inputs(1, 4, 2, 2, 40, 16).to(torch.float32, requires_grad=False)
+    request = build_request(x.q, x.k, x.v, bias=scores.alibi(4))
+    with pytest.raises(ValueError, match="decoding kernel cannot serve"):
+        triton_attention(request, decode=True)

@@ -578,11 +578,11 @@ def decode_split_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    KV_LENS, HKV, G, Nq, Nk, split_len, num_splits,
+    HKV, G, Nq, Nk, split_len, num_splits,
     sm_scale, softcap, causal_offset,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Split-KV decoding: one program per (split of the keys, batch * key/value head).
@@ -613,11 +613,8 @@ def decode_split_kernel(
         mask=r_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
-    kv_len = Nk
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b), Nk)
     start = pid_s * split_len
-    stop = tl.minimum(start + split_len, kv_len)
+    stop = tl.minimum(start + split_len, Nk)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)

@@ -82,9 +82,9 @@ def _bias_args(bias: Tensor | None, like: Tensor, shape: tuple[int, int, int, in
     return [full, *full.stride()]
 
 
-def _common(call: _Call, plan: MaskPlan) -> list[Any]:
-    bits_b, bits_h = plan.bits_strides()
-    return [plan.bits, bits_b, bits_h]
+def _bits_args(plan: MaskPlan) -> list[Any]:
+    """The partial-tile bitmap and its batch and head strides."""
+    return [plan.bits, *plan.bits_strides()]
 
 
 def _constexprs(
@@ -95,6 +95,7 @@ def _constexprs(
     plan: MaskPlan,
     transposed: bool = False,
 ) -> dict[str, Any]:
+    """Compile-time arguments: each distinct combination is one compiled kernel."""
     return {
         "D": q.shape[3],
         "DV": v.shape[3],
@@ -113,6 +114,7 @@ def _constexprs(
 
 
 def _scalars(call: _Call, plan: MaskPlan) -> list[Any]:
+    """Run-time scalars shared by every kernel, in kernel order."""
     return [
         call.request.scale,
         call.softcap or 1.0,
@@ -137,7 +139,7 @@ def _launch_forward(
         q, k, v, out, lse2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *plan.rows.args(),
-        *_common(call, plan),
+        *_bits_args(plan),
         *_bias_args(bias, q, (B, H, Nq, Nk)),
         H, H // Hkv, Nq, Nk,
         *_scalars(call, plan),
@@ -189,7 +191,7 @@ def _backward(
             q, k, v, dout, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *plan.cols.args(),
-            *_common(call, plan),
+            *_bits_args(plan),
             *bias_args,
             H, Hkv, H // Hkv, Nq, Nk,
             *_scalars(call, plan),
@@ -204,7 +206,7 @@ def _backward(
             q, k, v, dout, lse2, delta, dq, dbias,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             *plan.rows.args(),
-            *_common(call, plan),
+            *_bits_args(plan),
             *bias_args,
             H, H // Hkv, Nq, Nk,
             *_scalars(call, plan),
@@ -295,10 +297,10 @@ def _decode(request: AttentionRequest, softcap: float | None) -> Tensor:
     kernels.decode_split_kernel[(splits, B * Hkv)](
         q, k, v, part_o, part_lse,
         *q.stride(), *k.stride(), *v.stride(),
-        q, Hkv, G, Nq, Nk, split_len, splits,
+        Hkv, G, Nq, Nk, split_len, splits,
         request.scale, softcap or 1.0, offset,
         D=D, DV=Dv, BLOCK_D=_padded(D), BLOCK_DV=_padded(Dv), BLOCK_R=rows, BLOCK_N=block_n,
-        CAUSAL=request.causal is not None, HAS_LENS=False, SOFTCAP=softcap is not None,
+        CAUSAL=request.causal is not None, SOFTCAP=softcap is not None,
         PRECISION=precision, num_warps=4, num_stages=2,
     )  # fmt: skip
     out = q.new_empty(B, H, Nq, Dv)
@@ -342,16 +344,7 @@ def triton_attention(
         softcap = softcap_of(request.score_mod)
     use_decode = decode_eligible(request) if decode is None else decode
     if use_decode:
-        if not (
-            decode_eligible(request)
-            or (
-                request.q_len * request.group_size <= DECODE_MAX_ROWS
-                and request.mask is None
-                and request.bias is None
-                and request.dropout_p == 0
-                and not request.needs_grad
-            )
-        ):
+        if not _decode_serves(request):
             raise ValueError(f"the decoding kernel cannot serve this call ({request.describe()})")
         return _decode(request, softcap)
     bias = (

@@ -22,6 +22,7 @@ __all__ = ["KERNEL_DTYPES", "MAX_HEAD_DIM", "softcap_of", "triton_installed", "u
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 LAUNCHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+INDEX_LIMIT = 2**31
 
 
 @cache
@@ -90,4 +91,13 @@ def unsupported_reason(
         )
     if request.q_len == 0 or request.kv_len == 0 or request.batch == 0:
         return "empty sequences or batch"
+    # Kernel offsets are 32-bit where triton passes sizes that fit: stay below 2^31 elements.
+    largest = max(t.numel() for t in (request.q, request.k, request.v))
+    if largest >= INDEX_LIMIT:
+        return f"a tensor of {largest} elements; the kernels index up to 2^31 - 1"
+    if request.dropout_p > 0 and request.q_len * request.kv_len >= INDEX_LIMIT:
+        return (
+            "dropout needs Nq * Nk < 2^31 (its random stream is indexed by position); "
+            f"got {request.q_len} x {request.kv_len}"
+        )
     return None
