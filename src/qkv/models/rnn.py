@@ -190,6 +190,17 @@ class RNNDecoderState:
         self.encoded = self.encoded.select(indices)
 
 
+def _attention_dtype(query: Tensor) -> torch.dtype:
+    """The one dtype to hand the attention layer. Under autocast the recurrent and the linear
+    layers return different half dtypes (cuDNN RNNs run in float16 even in a bfloat16 region)
+    and a Luong ``general`` score's matmul re-casts the query to the autocast dtype, so every
+    input goes to that dtype; outside autocast, the query's."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return query.dtype
+
+
 class RNNSeq2Seq(nn.Module):
     """RNN encoder-decoder implementing :class:`~qkv.models.base.Seq2SeqModel`.
 
@@ -355,11 +366,15 @@ class RNNSeq2Seq(nn.Module):
         """``query (B, H)`` or ``(B, Nt, H)`` -> context ``(B, [Nt,] 2H)`` and weights
         ``(B, [Nt,] Ns)`` or None."""
         assert self.attention is not None  # callers check attention != "none"
-        # Under autocast the recurrent layers and the linear ones return different half dtypes
-        # (cuDNN RNNs run in float16 even in a bfloat16 region); the layer needs one.
-        keys = encoded.extras.get("keys", encoded.memory).to(query.dtype)
-        values = encoded.memory.to(query.dtype)
-        return self.attention(query, keys, values, encoded.source_mask, need_weights=need_weights)
+        keys = encoded.extras.get("keys", encoded.memory)
+        dtype = _attention_dtype(query)
+        return self.attention(
+            query.to(dtype),
+            keys.to(dtype),
+            encoded.memory.to(dtype),
+            encoded.source_mask,
+            need_weights=need_weights,
+        )
 
     def _step(
         self, state: RNNDecoderState, embedded: Tensor, *, need_weights: bool
