@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qkv.decode import (
     PrefixRecompute,
@@ -16,6 +17,7 @@ from qkv.decode import (
     length_penalty,
 )
 from qkv.models import RNNConfig, TransformerConfig, build_model
+from test_models import OVERFIT, reversal_pairs
 
 SRC_V, TGT_V = 19, 11  # a small target vocabulary, so that eos comes up now and then
 
@@ -173,3 +175,27 @@ def test_argument_errors_name_the_argument() -> None:
         greedy_decode(torch.nn.Linear(2, 2), source, max_len=4)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="source must be int64"):
         greedy_decode(model, source.float(), max_len=4)
+
+
+@pytest.mark.parametrize("name", ["transformer", "rnn-bahdanau-gru"])
+def test_trained_model_decodes_its_task(name: str) -> None:
+    """Once teacher forcing is right at every position, greedy decoding must reproduce every
+    target exactly, and a beam should find the same outputs."""
+    config, lr = OVERFIT[name]
+    torch.manual_seed(0)
+    model = build_model(config.replace(dropout=0.0))
+    source, target_in, target_out = reversal_pairs()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(150):
+        logits = model(source, target_in)
+        wrong = (logits.argmax(-1) != target_out) & (target_out != 0)
+        if not wrong.any():
+            break  # before another step could change the model
+        loss = F.cross_entropy(logits.flatten(0, 1), target_out.flatten(), ignore_index=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not wrong.any(), f"{name} did not fit the 32 pairs in 150 steps"
+    expected = [row[row != 0].flip(0).tolist() for row in source]
+    assert greedy_decode(model, source, max_len=8) == expected
+    assert beam_search(model, source, beam_size=4, max_len=8) == expected
