@@ -187,3 +187,27 @@ def test_train_save_load_classify_round_trip(tmp_path) -> None:  # type: ignore[
         ValueError, match=r"unknown label 'great'; this model knows 'meh', 'neg', 'pos'"
     ):
         evaluate_classifier(classifier, [LabeledText("good", "great")])
+
+
+def test_padded_bigru_equals_a_packed_bidirectional_gru() -> None:
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from qkv.models.classifier import PaddedBiGRU
+
+    torch.manual_seed(2)
+    ours = PaddedBiGRU(5, 7)
+    packed_gru = nn.GRU(5, 7, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(packed_gru, name).copy_(getattr(ours.forward_gru, name))
+            getattr(packed_gru, name + "_reverse").copy_(getattr(ours.backward_gru, name))
+    x = torch.randn(3, 6, 5)
+    lengths = torch.tensor([6, 2, 4])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    states, final = ours(x, mask)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, h = packed_gru(packed)
+    expected, _ = pad_packed_sequence(out, batch_first=True, total_length=6)
+    assert torch.allclose(states, expected, atol=1e-6)
+    assert torch.allclose(final, torch.cat([h[0], h[1]], dim=-1), atol=1e-6)

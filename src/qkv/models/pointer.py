@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qkv.functional.attention import attention
+from qkv.models.classifier import PaddedBiGRU
 
 __all__ = [
     "POINTER_PRESETS",
@@ -184,7 +184,7 @@ class PointerGenerator(nn.Module):
         self.config = c = config
         M, H = c.embed_dim, c.hidden_dim
         self.embed = nn.Embedding(c.vocab_size, M, padding_idx=PAD_ID)
-        self.encoder = nn.GRU(M, H, batch_first=True, bidirectional=True)
+        self.encoder = PaddedBiGRU(M, H)
         self.bridge = nn.Linear(2 * H, H)  # joined final states -> decoder start state
         self.decoder = nn.GRU(M, H, batch_first=True)
         self.key_proj = nn.Linear(2 * H, H, bias=False)  # Luong "general": s^T (W h)
@@ -210,14 +210,8 @@ class PointerGenerator(nn.Module):
         """
         self._check_source(source, source_ext, num_oov)
         mask = source != PAD_ID  # (B, Ns)
-        lengths = mask.sum(dim=1).clamp(min=1).cpu()  # an empty source reads one pad token
-        packed = pack_padded_sequence(
-            self.drop(self.embed(source)), lengths, batch_first=True, enforce_sorted=False
-        )
-        out, final = self.encoder(packed)
-        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=source.shape[1])
-        joined = torch.cat([final[0], final[1]], dim=-1)  # (B, 2H): forward and backward ends
-        h0 = torch.tanh(self.bridge(joined)).unsqueeze(0)  # (1, B, H)
+        memory, final = self.encoder(self.drop(self.embed(source)), mask)  # (B, Ns, 2H), (B, 2H)
+        h0 = torch.tanh(self.bridge(final)).unsqueeze(0)  # (1, B, H)
         keys = self.key_proj(memory)  # (B, Ns, H)
         return PointerEncoding(memory, keys, mask, source_ext, num_oov, h0)
 
