@@ -319,7 +319,8 @@ class RNNSeq2Seq(nn.Module):
                 raise ValueError(f"{name} must have shape (1, N); got {tuple(ids.shape)}")
         with torch.no_grad():
             _, weights = self._decode(self.encode(source), target_in, need_weights=True)
-        assert weights is not None  # asked for, and the model has attention
+        if weights is None:  # unreachable: asked for, and the model has attention
+            raise RuntimeError("the decoder returned no attention weights")
         result = weights[0]  # (Nt, Ns)
         if per_head:
             result = result.unsqueeze(0)  # (1, Nt, Ns)
@@ -365,7 +366,8 @@ class RNNSeq2Seq(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``query (B, H)`` or ``(B, Nt, H)`` -> context ``(B, [Nt,] 2H)`` and weights
         ``(B, [Nt,] Ns)`` or None."""
-        assert self.attention is not None  # callers check attention != "none"
+        if self.attention is None:
+            raise ValueError('this model has attention="none": there is nothing to attend with')
         keys = encoded.extras.get("keys", encoded.memory)
         dtype = _attention_dtype(query)
         return self.attention(
