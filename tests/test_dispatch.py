@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 import qkv
-from qkv import backends, scores
+from qkv import backends, masks, scores
 from qkv.request import AttentionRequest
 
 
@@ -92,3 +92,86 @@ def test_register_rejects_non_backends() -> None:
         TypeError, match=r"backend must have name, supports\(\) and forward\(\); got object"
     ):
         qkv.register_backend(object())  # type: ignore[arg-type]
+
+
+# --- the auto policy -------------------------------------------------------------------------
+
+
+def chosen(B: int, H: int, N: int, D: int, **kwargs: object) -> qkv.Explanation:
+    g = torch.Generator().manual_seed(N)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    return qkv.explain(q, k, v, **kwargs)  # type: ignore[arg-type]
+
+
+def test_auto_keeps_small_training_calls_on_sdpa() -> None:
+    # B=64, N=20, D=32 batches with padding: SDPA is the fastest there (benchmarks/small_calls.py)
+    lengths = torch.randint(1, 21, (64,), generator=torch.Generator().manual_seed(1))
+    padding = (torch.arange(20) < lengths[:, None])[:, None, None, :]
+    for kwargs in (
+        {},
+        {"causal": True},
+        {"mask": masks.key_padding(lengths)},
+        {"mask": padding},
+        {"mask": padding, "causal": True},
+    ):
+        explanation = chosen(64, 8, 20, 32, **kwargs)
+        assert explanation.chosen == "sdpa", explanation
+        assert "could serve, estimated" in str(explanation)
+
+
+def test_auto_keeps_long_plain_calls_on_sdpa() -> None:
+    for kwargs in ({}, {"causal": True}):
+        assert chosen(1, 8, 4096, 64, **kwargs).chosen == "sdpa"
+
+
+def test_auto_takes_chunked_where_the_mask_skips_most_tiles() -> None:
+    n = 8192
+    ids = torch.arange(n) * 16 // n
+    for mask in (masks.sliding_window(255), masks.document(ids)):
+        explanation = chosen(1, 8, n, 64, mask=mask)
+        assert explanation.chosen == "chunked", explanation
+        assert explanation.costs["chunked"] * 5 < explanation.costs["sdpa"]
+
+
+def test_auto_takes_chunked_where_a_dense_mask_would_exceed_the_memory_limit() -> None:
+    # A mask function without a tile classifier skips nothing, so on time alone SDPA wins; at
+    # N=16384 its dense mask needs more than MEMORY_LIMIT_BYTES.
+    def near(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q - kv).abs() < 1000
+
+    assert chosen(1, 8, 2048, 64, mask=near).chosen == "sdpa"
+    explanation = chosen(1, 8, 16384, 64, mask=near)
+    assert explanation.chosen == "chunked"
+    assert "over auto's 1 GiB limit" in str(explanation)
+    assert explanation.memory["sdpa"] is not None
+    assert explanation.memory["sdpa"] > backends.MEMORY_LIMIT_BYTES
+
+
+def test_auto_weights_small_on_reference_large_on_chunked() -> None:
+    assert chosen(2, 4, 50, 16, return_weights=True).chosen == "reference"
+    large = chosen(1, 8, 8192, 64, return_weights=True)
+    assert large.chosen == "chunked"
+    assert "reference: could serve, but needs" in str(large)
+
+
+class CheapToy(DoubledReference):
+    """A user backend with a cost estimate lower than every built-in one."""
+
+    name = "cheap"
+
+    def cost_estimate(self, request: AttentionRequest) -> float:
+        return 0.0
+
+
+def test_user_backend_with_a_cost_estimate_competes_on_it() -> None:
+    q, k, v = inputs()
+    toy = CheapToy()
+    qkv.register_backend(toy, auto_priority=len(backends.AUTO_ORDER))  # last in line
+    try:
+        assert qkv.explain(q, k, v).chosen == "cheap"
+        torch.testing.assert_close(
+            qkv.attention(q, k, v), qkv.attention(q, k, v, backend="reference") * 2
+        )
+    finally:
+        backends.unregister_backend("cheap")
+    assert qkv.explain(q, k, v).chosen == "sdpa"

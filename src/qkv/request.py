@@ -200,7 +200,11 @@ class AttentionRequest:
 
     def dense_mask_elements(self) -> int:
         """Entries of the mask a dense backend materializes (0 if none): the broadcast shape a
-        mask function produces, found by evaluating it on a 2 x 2 corner."""
+        mask function produces, found (once per request) by evaluating it on a 2 x 2 corner."""
+        return self._dense_mask_elements
+
+    @cached_property
+    def _dense_mask_elements(self) -> int:
         if self.mask_fn is None:
             return 0
         corner = self.mask_fn(*self.indices((0, min(2, self.q_len)), (0, min(2, self.kv_len))))

@@ -62,11 +62,16 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from qkv.backends.block_mask import (
+    EMPTY,
+    FULL,
+    UNKNOWN,
     BlockMask,
     block_mask_for,
     build_block_mask,
     default_tile_sizes,
+    hinted_status,
 )
+from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
@@ -235,14 +240,16 @@ class _Running:
 def _forward(plan: _Plan) -> tuple[Tensor, Tensor]:
     """Online-softmax forward (FlashAttention-2, Algorithm 1).
 
-    Returns ``out (B, Hq, Nq, Dv)`` in the input dtype and ``lse (B, Hq, Nq)`` in the stats dtype
-    (``+inf`` on rows with nothing to attend).
+    Returns ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)``, both in the stats dtype (``+inf``
+    on rows with nothing to attend). The output stays in the stats dtype for backward's
+    ``D_i = rowsum(dO * O)``: from a float16/bfloat16-rounded ``O`` its error, multiplied into
+    every ``dS``, adds up in the gradient of a bias shared across positions.
     """
     request, block = plan.request, plan.block
     q, v = request.q, request.v
     B, Hq, Nq, Dv = request.batch, request.q_heads, request.q_len, request.value_dim
     sd = stats_dtype(request.dtype)
-    out = q.new_empty(B, Hq, Nq, Dv)
+    out = q.new_empty(B, Hq, Nq, Dv, dtype=sd)
     lse = q.new_empty(B, Hq, Nq, dtype=sd)
     for i in range(block.status.shape[0]):
         q_range = block.q_range(i)
@@ -450,11 +457,11 @@ class _ChunkedAttention(torch.autograd.Function):
         bias: Tensor | None,
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        out, lse = _forward(plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out_sd, lse = _forward(plan)  # stats dtype; a copy in the input dtype is returned
+        ctx.save_for_backward(q, k, v, out_sd, lse)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out_sd.to(q.dtype), lse
 
     @staticmethod
     @once_differentiable
@@ -582,7 +589,9 @@ def chunked_attention(
 
 
 class ChunkedBackend:
-    """Exact attention in ``O(N)`` memory on any device; serves every request.
+    """Exact attention in ``O(N)`` memory on any device; serves every request. In ``auto`` it
+    wins where its cost estimate beats SDPA's (a mask that lets it skip most tiles at long
+    lengths) or where the dense paths would need more than ``MEMORY_LIMIT_BYTES``.
 
     Dropout masks come from a seed drawn from PyTorch's default CPU generator at each call, so
     ``torch.manual_seed(s)`` before a call (forward and its backward) reproduces it.
@@ -638,6 +647,47 @@ class ChunkedBackend:
         if request.return_weights:
             total += request.score_elements * in_bytes
         return total
+
+    def tile_census(self, request: AttentionRequest) -> tuple[int, int, int]:
+        """``(visited, masked, unknown)`` tiles of a call, known without evaluating any mask:
+        tiles computed, tiles on which the mask is evaluated, and of those the ones whose
+        state is only found by evaluating the mask (a user's mask function, a mask tensor)."""
+        tile_q, tile_kv = self.tile_sizes(request)
+        if isinstance(request.mask, BlockMask):
+            status = request.mask.status
+        elif request.q_len <= tile_q and request.kv_len <= tile_kv:  # one tile: skip the work
+            return 1, int(request.has_mask), int(request.has_mask)
+        else:
+            status = hinted_status(
+                request.mask_fn,
+                isinstance(request.mask, Tensor),
+                request.q_len,
+                request.kv_len,
+                tile_q,
+                tile_kv,
+            )
+        visited = int((status != EMPTY).sum())
+        unknown = int((status == UNKNOWN).sum())
+        return visited, visited - int((status == FULL).sum()), unknown
+
+    def cost_estimate(self, request: AttentionRequest) -> float:
+        """Seconds, roughly: the matmuls of the visited tiles at 80% of the fused rate, about
+        eight elementwise passes over each visited score tile, a dozen tensor ops per tile (the
+        Python loop), the mask on the tiles where it is evaluated, and for tiles of unknown state
+        the summary's own evaluation. Backward counted as 2.5x forward, per-tile ops 3x."""
+        rates = device_rates(request.device)
+        tile_q, tile_kv = self.tile_sizes(request)
+        tq, tk = min(tile_q, request.q_len), min(tile_kv, request.kv_len)
+        visited, masked, unknown = self.tile_census(request)
+        pairs = request.batch * request.q_heads * tq * tk  # entries of one score tile
+        flops = 2.0 * pairs * (request.head_dim + request.value_dim) * visited
+        work = flops / (0.8 * rates.matmul_flops) + 8 * visited * pairs * rates.element_seconds
+        work += masked * tq * tk * 8 * rates.element_seconds
+        ops = (12 * visited + 4 * masked + 30) * rates.op_seconds
+        summary = unknown * (tq * tk * 8 * rates.element_seconds + 4 * rates.op_seconds)
+        if request.needs_grad:
+            work, ops = work * 3.5, ops * 3
+        return work + ops + summary
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         return chunked_attention(

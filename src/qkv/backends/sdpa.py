@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.backends.registry import dense_build_seconds, device_rates
 from qkv.request import AttentionRequest
 from qkv.scores import is_additive
 
@@ -45,6 +46,22 @@ class SdpaBackend:
         if request.score_mod is not None:
             bias_elements += request.q_heads * request.q_len * request.kv_len
         return linear + mask_elements * 13 + bias_elements * 2 * request.q.element_size()
+
+    def cost_estimate(self, request: AttentionRequest) -> float:
+        """Seconds, roughly: the fused kernel's matmuls at the device's matmul rate (half of them
+        for ``is_causal``, which skips the masked half), plus, for a call that is not plain,
+        building the dense mask or bias and two passes over it inside the kernel. Backward
+        counted as 2.5x forward."""
+        rates = device_rates(request.device)
+        flops = 2.0 * request.score_elements * (request.head_dim + request.value_dim)
+        plain = _is_plain(request)
+        if plain and request.causal is not None:
+            flops /= 2
+        seconds = flops / rates.matmul_flops + 4 * rates.op_seconds
+        if not plain:
+            seconds += dense_build_seconds(request, rates)
+            seconds += 2 * request.score_elements * rates.element_seconds
+        return seconds * (3.5 if request.needs_grad else 1.0)
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         attn_mask, is_causal = _sdpa_mask(request)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, overload
 
 from torch import Tensor
 
 from qkv.backends import Backend, select_backend
+from qkv.backends.registry import format_ms
 from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_request
 
 __all__ = ["Explanation", "attention", "explain"]
@@ -123,23 +124,28 @@ def attention(
 
 @dataclass(frozen=True)
 class Explanation:
-    """What :func:`explain` found: the backend ``auto`` (or the named backend) picks, and for
-    every other registered backend the reason it was passed over (None if it could serve)."""
+    """What :func:`explain` found: the backend ``auto`` (or the named backend) picks, for every
+    other registered backend the reason it cannot serve the call (None if it could), why each
+    one that could was passed over, the cost estimates (seconds) and the expected peak extra
+    memory (bytes) of those that give them."""
 
     chosen: str
     reasons: dict[str, str | None]
     call: str
     memory: dict[str, int | None]
+    passed_over: dict[str, str] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
             f"call: {self.call}",
-            f"backend: {self.chosen}{_mib(self.memory.get(self.chosen))}",
+            f"backend: {self.chosen}{_figures(self.costs.get(self.chosen), self.memory.get(self.chosen))}",
         ]
         for name, reason in self.reasons.items():
             if name != self.chosen:
-                why = reason or _why_not_chosen(name)
-                lines.append(f"  {name}: {why}{_mib(self.memory.get(name))}")
+                why = reason or self.passed_over.get(name) or _why_not_chosen(name)
+                figures = "" if reason else _figures(None, self.memory.get(name))
+                lines.append(f"  {name}: {why}{figures}")
         return "\n".join(lines)
 
 
@@ -147,12 +153,17 @@ def _why_not_chosen(name: str) -> str:
     from qkv.backends import AUTO_ORDER
 
     if name in AUTO_ORDER:
-        return "could serve, but comes later in the auto order"
+        return "could serve, but another backend was named"
     return "could serve, but is not in the auto order (runs only when named)"
 
 
-def _mib(n: int | None) -> str:
-    return "" if n is None else f" (expected peak extra memory {n / 2**20:,.1f} MiB)"
+def _figures(seconds: float | None, memory: int | None) -> str:
+    parts = []
+    if seconds is not None:
+        parts.append(f"estimated {format_ms(seconds)}")
+    if memory is not None:
+        parts.append(f"expected peak extra memory {memory / 2**20:,.1f} MiB")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def explain(
@@ -160,15 +171,24 @@ def explain(
 ) -> Explanation:
     """Say which backend :func:`attention` would use for these arguments, and why not the others.
 
-    Takes exactly the arguments of :func:`attention`; computes nothing but the decision.
+    Takes exactly the arguments of :func:`attention`; computes nothing but the decision. With
+    ``backend="auto"`` the policy is :func:`qkv.backends.select_backend`'s: the cheapest cost
+    estimate among the backends that can serve, within the memory limit.
     """
     from qkv.backends import available_backends, get_backend
 
     request: AttentionRequest = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
-    chosen = select_backend(request, backend).backend.name
+    selection = select_backend(request, backend)
     reasons = {name: get_backend(name).supports(request) for name in available_backends()}
     memory = {name: memory_estimate(get_backend(name), request) for name in available_backends()}
-    return Explanation(chosen=chosen, reasons=reasons, call=request.describe(), memory=memory)
+    return Explanation(
+        chosen=selection.backend.name,
+        reasons=reasons,
+        call=request.describe(),
+        memory=memory,
+        passed_over=selection.passed_over(),
+        costs=selection.costs,
+    )
 
 
 def memory_estimate(backend: Backend, request: AttentionRequest) -> int | None:
