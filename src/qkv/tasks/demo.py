@@ -2,9 +2,11 @@
 held-out exact match, and draw what the attention learned.
 
 The settings below were tuned on a shared 2-core CPU (see docs/training.md): a tiny
-Transformer without dropout or label smoothing (50,000 pairs are plenty of data for it, and
-dropout alone cost about a quarter of each step), batches of 64, a cosine decay over 3,000 steps
-or 5 minutes, whichever ends first (so a slower machine trains fewer steps but still anneals),
+Transformer with rotary positions (with sinusoidal ones the only errors left were years copied
+from the end of the longest sources; relative positions fixed them and learned about three times
+faster), without dropout or label smoothing (50,000 pairs are plenty of data for it, and dropout
+alone cost about a quarter of each step), batches of 64, a cosine decay over 2,000 steps or 5
+minutes, whichever ends first (so a slower machine trains fewer steps but still anneals),
 and one CPU thread: these matrices are too small for a second thread to pay, and on a busy
 machine two threads per process made each step several times slower.
 """
@@ -78,13 +80,13 @@ def demo_configs(*, quick: bool, seed: int = 0, device: str = "auto") -> tuple[A
         data_options=data_options,
         model="transformer",
         preset="tiny",
-        model_overrides={"dropout": 0.0},
+        model_overrides={"dropout": 0.0, "positional": "rope"},
         label_smoothing=0.0,
         metric="exact_match",
         batch_size=64,
         valid_size=100 if quick else 500,
     )
-    steps = 40 if quick else 3000
+    steps = 40 if quick else 2000
     training = TrainConfig(
         lr=2e-3,
         warmup_steps=10 if quick else 100,
