@@ -221,21 +221,25 @@ def test_cli_train_writes_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[
     argv += [
         "--preset",
         "tiny",
-        "--steps",
-        "3",
         "--eval-every",
         "3",
         "--out",
         str(tmp_path / "m"),
         "--quiet",
     ]
-    assert main([*argv, "--device", "cpu", "--tokenizer", "char"]) == 0
+    assert main([*argv, "--steps", "3", "--device", "cpu", "--tokenizer", "char"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model"]["kind"] == "rnn" and config["model"]["attention"] == "luong"
     # Running again into the same folder needs --resume or --overwrite.
     assert main([*argv, "--device", "cpu"]) == 2
     assert "already holds a qkv model" in capsys.readouterr().err
+    # --resume without limits keeps the saved ones (3 steps: nothing left to do) ...
+    assert main([*argv, "--device", "cpu", "--resume"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    # ... and with --steps continues to the new limit.
+    assert main([*argv, "--device", "cpu", "--resume", "--steps", "5"]) == 0
+    assert "trained 5 steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,18 @@ def _translation_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _resume_limits(args: argparse.Namespace, training: TrainConfig) -> TrainConfig:
+    """On ``--resume`` without ``--steps``/``--minutes``, keep the saved run's limits."""
+    if not args.resume or args.steps is not None or args.minutes is not None:
+        return training
+    from dataclasses import replace
+
+    from qkv.train import TrainConfig, read_config
+
+    saved = TrainConfig.from_dict(read_config(args.out)["training"])
+    return replace(training, max_steps=saved.max_steps, max_minutes=saved.max_minutes)
+
+
 def _run_translation(args: argparse.Namespace) -> int:
     import logging
 
@@ -249,7 +261,7 @@ def _run_translation(args: argparse.Namespace) -> int:
     progress = TrainProgress(quiet=args.quiet)
     outcome = train_translation(
         _translation_config(args),
-        training_config(args),
+        _resume_limits(args, training_config(args)),
         args.out,
         resume=args.resume,
         overwrite=args.overwrite,
