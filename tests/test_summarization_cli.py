@@ -34,9 +34,11 @@ def test_train_summarize_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0 and "trained 40 steps" in capsys.readouterr().out
     document = tmp_path / "doc.txt"
     document.write_text("the function kilo returns a list . it never fails .\n")
-    assert main(["summarize", "--model", str(out), str(document), "--json"]) == 0
+    page = tmp_path / "explain.html"
+    code = main(["summarize", "--model", str(out), str(document), "--json", "--explain", str(page)])
     result = json.loads(capsys.readouterr().out)
-    assert result["summary"] == "return kilo list" and "kilo" in result["copied"]
+    assert code == 0 and result["summary"] == "return kilo list" and "kilo" in result["copied"]
+    assert "return kilo list" in page.read_text() and page.read_text().count('class="tok"') == 11
     code = main(
         ["evaluate", "--model", str(out), "--data", str(data), "--split", "train", "--limit", "6"]
     )

@@ -34,6 +34,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--json", action="store_true", help="print JSON lines (summary and copied words)"
     )
+    p.add_argument(
+        "--explain",
+        type=Path,
+        default=None,
+        metavar="FILE.html",
+        help="write a page shading each document's words by the attention the summary paid them",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_run_summarize)
 
@@ -60,14 +67,34 @@ def _run_summarize(args: argparse.Namespace) -> int:
     summarizer = Summarizer.load(args.model)
     summarizer.model.to(args.device)
     documents = read_documents(args.input, lines=args.lines)
-    for summary in summarizer.summarize(documents):
+    summaries = summarizer.summarize(documents)
+    for summary in summaries:
         if args.json:
             source = set(summary.source_words)
             copied = [w for w in summary.words if w in source]
             print(json.dumps({"summary": summary.text, "copied": copied}))
         else:
             print(summary.text)
+    if args.explain is not None:
+        args.explain.write_text(explanation_page(summaries), encoding="utf-8")
+        print(f"explanation page: {args.explain}", file=sys.stderr)
     return 0
+
+
+def explanation_page(summaries: list[Any]) -> str:
+    """HTML: each summary above its document, the document's words shaded by the attention
+    summed over the summary's steps (where the decoder looked, and copied from)."""
+    from qkv.viz import html_document, shade_tokens_html
+
+    fragments = []
+    for summary in summaries:
+        weights = summary.attention.sum(dim=0)  # (Ns,)
+        if not summary.source_words or weights.numel() == 0:
+            continue
+        fragments.append(
+            shade_tokens_html(summary.source_words, weights, label=summary.text, document=False)
+        )
+    return html_document(fragments, title="qkv summarize --explain")
 
 
 # --------------------------------------------------------------------------------------------
