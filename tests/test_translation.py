@@ -202,7 +202,10 @@ def test_cli_translate_file_stdin_and_attention(
 
 
 def test_cli_evaluate_json_and_plot(
-    trained: tuple[Path, list[tuple[str, str]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: tuple[Path, list[tuple[str, str]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("matplotlib")
     folder, _ = trained
@@ -213,6 +216,16 @@ def test_cli_evaluate_json_and_plot(
     assert report["exact_match"] == 1.0 and report["count"] == 32
     assert report["chrf"] == 100.0 and len(report["by_length"]) == 2
     assert plot.stat().st_size > 1000
+    # Several models: a list in JSON, one line each in the plot (same names made distinct).
+    drawn: list[list[str]] = []
+    monkeypatch.setattr(
+        "qkv.tasks.evaluation.plot_scores_by_length",
+        lambda series, path, **kw: drawn.append(list(series)) or Path(path),
+    )
+    assert main([*argv, "--model", str(folder), "--limit", "8"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["count"] for r in reports] == [8, 8]
+    assert len(drawn) == 1 and len(set(drawn[0])) == 2
 
 
 def test_cli_train_writes_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

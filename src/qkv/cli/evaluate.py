@@ -114,12 +114,16 @@ def _print_translation(report: dict[str, Any]) -> None:
 def _plot(args: argparse.Namespace, reports: list[dict[str, Any]]) -> Path | None:
     from qkv.tasks.evaluation import BucketScores, TranslationScores, plot_scores_by_length
 
+    translations = [r for r in reports if r.get("task") == "translation"]
+    names = [Path(r["model"]).name or r["model"] for r in translations]
+    if len(set(names)) < len(names):  # e.g. a/model and b/model: show the paths
+        names = [r["model"] for r in translations]
+    if len(set(names)) < len(names):  # the same folder twice
+        names = [f"{name} ({i})" for i, name in enumerate(names, start=1)]
     series = {}
-    for r in reports:
-        if r.get("task") != "translation":
-            continue
+    for name, r in zip(names, translations, strict=True):
         buckets = [BucketScores(**b) for b in r["by_length"]]
-        series[Path(r["model"]).name or r["model"]] = TranslationScores(
+        series[name] = TranslationScores(
             r["count"], r["bleu"], r["chrf"], r["exact_match"], buckets
         )
     if not series:
