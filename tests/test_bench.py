@@ -53,3 +53,40 @@ def test_bench_smoke_writes_table_json_and_plot(
     assert len(rows) == 4 and all(r["error"] is None and r["seconds"] > 0 for r in rows)
     assert {r["ratio_to_sdpa"] for r in rows if r["backend"] == "sdpa"} == {1.0}
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_bench_prebuilds_dense_masks_for_sdpa_and_block_masks_for_chunked(tmp_path: Path) -> None:
+    argv = [
+        "bench",
+        "--n",
+        "40",
+        "--masks",
+        "sliding_window,relative_bias",
+        "--backends",
+        "sdpa,chunked",
+        "--modes",
+        "fwd+bwd",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--window",
+        "8",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    labels = [(r["mask_kind"], r["backend"], r["prebuilt"]) for r in rows]
+    assert labels == [
+        ("sliding_window", "sdpa", True),
+        ("sliding_window", "chunked", False),
+        ("sliding_window", "chunked", True),
+        ("relative_bias", "sdpa", True),
+        ("relative_bias", "chunked", False),
+    ]
+    assert all(r["error"] is None and r["ratio_to_sdpa"] > 0 for r in rows)
+    # SDPA was handed the dense bool mask (40 x 40 bytes) and the dense float bias (2 x 40 x 40).
+    assert [r["given_bytes"] for r in rows if r["backend"] == "sdpa"] == [1600, 2 * 1600 * 4]

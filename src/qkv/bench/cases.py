@@ -10,14 +10,21 @@ import torch
 
 from qkv import masks, scores
 
-MASK_KINDS = ("none", "causal", "sliding_window", "documents", "alibi")
+MASK_KINDS = ("none", "causal", "sliding_window", "documents", "alibi", "relative_bias")
+#: Mask kinds whose mask the chunked backend can summarise once into a reusable BlockMask.
+BLOCK_MASK_KINDS = ("causal", "sliding_window", "documents")
 Mode = Literal["fwd", "fwd+bwd"]
 
 
 @dataclass(frozen=True)
 class BenchCase:
     """One timed call: ``backend`` on q ``(batch, heads, seq_len, head_dim)``, k and v
-    ``(batch, kv_heads, seq_len, head_dim)``, with the mask ``mask_kind``."""
+    ``(batch, kv_heads, seq_len, head_dim)``, with the mask ``mask_kind``.
+
+    ``prebuilt``: the mask or bias is built before the timed calls and passed in, as a user
+    who reuses it across calls would: the equivalent dense bool mask or float bias for SDPA and
+    the reference ("given the equivalent dense mask"), a :class:`BlockMask` for chunked.
+    """
 
     backend: str
     mask_kind: str
@@ -32,6 +39,7 @@ class BenchCase:
     window: int = 256
     documents: int = 16
     repeats: int = 3
+    prebuilt: bool = False
 
     def __post_init__(self) -> None:
         if self.mask_kind not in MASK_KINDS:
@@ -46,6 +54,14 @@ class BenchCase:
     def label(self) -> str:
         return f"{self.mask_kind} N={self.seq_len} {self.mode}"
 
+    @property
+    def backend_label(self) -> str:
+        """The backend column: ``chunked+bm`` with a prebuilt block mask, ``sdpa+dense`` with
+        a prebuilt dense mask or bias."""
+        if not self.prebuilt:
+            return self.backend
+        return f"{self.backend}+bm" if self.backend == "chunked" else f"{self.backend}+dense"
+
     def attention_kwargs(self) -> dict[str, Any]:
         """The mask, causal flag and bias arguments for :func:`qkv.attention`."""
         n = self.seq_len
@@ -59,6 +75,10 @@ class BenchCase:
             return {"mask": masks.document(ids)}
         if self.mask_kind == "alibi":
             return {"bias": scores.alibi(self.heads)}
+        if self.mask_kind == "relative_bias":  # a learnable additive score function
+            torch.manual_seed(1)
+            bias = scores.RelativePositionBias(self.heads, max_distance=128).to(self.device)
+            return {"bias": bias}
         return {}
 
     def to_json(self) -> dict[str, Any]:
@@ -73,8 +93,20 @@ def expand_sweep(
     modes: list[Mode],
     **fixed: Any,
 ) -> list[BenchCase]:
-    """Every combination, ordered so one table row (mask, N, mode) has its backends together."""
-    return [
-        BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, **fixed)
-        for m, n, mode, b in itertools.product(mask_kinds, seq_lens, modes, backends)
-    ]
+    """Every combination, ordered so one table row (mask, N, mode) has its backends together.
+
+    SDPA and the reference get a masked kind's mask or bias prebuilt as a dense tensor (what
+    they would be given in practice); chunked runs twice on the kinds of
+    :data:`BLOCK_MASK_KINDS`: summarising the mask in the call, and with a prebuilt block mask.
+    """
+    cases = []
+    for m, n, mode, b in itertools.product(mask_kinds, seq_lens, modes, backends):
+        dense = b in ("sdpa", "reference") and m not in ("none", "causal")
+        cases.append(
+            BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, prebuilt=dense, **fixed)
+        )
+        if b == "chunked" and m in BLOCK_MASK_KINDS:
+            cases.append(
+                BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, prebuilt=True, **fixed)
+            )
+    return cases

@@ -16,11 +16,17 @@ import time
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from qkv.backends import get_backend
+from qkv.backends import select_backend
+from qkv.backends.block_mask import build_block_mask
 from qkv.bench.cases import BenchCase
 from qkv.functional.attention import attention, memory_estimate
-from qkv.request import build_request
+from qkv.request import AttentionRequest, build_request
+
+#: Query rows per strip when a dense mask or bias is prebuilt, so building it never needs more
+#: than the result plus a strip of index arithmetic.
+STRIP = 256
 
 
 def attended_pairs(case: BenchCase) -> int:
@@ -51,6 +57,53 @@ def flops(case: BenchCase, pairs: int) -> float:
     return forward if case.mode == "fwd" else 3.5 * forward
 
 
+def prebuilt_kwargs(case: BenchCase, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
+    """The call's keyword arguments with the mask or bias built ahead of the timed calls (see
+    :class:`BenchCase`): a :class:`BlockMask` for chunked, else a dense bool mask
+    ``(1, 1, N, N)`` or float bias ``(1, H, N, N)``, requiring grad in fwd+bwd for a learnable
+    bias."""
+    kwargs = case.attention_kwargs()
+    if not case.prebuilt:
+        return kwargs
+    n = case.seq_len
+    if case.backend == "chunked":
+        mask = kwargs.get("mask")
+        causal = kwargs.get("causal", False)
+        bm = build_block_mask(mask, q_len=n, kv_len=n, causal=causal, device=case.device)
+        rest = {key: val for key, val in kwargs.items() if key not in ("mask", "causal")}
+        return {"mask": bm, **rest}
+    request = build_request(q, k, v, **kwargs)
+    if request.score_mod is not None:
+        bias = _dense(request, lambda rows: _bias_strip(request, rows), torch.float32)
+        return {"bias": bias.to(q.dtype).requires_grad_(case.mode == "fwd+bwd")}
+    if request.mask is not None:
+        return {
+            "mask": _dense(
+                request, lambda rows: request.mask_tile(rows, request.full_kv), torch.bool
+            )
+        }
+    return kwargs
+
+
+def _bias_strip(request: AttentionRequest, rows: tuple[int, int]) -> Tensor:
+    zeros = torch.zeros((1, 1, 1, 1), device=request.device)
+    with torch.no_grad():
+        return request.modify_scores(zeros, rows, request.full_kv)
+
+
+def _dense(request: AttentionRequest, strip: Any, dtype: torch.dtype) -> Tensor:
+    """Fill a dense ``(1, H', N, N)`` tensor strip by strip (``H'`` = 1 or the heads the strip
+    spans)."""
+    n = request.q_len
+    first = strip((0, min(STRIP, n)))
+    heads = first.shape[1] if first.ndim == 4 else 1
+    out = torch.empty(1, heads, n, request.kv_len, dtype=dtype, device=request.device)
+    for lo in range(0, n, STRIP):
+        rows = (lo, min(lo + STRIP, n))
+        out[:, :, lo : rows[1]] = strip(rows)
+    return out
+
+
 def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -65,7 +118,8 @@ def measure(case: BenchCase) -> dict[str, Any]:
         torch.randn(s, dtype=case.torch_dtype, device=case.device, requires_grad=grad)
         for s in (shape_q, shape_kv, shape_kv)
     )
-    kwargs = case.attention_kwargs()
+    kwargs = prebuilt_kwargs(case, q, k, v)
+    given = sum(t.numel() * t.element_size() for t in kwargs.values() if isinstance(t, Tensor))
     cuda = q.device.type == "cuda"
 
     def call() -> None:
@@ -76,7 +130,8 @@ def measure(case: BenchCase) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    estimate = memory_estimate(get_backend(case.backend), build_request(q, k, v, **kwargs))
+    request = build_request(q, k, v, **kwargs)
+    estimate = memory_estimate(select_backend(request, case.backend).backend, request)
     baseline = _max_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -92,6 +147,7 @@ def measure(case: BenchCase) -> dict[str, Any]:
         "seconds": statistics.median(times),
         "peak_extra_bytes": max(0, peak - baseline),
         "estimated_bytes": estimate,
+        "given_bytes": given,
     }
 
 

@@ -13,18 +13,18 @@ def _mib(n: int | None) -> str:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<10} {'ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} {'est MiB':>8} {'x sdpa':>7}"
+    header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<12} {'ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} {'given MiB':>9} {'est MiB':>8} {'x sdpa':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         c = r.case
-        head = f"{c.mask_kind:<15} {c.seq_len:>6} {c.mode:<8} {c.backend:<10}"
+        head = f"{c.mask_kind:<15} {c.seq_len:>6} {c.mode:<8} {c.backend_label:<12}"
         if r.error is not None:
             lines.append(f"{head} {'failed: ' + r.error}")
             continue
         assert r.seconds is not None and r.gflops is not None
         ratio = "-" if r.ratio_to_sdpa is None else f"{r.ratio_to_sdpa:.2f}"
         lines.append(
-            f"{head} {r.seconds * 1e3:>10.1f} {r.gflops:>8.1f} {_mib(r.peak_extra_bytes):>9} {_mib(r.estimated_bytes):>8} {ratio:>7}"
+            f"{head} {r.seconds * 1e3:>10.1f} {r.gflops:>8.1f} {_mib(r.peak_extra_bytes):>9} {_mib(r.given_bytes):>9} {_mib(r.estimated_bytes):>8} {ratio:>7}"
         )
     return "\n".join(lines)
 
@@ -56,9 +56,10 @@ def write_plot(results: list[BenchResult], path: Path) -> bool:
             for r in results
             if r.case.mask_kind == kind and r.case.mode == mode and r.error is None
         ]
-        for backend in dict.fromkeys(r.case.backend for r in chosen):
+        for backend in dict.fromkeys(r.case.backend_label for r in chosen):
             rows = sorted(
-                (r for r in chosen if r.case.backend == backend), key=lambda r: r.case.seq_len
+                (r for r in chosen if r.case.backend_label == backend),
+                key=lambda r: r.case.seq_len,
             )
             n = [r.case.seq_len for r in rows]
             axes[0][col].plot(n, [r.seconds for r in rows], marker="o", label=backend)

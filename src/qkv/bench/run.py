@@ -23,6 +23,7 @@ class BenchResult:
     seconds: float | None = None
     peak_extra_bytes: int | None = None
     estimated_bytes: int | None = None
+    given_bytes: int | None = None
     gflops: float | None = None
     ratio_to_sdpa: float | None = None
     error: str | None = None
@@ -33,6 +34,7 @@ class BenchResult:
             "seconds": self.seconds,
             "peak_extra_bytes": self.peak_extra_bytes,
             "estimated_bytes": self.estimated_bytes,
+            "given_bytes": self.given_bytes,
             "gflops": self.gflops,
             "ratio_to_sdpa": self.ratio_to_sdpa,
             "error": self.error,
@@ -78,6 +80,7 @@ def run_sweep(
             result.seconds = figures["seconds"]
             result.peak_extra_bytes = figures["peak_extra_bytes"]
             result.estimated_bytes = figures["estimated_bytes"]
+            result.given_bytes = figures.get("given_bytes", 0)
             key = (
                 case.mask_kind,
                 case.seq_len,
@@ -114,4 +117,5 @@ def _fill_ratios(results: list[BenchResult]) -> None:
 
 
 def _row_key(case: BenchCase) -> tuple[Any, ...]:
-    return tuple(v for k, v in case.to_json().items() if k != "backend")
+    """A table row: every field but the backend and whether its mask was prebuilt."""
+    return tuple(v for k, v in case.to_json().items() if k not in ("backend", "prebuilt"))
