@@ -266,7 +266,9 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFolderError(f"{folder}: no such model folder")
     file = folder / CONFIG_FILE
     if not file.is_file():
-        raise ModelFolderError(f"{folder}: not a qkv model folder (no {CONFIG_FILE})")
+        nested = [p.parent for p in sorted(folder.glob(f"*/{CONFIG_FILE}"))][:1]
+        hint = f"; did you mean {nested[0]}?" if nested else ""  # e.g. qkv-demo/model
+        raise ModelFolderError(f"{folder}: not a qkv model folder (no {CONFIG_FILE}){hint}")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
