@@ -364,38 +364,12 @@ def train_translation(
     """
     folder = Path(out)
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
-    model_config: dict[str, Any] | None = None
-    if resume:
-        config, training, model_config = _resumed_configs(folder, training)
-    splits = load_pairs(config.data, **config.data_options)
-    if not splits.train:
-        raise ValueError(f"data {config.data!r}: no training pairs")
-    validation = (splits.validation or splits.train)[: config.valid_size]
-    if resume:
-        tokenizer = PairTokenizer.load(folder)
-    else:
-        tokenizer = PairTokenizer.train(
-            splits.train,
-            mode=config.tokenizer_mode,
-            vocab_size=config.vocab_size,
-            shared=config.shared_vocab,
-        )
-    if config.max_decode_length is None:
-        config = replace(config, max_decode_length=_decode_length(splits.train, tokenizer))
-    seed_everything(training.seed)
-    if model_config is None:
-        model, model_config = build_translation_model(config, tokenizer)
-    else:
-        model = _build_from_dict(model_config)
-    state = None
-    if resume:
-        step = load_weights(model, folder)
-        state = load_training_state(folder, expected_step=step)
+    run = _prepare_run(config, training, folder, resume=resume)
     sections = {
         "task": TASK_NAME,
-        "translation": config.to_dict(),
-        "model": model_config,
-        "training": training.to_dict(),
+        "translation": run.config.to_dict(),
+        "model": run.model_config,
+        "training": run.training.to_dict(),
     }
 
     def save(module: nn.Module, training_state: dict[str, Any], step: int) -> None:
@@ -403,11 +377,62 @@ def train_translation(
             folder,
             model=module,
             config=sections,
-            tokenizer=tokenizer,
+            tokenizer=run.tokenizer,
             training_state=training_state,
             step=step,
         )
 
+    context = init_from_env(resolve_device(run.training.device))
+    trainer = Trainer(
+        run.model,
+        TranslationTask(run.tokenizer, run.validation, run.config),
+        _batches(run.splits.train, run.tokenizer, run.config, run.training.seed, context),
+        run.training,
+        save=save,
+        on_step=on_step,
+        on_eval=on_eval,
+        distributed=context,
+    )
+    result = trainer.fit(resume=run.resume_state)
+    return TranslationOutcome(folder, result, run.config, run.splits)
+
+
+@dataclass
+class _Run:
+    """Everything a training run starts from, fresh or resumed."""
+
+    config: TranslationConfig
+    training: TrainConfig
+    splits: Splits[Pair]
+    validation: list[Pair]
+    tokenizer: PairTokenizer
+    model: nn.Module
+    model_config: dict[str, Any]
+    resume_state: dict[str, Any] | None
+
+
+def _prepare_run(
+    config: TranslationConfig, training: TrainConfig, folder: Path, *, resume: bool
+) -> _Run:
+    """Data, tokenizer and model: new ones, or the saved ones when resuming."""
+    saved_model: dict[str, Any] | None = None
+    if resume:
+        config, training, saved_model = _resumed_configs(folder, training)
+    splits = load_pairs(config.data, **config.data_options)
+    if not splits.train:
+        raise ValueError(f"data {config.data!r}: no training pairs")
+    validation = (splits.validation or splits.train)[: config.valid_size]
+    tokenizer = PairTokenizer.load(folder) if resume else _train_tokenizer(config, splits.train)
+    if config.max_decode_length is None:
+        config = replace(config, max_decode_length=_decode_length(splits.train, tokenizer))
+    seed_everything(training.seed)  # the model's initial weights
+    if saved_model is None:
+        model, model_config = build_translation_model(config, tokenizer)
+    else:
+        model, model_config = _build_from_dict(saved_model), saved_model
+    state = None
+    if resume:
+        state = load_training_state(folder, expected_step=load_weights(model, folder))
     logger.info(
         "training a %s (%d parameters) on %s: %d train / %d validation pairs",
         model_config["kind"],
@@ -416,18 +441,13 @@ def train_translation(
         len(splits.train),
         len(validation),
     )
-    context = init_from_env(resolve_device(training.device))
-    trainer = Trainer(
-        model,
-        TranslationTask(tokenizer, validation, config),
-        _batches(splits.train, tokenizer, config, training.seed, context),
-        training,
-        save=save,
-        on_step=on_step,
-        on_eval=on_eval,
-        distributed=context,
+    return _Run(config, training, splits, validation, tokenizer, model, model_config, state)
+
+
+def _train_tokenizer(config: TranslationConfig, pairs: Sequence[Pair]) -> PairTokenizer:
+    return PairTokenizer.train(
+        pairs, mode=config.tokenizer_mode, vocab_size=config.vocab_size, shared=config.shared_vocab
     )
-    return TranslationOutcome(folder, trainer.fit(resume=state), config, splits)
 
 
 # --------------------------------------------------------------------------------------------
