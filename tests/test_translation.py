@@ -134,12 +134,17 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path) -> None:
     assert resumed.result.state.losses == whole.result.state.losses
 
 
-def test_malformed_data_names_file_and_line(tmp_path: Path) -> None:
+def test_malformed_data_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = write_tsv(tmp_path / "data", reversal_pairs(8, seed=3))
     (data / "train.tsv").write_text("abc\tcba\nno tab here\n")
     with pytest.raises(DataError, match=r"train.tsv:2: "):
         train_translation(tiny_config(data), training(2), tmp_path / "model")
     assert not (tmp_path / "model").exists()
+    argv = ["train", "translation", "--data", str(data), "--out", str(tmp_path / "model")]
+    assert main(argv) == 2
+    assert f"{data / 'train.tsv'}:2: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
