@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -12,15 +11,13 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from qkv.cli.viz import add_viz_command
+from qkv.cli.main import build_parser
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_viz(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="qkv")
-    add_viz_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["viz", *argv])
+    args = build_parser().parse_args(["viz", *argv])
     return int(args.run(args))
 
 

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.demo",
     "qkv.cli.classify",
     "qkv.cli.summarize",
+    "qkv.cli.viz",
 )
 
 

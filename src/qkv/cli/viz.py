@@ -1,7 +1,5 @@
 """``qkv viz``: pictures and pages of attention, from a saved file or from a synthetic example.
 
-Register it in ``qkv.cli.main.build_parser`` with ``add_viz_command(commands)``.
-
 - ``qkv viz masks --out masks.png``: the built-in masks drawn side by side.
 - ``qkv viz page WEIGHTS.pt --out page.html [--png map.png --layer NAME --head H]``: the
   interactive page (and a heat map) of weights saved with ``torch.save({"layers": {name:
@@ -17,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_viz_command"]
+__all__ = ["register"]
 
 SOURCE = ["le", "petit", "chat", "noir", "dort", "sur", "le", "tapis", "."]
 TARGET = ["the", "little", "black", "cat", "sleeps", "on", "the", "mat", "."]
@@ -26,7 +24,7 @@ ALIGNMENT = [0, 1, 3, 2, 4, 5, 6, 7, 8]
 REVIEW = ["a", "quietly", "brilliant", "film", "with", "one", "dull", "scene"]
 
 
-def add_viz_command(commands: Any) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``viz`` and its subcommands to the ``qkv`` sub-parsers action ``commands``."""
     viz = commands.add_parser("viz", help="attention pictures and offline interactive pages")
     actions = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
