@@ -8,12 +8,22 @@ dispatch; :mod:`qkv.nn` the modules.
 from qkv import masks, nn, scores
 from qkv._version import __version__
 from qkv.backends import available_backends, register_backend
-from qkv.functional import Explanation, attention, explain
+from qkv.functional import (
+    AttentionSummary,
+    Explanation,
+    attention,
+    attention_summary,
+    attention_weights,
+    explain,
+)
 
 __all__ = [
+    "AttentionSummary",
     "Explanation",
     "__version__",
     "attention",
+    "attention_summary",
+    "attention_weights",
     "available_backends",
     "explain",
     "masks",

@@ -11,12 +11,16 @@ from qkv.functional.score_functions import (
     scaled_dot_scores,
     score_attention,
 )
+from qkv.functional.weights import AttentionSummary, attention_summary, attention_weights
 
 __all__ = [
+    "AttentionSummary",
     "Explanation",
     "additive_scores",
     "apply_rotary",
     "attention",
+    "attention_summary",
+    "attention_weights",
     "concat_scores",
     "cosine_scores",
     "dot_scores",
