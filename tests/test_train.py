@@ -203,6 +203,25 @@ def test_early_stopping_after_patience() -> None:
     assert result.state.best_step == 2
 
 
+def test_keep_best_saves_only_improving_validations() -> None:
+    scores = iter([0.5, 0.7, 0.6, 0.9, 0.8, 0.8])
+    saved: list[tuple[int, dict[str, Tensor], int]] = []
+
+    def save(model: nn.Module, state: dict[str, Any], step: int) -> None:
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        saved.append((step, weights, state["trainer"]["step"]))
+
+    trainer = toy_trainer(fast_config(max_steps=30, eval_every=5, keep_best=True), save=save)
+    trainer.task.validate = lambda model: {"accuracy": next(scores)}  # type: ignore[method-assign]
+    result = trainer.fit()
+    assert result.state.step == 30
+    assert [step for step, _, _ in saved] == [5, 10, 20]  # not 15, 25 nor the final 30
+    assert all(step == state_step for step, _, state_step in saved)
+    last = saved[-1][1]
+    final = trainer.model.state_dict()
+    assert any(not torch.equal(last[k], final[k]) for k in final)  # step 20's, not the last
+
+
 def test_time_limit_stops() -> None:
     result = toy_trainer(fast_config(max_steps=None, max_minutes=1e-6)).fit()
     assert result.stopped == "max_minutes"

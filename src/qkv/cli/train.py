@@ -97,6 +97,11 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
         help="stop after N validations without improvement",
     )
     g.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="the model folder keeps the best-validated weights, not the last step's",
+    )
+    g.add_argument(
         "--log-every", type=_positive_int, default=20, help="progress line every N steps"
     )
     g.add_argument("--seed", type=int, default=0)
@@ -127,6 +132,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         clip_norm=args.clip_norm,
         eval_every=args.eval_every,
         patience=args.patience,
+        keep_best=args.keep_best,
         log_every=args.log_every,
         seed=args.seed,
         device=args.device,

@@ -31,6 +31,10 @@ class TrainConfig:
         patience: stop early after this many validations without improvement (``None``: never).
         checkpoint_every: write the model folder every this many steps (default: at each
             validation); always at the end.
+        keep_best: write the model folder only after a validation that improves on every
+            earlier one, so that it ends up holding the best-validated weights (and the
+            training state of that step, from which ``--resume`` continues) rather than the
+            last step's; ``checkpoint_every`` is then ignored.
         log_every: report loss and tokens/s every this many steps.
         seed: seeds Python's and torch's generators and the data order.
         device: ``"auto"`` (CUDA if present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -53,6 +57,7 @@ class TrainConfig:
     eval_every: int = 200
     patience: int | None = None
     checkpoint_every: int | None = None
+    keep_best: bool = False
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
