@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qkv.backends import get_backend
 from qkv.request import build_request
 
 HALF = (torch.float16, torch.bfloat16)
@@ -101,3 +102,13 @@ def assert_within_control(
     assert err <= bound, (
         f"{name}: error {err:.3g} > bound {bound:.3g} (control error {ctrl:.3g}, {dtype})"
     )
+
+
+def skip_unless_served(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> None:
+    """Skip the test, with the backend's own reason, when ``backend`` refuses this call (the
+    triton backend off CUDA, SDPA asked for weights, ...)."""
+    import pytest
+
+    reason = get_backend(backend).supports(build_request(q, k, v, **kwargs))  # type: ignore[arg-type]
+    if reason is not None:
+        pytest.skip(f"{backend} does not serve this case: {reason}")

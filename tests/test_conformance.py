@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 
 import qkv
-from gold import Inputs, assert_within_control, dense_mask_of, naive_attention, random_inputs
+from gold import (
+    Inputs,
+    assert_within_control,
+    dense_mask_of,
+    naive_attention,
+    random_inputs,
+    skip_unless_served,
+)
 from qkv import masks, scores
 from qkv.backends import available_backends, get_backend
 from qkv.request import build_request
@@ -179,6 +186,7 @@ def test_output_dtype_shape_and_layout(backend: str, dtype: torch.dtype) -> None
     x = random_inputs(2, 4, 2, 5, 9, 8, 6, seed=3, non_contiguous=True).to(
         dtype, requires_grad=False
     )
+    skip_unless_served(backend, x.q, x.k, x.v)
     out = qkv.attention(x.q, x.k, x.v, backend=backend)
     assert out.dtype == dtype
     assert out.shape == (2, 4, 5, 6)
@@ -197,19 +205,13 @@ def test_half_types_keep_float32_softmax_statistics() -> None:
     torch.testing.assert_close(out.float(), v.float().mean(dim=2, keepdim=True), atol=2e-3, rtol=0)
 
 
-def skip_unless_served(backend: str, request: object) -> None:
-    reason = get_backend(backend).supports(request)  # type: ignore[arg-type]
-    if reason is not None:
-        pytest.skip(f"{backend} does not serve this case: {reason}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", CAUSAL, ids=readable)
 def test_zero_keys_give_zeros_and_zero_gradients(backend: str, causal: object) -> None:
     # As torch's SDPA: with Nk = 0 every row has nothing to attend to, so out is zeros.
     x = random_inputs(2, 4, 2, 5, 0, 8, 6, seed=11).to(torch.float32)
     kwargs = {"causal": causal, "mask": masks.sliding_window(2)}
-    skip_unless_served(backend, build_request(x.q, x.k, x.v, **kwargs))  # type: ignore[arg-type]
+    skip_unless_served(backend, x.q, x.k, x.v, **kwargs)
     out = qkv.attention(x.q, x.k, x.v, backend=backend, **kwargs)  # type: ignore[arg-type]
     assert out.shape == (2, 4, 5, 6)
     assert torch.equal(out, torch.zeros_like(out))
@@ -242,7 +244,7 @@ def test_masks_and_biases_of_rank_below_four(backend: str, kind: str) -> None:
     x = random_inputs(2, 4, 2, 6, 9, 8, seed=12).to(torch.float64)
     kwargs = LOW_RANK[kind](torch.Generator().manual_seed(13), 6, 9)
     bias = kwargs.get("bias")
-    skip_unless_served(backend, build_request(x.q, x.k, x.v, **kwargs))
+    skip_unless_served(backend, x.q, x.k, x.v, **kwargs)
     if bias is not None:
         bias.requires_grad_(True)
     grad_out = torch.randn(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import Tensor
@@ -175,3 +178,63 @@ def test_user_backend_with_a_cost_estimate_competes_on_it() -> None:
     finally:
         backends.unregister_backend("cheap")
     assert qkv.explain(q, k, v).chosen == "sdpa"
+
+
+# --- the triton backend in the auto order --------------------------------------------------------
+
+
+def half_inputs(dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(t.to(dtype) for t in inputs())  # type: ignore[return-value]
+
+
+def test_triton_is_registered_first_in_auto_and_gives_its_reason_off_cuda() -> None:
+    assert "triton" in qkv.available_backends()
+    assert backends.AUTO_ORDER[0] == "triton"
+    assert isinstance(backends.get_backend("triton"), backends.TritonBackend)
+    explanation = qkv.explain(*half_inputs())
+    assert explanation.chosen == "sdpa"
+    reason = explanation.reasons["triton"]
+    assert reason is not None and "CUDA" in reason
+    assert f"triton: {reason}" in str(explanation)
+    with pytest.raises(ValueError, match="backend 'triton' cannot serve this call: runs on CUDA"):
+        qkv.attention(*half_inputs(), backend="triton")
+
+
+def test_auto_takes_triton_first_wherever_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What happens on CUDA, played on the CPU by letting the backend accept CPU tensors (only
+    # the decision is computed here; tests/test_triton.py runs the kernels through auto).
+    monkeypatch.setattr(backends.get_backend("triton"), "_allow_cpu", True)
+    for dtype in (torch.float16, torch.bfloat16):
+        explanation = qkv.explain(*half_inputs(dtype), causal=True)
+        assert explanation.chosen == "triton", explanation
+        assert explanation.passed_over["sdpa"] == "could serve, but triton comes first"
+    # It gives no cost estimate, so memory that would rule SDPA out does not enter into it.
+    n = 16384
+    q = torch.empty(1, 8, n, 64, dtype=torch.float16)
+    assert qkv.explain(q, q, q, mask=lambda b, h, qi, kv: (qi - kv).abs() < 1000).chosen == "triton"
+    # Where it refuses, auto's cost model decides among the others as before.
+    assert "float32" in str(qkv.explain(*inputs()).reasons["triton"])
+    assert qkv.explain(*inputs()).chosen == "sdpa"
+    weights = qkv.explain(*half_inputs(), return_weights=True)
+    assert weights.chosen == "reference" and "return_weights" in str(weights.reasons["triton"])
+
+
+def test_triton_not_installed_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkv.backends.triton import support
+
+    monkeypatch.setattr(support, "triton_installed", lambda: False)
+    monkeypatch.setattr(backends.get_backend("triton"), "_allow_cpu", True)
+    explanation = qkv.explain(*half_inputs())
+    assert explanation.chosen == "sdpa"
+    assert "triton is not installed" in str(explanation.reasons["triton"])
+
+
+def test_import_and_dispatch_do_not_import_triton() -> None:
+    code = (
+        "import sys, torch, qkv\n"
+        "q = torch.randn(1, 2, 8, 16, dtype=torch.float16)\n"
+        "qkv.explain(q, q, q, bias=qkv.scores.softcap(5.0))\n"
+        "qkv.attention(q, q, q)\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

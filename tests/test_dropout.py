@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import qkv
-from gold import random_inputs
+from gold import random_inputs, skip_unless_served
 from qkv.backends import available_backends
 
 
 @pytest.mark.parametrize("backend", available_backends())
 def test_dropout_is_unbiased(backend: str) -> None:
     x = random_inputs(1, 2, 2, 3, 6, 4, seed=4).to(torch.float64, requires_grad=False)
+    skip_unless_served(backend, x.q, x.k, x.v, dropout_p=0.3)
     exact = qkv.attention(x.q, x.k, x.v, backend=backend)
     torch.manual_seed(0)
     q = x.q.expand(4000, -1, -1, -1)  # many independent draws in one call
@@ -25,6 +26,7 @@ def test_dropout_is_unbiased(backend: str) -> None:
 @pytest.mark.parametrize("backend", available_backends())
 def test_dropout_reproducible_from_seed(backend: str) -> None:
     x = random_inputs(2, 2, 1, 5, 5, 4, seed=9).to(torch.float32, requires_grad=False)
+    skip_unless_served(backend, x.q, x.k, x.v, dropout_p=0.5)
     torch.manual_seed(123)
     a = qkv.attention(x.q, x.k, x.v, dropout_p=0.5, backend=backend)
     torch.manual_seed(123)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qkv
-from gold import random_inputs
+from gold import random_inputs, skip_unless_served
 from qkv import masks, scores
 from qkv.backends import available_backends
 
@@ -24,6 +24,7 @@ from qkv.backends import available_backends
 )
 def test_gradcheck_qkv(backend: str, options: dict) -> None:  # type: ignore[type-arg]
     x = random_inputs(2, 4, 2, 3, 5, 4, 3, seed=11).to(torch.float64)
+    skip_unless_served(backend, x.q, x.k, x.v, **options)
     assert torch.autograd.gradcheck(
         lambda q, k, v: qkv.attention(q, k, v, backend=backend, **options), (x.q, x.k, x.v)
     )
@@ -35,6 +36,7 @@ def test_gradcheck_learnable_relative_bias(backend: str) -> None:
     rel = scores.RelativePositionBias(2, max_distance=3).double()
     with torch.no_grad():
         rel.table.normal_(generator=torch.Generator().manual_seed(1))
+    skip_unless_served(backend, x.q, x.k, x.v, bias=rel, causal=True)
 
     table = rel.table.detach().clone().requires_grad_(True)
 
@@ -57,6 +59,7 @@ def test_gradcheck_learnable_relative_bias(backend: str) -> None:
 def test_gradcheck_bias_tensor(backend: str) -> None:
     x = random_inputs(1, 2, 2, 3, 4, 4, seed=2).to(torch.float64)
     bias = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    skip_unless_served(backend, x.q, x.k, x.v, bias=bias)
     assert torch.autograd.gradcheck(
         lambda q, k, b: qkv.attention(q, k, x.v, bias=b, backend=backend), (x.q, x.k, bias)
     )

@@ -291,6 +291,53 @@ def test_backend_reasons_off_cuda_and_for_unsupported_options() -> None:
     assert "float32" in str(backend.supports(build_request(y.q, y.k, y.v)))
 
 
+def test_backend_refuses_launch_grids_and_offsets_the_kernels_cannot_take() -> None:
+    backend = TritonBackend()
+    backend._allow_cpu = True
+    # B * Hq programs on the grid's second axis: at most 65535 (K/V broadcast, no memory).
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16)
+    for B, served in ((65535, True), (65536, False)):
+        qq = q.expand(B, 1, 1, 16)
+        reason = backend.supports(build_request(qq, qq, qq))
+        assert (reason is None) == served, reason
+        if not served:
+            assert "B * Hq = 65536 * 1" in str(reason) and "65535" in str(reason)
+    # An additive score function materialised as an (Hq, Nq, Nk) bias past 32-bit offsets.
+    for n, served in ((8000, True), (8200, False)):
+        x = torch.zeros(1, 32, n, 16, dtype=torch.float16)
+        reason = backend.supports(build_request(x, x[:, :1], x[:, :1], bias=scores.alibi(32)))
+        assert (reason is None) == served, reason
+        if not served:
+            assert f"a bias of {32 * n * n} elements" in str(reason)
+
+
+@interpreter
+def test_auto_dispatches_to_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registered backend, allowed CPU tensors, is what auto runs for a half-precision call
+    # (on CUDA it serves them without being asked).
+    from qkv.backends import get_backend
+    from qkv.backends.triton import launch
+
+    monkeypatch.setattr(get_backend("triton"), "_allow_cpu", True)
+    ran: list[bool] = []
+    original = launch.triton_attention
+
+    def spy(request: object) -> Tensor:
+        ran.append(True)
+        return original(request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(launch, "triton_attention", spy)
+    x = random_inputs(1, 4, 2, 40, 40, 32, seed=21).to(torch.float16, requires_grad=False)
+    window = masks.sliding_window(7)
+    assert qkv.explain(x.q, x.k, x.v, mask=window, causal=True).chosen == "triton"
+    got = qkv.attention(x.q, x.k, x.v, mask=window, causal=True)
+    want = qkv.attention(
+        x.q.double(), x.k.double(), x.v.double(), mask=window, causal=True, backend="reference"
+    )
+    assert ran == [True]
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_softcap_lookalike_is_not_taken_for_softcap() -> None:
     fake = scores.ScoreMod(lambda s, b, h, q, kv: torch.tanh(s), "softcap(5.0)")
     backend = TritonBackend()
@@ -378,13 +425,13 @@ def test_gpu_decoding(dtype: torch.dtype, Nq: int, causal: object) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_auto_picks_triton_when_registered() -> None:
-    from qkv.backends import available_backends
-
-    if "triton" not in available_backends():
-        pytest.skip("triton backend not registered")
+def test_gpu_auto_picks_triton() -> None:
     q = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
     assert qkv.explain(q, q, q, causal=True).chosen == "triton"
+    want = qkv.attention(q.double(), q.double(), q.double(), causal=True, backend="reference")
+    torch.testing.assert_close(
+        qkv.attention(q, q, q, causal=True).double(), want, rtol=2e-2, atol=2e-2
+    )
 
 
 @interpreter

@@ -12,6 +12,10 @@ estimate, it is taken (a backend a user registers in front keeps its place). Oth
 takes the cheapest estimate among those whose expected extra memory stays within
 :data:`MEMORY_LIMIT_BYTES` (the least memory if none does); ties go to the earlier backend.
 
+The built-in order is triton, sdpa, chunked, reference. The triton backend gives no cost
+estimate, so wherever it serves (float16/bfloat16 CUDA tensors with triton installed) it is
+first in line and taken; elsewhere it gives its reason and the estimates decide among the rest.
+
 The estimates are coarse models built from :class:`DeviceRates` (a matmul rate, a cost per
 element of memory-bound elementwise work, a cost per tensor op) calibrated with ``qkv bench`` on
 the CPU; they only need to order the backends correctly, and they do so by wide margins: SDPA's

@@ -23,6 +23,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 LAUNCHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 INDEX_LIMIT = 2**31
+#: The kernels run one program per (tile, batch * head) with ``batch * head`` on the launch
+#: grid's second axis, which CUDA caps at 2^16 - 1.
+GRID_Y_LIMIT = 2**16 - 1
 
 
 @cache
@@ -91,13 +94,48 @@ def unsupported_reason(
         )
     if request.q_len == 0 or request.kv_len == 0 or request.batch == 0:
         return "empty sequences or batch"
+    if request.batch * request.q_heads > GRID_Y_LIMIT:
+        return (
+            f"B * Hq = {request.batch} * {request.q_heads} programs on the launch grid's second "
+            f"axis; CUDA allows at most {GRID_Y_LIMIT}"
+        )
     # Kernel offsets are 32-bit where triton passes sizes that fit: stay below 2^31 elements.
-    largest = max(t.numel() for t in (request.q, request.k, request.v))
+    largest = max(_span(t) for t in (request.q, request.k, request.v))
     if largest >= INDEX_LIMIT:
         return f"a tensor of {largest} elements; the kernels index up to 2^31 - 1"
+    bias = _bias_span(request)
+    if bias >= INDEX_LIMIT:
+        return f"a bias of {bias} elements; the kernels index up to 2^31 - 1"
     if request.dropout_p > 0 and request.q_len * request.kv_len >= INDEX_LIMIT:
         return (
             "dropout needs Nq * Nk < 2^31 (its random stream is indexed by position); "
             f"got {request.q_len} x {request.kv_len}"
         )
     return None
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first to its last addressed one (its numel when contiguous)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum(
+        (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)
+    )
+
+
+def _bias_span(request: AttentionRequest) -> int:
+    """Elements of the bias the kernels read: the bias tensor, or for an additive score function
+    the tensor ``request.dense_bias()`` materialises (its broadcast shape read off a 2 x 2
+    corner, evaluated only when the full score matrix could be that large)."""
+    span = 0 if request.bias is None else _span(request.bias)
+    mod = request.score_mod
+    if mod is None or not is_additive(mod) or request.score_elements < INDEX_LIMIT:
+        return span
+    corner = request.modify_scores(
+        torch.zeros((), device=request.device),
+        (0, min(2, request.q_len)),
+        (0, min(2, request.kv_len)),
+    )
+    shape = (1,) * (4 - corner.ndim) + tuple(corner.shape)
+    full = (request.batch, request.q_heads, request.q_len, request.kv_len)
+    return math.prod(n if seen > 1 else 1 for n, seen in zip(full, shape, strict=True))
