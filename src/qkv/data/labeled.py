@@ -24,7 +24,6 @@ configurable), or a TSV ``document<TAB>summary``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qkv.data._util import stable_hash
-from qkv.data.parallel import DataError, Pair, _iter_lines, load_pairs
+from qkv.data.parallel import DataError, Pair, _iter_lines, _json_records, load_pairs
 from qkv.data.registry import Splits, load_builtin
 
 __all__ = [
@@ -223,26 +222,16 @@ def _read_delimited(
 
 
 def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[LabeledText]:
-    examples = []
-    for line, raw in _iter_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line, f"invalid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(record, dict):
-            raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}")
-        values = []
-        for field, role in ((text_field, "text"), (label_field, "label")):
-            if field not in record:
-                present = ", ".join(map(repr, record)) or "none"
-                raise DataError(
-                    path, line, f"missing field {field!r} ({role}); fields present: {present}"
-                )
-            values.append(_field(path, line, record[field], f"{role} (field {field!r})"))
-        examples.append(LabeledText(values[0], values[1]))
-    return examples
+    fields = ((text_field, "text"), (label_field, "label"))
+    return [
+        LabeledText(
+            *(
+                _field(path, line, value, f"{role} (field {field!r})")
+                for (field, role), value in zip(fields, values, strict=True)
+            )
+        )
+        for line, values in _json_records(path, fields)
+    ]
 
 
 def read_labeled(

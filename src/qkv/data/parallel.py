@@ -135,6 +135,29 @@ def _iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
             yield number, text
 
 
+def _json_records(
+    path: Path, fields: Sequence[tuple[str, str]]
+) -> Iterator[tuple[int, list[object]]]:
+    """``(line_number, values)`` of every non-blank JSONL line, ``values`` being the line's
+    object's ``fields`` (each a ``(key, role)`` pair; the role names it in errors)."""
+    for number, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, f"invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+        for field, role in fields:
+            if field not in record:
+                present = ", ".join(map(repr, record)) or "none"
+                raise DataError(
+                    path, number, f"missing field {field!r} ({role}); fields present: {present}"
+                )
+        yield number, [record[field] for field, _ in fields]
+
+
 def _side(text: str, path: Path, number: int, what: str) -> str:
     text = text.strip()
     if not text:
@@ -206,23 +229,10 @@ def read_jsonl(
     """
     path = Path(path)
     pairs: list[Pair] = []
-    for number, line in _iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, f"invalid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    fields = ((source_field, "source"), (target_field, "target"))
+    for number, values in _json_records(path, fields):
         sides = []
-        for field, what in ((source_field, "source"), (target_field, "target")):
-            if field not in record:
-                present = ", ".join(map(repr, record)) or "none"
-                raise DataError(
-                    path, number, f"missing field {field!r} ({what}); fields present: {present}"
-                )
-            value = record[field]
+        for (field, what), value in zip(fields, values, strict=True):
             if not isinstance(value, str):
                 raise DataError(
                     path,
