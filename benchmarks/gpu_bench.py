@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qkv.bench.peers import compiled_flex, matmul_tflops, sdpa_forced
+
 TOKENS, WIDTH, WINDOW, DOCUMENTS = 16384, 2048, 1024, 16
 #: SDPA's cuDNN/efficient backends with a dense mask run only up to this N (they are far behind).
 DENSE_MASK_MAX_N = 4096
@@ -39,13 +41,6 @@ def bench(fn: Callable[[], object]) -> float:
 
     fn()  # compile / autotune outside the timing
     return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
-def matmul_tflops() -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / bench(lambda: a @ b) / 1e9
 
 
 def visible_pairs(kind: str, n: int) -> int:
@@ -69,23 +64,6 @@ def mask_fn(kind: str, n: int) -> Callable[..., Tensor] | None:
         doc = torch.arange(n, device="cuda") // (n // DOCUMENTS)
         return lambda b, h, q, kv: (kv <= q) & (doc[q] == doc[kv])
     return None
-
-
-_FLEX: list[Callable[..., Tensor]] = []
-
-
-def _compiled_flex() -> Callable[..., Tensor]:
-    """One compiled FlexAttention for the whole run; each new shape, mask and grad mode is a
-    recompilation, so dynamo's default limit of 8 is raised (past it, flex falls back to an
-    unfused implementation that materialises the scores)."""
-    if not _FLEX:
-        import torch._dynamo
-        from torch.nn.attention.flex_attention import flex_attention
-
-        torch._dynamo.config.cache_size_limit = 256
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
-        _FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _FLEX[0]
 
 
 class Case:
@@ -117,14 +95,7 @@ class Case:
         return lambda: triton_attention(build_request(self.q, self.k, self.v, mask=bm))
 
     def sdpa(self, backend: str) -> Callable[[], Tensor] | None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-        chosen = {
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        }[backend]
+        """SDPA with its kernel ``backend`` (flash, cudnn, efficient) forced."""
         mask = None
         if self.fn is not None:
             if backend == "flash":
@@ -134,17 +105,14 @@ class Case:
             i = torch.arange(self.n, device="cuda")
             mask = self.fn(None, None, i[:, None], i[None, :])
         causal = self.kind == "causal"
-
-        def run() -> Tensor:
-            with sdpa_kernel(chosen):
-                return sdpa(self.q, self.k, self.v, attn_mask=mask, is_causal=causal)
-
-        return run
+        return sdpa_forced(
+            f"sdpa-{backend}", self.q, self.k, self.v, attn_mask=mask, is_causal=causal
+        )
 
     def flex(self) -> Callable[[], Tensor]:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        compiled = _compiled_flex()
+        compiled = compiled_flex()
         fn = self.fn
         if fn is None and self.kind == "causal":
 
@@ -205,7 +173,7 @@ def main() -> None:
     print(
         f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )
-    peak = matmul_tflops()
+    peak = matmul_tflops("cuda")
     print(f"# bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
     impls = args.impls
     header = ["dtype", "D", "N", "mask", "pass", *impls, "vs flash", "vs flex", "% matmul"]

@@ -1,14 +1,29 @@
-"""`qkv bench` runs end to end and writes its files (a smoke run, not a measurement)."""
+"""`qkv bench` runs end to end and writes its files (a smoke run, not a measurement); what it
+times by default; PyTorch's kernels as peers compute the same attention."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import Tensor
 
-from qkv.bench import BenchCase
-from qkv.bench.measure import attended_pairs
+import qkv
+from qkv.bench import (
+    PEERS,
+    BenchCase,
+    BenchResult,
+    choose_backends,
+    expand_sweep,
+    fill_matmul_share,
+    matmul_tflops,
+)
+from qkv.bench.measure import attended_pairs, measure, prebuilt_kwargs
+from qkv.bench.peers import peer_call
+from qkv.bench.report import format_table
 from qkv.cli.main import main
 
 
@@ -90,3 +105,124 @@ def test_bench_prebuilds_dense_masks_for_sdpa_and_block_masks_for_chunked(tmp_pa
     assert all(r["error"] is None and r["ratio_to_sdpa"] > 0 for r in rows)
     # SDPA was handed the dense bool mask (40 x 40 bytes) and the dense float bias (2 x 40 x 40).
     assert [r["given_bytes"] for r in rows if r["backend"] == "sdpa"] == [1600, 2 * 1600 * 4]
+
+
+# --- what is timed: registered backends that serve, and PyTorch's kernels as peers on CUDA ------
+
+
+def test_default_backends_leave_out_those_that_refuse_with_their_reason() -> None:
+    chosen, left_out = choose_backends("cpu", "float16", peers=True)
+    assert chosen == ["sdpa", "reference", "chunked"]
+    assert "CUDA" in left_out["triton"]
+    assert "CUDA only" in left_out["--peers"]
+    chosen, left_out = choose_backends("cpu", "float32")
+    assert "triton" not in chosen and "--peers" not in left_out
+
+
+def test_bench_cli_notes_what_it_does_not_time(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import qkv.bench
+
+    timed: list[str] = []
+
+    def fake_sweep(cases: list[BenchCase], **_: object) -> list[object]:
+        timed.extend(c.backend for c in cases)
+        return []
+
+    monkeypatch.setattr(qkv.bench, "run_sweep", fake_sweep)
+    argv = ["bench", "--n", "32", "--masks", "none", "--modes", "fwd", "--dtype", "bfloat16"]
+    assert main([*argv, "--peers"]) == 0
+    out = capsys.readouterr().out
+    assert timed == ["sdpa", "reference", "chunked"]
+    assert "not timed: triton: runs on CUDA tensors only" in out
+    assert "not timed: --peers: PyTorch's forced SDPA kernels" in out
+    assert main([*argv, "--backends", "sdpa,flex", "--peers"]) == 0  # peers can be named anywhere
+    assert timed[3:] == ["sdpa", "flex"]
+    out = capsys.readouterr().out
+    assert "--peers" in out and "triton" not in out
+    monkeypatch.setattr(
+        qkv.bench, "choose_backends", lambda *a, **k: (["sdpa", "triton", *PEERS], {})
+    )  # what CUDA would offer
+    assert main([*argv, "--backends", "triton,flex", "--peers"]) == 0
+    assert timed[5:] == ["triton", "flex", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+    assert main([*argv, "--backends", "sdpa,nope"]) == 2
+
+
+def test_sweep_hands_dense_masks_to_sdpa_peers_but_flash() -> None:
+    cases = expand_sweep(
+        backends=list(PEERS), mask_kinds=["sliding_window"], seq_lens=[64], modes=["fwd"]
+    )
+    assert [(c.backend, c.prebuilt) for c in cases] == [
+        ("sdpa-flash", False),
+        ("sdpa-cudnn", True),
+        ("sdpa-efficient", True),
+        ("flex", False),
+    ]
+    assert cases[1].backend_label == "sdpa-cudnn+dense"
+    # triton, like chunked, also runs with a block mask built once outside the timed calls.
+    cases = expand_sweep(
+        backends=["triton"], mask_kinds=["documents", "alibi"], seq_lens=[64], modes=["fwd"]
+    )
+    assert [c.backend_label for c in cases] == ["triton", "triton+bm", "triton"]
+
+
+def _peer_output(name: str, case: BenchCase) -> tuple[Tensor, Tensor]:
+    """The peer's output and qkv's float64 reference on the case's inputs."""
+    g = torch.Generator().manual_seed(case.seq_len)
+    q = torch.randn(case.batch, case.heads, case.seq_len, case.head_dim, generator=g)
+    k, v = (
+        torch.randn(case.batch, case.kv_heads, case.seq_len, case.head_dim, generator=g)
+        for _ in range(2)
+    )
+    want = qkv.attention(
+        q.double(), k.double(), v.double(), backend="reference", **case.attention_kwargs()
+    )
+    return peer_call(name, q, k, v, **prebuilt_kwargs(case, q, k, v))(), want
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(
+    "kind", ["none", "causal", "sliding_window", "documents", "alibi", "relative_bias"]
+)
+def test_peers_compute_the_cases_attention(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the CPU: flex uncompiled (same arguments as the compiled one), SDPA's math kernel in
+    # place of cuDNN (same dense mask or bias); flash only where it serves, without a mask.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from qkv.bench import peers
+
+    monkeypatch.setattr(peers, "compiled_flex", lambda: flex_attention)
+    monkeypatch.setitem(peers.SDPA_KERNELS, "sdpa-cudnn", "MATH")
+    names = ["flex", "sdpa-cudnn"] + (["sdpa-flash"] if kind in ("none", "causal") else [])
+    for name in names:
+        case = BenchCase(name, kind, 48, heads=4, kv_heads=2, head_dim=16, window=9, documents=3)
+        case = dataclasses.replace(
+            case, prebuilt=name == "sdpa-cudnn" and kind not in ("none", "causal")
+        )
+        got, want = _peer_output(name, case)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="sdpa-flash takes no mask"):
+        _peer_output(
+            "sdpa-flash", BenchCase("sdpa-flash", "sliding_window", 16, heads=2, kv_heads=2)
+        )
+
+
+def test_peer_case_is_measured_in_process() -> None:
+    figures = measure(
+        BenchCase("sdpa-flash", "causal", 32, heads=2, kv_heads=2, head_dim=8, repeats=1)
+    )
+    assert figures["seconds"] > 0 and figures["estimated_bytes"] is None
+
+
+def test_rates_as_a_share_of_the_matmul_rate_measured_in_the_run() -> None:
+    assert matmul_tflops("cpu", dtype=torch.float32, n=64) > 0
+    fast = BenchResult(BenchCase("triton", "none", 4096), seconds=1e-3, gflops=400_000.0)
+    failed = BenchResult(BenchCase("sdpa-flash", "documents", 4096), error="takes no mask")
+    fill_matmul_share([fast, failed], 800.0)
+    assert fast.matmul_share == pytest.approx(0.5) and failed.matmul_share is None
+    table = format_table([fast, failed], 800.0)
+    assert "bf16 matmul, same run: 800 TFLOP/s" in table and "TFLOP/s" in table.splitlines()[1]
+    assert table.splitlines()[3].split()[4:6] == ["1.0", "400.0"]
+    assert table.splitlines()[3].endswith("50%")
+    assert "GFLOP/s" in format_table([fast]) and "% mm" not in format_table([fast])

@@ -4,7 +4,18 @@ Each case runs in a fresh subprocess on the CPU so its peak resident memory can 
 against a baseline; on CUDA, the allocator's peak statistics are used instead.
 """
 
-from qkv.bench.cases import MASK_KINDS, BenchCase, expand_sweep
-from qkv.bench.run import BenchResult, run_sweep
+from qkv.bench.cases import MASK_KINDS, BenchCase, choose_backends, expand_sweep
+from qkv.bench.peers import PEERS, matmul_tflops
+from qkv.bench.run import BenchResult, fill_matmul_share, run_sweep
 
-__all__ = ["MASK_KINDS", "BenchCase", "BenchResult", "expand_sweep", "run_sweep"]
+__all__ = [
+    "MASK_KINDS",
+    "PEERS",
+    "BenchCase",
+    "BenchResult",
+    "choose_backends",
+    "expand_sweep",
+    "fill_matmul_share",
+    "matmul_tflops",
+    "run_sweep",
+]

@@ -11,8 +11,13 @@ import torch
 from qkv import masks, scores
 
 MASK_KINDS = ("none", "causal", "sliding_window", "documents", "alibi", "relative_bias")
-#: Mask kinds whose mask the chunked backend can summarise once into a reusable BlockMask.
+#: Mask kinds whose mask the chunked and triton backends can summarise once into a reusable
+#: BlockMask, and those backends (each also runs with the mask summarised in the call).
 BLOCK_MASK_KINDS = ("causal", "sliding_window", "documents")
+BLOCK_MASK_BACKENDS = ("chunked", "triton")
+#: Backends (and SDPA peers, :mod:`qkv.bench.peers`) handed a masked kind's mask or bias as a
+#: prebuilt dense tensor. SDPA's flash kernel takes none; FlexAttention takes the functions.
+DENSE_BACKENDS = ("sdpa", "reference", "sdpa-cudnn", "sdpa-efficient")
 Mode = Literal["fwd", "fwd+bwd"]
 
 
@@ -23,7 +28,7 @@ class BenchCase:
 
     ``prebuilt``: the mask or bias is built before the timed calls and passed in, as a user
     who reuses it across calls would: the equivalent dense bool mask or float bias for SDPA and
-    the reference ("given the equivalent dense mask"), a :class:`BlockMask` for chunked.
+    the reference ("given the equivalent dense mask"), a :class:`BlockMask` for chunked and triton.
     """
 
     backend: str
@@ -56,11 +61,13 @@ class BenchCase:
 
     @property
     def backend_label(self) -> str:
-        """The backend column: ``chunked+bm`` with a prebuilt block mask, ``sdpa+dense`` with
-        a prebuilt dense mask or bias."""
+        """The backend column: ``chunked+bm`` (``triton+bm``) with a prebuilt block mask,
+        ``sdpa+dense`` with a prebuilt dense mask or bias."""
         if not self.prebuilt:
             return self.backend
-        return f"{self.backend}+bm" if self.backend == "chunked" else f"{self.backend}+dense"
+        if self.backend in BLOCK_MASK_BACKENDS:
+            return f"{self.backend}+bm"
+        return f"{self.backend}+dense"
 
     def attention_kwargs(self) -> dict[str, Any]:
         """The mask, causal flag and bias arguments for :func:`qkv.attention`."""
@@ -95,18 +102,49 @@ def expand_sweep(
 ) -> list[BenchCase]:
     """Every combination, ordered so one table row (mask, N, mode) has its backends together.
 
-    SDPA and the reference get a masked kind's mask or bias prebuilt as a dense tensor (what
-    they would be given in practice); chunked runs twice on the kinds of
-    :data:`BLOCK_MASK_KINDS`: summarising the mask in the call, and with a prebuilt block mask.
+    SDPA (and the SDPA peers but flash) and the reference get a masked kind's mask or bias
+    prebuilt as a dense tensor (what they would be given in practice); chunked and triton run
+    twice on the kinds of :data:`BLOCK_MASK_KINDS`: summarising the mask in the call, and with a
+    prebuilt block mask.
     """
     cases = []
     for m, n, mode, b in itertools.product(mask_kinds, seq_lens, modes, backends):
-        dense = b in ("sdpa", "reference") and m not in ("none", "causal")
+        dense = b in DENSE_BACKENDS and m not in ("none", "causal")
         cases.append(
             BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, prebuilt=dense, **fixed)
         )
-        if b == "chunked" and m in BLOCK_MASK_KINDS:
+        if b in BLOCK_MASK_BACKENDS and m in BLOCK_MASK_KINDS:
             cases.append(
                 BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, prebuilt=True, **fixed)
             )
     return cases
+
+
+def choose_backends(
+    device: str, dtype: str, *, peers: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """What ``qkv bench`` times by default: every registered backend that can serve a plain call
+    in ``dtype`` on ``device`` (so the triton backend on CUDA only), then with ``peers`` on CUDA
+    PyTorch's own kernels (:data:`qkv.bench.peers.PEERS`). Returns those names and, for each
+    one left out, why."""
+    from qkv.backends import available_backends, get_backend
+    from qkv.bench.peers import PEERS
+    from qkv.request import build_request
+
+    probe = torch.empty(1, 1, 16, 16, dtype=getattr(torch, dtype), device=device)
+    request = build_request(probe, probe, probe)
+    chosen: list[str] = []
+    left_out: dict[str, str] = {}
+    for name in available_backends():
+        reason = get_backend(name).supports(request)
+        if reason is None:
+            chosen.append(name)
+        else:
+            left_out[name] = reason
+    if peers and torch.device(device).type == "cuda":
+        chosen.extend(PEERS)
+    elif peers:
+        left_out["--peers"] = (
+            "PyTorch's forced SDPA kernels and FlexAttention are compared on CUDA only"
+        )
+    return chosen, left_out

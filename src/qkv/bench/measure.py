@@ -20,7 +20,8 @@ from torch import Tensor
 
 from qkv.backends import select_backend
 from qkv.backends.block_mask import build_block_mask
-from qkv.bench.cases import BenchCase
+from qkv.bench.cases import BLOCK_MASK_BACKENDS, BenchCase
+from qkv.bench.peers import PEERS, peer_call
 from qkv.functional.attention import attention, memory_estimate
 from qkv.request import AttentionRequest, build_request
 
@@ -59,14 +60,14 @@ def flops(case: BenchCase, pairs: int) -> float:
 
 def prebuilt_kwargs(case: BenchCase, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
     """The call's keyword arguments with the mask or bias built ahead of the timed calls (see
-    :class:`BenchCase`): a :class:`BlockMask` for chunked, else a dense bool mask
+    :class:`BenchCase`): a :class:`BlockMask` for chunked and triton, else a dense bool mask
     ``(1, 1, N, N)`` or float bias ``(1, H, N, N)``, requiring grad in fwd+bwd for a learnable
     bias."""
     kwargs = case.attention_kwargs()
     if not case.prebuilt:
         return kwargs
     n = case.seq_len
-    if case.backend == "chunked":
+    if case.backend in BLOCK_MASK_BACKENDS:
         mask = kwargs.get("mask")
         causal = kwargs.get("causal", False)
         bm = build_block_mask(mask, q_len=n, kv_len=n, causal=causal, device=case.device)
@@ -121,17 +122,22 @@ def measure(case: BenchCase) -> dict[str, Any]:
     kwargs = prebuilt_kwargs(case, q, k, v)
     given = sum(t.numel() * t.element_size() for t in kwargs.values() if isinstance(t, Tensor))
     cuda = q.device.type == "cuda"
+    estimate: int | None = None
+    peer = None
+    if case.backend in PEERS:  # PyTorch's own kernels; block masks are built here, untimed
+        peer = peer_call(case.backend, q, k, v, **kwargs)
+    else:
+        request = build_request(q, k, v, **kwargs)
+        estimate = memory_estimate(select_backend(request, case.backend).backend, request)
 
     def call() -> None:
-        out = attention(q, k, v, backend=case.backend, **kwargs)
+        out = peer() if peer is not None else attention(q, k, v, backend=case.backend, **kwargs)
         if grad:
             out.backward(torch.ones_like(out))
             q.grad = k.grad = v.grad = None
         if cuda:
             torch.cuda.synchronize()
 
-    request = build_request(q, k, v, **kwargs)
-    estimate = memory_estimate(select_backend(request, case.backend).backend, request)
     baseline = _max_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -26,6 +26,7 @@ class BenchResult:
     given_bytes: int | None = None
     gflops: float | None = None
     ratio_to_sdpa: float | None = None
+    matmul_share: float | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -37,6 +38,7 @@ class BenchResult:
             "given_bytes": self.given_bytes,
             "gflops": self.gflops,
             "ratio_to_sdpa": self.ratio_to_sdpa,
+            "matmul_share": self.matmul_share,
             "error": self.error,
         }
 
@@ -101,6 +103,14 @@ def run_sweep(
             on_result(result)
     _fill_ratios(results)
     return results
+
+
+def fill_matmul_share(results: list[BenchResult], matmul_tflops: float) -> None:
+    """Each result's rate as a fraction of a matmul rate measured in the same run
+    (:func:`qkv.bench.peers.matmul_tflops`)."""
+    for r in results:
+        if r.gflops is not None:
+            r.matmul_share = r.gflops / 1e3 / matmul_tflops
 
 
 def _fill_ratios(results: list[BenchResult]) -> None:

@@ -103,7 +103,17 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         help=f"mask kinds from {','.join(MASK_KINDS)}",
     )
     p.add_argument(
-        "--backends", type=_str_list, default=None, help="backends (default: every registered one)"
+        "--backends",
+        type=_str_list,
+        default=None,
+        help="backends and peers (default: every registered backend that serves --dtype on "
+        "--device)",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="on CUDA, also time PyTorch's SDPA with each kernel forced (sdpa-flash, sdpa-cudnn, "
+        "sdpa-efficient) and compiled FlexAttention (flex)",
     )
     p.add_argument("--modes", type=_str_list, default=["fwd", "fwd+bwd"], help="fwd and/or fwd+bwd")
     p.add_argument("--batch", type=int, default=1)
@@ -133,15 +143,27 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from qkv.backends import available_backends
-    from qkv.bench import expand_sweep, run_sweep
+    from qkv.bench import (
+        PEERS,
+        choose_backends,
+        expand_sweep,
+        fill_matmul_share,
+        matmul_tflops,
+        run_sweep,
+    )
     from qkv.bench.report import format_table, write_json, write_plot
 
-    backends = args.backends or [
-        b for b in available_backends() if b != "triton" or args.device.startswith("cuda")
-    ]
-    unknown = sorted(set(backends) - set(available_backends()))
+    backends, left_out = choose_backends(args.device, args.dtype, peers=args.peers)
+    if args.backends:  # as named, plus the peers --peers added
+        peers = [b for b in backends if b in PEERS and b not in args.backends]
+        backends = [*args.backends, *peers]
+        left_out = {name: why for name, why in left_out.items() if name == "--peers"}
+    for name, reason in left_out.items():
+        print(f"not timed: {name}: {reason}")
+    known = [*available_backends(), *PEERS]
+    unknown = sorted(set(backends) - set(known))
     if unknown:
-        raise ValueError(f"--backends: unknown {unknown}; known: {available_backends()}")
+        raise ValueError(f"--backends: unknown {unknown}; known: {known}")
     cases = expand_sweep(
         backends=backends,
         mask_kinds=args.masks,
@@ -163,7 +185,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         on_result=lambda r: bar.step(f"{r.case.backend} {r.case.label()}"),
     )
-    print(format_table(results))
+    rate = None
+    if args.device.startswith("cuda"):  # the yardstick, measured in this run
+        rate = matmul_tflops(args.device)
+        fill_matmul_share(results, rate)
+    print(format_table(results, rate))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(results, args.out / "bench.json")
