@@ -131,6 +131,29 @@ def test_tiny_set_overfits_and_copies_unseen_names() -> None:
     assert ids[0][1] >= tokenizer.vocab_size  # the new name comes out by copying
 
 
+def test_greedy_decoding_never_emits_pad_bos_or_unk() -> None:
+    from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+    from qkv.tasks.summarization import PointerDataset, greedy_decode
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    model = PointerGenerator(
+        PointerGeneratorConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)
+    ).eval()
+    with torch.no_grad():  # the specials outweigh every word, and <eos> comes last
+        model.output.bias[[PAD_ID, BOS_ID, UNK_ID]] = 50.0
+        model.output.bias[EOS_ID] = -50.0
+    data = PointerDataset.from_pairs(
+        TINY[:3], tokenizer, max_source_length=None, max_target_length=None
+    )
+    ids, weights = greedy_decode(
+        model, collate_pointer([data[i] for i in range(3)], tokenizer.vocab_size), max_length=6
+    )
+    assert [len(row) for row in ids] == [6, 6, 6]
+    assert all(i not in (PAD_ID, BOS_ID, UNK_ID, EOS_ID) for row in ids for i in row)
+    assert all(w.shape[0] == 6 for w in weights)
+
+
 @pytest.mark.slow
 def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("safetensors")

@@ -172,8 +172,10 @@ def _run_train(args: argparse.Namespace) -> int:
         if state.best_metric is None
         else f", best ROUGE-L {state.best_metric:.2f} at step {state.best_step}"
     )
+    kept = f" (the weights of step {state.best_step})" if args.keep_best else ""
     print(
-        f"trained {state.step} steps in {state.elapsed_s:.0f}s ({result.stopped}{best}); model folder: {args.out}"
+        f"trained {state.step} steps in {state.elapsed_s:.0f}s ({result.stopped}{best}); "
+        f"model folder: {args.out}{kept}"
     )
     return 0
 

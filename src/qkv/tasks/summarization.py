@@ -340,7 +340,8 @@ def greedy_decode(
     done = [False] * B
     for _ in range(max_length + 1):
         log_probs, attn = model.decode_step(state, tokens)  # (B, V + X), (B, Ns)
-        log_probs[:, UNK_ID] = float("-inf")  # never emit <unk>: copy or generate a word
+        # Never emit <pad>, <bos> or <unk>: copy or generate a word (or end with <eos>).
+        log_probs[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
         for b in range(B):
             blocked = _blocked(outputs[b], no_repeat_ngram)
             if blocked:
