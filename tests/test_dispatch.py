@@ -208,10 +208,19 @@ def test_auto_takes_triton_first_wherever_it_serves(monkeypatch: pytest.MonkeyPa
         explanation = qkv.explain(*half_inputs(dtype), causal=True)
         assert explanation.chosen == "triton", explanation
         assert explanation.passed_over["sdpa"] == "could serve, but triton comes first"
-    # It gives no cost estimate, so memory that would rule SDPA out does not enter into it.
+    # It gives no cost estimate; its memory stays O(N) with a mask function, which would rule
+    # out SDPA's dense mask here.
     n = 16384
     q = torch.empty(1, 8, n, 64, dtype=torch.float16)
     assert qkv.explain(q, q, q, mask=lambda b, h, qi, kv: (qi - kv).abs() < 1000).chosen == "triton"
+    # Unless it would need more than the memory limit: ALiBi materialized as a float32
+    # (Hq, Nq, Nk) bias is 4.3 GiB here, so the tiled chunked backend is taken.
+    q = torch.empty(1, 8, 12000, 64, dtype=torch.float16)
+    over = qkv.explain(q, q, q, bias=scores.alibi(8), causal=True)
+    assert over.chosen == "chunked", over
+    assert "over auto's 1 GiB limit" in over.passed_over["triton"]
+    small = torch.empty(1, 8, 1024, 64, dtype=torch.float16)
+    assert qkv.explain(small, small, small, bias=scores.alibi(8)).chosen == "triton"
     # Where it refuses, auto's cost model decides among the others as before.
     assert "float32" in str(qkv.explain(*inputs()).reasons["triton"])
     assert qkv.explain(*inputs()).chosen == "sdpa"

@@ -8,13 +8,16 @@ instead of falling back silently.
 How ``auto`` picks (:func:`select_backend`): it walks :data:`AUTO_ORDER` and keeps the backends
 that can serve the call. A backend may also give ``cost_estimate(request) -> seconds`` and
 ``memory_estimate(request) -> bytes``. If the first backend that can serve gives no cost
-estimate, it is taken (a backend a user registers in front keeps its place). Otherwise ``auto``
-takes the cheapest estimate among those whose expected extra memory stays within
-:data:`MEMORY_LIMIT_BYTES` (the least memory if none does); ties go to the earlier backend.
+estimate, it is taken (a backend a user registers in front keeps its place) unless its memory
+estimate exceeds :data:`MEMORY_LIMIT_BYTES`. Otherwise ``auto`` takes the cheapest estimate
+among those whose expected extra memory stays within the limit (the least memory if none does);
+ties go to the earlier backend.
 
 The built-in order is triton, sdpa, chunked, reference. The triton backend gives no cost
 estimate, so wherever it serves (float16/bfloat16 CUDA tensors with triton installed) it is
-first in line and taken; elsewhere it gives its reason and the estimates decide among the rest.
+first in line and taken, unless it would need more than the memory limit (a score function it
+materializes as an ``(Hq, Nq, Nk)`` bias, a bias gradient of ``(B, Hq, Nq, Nk)``); elsewhere it
+gives its reason and the estimates decide among the rest.
 
 The estimates are coarse models built from :class:`DeviceRates` (a matmul rate, a cost per
 element of memory-bound elementwise work, a cost per tensor op) calibrated with ``qkv bench`` on
@@ -201,15 +204,15 @@ class Selection:
         for name in self.able:
             if name == chosen:
                 continue
-            if chosen not in self.costs:
+            if chosen not in self.costs and chosen not in self.memory:
                 notes[name] = f"could serve, but {chosen} comes first"
-            elif name not in self.costs:
-                notes[name] = "could serve, but gives no cost estimate and is not first in line"
             elif self.memory.get(name, 0.0) > MEMORY_LIMIT_BYTES:
                 notes[name] = (
                     f"could serve, but needs {self.memory[name] / 2**30:.1f} GiB, over auto's "
                     f"{MEMORY_LIMIT_BYTES / 2**30:.0f} GiB limit"
                 )
+            elif name not in self.costs or chosen not in self.costs:
+                notes[name] = "could serve, but gives no cost estimate and is not first in line"
             else:
                 notes[name] = (
                     f"could serve, estimated {format_ms(self.costs[name])} "
@@ -257,16 +260,20 @@ def _cheapest(
     """The policy: see the module docstring. ``able`` is in :data:`AUTO_ORDER` order."""
     names = tuple(b.name for b in able)
     costs = {b.name: c for b in able if (c := _estimate(b, "cost_estimate", request)) is not None}
-    if able[0].name not in costs:  # in front without an estimate: it keeps its place
-        return Selection(able[0], rejected, names, costs)
-    # Cheapest first; a memory estimate is only needed until one fits within the limit.
-    ranked = sorted((b for b in able if b.name in costs), key=lambda b: costs[b.name])
     memory: dict[str, float] = {}
+    first = able[0]
+    if first.name not in costs:  # in front without a cost estimate: it keeps its place...
+        memory[first.name] = _estimate(first, "memory_estimate", request) or 0.0
+        if memory[first.name] <= MEMORY_LIMIT_BYTES:
+            return Selection(first, rejected, names, costs)
+    # ...unless over the memory limit. Cheapest first; a memory estimate is only needed until
+    # one fits within the limit.
+    ranked = sorted((b for b in able if b.name in costs), key=lambda b: costs[b.name])
     for backend in ranked:
         memory[backend.name] = _estimate(backend, "memory_estimate", request) or 0.0
         if memory[backend.name] <= MEMORY_LIMIT_BYTES:
             return Selection(backend, rejected, names, costs, memory)
-    least = min(ranked, key=lambda b: memory[b.name])
+    least = min((b for b in able if b.name in memory), key=lambda b: memory[b.name])
     return Selection(least, rejected, names, costs, memory)
 
 
