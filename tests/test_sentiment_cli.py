@@ -47,10 +47,14 @@ def test_train_classify_explain_evaluate(
     assert sum(lines[0]["probabilities"].values()) == pytest.approx(1.0)
     html = page.read_text()
     assert html.count('class="label"') == 2 and 'class="tok"' in html and "pos (" in html
-    code = main(["evaluate", "--model", str(out), "--data", str(data), "--split", "train"])
+    evaluate = ["evaluate", "--model", str(out), "--data", str(data), "--split", "train"]
+    code = main([*evaluate, "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["task"] == "sentiment" and report["accuracy"] == 1.0
     assert sum(map(sum, report["confusion"])) == report["count"] == 16
+    assert main(evaluate) == 0
+    table = capsys.readouterr().out
+    assert "accuracy 1.0000   macro-F1 1.0000" in table and "(train, 16 texts)" in table
 
 
 def test_empty_text_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,3 +66,20 @@ def test_empty_text_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[st
         read_texts([], None)
     with pytest.raises(ValueError, match="cannot be read"):
         read_texts([], tmp_path / "missing.txt")
+
+
+def test_evaluate_prints_a_readable_confusion_matrix(capsys: pytest.CaptureFixture[str]) -> None:
+    from qkv.cli.evaluate import _print_sentiment
+
+    report = {
+        "model": "m", "data": "d.csv", "split": "test", "count": 7, "accuracy": 4 / 7,
+        "macro_f1": 0.55, "majority_baseline": 3 / 7, "loss": 0.9,
+        "labels": ["negative", "positive", "x"], "confusion": [[2, 1, 0], [1, 1, 0], [0, 1, 1]],
+    }  # fmt: skip
+    _print_sentiment(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "m on d.csv (test, 7 texts)"
+    assert "accuracy 0.5714   macro-F1 0.5500   majority class 0.4286" in lines[1]
+    assert lines[3].split() == ["negative", "positive", "x"]
+    assert lines[4].split() == ["negative", "2", "1", "0"]
+    assert lines[6].split() == ["x", "0", "1", "1"]

@@ -39,11 +39,17 @@ def test_train_summarize_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["summary"] == "return kilo list" and "kilo" in result["copied"]
     assert "return kilo list" in page.read_text() and page.read_text().count('class="tok"') == 11
-    code = main(
-        ["evaluate", "--model", str(out), "--data", str(data), "--split", "train", "--limit", "6"]
-    )
+    evaluate = ["evaluate", "--model", str(out), "--data", str(data), "--split", "train"]
+    code = main([*evaluate, "--limit", "6", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["model"]["rougeL"] > 99.0 > report["lead"]["rougeL"]
+    assert report["folder"] == str(out)
+    assert main([*evaluate, "--limit", "6"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"{out} on {data} (train, 6 documents)"
+    assert table[1].split() == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
+    assert table[2].split()[0] == "model" and float(table[2].split()[3]) > 99.0
+    assert table[3].split()[0] == "lead-1"
 
 
 def test_empty_input_is_reported(tmp_path: Path) -> None:

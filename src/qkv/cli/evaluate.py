@@ -131,6 +131,41 @@ def _plot(args: argparse.Namespace, reports: list[dict[str, Any]]) -> Path | Non
     return plot_scores_by_length(series, args.plot, metric=args.plot_metric)
 
 
+def _print_sentiment(report: dict[str, Any]) -> None:
+    """Accuracy, macro-F1, the majority-class baseline and the confusion matrix."""
+    print(f"{report['model']} on {report['data']} ({report['split']}, {report['count']} texts)")
+    print(
+        f"  accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
+        f"majority class {report['majority_baseline']:.4f}   loss {report['loss']:.4f}"
+    )
+    labels = [str(label) for label in report["labels"]]
+    width = max(8, *(len(label) for label in labels))
+    print("  confusion (rows: gold, columns: predicted)")
+    print("  " + " " * width + "".join(f" {label:>{width}}" for label in labels))
+    for label, row in zip(labels, report["confusion"], strict=True):
+        print(f"  {label:>{width}}" + "".join(f" {count:>{width}}" for count in row))
+
+
+def _print_summarization(report: dict[str, Any]) -> None:
+    """ROUGE-1/2/L F1 of the model and of the lead baseline, one row each."""
+    print(
+        f"{report['folder']} on {report['data']} ({report['split']}, {report['count']} documents)"
+    )
+    print(f"  {'':<12} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8}")
+    rows = [("model", report["model"]), (f"lead-{report['lead_sentences']}", report["lead"])]
+    for name, scores in rows:
+        print(
+            f"  {name:<12} {scores['rouge1']:>8.2f} {scores['rouge2']:>8.2f} {scores['rougeL']:>8.2f}"
+        )
+
+
+_PRINTERS = {
+    "translation": _print_translation,
+    "sentiment": _print_sentiment,
+    "summarization": _print_summarization,
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
@@ -142,8 +177,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     else:
         for report in reports:
-            if report.get("task") == "translation":
-                _print_translation(report)
+            printer = _PRINTERS.get(str(report.get("task")))
+            if printer is not None:
+                printer(report)
             else:
                 print(json.dumps(report, indent=2))
     if plotted is not None and not args.json:

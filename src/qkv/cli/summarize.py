@@ -203,7 +203,7 @@ def evaluate_folder(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     lead = 3 if spec in ("builtin:aclsum", "builtin:aclsum-summary") else 1
     scores = evaluate_summarizer(summarizer, pairs, lead_sentences=lead)
     return {
-        "model": str(folder),
+        "folder": str(folder),
         "task": "summarization",
         "split": args.split,
         "data": spec,
