@@ -136,6 +136,33 @@ def test_auto_takes_chunked_where_the_mask_skips_most_tiles() -> None:
         assert explanation.costs["chunked"] * 5 < explanation.costs["sdpa"]
 
 
+def test_auto_counts_the_tiles_a_mask_tensor_hides() -> None:
+    # Padding given as a tensor: keys past 900 of 4096 hide most tiles, as its mask-function
+    # form would (benchmarks/small_calls.py: chunked about 4x faster than SDPA there).
+    keys = torch.arange(4096)
+    short, long = (keys < 900)[None, None, None, :], (keys < 4000)[None, None, None, :]
+    assert chosen(1, 8, 4096, 64, mask=short).chosen == "chunked"
+    assert chosen(1, 8, 4096, 64, mask=masks.key_padding([900])).chosen == "chunked"
+    assert chosen(1, 8, 4096, 64, mask=long).chosen == "sdpa"
+
+
+def test_empty_tiles_of_a_mask_tensor_match_a_loop() -> None:
+    from qkv.backends.block_mask import empty_tiles_of_tensor
+
+    g = torch.Generator().manual_seed(3)
+    nq, nk, tq, tk = 37, 53, 8, 16
+    mask = torch.rand(2, 3, nq, nk, generator=g) > 0.97
+    mask[:, :, :, 40:] = False  # whole key tiles hidden
+    for m in (mask, mask[:, :1, :1], mask[:1, :, :1]):
+        got = empty_tiles_of_tensor(m, nq, nk, tq, tk)
+        full = m.expand(2, 3, nq, nk)
+        for i in range(got.shape[0]):
+            for j in range(got.shape[1]):
+                block = full[:, :, i * tq : (i + 1) * tq, j * tk : (j + 1) * tk]
+                assert bool(got[i, j]) == (not bool(block.any())), (i, j)
+        assert bool(got[:, -1].all())
+
+
 def test_auto_takes_chunked_where_a_dense_mask_would_exceed_the_memory_limit() -> None:
     # A mask function without a tile classifier skips nothing, so on time alone SDPA wins; at
     # N=16384 its dense mask needs more than MEMORY_LIMIT_BYTES.

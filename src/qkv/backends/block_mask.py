@@ -119,6 +119,19 @@ def hinted_status(
     return status
 
 
+def empty_tiles_of_tensor(
+    mask: Tensor, q_len: int, kv_len: int, tile_q: int, tile_kv: int
+) -> Tensor:
+    """``(nQ, nK)`` bool: the tiles in which a 4-d bool ``mask`` (broadcastable to
+    ``(B, H, Nq, Nk)``) attends to nothing in any batch or head. One pass over the tensor."""
+    seen = mask.any(dim=1).any(dim=0)  # (Nq or 1, Nk or 1)
+    seen = seen.expand(q_len, kv_len)
+    n_q, n_k = -(-q_len // tile_q), -(-kv_len // tile_kv)
+    padded = torch.zeros(n_q * tile_q, n_k * tile_kv, dtype=torch.bool, device=mask.device)
+    padded[:q_len, :kv_len] = seen
+    return ~padded.view(n_q, tile_q, n_k, tile_kv).any(dim=3).any(dim=1).cpu()
+
+
 TileFn = Callable[[tuple[int, int], tuple[int, int]], Tensor | None]
 
 

@@ -69,6 +69,7 @@ from qkv.backends.block_mask import (
     block_mask_for,
     build_block_mask,
     default_tile_sizes,
+    empty_tiles_of_tensor,
     hinted_status,
 )
 from qkv.backends.registry import device_rates
@@ -666,6 +667,13 @@ class ChunkedBackend:
                 tile_q,
                 tile_kv,
             )
+            if isinstance(request.mask, Tensor) and request.mask.device.type == "cpu":
+                # Reading a CPU tensor is cheap next to the attention it prices (one pass, no
+                # device sync), and padding given as a tensor hides whole tiles.
+                hidden = empty_tiles_of_tensor(
+                    request.mask, request.q_len, request.kv_len, tile_q, tile_kv
+                )
+                status = torch.where(hidden, EMPTY, status).to(torch.int8)
         visited = int((status != EMPTY).sum())
         unknown = int((status == UNKNOWN).sum())
         return visited, visited - int((status == FULL).sum()), unknown
