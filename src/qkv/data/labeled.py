@@ -142,7 +142,8 @@ def _format_of(path: Path, format: LabeledFormat | None) -> LabeledFormat:
             path,
             None,
             f"cannot tell the format from the extension (known: {known}); "
-            "pass format='csv', 'tsv' or 'jsonl'",
+            "rename the file, or pass format='csv', 'tsv' or 'jsonl' when calling the reader from "
+            "Python",
         ) from None
 
 

@@ -300,7 +300,7 @@ def _format_of(path: Path, format: FileFormat | None) -> FileFormat:
             path,
             None,
             f"cannot tell the format from the extension (known: {known}); "
-            "pass format='tsv' or format='jsonl'",
+            "rename the file, or pass format='tsv' or 'jsonl' when calling the reader from Python",
         ) from None
 
 
