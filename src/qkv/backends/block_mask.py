@@ -123,13 +123,26 @@ def empty_tiles_of_tensor(
     mask: Tensor, q_len: int, kv_len: int, tile_q: int, tile_kv: int
 ) -> Tensor:
     """``(nQ, nK)`` bool: the tiles in which a 4-d bool ``mask`` (broadcastable to
-    ``(B, H, Nq, Nk)``) attends to nothing in any batch or head. One pass over the tensor."""
+    ``(B, H, Nq, Nk)``) attends to nothing in any batch or head. One pass over the tensor; a
+    broadcast axis stays size 1 throughout, so a padding mask is never expanded to ``Nq x Nk``."""
     seen = mask.any(dim=1).any(dim=0)  # (Nq or 1, Nk or 1)
-    seen = seen.expand(q_len, kv_len)
+    seen = _any_per_tile(_any_per_tile(seen, 1, tile_kv), 0, tile_q)  # (nQ or 1, nK or 1)
     n_q, n_k = -(-q_len // tile_q), -(-kv_len // tile_kv)
-    padded = torch.zeros(n_q * tile_q, n_k * tile_kv, dtype=torch.bool, device=mask.device)
-    padded[:q_len, :kv_len] = seen
-    return ~padded.view(n_q, tile_q, n_k, tile_kv).any(dim=3).any(dim=1).cpu()
+    return ~seen.expand(n_q, n_k).cpu()
+
+
+def _any_per_tile(x: Tensor, dim: int, tile: int) -> Tensor:
+    """``x`` reduced with ``any`` over consecutive runs of ``tile`` along ``dim`` (a size-1,
+    broadcast axis is left as it is)."""
+    size = x.shape[dim]
+    if size == 1:
+        return x
+    n = -(-size // tile)
+    if n * tile != size:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = n * tile - size
+        x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    return x.unflatten(dim, (n, tile)).any(dim=dim + 1)
 
 
 TileFn = Callable[[tuple[int, int], tuple[int, int]], Tensor | None]
