@@ -121,7 +121,6 @@ class Trainer:
         self.state = TrainState()
         self.scheduler = make_scheduler(self.optimizer, config, lambda: self.state.elapsed_s)
         self._wrapped: nn.Module = self.model
-        self._improved_at: int | None = None  # the step of the last improving validation
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
@@ -216,7 +215,6 @@ class Trainer:
         improved = best is None or sign * (value - best) > 0 or math.isnan(best)
         if improved:
             self.state.best_metric, self.state.best_step = value, self.state.step
-            self._improved_at = self.state.step
             self.state.evals_since_best = 0
         else:
             self.state.evals_since_best += 1
@@ -248,7 +246,7 @@ class Trainer:
         if self.save is None:
             return
         if self.config.keep_best:
-            if self._improved_at != self.state.step:
+            if self.state.best_step != self.state.step:  # this step's validation did not improve
                 return
         elif not final and self.state.step % self.config.save_every:
             return
