@@ -107,3 +107,32 @@ def test_selection_errors_name_the_argument() -> None:
         W.attention_weights(x.q, x.k, x.v, rows=[0.5])  # type: ignore[list-item]
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, Nk = 6\]; got 7"):
         W.attention_summary(x.q, x.k, x.v, top_k=7)
+
+
+@pytest.mark.parametrize(
+    ("selection", "picked"),
+    [
+        (slice(0, 5), [0, 1, 2, 3, 4]),
+        (slice(-3, None), [9, 10, 11]),
+        (slice(None, None, 4), [0, 4, 8]),
+        (slice(10, 99), [10, 11]),
+        (range(2, 7, 2), [2, 4, 6]),
+    ],
+)
+def test_rows_and_heads_accept_slices_and_ranges(
+    selection: slice | range, picked: list[int]
+) -> None:
+    x = random_inputs(2, 4, 2, 12, 9, 8, seed=11)
+    want = reference_weights(x.q, x.k, x.v, causal=True)
+    got = W.attention_weights(x.q, x.k, x.v, rows=selection, causal=True)
+    torch.testing.assert_close(got, want[:, :, picked], rtol=1e-12, atol=1e-12)
+    heads = W.attention_weights(x.q, x.k, x.v, heads=slice(1, 3), rows=selection, causal=True)
+    torch.testing.assert_close(heads, want[:, 1:3][:, :, picked], rtol=1e-12, atol=1e-12)
+
+
+def test_a_selection_of_another_type_is_a_type_error_naming_it() -> None:
+    x = random_inputs(1, 2, 2, 4, 6, 8, seed=8)
+    with pytest.raises(TypeError, match=r"rows must be an int, a slice, a range.*got str"):
+        W.attention_weights(x.q, x.k, x.v, rows="0:3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"heads must be .*got dict"):
+        W.attention_summary(x.q, x.k, x.v, heads={0: 1})  # type: ignore[arg-type]

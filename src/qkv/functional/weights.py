@@ -33,7 +33,7 @@ from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_req
 
 __all__ = ["AttentionSummary", "attention_summary", "attention_weights"]
 
-Selection = int | Sequence[int] | Tensor | None
+Selection = int | slice | Sequence[int] | Tensor | None
 #: Key positions per streamed tile, and query rows per block in summaries: one score tile of
 #: ``B * H' * ROW_BLOCK * KEY_TILE`` float32 values (8 MiB for B * H' = 8).
 KEY_TILE = 1024
@@ -124,12 +124,24 @@ class _Rows:
 
 
 def _index(selection: Selection, size: int, what: str, device: torch.device) -> Tensor:
-    """``selection`` as a 1-d int64 tensor of indices in ``[0, size)``; None selects all."""
+    """``selection`` as a 1-d int64 tensor of indices in ``[0, size)``; None selects all.
+
+    A slice is read as Python reads it on a sequence of ``size`` items (negative bounds count
+    from the end, out-of-range bounds are clipped), so ``rows=slice(0, 5)`` means the first five.
+    """
+    expected = "an int, a slice, a range, a sequence of ints or a 1-d integer tensor"
     if selection is None:
         return torch.arange(size, device=device)
-    index = torch.as_tensor(selection, device=device)
+    if isinstance(selection, slice):
+        selection = range(*selection.indices(size))
+    try:
+        index = torch.as_tensor(selection, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} must be {expected}; got {type(selection).__name__}") from None
     if index.dtype.is_floating_point or index.dtype == torch.bool or index.ndim > 1:
-        raise TypeError(f"{what} must be an int, a sequence of ints or a 1-d integer tensor")
+        raise TypeError(
+            f"{what} must be {expected}; got a {index.dtype} tensor of shape {tuple(index.shape)}"
+        )
     index = index.long().reshape(-1)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
         raise ValueError(f"{what} must lie in [0, {size}); got {index.tolist()}")
@@ -172,8 +184,10 @@ def attention_weights(
 
     Args:
         q, k, v: as in :func:`qkv.attention` (``v`` is validated, not read).
-        heads: query heads to return (an int, ints, or a 1-d tensor); None = all.
-        rows: query positions to return; None = all.
+        heads: query heads to return (an int, a slice or range, ints, or a 1-d integer
+            tensor); None = all.
+        rows: query positions to return, in the same forms (``slice(0, 5)`` = the first
+            five); None = all.
         mask, bias, causal, scale: as in :func:`qkv.attention`.
 
     Returns:

@@ -258,8 +258,10 @@ class AdditiveAttention(_ScoredAttention):
     Translate". ICLR 2015. The query is the previous decoder state, the keys (and values) the
     encoder annotations.
 
-    Memory: the scores are materialized through a ``(B, Nq, Nk, hidden_dim)`` tensor (see
-    :func:`~qkv.functional.score_functions.additive_scores`).
+    Memory: the ``(B, Nq, Nk, hidden_dim)`` hidden tensor is never held whole: it is computed
+    over chunks of query rows under activation checkpointing (see
+    :func:`~qkv.functional.score_functions.additive_attention`), so the peak extra memory is one
+    chunk plus the ``(B, Nq, Nk)`` scores.
 
     Args:
         query_dim: ``Dq``.
@@ -316,7 +318,8 @@ class LuongAttention(_ScoredAttention):
 
     ``dot`` and ``general`` run through :func:`qkv.attention` (``general`` as the dot product of
     ``q W`` and ``k``), unscaled as in the paper. ``concat`` is Bahdanau's additive score with
-    ``W`` split in two, and materializes ``(B, Nq, Nk, H)``. Only the score is implemented; the
+    ``W`` split in two, computed like :class:`AdditiveAttention` over chunks of query rows, so
+    the ``(B, Nq, Nk, H)`` hidden tensor is never held whole. Only the score is implemented; the
     attentional hidden state ``tanh(W_c [context; h_t])`` belongs to the decoder.
 
     Args:
