@@ -497,6 +497,8 @@ def train_task(
         settings = settings if settings is not None else spec.settings_type()
         settings = replace(settings, data=resolve_data_spec(settings.data))
         training = training or TrainConfig()
+    # Under torchrun every process checks the folder and reads the same settings (only the
+    # main one writes); the checks above run before any process has written anything.
     context = init_from_env(resolve_device(training.device))
     splits = spec.load_splits(settings.data, dict(settings.data_options))
     if not splits.train:
