@@ -29,11 +29,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from qkv.data.parallel import Pair, load_pairs
 from qkv.data.readers import (
     SPLIT_STEMS,
+    SUFFIX_FORMATS,
     DataError,
     carve_splits,
     format_from_suffix,
@@ -57,14 +58,7 @@ LabeledFormat = Literal["csv", "tsv", "jsonl"]
 PathLike = str | os.PathLike[str]
 Column = str | int
 
-_SUFFIX_FORMATS: dict[str, LabeledFormat] = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-}
+_SUFFIX_FORMATS = cast("dict[str, LabeledFormat]", SUFFIX_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from qkv.data.readers import (
     SPLIT_STEMS,
+    SUFFIX_FORMATS,
     DataError,
     carve_splits,
     format_from_suffix,
@@ -63,13 +64,10 @@ logger = logging.getLogger(__name__)
 FileFormat = Literal["tsv", "jsonl"]
 PathLike = str | os.PathLike[str]
 
-_SUFFIX_FORMATS: dict[str, FileFormat] = {
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-}
+# Pairs are TSV or JSONL (CSV is for labeled text).
+_SUFFIX_FORMATS = cast(
+    "dict[str, FileFormat]", {k: v for k, v in SUFFIX_FORMATS.items() if v != "csv"}
+)
 
 
 @dataclass(frozen=True, slots=True)

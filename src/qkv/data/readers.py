@@ -32,6 +32,7 @@ from qkv.data.registry import Splits
 __all__ = [
     "MAX_LINE_CHARS",
     "SPLIT_STEMS",
+    "SUFFIX_FORMATS",
     "DataError",
     "carve_splits",
     "delimited_records",
@@ -47,6 +48,16 @@ PathLike = str | os.PathLike[str]
 
 #: The longest line (in characters) a reader accepts.
 MAX_LINE_CHARS = 1_000_000
+
+#: Data-file extensions and the format each means (``.gz`` of any of them too).
+SUFFIX_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
 
 #: File stems of the splits in a data folder, in order of preference.
 SPLIT_STEMS: dict[str, tuple[str, ...]] = {

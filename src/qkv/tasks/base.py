@@ -90,6 +90,7 @@ __all__ = [
     "evaluate_model",
     "get_task",
     "is_builtin",
+    "read_task_config",
     "resolve_data_spec",
     "set_attention_backend",
     "task_names",
@@ -331,6 +332,20 @@ class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
     def settings_from_dict(self, values: dict[str, Any]) -> SettingsT:
         settings: SettingsT = self.settings_type.from_dict(values)
         return settings
+
+
+def read_task_config(folder: str | os.PathLike[str], task: str) -> dict[str, Any]:
+    """``config.json`` of a model folder that must hold a ``task`` model.
+
+    Raises:
+        ModelFolderError: not a model folder, or one of another task (naming it).
+    """
+    config = read_config(folder)
+    if config.get("task") != task:
+        raise ModelFolderError(
+            f"{folder}: holds a {config.get('task')!r} model, not a {task} model"
+        )
+    return config
 
 
 def get_task(name: str) -> TaskSpec[Any, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qkv.data.batching import BucketBatchSampler
+from qkv.data.batching import BucketBatchSampler, TensorBatch
 from qkv.data.labeled import LabeledText, LabelSet, load_labeled, read_labeled
 from qkv.data.parallel import DataError
 from qkv.data.registry import Splits
@@ -54,6 +54,7 @@ from qkv.tasks.base import (
     Prepared,
     TaskSpec,
     from_dict_checked,
+    read_task_config,
     train_task,
 )
 from qkv.train import (
@@ -64,7 +65,6 @@ from qkv.train import (
     read_config,
     resolve_device,
 )
-from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
     "SPEC",
@@ -110,7 +110,7 @@ def encode_texts(
 
 
 @dataclass(frozen=True)
-class LabeledBatch:
+class LabeledBatch(TensorBatch):
     """Padded token ids with their class indices.
 
     Attributes:
@@ -124,15 +124,6 @@ class LabeledBatch:
     mask: Tensor
     labels: Tensor
     index: Tensor
-
-    def to(self, device: torch.device | str) -> LabeledBatch:
-        return LabeledBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.ids, self.mask, self.labels, self.index)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
 
 
 class LabeledDataset(Dataset[Item]):
@@ -334,42 +325,15 @@ def train_sentiment(
     *,
     setup: SentimentSetup | None = None,
     train: TrainConfig | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepReport], None] | None = None,
-    on_eval: Callable[[EvalReport], None] | None = None,
+    **options: Any,
 ) -> TrainResult:
-    """Train an :class:`AttentionClassifier` on ``data`` and write the model folder ``out``
-    (:func:`qkv.tasks.train_task`).
-
-    Args:
-        data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
-            a folder).
-        out: the model folder (checked before any work: see
-            :func:`qkv.train.prepare_output_folder`).
-        setup: tokenizer, model and batching choices (default :class:`SentimentSetup`).
-        train: the trainer's settings (default ``TrainConfig()``).
-        resume: continue the run saved in ``out``; only the limits and the device may differ
-            from the saved run's settings.
-        overwrite: replace a model already in ``out``.
-        on_step, on_eval: progress callbacks, passed to the trainer.
-
-    Raises:
-        DataError: malformed data; ModelFolderError: an unusable ``out``; ValueError: settings
-        changed on resume.
+    """Train an :class:`AttentionClassifier` on ``data`` (a :func:`qkv.data.load_labeled`
+    spec) into the model folder ``out``: :func:`qkv.tasks.train_task` with
+    ``setup`` (default :class:`SentimentSetup`) for this data; ``options`` are its keywords
+    (``resume``, ``overwrite``, ``backend``, ``on_step``, ``on_eval``, ``on_message``).
     """
     settings = replace(setup or SentimentSetup(), data=data)
-    outcome = train_task(
-        SPEC,
-        settings,
-        train if train is not None or resume else TrainConfig(),
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        on_step=on_step,
-        on_eval=on_eval,
-    )
-    return outcome.result
+    return train_task(SPEC, settings, train, out, **options).result
 
 
 def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
@@ -537,11 +501,7 @@ class TextClassifier:
         """
         from qkv.train import ModelFolderError
 
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a {TASK_NAME!r} classifier"
-            )
+        read_task_config(folder, TASK_NAME)
         model, config = load_model(
             folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
         )

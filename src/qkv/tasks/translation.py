@@ -45,6 +45,7 @@ from qkv.tasks.base import (
     Prepared,
     TaskSpec,
     TrainOutcome,
+    read_task_config,
     train_task,
 )
 from qkv.train import (
@@ -501,11 +502,7 @@ class Translator:
             ModelFolderError: not a translation model folder, or its files do not fit.
         """
         folder = Path(path)
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a translation one"
-            )
+        config = read_task_config(folder, TASK_NAME)
         model, _ = load_model(folder, _build_from_dict)
         try:
             tokenizer = PairTokenizer.load(folder)

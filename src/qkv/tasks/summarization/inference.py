@@ -17,7 +17,7 @@ from qkv.tasks.summarization.batches import collate_pointer
 from qkv.tasks.summarization.decoding import pointer_greedy_decode
 from qkv.tasks.summarization.metrics import lead_baseline, rouge_scores
 from qkv.tasks.summarization.vocab import detokenize, encode_with_oov, ids_to_words
-from qkv.train import ModelFolderError, load_model, read_config, resolve_device
+from qkv.train import ModelFolderError, load_model, resolve_device
 
 __all__ = ["Summarizer", "Summary", "evaluate_summarizer"]
 
@@ -70,11 +70,9 @@ class Summarizer:
         Raises:
             ModelFolderError: not a summarization model folder, or inconsistent files.
         """
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a {TASK_NAME!r} model"
-            )
+        from qkv.tasks.base import read_task_config
+
+        read_task_config(folder, TASK_NAME)
         model, config = load_model(folder, _build)
         if not isinstance(model, PointerGenerator):
             raise ModelFolderError(f"{folder}: the model is not a pointer-generator")

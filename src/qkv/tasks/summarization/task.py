@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +37,6 @@ from qkv.tasks.summarization.inference import Summarizer, evaluate_summarizer
 from qkv.tasks.summarization.metrics import rouge_scores
 from qkv.tasks.summarization.vocab import train_word_tokenizer
 from qkv.train import LossOutput, TrainConfig, TrainResult, read_config
-from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
     "SPEC",
@@ -165,36 +164,15 @@ def train_summarization(
     *,
     setup: SummarizationSetup | None = None,
     train: TrainConfig | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepReport], None] | None = None,
-    on_eval: Callable[[EvalReport], None] | None = None,
+    **options: Any,
 ) -> TrainResult:
-    """Train a pointer-generator on ``data`` and write the model folder ``out``
-    (:func:`qkv.tasks.train_task`).
-
-    Args:
-        data: a spec for :func:`qkv.data.load_documents` (``builtin:docstrings``, a JSONL/TSV
-            file, a folder).
-        out: the model folder.
-        setup: vocabulary, model and batching choices (default :class:`SummarizationSetup`).
-        train: the trainer's settings.
-        resume: continue the run saved in ``out`` (only the limits and the device may change).
-        overwrite: replace a model already in ``out``.
-        on_step, on_eval: progress callbacks.
+    """Train a pointer-generator on ``data`` (a :func:`qkv.data.load_documents` spec) into
+    the model folder ``out``: :func:`qkv.tasks.train_task` with ``setup`` (default
+    :class:`SummarizationSetup`) for this data; ``options`` are its keywords (``resume``,
+    ``overwrite``, ``backend``, ``on_step``, ``on_eval``, ``on_message``).
     """
     settings = replace(setup or SummarizationSetup(), data=data)
-    outcome = train_task(
-        SPEC,
-        settings,
-        train if train is not None or resume else TrainConfig(),
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        on_step=on_step,
-        on_eval=on_eval,
-    )
-    return outcome.result
+    return train_task(SPEC, settings, train, out, **options).result
 
 
 def lead_sentences_for(data: str) -> int:
