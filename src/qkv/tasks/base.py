@@ -18,13 +18,12 @@ one on examples. Everything around that is here, once, for every task:
 Adding a task (one module, plus one line in :data:`TASKS`)::
 
     @dataclass(frozen=True)
-    class MySettings:                     # frozen; JSON-ready fields; saved in config.json
+    class MySettings(Settings):           # frozen; JSON-ready fields; saved in config.json
         data: str = "builtin:..."         # required: the data spec
         data_options: dict = field(default_factory=dict)   # required: loader/reader options
         batch_size: int = 32              # required
         ...                               # anything else the task needs (all of it is
                                           # checked by the resume rule)
-        def to_dict(self): ...            # and from_dict(cls, values)
 
     class MyTask(TaskSpec[MySettings, MyPredictor]):
         name = "mytask"; settings_type = MySettings; summary = "one line for --help"
@@ -50,7 +49,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -85,6 +84,7 @@ __all__ = [
     "Evaluation",
     "Flag",
     "Prepared",
+    "Settings",
     "TaskSpec",
     "TrainOutcome",
     "evaluate_model",
@@ -651,6 +651,21 @@ def evaluate_model(
         set_attention_backend(model, backend)
     metrics = spec.evaluate(predictor, examples, options)
     return Evaluation(spec.name, str(folder), source, split, len(examples), metrics)
+
+
+class Settings:
+    """Mixin of the task settings dataclasses: ``to_dict`` for config.json and a
+    ``from_dict`` that refuses unknown keys (naming them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_SettingsT], values: dict[str, Any]) -> _SettingsT:
+        return from_dict_checked(cls, values, cls.__name__)
+
+
+_SettingsT = TypeVar("_SettingsT", bound=Settings)
 
 
 def from_dict_checked(cls: type[SettingsT], values: dict[str, Any], what: str) -> SettingsT:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,8 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
     read_task_config,
     train_task,
 )
@@ -277,7 +277,7 @@ class SentimentTask:
 
 
 @dataclass(frozen=True)
-class SentimentSetup:
+class SentimentSetup(Settings):
     """What to train on and what to build (saved in ``config.json`` under ``"sentiment"``).
 
     Attributes:
@@ -310,13 +310,6 @@ class SentimentSetup:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SentimentSetup:
-        return from_dict_checked(cls, values, "sentiment")
 
 
 def train_sentiment(

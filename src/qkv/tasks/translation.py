@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
     TrainOutcome,
     read_task_config,
@@ -79,7 +80,7 @@ TASK_NAME = "translation"
 
 
 @dataclass(frozen=True)
-class TranslationConfig:
+class TranslationConfig(Settings):
     """What to translate and with which model (the training loop has :class:`TrainConfig`).
 
     Attributes:
@@ -153,17 +154,6 @@ class TranslationConfig:
             return self.tokenizer
         name = self.data.removeprefix("builtin:") if self.data.startswith("builtin:") else ""
         return "char" if name in ("dates", "numbers") else "bpe"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TranslationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown translation config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
     train_task,
 )
 from qkv.tasks.summarization.batches import PointerBatch, PointerDataset, collate_pointer
@@ -111,7 +111,7 @@ def _unwrap(model: nn.Module) -> PointerGenerator:
 
 
 @dataclass(frozen=True)
-class SummarizationSetup:
+class SummarizationSetup(Settings):
     """What to build before training (saved in ``config.json`` under ``"summarization"``).
 
     Attributes:
@@ -149,13 +149,6 @@ class SummarizationSetup:
             raise ValueError(f"vocab_size must exceed 4, got {self.vocab_size}")
         if self.coverage_weight < 0:
             raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SummarizationSetup:
-        return from_dict_checked(cls, values, "summarization")
 
 
 def train_summarization(
