@@ -559,6 +559,12 @@ def train_task(
         num_replicas=context.world_size,  # each process takes every world_size-th batch
         rank=context.rank,
     )
+    if not sampler.batches():  # under DDP the batch count is cut to a multiple of the processes
+        raise ValueError(
+            f"{len(prepared.train_set)} training examples make fewer batches of "
+            f"{prepared.batch_size} than the {context.world_size} processes need one each; "
+            "lower --batch-size or use fewer processes"
+        )
     trainer = Trainer(
         prepared.model,
         prepared.objective,

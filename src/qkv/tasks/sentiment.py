@@ -349,8 +349,18 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
     summary = "text classification (sentiment) with an attention-pooling classifier"
     metric_name = "accuracy"
     train_flags = (
-        Flag("--text-column", "data_options.text_column", "text column or field", reader=True),
-        Flag("--label-column", "data_options.label_column", "label column or field", reader=True),
+        Flag(
+            "--text-column",
+            "data_options.text_column",
+            "text column or field (default text)",
+            reader=True,
+        ),
+        Flag(
+            "--label-column",
+            "data_options.label_column",
+            "label column or field (default label)",
+            reader=True,
+        ),
         Flag(
             "--preset",
             "preset",

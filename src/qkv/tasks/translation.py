@@ -381,8 +381,18 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
             int,
             apply=_set_max_length,
         ),
-        Flag("--source-field", "data_options.source_field", "JSONL source field", reader=True),
-        Flag("--target-field", "data_options.target_field", "JSONL target field", reader=True),
+        Flag(
+            "--source-field",
+            "data_options.source_field",
+            "JSONL source field (default source)",
+            reader=True,
+        ),
+        Flag(
+            "--target-field",
+            "data_options.target_field",
+            "JSONL target field (default target)",
+            reader=True,
+        ),
     )
 
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Pair]:

@@ -184,9 +184,17 @@ class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
     default_steps = 3000
     train_flags = (
         Flag(
-            "--document-field", "data_options.document_field", "JSONL document field", reader=True
+            "--document-field",
+            "data_options.document_field",
+            "JSONL document field (default document)",
+            reader=True,
         ),
-        Flag("--summary-field", "data_options.summary_field", "JSONL summary field", reader=True),
+        Flag(
+            "--summary-field",
+            "data_options.summary_field",
+            "JSONL summary field (default summary)",
+            reader=True,
+        ),
         Flag("--preset", "preset", "model size", choices=("tiny", "cpu", "small", "see2017")),
         Flag(
             "--coverage",
