@@ -638,7 +638,12 @@ def evaluate_model(
         examples = spec.load_splits(source, {**saved_options, **given_reader})[split]
     elif is_builtin(data) or Path(data).is_dir():
         source, split = data, split or "test"
-        loader_options = saved_options if data == settings.data else reader
+        if resolve_data_spec(data) == settings.data:  # the training data, as it was loaded
+            loader_options = {**saved_options, **given_reader}
+        elif is_builtin(data):  # another built-in set: its loader takes no reader options
+            loader_options = given_reader
+        else:
+            loader_options = reader
         examples = spec.load_splits(data, loader_options)[split]
     else:
         if split is not None:
