@@ -67,6 +67,7 @@ from qkv.train import (
     Trainer,
     TrainResult,
     init_from_env,
+    load_model,
     load_training_state,
     load_weights,
     prepare_output_folder,
@@ -90,6 +91,7 @@ __all__ = [
     "evaluate_model",
     "get_task",
     "is_builtin",
+    "load_task_model",
     "read_task_config",
     "resolve_data_spec",
     "set_attention_backend",
@@ -346,6 +348,30 @@ def read_task_config(folder: str | os.PathLike[str], task: str) -> dict[str, Any
             f"{folder}: holds a {config.get('task')!r} model, not a {task} model"
         )
     return config
+
+
+def load_task_model(
+    folder: str | os.PathLike[str],
+    task: str,
+    build: Callable[[dict[str, Any]], nn.Module],
+    settings_type: type[SettingsT],
+    *,
+    device: str = "auto",
+    model_type: type[nn.Module] = nn.Module,
+) -> tuple[Any, dict[str, Any], SettingsT]:
+    """The model (on ``device``, eval mode), ``config.json`` and task settings of a ``task``
+    model folder (what each task's predictor ``load`` starts from).
+
+    Raises:
+        ModelFolderError: not a folder of ``task``, a model that is not a ``model_type``, or
+            weights that do not fit.
+    """
+    read_task_config(folder, task)
+    model, config = load_model(folder, build)
+    if not isinstance(model, model_type):
+        raise ModelFolderError(f"{folder}: the model is not a {model_type.__name__}")
+    settings: SettingsT = settings_type.from_dict(config[task])  # type: ignore[attr-defined]
+    return model.to(resolve_device(device)).eval(), config, settings
 
 
 def get_task(name: str) -> TaskSpec[Any, Any]:

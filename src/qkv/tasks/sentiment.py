@@ -2,17 +2,18 @@
 
 ::
 
-    from qkv.tasks.sentiment import train_sentiment, TextClassifier, evaluate_classifier
+    from qkv.tasks import train_task
+    from qkv.tasks.sentiment import SentimentSetup, TextClassifier, evaluate_classifier
 
-    train_sentiment("builtin:rt", "runs/rt", train=TrainConfig(max_minutes=20))
+    train_task("sentiment", SentimentSetup(data="builtin:rt"), TrainConfig(max_minutes=20), "runs/rt")
     clf = TextClassifier.load("runs/rt")
     clf.classify(["a gorgeous, witty film"])[0].label          # 'positive'
     evaluate_classifier(clf, load_labeled("builtin:rt").test)  # accuracy, macro-F1, confusion
 
-Training goes through the shared :class:`qkv.train.Trainer` with :class:`SentimentTask` (summed
-cross-entropy per example, validation accuracy for early stopping) and writes a model folder
-with :func:`qkv.train.save_model_folder`: ``config.json`` (``"task": "sentiment"``, the model
-config, the label list, the text length limit), ``model.safetensors``, ``tokenizer.json``.
+Training is :func:`qkv.tasks.train_task` with :data:`SPEC` (:class:`SentimentTask`: summed
+cross-entropy per example, validation accuracy for early stopping); the model folder holds
+``config.json`` (``"task": "sentiment"``, the :class:`SentimentSetup` under ``"sentiment"``,
+the model config, the label list), ``model.safetensors``, ``tokenizer.json``.
 
 Long texts keep their head and tail (:func:`head_tail`): the verdict of a review is often in its
 last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", found
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,11 @@ from qkv.tasks.base import (
     Prepared,
     Settings,
     TaskSpec,
-    read_task_config,
-    train_task,
+    load_task_model,
 )
 from qkv.train import (
     LossOutput,
-    TrainConfig,
-    TrainResult,
-    load_model,
     read_config,
-    resolve_device,
 )
 
 __all__ = [
@@ -80,7 +76,6 @@ __all__ = [
     "evaluate_classifier",
     "format_classification",
     "head_tail",
-    "train_sentiment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,23 +307,6 @@ class SentimentSetup(Settings):
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 
 
-def train_sentiment(
-    data: str,
-    out: str | os.PathLike[str],
-    *,
-    setup: SentimentSetup | None = None,
-    train: TrainConfig | None = None,
-    **options: Any,
-) -> TrainResult:
-    """Train an :class:`AttentionClassifier` on ``data`` (a :func:`qkv.data.load_labeled`
-    spec) into the model folder ``out``: :func:`qkv.tasks.train_task` with
-    ``setup`` (default :class:`SentimentSetup`) for this data; ``options`` are its keywords
-    (``resume``, ``overwrite``, ``backend``, ``on_step``, ``on_eval``, ``on_message``).
-    """
-    settings = replace(setup or SentimentSetup(), data=data)
-    return train_task(SPEC, settings, train, out, **options).result
-
-
 def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
     found = sorted({e.label for e in examples})
     if len(found) < 2:
@@ -497,22 +475,20 @@ class TextClassifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, device: str = "auto") -> TextClassifier:
-        """Load a folder written by :func:`train_sentiment`, on ``device``.
+        """Load a folder written by ``train_task("sentiment", ...)``, on ``device``.
 
         Raises:
             ModelFolderError: not a sentiment model folder, or inconsistent files.
         """
-        from qkv.train import ModelFolderError
-
-        read_task_config(folder, TASK_NAME)
-        model, config = load_model(
-            folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
+        model, config, settings = load_task_model(
+            folder,
+            TASK_NAME,
+            lambda c: AttentionClassifier(ClassifierConfig.from_dict(c)),
+            SentimentSetup,
+            device=device,
+            model_type=AttentionClassifier,
         )
-        if not isinstance(model, AttentionClassifier):
-            raise ModelFolderError(f"{folder}: the model is not an AttentionClassifier")
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
-        settings = SentimentSetup.from_dict(config[TASK_NAME])
-        model = model.to(resolve_device(device))
         return cls(model, tokenizer, LabelSet(config["labels"]), settings.max_length)
 
     def _device(self) -> torch.device:

@@ -46,7 +46,7 @@ from qkv.tasks.base import (
     Settings,
     TaskSpec,
     TrainOutcome,
-    read_task_config,
+    load_task_model,
     train_task,
 )
 from qkv.train import (
@@ -54,9 +54,7 @@ from qkv.train import (
     LossOutput,
     StepReport,
     TrainConfig,
-    load_model,
     read_config,
-    resolve_device,
 )
 from qkv.train.checkpoint import ModelFolderError
 
@@ -502,14 +500,14 @@ class Translator:
             ModelFolderError: not a translation model folder, or its files do not fit.
         """
         folder = Path(path)
-        config = read_task_config(folder, TASK_NAME)
-        model, _ = load_model(folder, _build_from_dict)
+        model, _, settings = load_task_model(
+            folder, TASK_NAME, _build_from_dict, TranslationConfig, device=device
+        )
         try:
             tokenizer = PairTokenizer.load(folder)
         except FileNotFoundError as error:
             raise ModelFolderError(str(error)) from None
-        settings = TranslationConfig.from_dict(config["translation"])
-        return cls(model.eval(), tokenizer, settings, device=resolve_device(device))
+        return cls(model, tokenizer, settings)
 
     @property
     def max_length(self) -> int:

@@ -1,16 +1,15 @@
 """Summarization as a task: the loss and validation the trainer runs, the settings, the spec.
 
-Training runs through :func:`qkv.tasks.train_task` with :class:`SummarizationTask` (summed
+Training is :func:`qkv.tasks.train_task` with :data:`SPEC` (:class:`SummarizationTask` (summed
 negative log-likelihood of the summary tokens, plus the coverage loss when enabled; validation
-decodes greedily and reports ROUGE-L, which early stopping watches).
+decodes greedily and reports ROUGE-L, which early stopping watches)).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,19 @@ from qkv.tasks.base import (
     Prepared,
     Settings,
     TaskSpec,
-    train_task,
 )
 from qkv.tasks.summarization.batches import PointerBatch, PointerDataset, collate_pointer
 from qkv.tasks.summarization.decoding import decode_dataset
 from qkv.tasks.summarization.inference import Summarizer, evaluate_summarizer
 from qkv.tasks.summarization.metrics import rouge_scores
 from qkv.tasks.summarization.vocab import train_word_tokenizer
-from qkv.train import LossOutput, TrainConfig, TrainResult, read_config
+from qkv.train import LossOutput, read_config
 
 __all__ = [
     "SPEC",
     "SummarizationSetup",
     "SummarizationSpec",
     "SummarizationTask",
-    "train_summarization",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,23 +146,6 @@ class SummarizationSetup(Settings):
             raise ValueError(f"vocab_size must exceed 4, got {self.vocab_size}")
         if self.coverage_weight < 0:
             raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
-
-
-def train_summarization(
-    data: str,
-    out: str | os.PathLike[str],
-    *,
-    setup: SummarizationSetup | None = None,
-    train: TrainConfig | None = None,
-    **options: Any,
-) -> TrainResult:
-    """Train a pointer-generator on ``data`` (a :func:`qkv.data.load_documents` spec) into
-    the model folder ``out``: :func:`qkv.tasks.train_task` with ``setup`` (default
-    :class:`SummarizationSetup`) for this data; ``options`` are its keywords (``resume``,
-    ``overwrite``, ``backend``, ``on_step``, ``on_eval``, ``on_message``).
-    """
-    settings = replace(setup or SummarizationSetup(), data=data)
-    return train_task(SPEC, settings, train, out, **options).result
 
 
 def lead_sentences_for(data: str) -> int:
