@@ -8,34 +8,10 @@ summarization), all on one lifecycle (:mod:`qkv.tasks.base`).
     train_task("sentiment", SentimentSetup(data="reviews.csv"), TrainConfig(max_steps=500), "m")
     evaluate_model("m", data="test.csv").to_dict()   # task, model, data, split, examples, metrics
 
-A new task is one module defining ``SPEC`` (a :class:`TaskSpec`) and one line in :data:`TASKS`;
-see :mod:`qkv.tasks.base`.
+A new task is one module defining ``SPEC`` (a :class:`TaskSpec`) and one line in
+``qkv.tasks.base.TASKS``; see :mod:`qkv.tasks.base`.
 """
 
-from qkv.tasks.base import (
-    RESUMABLE,
-    TASKS,
-    EvalOptions,
-    Evaluation,
-    Flag,
-    Prepared,
-    TaskSpec,
-    TrainOutcome,
-    evaluate_model,
-    get_task,
-    train_task,
-)
+from qkv.tasks.base import Evaluation, TaskSpec, evaluate_model, get_task, train_task
 
-__all__ = [
-    "RESUMABLE",
-    "TASKS",
-    "EvalOptions",
-    "Evaluation",
-    "Flag",
-    "Prepared",
-    "TaskSpec",
-    "TrainOutcome",
-    "evaluate_model",
-    "get_task",
-    "train_task",
-]
+__all__ = ["Evaluation", "TaskSpec", "evaluate_model", "get_task", "train_task"]
