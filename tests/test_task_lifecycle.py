@@ -220,3 +220,30 @@ def test_evaluate_reader_options_override_the_saved_ones(
     assert json.loads(capsys.readouterr().out)["examples"] == lines
     assert main([*argv, "--document-field", "x"]) == 2
     assert "--document-field: not an option of a sentiment model's data" in capsys.readouterr().err
+
+
+def test_a_folder_in_the_older_layout_still_loads_and_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_data, flags = TASKS["sentiment"]
+    data, lines = make_data(tmp_path)
+    out = tmp_path / "m"
+    train = ["train", "sentiment", "--data", str(data), *flags, *COMMON, "--quiet"]
+    assert main([*train, "--out", str(out), "--steps", "2"]) == 0
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    settings = config.pop("sentiment")  # the layout before settings had their own section
+    config["data"] = {
+        "spec": settings["data"],
+        "options": settings["data_options"],
+        "max_length": settings["max_length"],
+        "preset": settings["preset"],
+    }
+    config_file.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == lines
+    del config["data"]
+    config_file.write_text(json.dumps(config))
+    assert main(["evaluate", "--model", str(out)]) == 2
+    assert "no 'sentiment' settings section" in capsys.readouterr().err

@@ -335,6 +335,31 @@ class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
         settings: SettingsT = self.settings_type.from_dict(values)
         return settings
 
+    def settings_from_config(
+        self, config: dict[str, Any], folder: str | os.PathLike[str]
+    ) -> SettingsT:
+        """The settings saved in a folder's ``config.json`` (or read from an older layout by
+        :meth:`legacy_settings`).
+
+        Raises:
+            ModelFolderError: no settings section, or settings this version cannot read.
+        """
+        values = config.get(self.name)
+        if values is None:
+            values = self.legacy_settings(config)
+        where = Path(folder) / "config.json"
+        if not isinstance(values, dict):
+            raise ModelFolderError(f"{where}: no {self.name!r} settings section")
+        try:
+            return self.settings_from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ModelFolderError(f"{where}: bad {self.name} settings: {error}") from None
+
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Settings of a folder written before the settings had their own section (``None``:
+        there is no older layout to read)."""
+        return None
+
 
 def read_task_config(folder: str | os.PathLike[str], task: str) -> dict[str, Any]:
     """``config.json`` of a model folder that must hold a ``task`` model.
@@ -354,11 +379,10 @@ def load_task_model(
     folder: str | os.PathLike[str],
     task: str,
     build: Callable[[dict[str, Any]], nn.Module],
-    settings_type: type[SettingsT],
     *,
     device: str = "auto",
     model_type: type[nn.Module] = nn.Module,
-) -> tuple[Any, dict[str, Any], SettingsT]:
+) -> tuple[Any, dict[str, Any], Any]:
     """The model (on ``device``, eval mode), ``config.json`` and task settings of a ``task``
     model folder (what each task's predictor ``load`` starts from).
 
@@ -370,7 +394,7 @@ def load_task_model(
     model, config = load_model(folder, build)
     if not isinstance(model, model_type):
         raise ModelFolderError(f"{folder}: the model is not a {model_type.__name__}")
-    settings: SettingsT = settings_type.from_dict(config[task])  # type: ignore[attr-defined]
+    settings = get_task(task).settings_from_config(config, folder)
     return model.to(resolve_device(device)).eval(), config, settings
 
 
@@ -641,7 +665,7 @@ def evaluate_model(
     folder = Path(folder)
     saved = read_config(folder)
     spec = get_task(str(saved.get("task")))
-    settings = spec.settings_from_dict(saved[spec.name])
+    settings = spec.settings_from_config(saved, folder)
     options = options or EvalOptions()
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")

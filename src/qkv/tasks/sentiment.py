@@ -352,6 +352,18 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
         Flag("--penalty", "penalty", "Lin et al.'s pooling penalty weight", float),
     )
 
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        # Folders written before the settings had a section kept a few of them under "data".
+        data = config.get("data")
+        if not isinstance(data, dict) or "spec" not in data:
+            return None
+        return {
+            "data": data["spec"],
+            "data_options": data.get("options") or {},
+            "max_length": data.get("max_length"),
+            "preset": data.get("preset", SentimentSetup.preset),
+        }
+
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[LabeledText]:
         return load_labeled(data, **options)
 
@@ -484,7 +496,6 @@ class TextClassifier:
             folder,
             TASK_NAME,
             lambda c: AttentionClassifier(ClassifierConfig.from_dict(c)),
-            SentimentSetup,
             device=device,
             model_type=AttentionClassifier,
         )

@@ -500,9 +500,7 @@ class Translator:
             ModelFolderError: not a translation model folder, or its files do not fit.
         """
         folder = Path(path)
-        model, _, settings = load_task_model(
-            folder, TASK_NAME, _build_from_dict, TranslationConfig, device=device
-        )
+        model, _, settings = load_task_model(folder, TASK_NAME, _build_from_dict, device=device)
         try:
             tokenizer = PairTokenizer.load(folder)
         except FileNotFoundError as error:

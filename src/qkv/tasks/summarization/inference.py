@@ -70,13 +70,11 @@ class Summarizer:
             ModelFolderError: not a summarization model folder, or inconsistent files.
         """
         from qkv.tasks.base import load_task_model
-        from qkv.tasks.summarization.task import SummarizationSetup
 
         model, _, settings = load_task_model(
             folder,
             TASK_NAME,
             _build,
-            SummarizationSetup,
             device=device,
             model_type=PointerGenerator,
         )

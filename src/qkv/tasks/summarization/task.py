@@ -191,6 +191,15 @@ class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
         ),
     )
 
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        # Folders written before the settings had a section kept a few of them under "data".
+        data = config.get("data")
+        if not isinstance(data, dict) or "spec" not in data:
+            return None
+        keys = ("max_source_length", "max_target_length", "preset")
+        legacy = {"data": data["spec"], "data_options": data.get("options") or {}}
+        return {**legacy, **{k: data[k] for k in keys if k in data}}
+
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Pair]:
         return load_documents(data, **options)
 
