@@ -247,3 +247,22 @@ def test_a_folder_in_the_older_layout_still_loads_and_evaluates(
     config_file.write_text(json.dumps(config))
     assert main(["evaluate", "--model", str(out)]) == 2
     assert "no 'sentiment' settings section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["sentiment", "summarization"])
+def test_keep_best_and_early_stopping_for_every_task(
+    task: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_data, flags = TASKS[task]
+    data, _ = make_data(tmp_path)
+    out = tmp_path / "m"
+    # A learning rate too small to change any prediction: the first validation stays the best.
+    argv = ["train", task, "--data", str(data), *flags, "--out", str(out), "--steps", "20",
+            "--lr", "1e-9", "--warmup", "0", "--batch-size", "8", "--eval-every", "2",
+            "--patience", "1", "--keep-best", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "trained 4 steps" in printed and "early_stopping" in printed
+    assert "(the weights of step 2)" in printed
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert state["trainer"]["step"] == 2 and state["trainer"]["best_step"] == 2
