@@ -266,3 +266,25 @@ def test_keep_best_and_early_stopping_for_every_task(
     assert "(the weights of step 2)" in printed
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["trainer"]["step"] == 2 and state["trainer"]["best_step"] == 2
+
+
+def test_backend_reaches_every_attention_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qkv.models import TransformerConfig, build_model
+    from qkv.nn import MultiHeadAttention
+    from qkv.tasks.base import set_attention_backend
+
+    config = TransformerConfig.from_name("tiny", src_vocab_size=12, tgt_vocab_size=12)
+    model = build_model(config.to_dict())
+    set_attention_backend(model, "reference")
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert layers and all(m.backend == "reference" for m in layers)
+    with pytest.raises(ValueError, match=r"backend must be .auto. or one of .*reference"):
+        set_attention_backend(model, "nope")
+    make_data, flags = TASKS["sentiment"]
+    data, _ = make_data(tmp_path)
+    argv = ["train", "sentiment", "--data", str(data), *flags, "--out", str(tmp_path / "m"),
+            "--steps", "1", "--device", "cpu", "--quiet", "--backend", "nope"]  # fmt: skip
+    assert main(argv) == 2
+    assert "backend must be 'auto' or one of" in capsys.readouterr().err

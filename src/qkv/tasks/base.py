@@ -88,6 +88,7 @@ __all__ = [
     "Settings",
     "TaskSpec",
     "TrainOutcome",
+    "check_backend",
     "evaluate_model",
     "get_task",
     "is_builtin",
@@ -501,18 +502,25 @@ def resumed_settings(
     return saved_settings, replace(saved_training, **limits)
 
 
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming the registered backends unless ``backend`` is one (or
+    ``"auto"``); checked before any work is done."""
+    from qkv.backends.registry import available_backends
+
+    known = available_backends()
+    if backend != "auto" and backend not in known:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
+
+
 def set_attention_backend(model: nn.Module, backend: str) -> None:
     """Make every :class:`qkv.nn.MultiHeadAttention` of ``model`` call ``backend``.
 
     Raises:
         ValueError: an unknown backend, naming the registered ones.
     """
-    from qkv.backends.registry import available_backends
     from qkv.nn import MultiHeadAttention
 
-    known = available_backends()
-    if backend != "auto" and backend not in known:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
+    check_backend(backend)
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.backend = backend
@@ -553,6 +561,7 @@ def train_task(
         ValueError: bad or (on resume) changed settings.
     """
     spec = get_task(spec) if isinstance(spec, str) else spec
+    check_backend(backend)
     folder = Path(out)
     say = on_message or (lambda text: logger.info("%s", text))
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
@@ -667,6 +676,7 @@ def evaluate_model(
     spec = get_task(str(saved.get("task")))
     settings = spec.settings_from_config(saved, folder)
     options = options or EvalOptions()
+    check_backend(backend)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     given_reader = dict(reader_options or {})
