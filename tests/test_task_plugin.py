@@ -127,6 +127,14 @@ class ToySpec(TaskSpec[ToySettings, ToyPredictor]):
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         return [f"  accuracy {evaluation.metrics['accuracy']:.3f}"]
 
+    def run_classify(self, args: Any) -> int:
+        """``qkv classify --model M 1.5 -0.2``: one label per number."""
+        model = self.load(args.model).model
+        with torch.no_grad():
+            classes = model(torch.tensor([[float(t)] for t in args.text])).argmax(-1)
+        print(" ".join("pos" if c else "neg" for c in classes.tolist()))
+        return 0
+
 
 SPEC = ToySpec()
 
@@ -157,3 +165,6 @@ def test_a_new_task_gets_train_resume_and_evaluate(
     assert report["metrics"]["accuracy"] > 0.9
     assert main(["evaluate", "--model", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("  accuracy ")
+    # qkv classify hands a folder of another classifying task to its spec.
+    assert main(["classify", "--model", str(out), "1.7", "-1.3"]) == 0
+    assert capsys.readouterr().out.split() == ["pos", "neg"]

@@ -6,9 +6,11 @@
     qkv classify --model rt-model "a gorgeous, witty film" --explain [--html page.html]
     qkv evaluate --model rt-model            # accuracy, macro-F1, confusion matrix
 
-``--explain`` (the same convention as ``qkv summarize``) writes an HTML page (``--html``) and,
-on a terminal, shades each token by its attention-pooling weight; in a pipe, or with
-``NO_COLOR`` set, it prints the most-attended tokens as plain text instead.
+A model folder of another task whose spec defines ``run_classify(args)`` (e.g. an image
+classifier) is handed this command's arguments. ``--explain`` (the same convention as
+``qkv summarize``) writes an HTML page (``--html``) and, on a terminal, shades each token by
+its attention-pooling weight; in a pipe, or with ``NO_COLOR`` set, it prints the
+most-attended tokens as plain text instead.
 """
 
 from __future__ import annotations
@@ -89,11 +91,19 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    from qkv.tasks.base import set_attention_backend
+    from qkv.tasks.base import get_task, set_attention_backend
     from qkv.tasks.sentiment import TextClassifier
-    from qkv.train import seed_everything
+    from qkv.train import read_config, seed_everything
 
     seed_everything(args.seed)
+    task = str(read_config(args.model).get("task"))
+    if task != "sentiment":
+        # Another classifying task (e.g. images) handles the command through its spec's
+        # run_classify(args) -> exit code; the arguments are this command's.
+        run = getattr(get_task(task), "run_classify", None)
+        if run is None:
+            raise ValueError(f"--model {args.model}: a {task} model does not classify")
+        return int(run(args))
     classifier = TextClassifier.load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     texts = read_texts(args.text, args.file)
