@@ -3,6 +3,8 @@ model-folder round trips, baselines and clear errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ pytest.importorskip("tokenizers")
 
 from qkv.data.parallel import Pair
 from qkv.models.pointer import PointerGenerator, PointerGeneratorConfig
+from qkv.tasks import train_task
 from qkv.tasks.summarization import (
     SummarizationSetup,
     Summarizer,
@@ -19,7 +22,6 @@ from qkv.tasks.summarization import (
     encode_with_oov,
     evaluate_summarizer,
     lead_baseline,
-    train_summarization,
     train_word_tokenizer,
 )
 from qkv.train import ModelFolderError, TrainConfig
@@ -101,7 +103,7 @@ def test_config_validation_names_the_field() -> None:
 def test_tiny_set_overfits_and_copies_unseen_names() -> None:
     torch.manual_seed(0)
     tokenizer = _tokenizer(vocab_size=12)  # too small for the names: they must be copied
-    from qkv.tasks.summarization import PointerDataset, SummarizationTask, greedy_decode
+    from qkv.tasks.summarization import PointerDataset, SummarizationTask, pointer_greedy_decode
 
     data = PointerDataset.from_pairs(
         TINY, tokenizer, max_source_length=None, max_target_length=None
@@ -127,13 +129,13 @@ def test_tiny_set_overfits_and_copies_unseen_names() -> None:
         max_source_length=None,
         max_target_length=None,
     )
-    ids, _ = greedy_decode(model, collate_pointer([unseen[0]], tokenizer.vocab_size))
+    ids, _ = pointer_greedy_decode(model, collate_pointer([unseen[0]], tokenizer.vocab_size))
     assert ids[0][1] >= tokenizer.vocab_size  # the new name comes out by copying
 
 
 def test_greedy_decoding_never_emits_pad_bos_or_unk() -> None:
     from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-    from qkv.tasks.summarization import PointerDataset, greedy_decode
+    from qkv.tasks.summarization import PointerDataset, pointer_greedy_decode
 
     torch.manual_seed(0)
     tokenizer = _tokenizer()
@@ -146,7 +148,7 @@ def test_greedy_decoding_never_emits_pad_bos_or_unk() -> None:
     data = PointerDataset.from_pairs(
         TINY[:3], tokenizer, max_source_length=None, max_target_length=None
     )
-    ids, weights = greedy_decode(
+    ids, weights = pointer_greedy_decode(
         model, collate_pointer([data[i] for i in range(3)], tokenizer.vocab_size), max_length=6
     )
     assert [len(row) for row in ids] == [6, 6, 6]
@@ -169,7 +171,8 @@ def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore
         preset="tiny", vocab_size=12, batch_size=8, data_options={"validation": 0.2, "test": 0.0}
     )
     train = TrainConfig(lr=2e-2, max_steps=40, eval_every=40, warmup_steps=0, device="cpu")
-    result = train_summarization(str(data), out, setup=setup, train=train)
+    setup = replace(setup, data=str(data))
+    result = train_task("summarization", setup, train, out).result
     assert result.state.step == 40
     summarizer = Summarizer.load(out)
     again = Summarizer.load(out)
@@ -182,14 +185,9 @@ def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore
     assert scores["model"]["rougeL"] > 99.0 > scores["lead"]["rougeL"]
     with pytest.raises(ValueError, match="document 1 is empty"):
         summarizer.summarize(["a text", "   "])
-    resumed = train_summarization(
-        str(data),
-        out,
-        setup=setup,
-        train=TrainConfig(lr=2e-2, max_steps=45, eval_every=200, warmup_steps=0, device="cpu"),
-        resume=True,
-    )
-    assert resumed.state.step == 45
+    more = TrainConfig(lr=2e-2, max_steps=45, eval_every=40, warmup_steps=0, device="cpu")
+    resumed = train_task("summarization", setup, more, out, resume=True)
+    assert resumed.result.state.step == 45 and resumed.resumed_from == 40
 
 
 def test_loading_a_folder_of_another_task_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -198,7 +196,7 @@ def test_loading_a_folder_of_another_task_is_refused(tmp_path) -> None:  # type:
 
     model = PointerGenerator(PointerGeneratorConfig.from_name("tiny", vocab_size=10))
     save_model_folder(tmp_path, model=model, config={"task": "sentiment", "model": {}})
-    with pytest.raises(ModelFolderError, match="not a 'summarization' model"):
+    with pytest.raises(ModelFolderError, match="not a summarization model"):
         Summarizer.load(tmp_path)
     with pytest.raises(ModelFolderError, match="no such model folder"):
         Summarizer.load(tmp_path / "missing")
