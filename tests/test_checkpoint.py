@@ -152,3 +152,119 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match="does not fit the model"):
         load_model(tmp_path, build_toy)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite training steps: skipped a few times, then a clear stop; never saved.
+
+
+class _PoisonedTask:
+    """The toy task, with a NaN loss on chosen steps (1-based)."""
+
+    name, metric, higher_is_better = "toy", "accuracy", True
+
+    def __init__(self, inner: object, bad_steps: set[int]) -> None:
+        self.inner, self.bad_steps, self.calls = inner, bad_steps, 0
+
+    def loss(self, model: torch.nn.Module, batch: object) -> object:
+        self.calls += 1
+        out = self.inner.loss(model, batch)  # type: ignore[attr-defined]
+        if self.calls in self.bad_steps:
+            return type(out)(out.total * float("nan"), out.count, out.tokens)
+        return out
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        return self.inner.validate(model)  # type: ignore[attr-defined, no-any-return]
+
+
+def _poisoned_trainer(bad_steps: set[int], **kwargs: object):  # type: ignore[no-untyped-def]
+    from qkv.train import Trainer
+    from test_train import ToyTask, fast_config, toy_data, toy_source
+
+    torch.manual_seed(0)
+    x, y = toy_data()
+    task = _PoisonedTask(ToyTask(x, y), bad_steps)
+    config = fast_config(max_steps=12, eval_every=4, checkpoint_every=4)
+    return Trainer(ToyModel(dropout=0.0), task, toy_source(x, y), config, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_few_nan_losses_are_skipped_with_a_warning() -> None:
+    trainer = _poisoned_trainer({3, 7})
+    with pytest.warns(RuntimeWarning, match=r"step 3: non-finite loss .*skipping the update"):
+        result = trainer.fit()
+    assert result.state.step == 12 and trainer.skipped_steps == 2
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
+def test_infinite_gradients_are_skipped_too() -> None:
+    from qkv.train import Trainer
+    from test_train import ToyTask, fast_config, toy_data, toy_source
+
+    torch.manual_seed(0)
+    x, y = toy_data()
+    model = ToyModel(dropout=0.0)
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad
+
+    model.net[0].weight.register_hook(poison)
+    trainer = Trainer(model, ToyTask(x, y), toy_source(x, y), fast_config(max_steps=4))
+    with pytest.warns(RuntimeWarning, match=r"step 2: non-finite gradients"):
+        trainer.fit()
+    assert trainer.skipped_steps == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_diverged_training_stops_and_keeps_the_good_checkpoint(tmp_path: Path) -> None:
+    from qkv.train import NonFiniteTrainingError, load_weights
+
+    saved: list[int] = []
+
+    def save(model: torch.nn.Module, state: dict[str, object], step: int) -> None:
+        save_model_folder(tmp_path, model=model, config={"model": model.config}, step=step)  # type: ignore[arg-type]
+        saved.append(step)
+
+    trainer = _poisoned_trainer(set(range(6, 100)), save=save, max_nonfinite_steps=3)
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(
+            NonFiniteTrainingError,
+            match=r"training diverged: step 9 .*4th such step in a row.*from step 8",
+        ),
+    ):
+        trainer.fit()
+    # Steps 6-8 were skipped (the weights of step 8 are those of step 5, still finite and
+    # saved); step 9 stopped the run before step 12's save.
+    assert saved == [4, 8]
+    loaded = ToyModel(dropout=0.0)
+    assert load_weights(loaded, tmp_path) == 8
+    assert all(bool(torch.isfinite(p).all()) for p in loaded.parameters())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    from qkv.train import NonFiniteTrainingError
+
+    saved: list[int] = []
+    trainer = _poisoned_trainer(
+        set(), save=lambda m, s, step: saved.append(step), max_nonfinite_steps=10
+    )
+    with torch.no_grad():
+        trainer.model.net[3].bias.fill_(float("nan"))  # type: ignore[index]
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(
+            NonFiniteTrainingError, match=r"at step 4 the weights are not finite .*net.3.bias"
+        ),
+    ):
+        trainer.fit()
+    assert saved == []
+    with pytest.raises(ModelFolderError, match=r"non-finite"):
+        save_model_folder(tmp_path, model=trainer.model, config={"model": {}}, step=1)
+    assert not list(tmp_path.iterdir()) or not (tmp_path / "model.safetensors").exists()
+
+
+def test_max_nonfinite_steps_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"max_nonfinite_steps must be >= 0; got -1"):
+        _poisoned_trainer(set(), max_nonfinite_steps=-1)

@@ -28,7 +28,13 @@ from qkv.train.distributed import DistributedContext, init_from_env
 from qkv.train.schedule import lr_factor
 from qkv.train.state import TrainState, seed_everything
 from qkv.train.task import BatchSource, LossOutput, SamplerBatches, Task
-from qkv.train.trainer import EvalReport, StepReport, Trainer, TrainResult
+from qkv.train.trainer import (
+    EvalReport,
+    NonFiniteTrainingError,
+    StepReport,
+    Trainer,
+    TrainResult,
+)
 
 __all__ = [
     "BatchSource",
@@ -36,6 +42,7 @@ __all__ = [
     "EvalReport",
     "LossOutput",
     "ModelFolderError",
+    "NonFiniteTrainingError",
     "SamplerBatches",
     "StepReport",
     "Task",

@@ -143,6 +143,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_finite(model: nn.Module, folder: Path) -> None:
+    """Refuse weights with NaN or inf: saving them would replace a usable checkpoint."""
+    named = list(model.state_dict().items())
+    floats = [(n, t) for n, t in named if t.is_floating_point()]
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()
+    bad = [n for (n, _), ok in zip(floats, finite, strict=True) if not ok]
+    if bad:
+        raise ModelFolderError(
+            f"{folder}: refusing to save non-finite weights ({len(bad)} tensors with NaN or "
+            f"inf, e.g. {', '.join(bad[:3])}); the folder keeps its previous checkpoint"
+        )
+
+
 def _write_weights(model: nn.Module, file: Path, step: int) -> None:
     try:
         from safetensors.torch import save_model
@@ -211,6 +226,7 @@ def save_model_folder(
         The folder.
     """
     folder = Path(path)
+    _check_finite(model, folder)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(folder)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
