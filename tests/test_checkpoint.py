@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +24,7 @@ from qkv.train import (
     load_training_state,
     prepare_output_folder,
     read_config,
+    release_output_folder,
     save_model_folder,
 )
 from test_train import ToyModel, build_toy
@@ -119,7 +128,11 @@ def test_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
 
 
 def test_existing_model_needs_resume_or_overwrite(tmp_path: Path) -> None:
-    prepare_output_folder(tmp_path / "new")  # absent: fine
+    prepare_output_folder(tmp_path / "new")  # absent: fine (created, to hold its lock)
+    assert (tmp_path / "new").is_dir()
+    release_output_folder(tmp_path / "new")
+    (tmp_path / "new" / ".qkv-lock").unlink()
+    (tmp_path / "new").rmdir()
     prepare_output_folder(tmp_path)  # empty: fine
     _saved_toy(tmp_path)
     with pytest.raises(ModelFolderError, match=r"--resume .* or --overwrite"):
@@ -268,3 +281,165 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
 def test_max_nonfinite_steps_is_checked() -> None:
     with pytest.raises(ValueError, match=r"max_nonfinite_steps must be >= 0; got -1"):
         _poisoned_trainer(set(), max_nonfinite_steps=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Files: one writer per folder, a full disk, corrupt folders, configs that do not fit.
+
+_HOLD_LOCK = """
+import sys, time
+from qkv.train import prepare_output_folder
+prepare_output_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _python(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, *args], env=env, text=True, stdout=subprocess.PIPE, **kwargs
+    )
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_stale(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "out"
+    holder = _python("-c", _HOLD_LOCK, str(folder))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            ModelFolderError,
+            match=rf"another qkv run is writing into this folder \(pid {holder.pid} ",
+        ):
+            prepare_output_folder(folder)
+        with pytest.raises(ModelFolderError, match=rf"pid {holder.pid}"):
+            save_model_folder(folder, model=ToyModel(), config={"model": {}})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The lock file still names the dead process; the OS released its lock.
+    assert f"pid {holder.pid}" in (folder / ".qkv-lock").read_text()
+    prepare_output_folder(folder)
+    _saved_toy(folder)
+    assert is_model_folder(folder)
+    release_output_folder(folder)
+
+
+def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qkv.train.checkpoint as checkpoint
+
+    good = _saved_toy(tmp_path, step=3)
+
+    def onto_a_full_disk(model: torch.nn.Module, file: Path, step: int) -> None:
+        file.write_bytes(b"half a file")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+
+    monkeypatch.setattr(checkpoint, "_write_weights", onto_a_full_disk)
+    with pytest.raises(OSError, match=rf"no space left on device .*step-4 .*{tmp_path}") as caught:
+        _saved_toy(tmp_path, step=4)
+    assert caught.value.errno == errno.ENOSPC
+    loaded, config = load_model(tmp_path, build_toy)
+    assert config["step"] == 3 and not list(tmp_path.glob(".staging-*"))
+    x = torch.randn(4, 8)
+    assert torch.equal(loaded(x), good.eval()(x))
+
+
+def test_saved_files_have_the_same_mode(tmp_path: Path) -> None:
+    _saved_toy(tmp_path)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.name[0] != "."}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["training_state.pt"]
+    assert modes["model.safetensors"] & 0o044 == 0o044  # readable by group and others
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b"", r"empty or truncated \(0 bytes"),
+        (lambda b: b[:5], r"empty or truncated \(5 bytes"),
+        (lambda b: b[: len(b) // 2], r"truncated"),
+        (lambda b: b"\x00" * 3 + b"garbage" * 40, r"truncated or not a safetensors file"),
+        (lambda b: (40).to_bytes(8, "little") + b"x" * 60, r"not a safetensors file"),
+    ],
+)
+def test_damaged_weights_give_a_clear_error(tmp_path: Path, damage, message) -> None:  # type: ignore[no-untyped-def]
+    _saved_toy(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ModelFolderError, match=rf"model\.safetensors: .*{message}"):
+        load_model(tmp_path, build_toy)
+
+
+def test_a_config_that_does_not_fit_is_refused_before_allocating(tmp_path: Path) -> None:
+    from qkv.models import TransformerConfig, build_model
+
+    config = TransformerConfig.from_name("tiny", src_vocab_size=21, tgt_vocab_size=21)
+    model = build_model(config)
+    save_model_folder(tmp_path, model=model, config={"model": config.to_dict()})
+    document = json.loads((tmp_path / "config.json").read_text())
+    document["model"]["src_vocab_size"] = document["model"]["tgt_vocab_size"] = 2_000_000_000
+    (tmp_path / "config.json").write_text(json.dumps(document))
+
+    def build(cfg: dict[str, object]) -> torch.nn.Module:
+        return build_model(TransformerConfig.from_dict(cfg))  # type: ignore[attr-defined]
+
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(
+        ModelFolderError, match=r"does not fit the model in config\.json: .*2000000000"
+    ):
+        load_model(tmp_path, build)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 1 << 20  # far below the 512 GB the real model would take
+
+
+# --- the CLI on damaged folders: one line, exit code != 0, no traceback ---------------------------
+
+
+@pytest.fixture(scope="module")
+def translation_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qkv.tasks.translation import train_translation
+    from test_translation import reversal_pairs, tiny_config, training, write_tsv
+
+    root = tmp_path_factory.mktemp("cli-files")
+    data = write_tsv(root / "data", reversal_pairs(16, seed=0))
+    train_translation(tiny_config(data), training(2), root / "model")
+    release_output_folder(root / "model")
+    return root / "model"
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("model.safetensors", b"", r"model\.safetensors: empty or truncated"),
+        (
+            "model.safetensors",
+            b"garbage!" * 10,
+            r"model\.safetensors: truncated or not a safetensors",
+        ),
+        ("model.safetensors", "half", r"model\.safetensors: truncated"),
+        ("tokenizer.json", b"{not json", r"tokenizer\.json: not a readable tokenizer file"),
+        ("tokenizer.json", b"", r"tokenizer\.json: not a readable tokenizer file"),
+        ("config.json", b"{", r"config\.json: not valid JSON"),
+    ],
+)
+def test_cli_names_the_damaged_file_in_one_line(  # type: ignore[no-untyped-def]
+    translation_model: Path, tmp_path: Path, capsys, file, content, message
+) -> None:
+    from qkv.cli.main import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(translation_model, folder)
+    target = folder / file
+    target.write_bytes(
+        target.read_bytes()[: target.stat().st_size // 2] if content == "half" else content
+    )
+    code = main(["translate", "--model", str(folder), "abc"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err

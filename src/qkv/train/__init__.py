@@ -20,6 +20,7 @@ from qkv.train.checkpoint import (
     load_weights,
     prepare_output_folder,
     read_config,
+    release_output_folder,
     save_model_folder,
 )
 from qkv.train.config import TrainConfig
@@ -58,6 +59,7 @@ __all__ = [
     "lr_factor",
     "prepare_output_folder",
     "read_config",
+    "release_output_folder",
     "resolve_device",
     "save_model_folder",
     "seed_everything",
