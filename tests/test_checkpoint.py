@@ -128,11 +128,10 @@ def test_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
 
 
 def test_existing_model_needs_resume_or_overwrite(tmp_path: Path) -> None:
-    prepare_output_folder(tmp_path / "new")  # absent: fine (created, to hold its lock)
-    assert (tmp_path / "new").is_dir()
+    prepare_output_folder(tmp_path / "new")  # absent: fine (and not created)
+    assert not (tmp_path / "new").exists()
     release_output_folder(tmp_path / "new")
-    (tmp_path / "new" / ".qkv-lock").unlink()
-    (tmp_path / "new").rmdir()
+    assert not (tmp_path / ".new.qkv-lock").exists()
     prepare_output_folder(tmp_path)  # empty: fine
     _saved_toy(tmp_path)
     with pytest.raises(ModelFolderError, match=r"--resume .* or --overwrite"):
@@ -320,11 +319,12 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_sta
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # The lock file still names the dead process; the OS released its lock.
-    assert f"pid {holder.pid}" in (folder / ".qkv-lock").read_text()
+    assert f"pid {holder.pid}" in (tmp_path / ".out.qkv-lock").read_text()
     prepare_output_folder(folder)
     _saved_toy(folder)
     assert is_model_folder(folder)
     release_output_folder(folder)
+    assert not (tmp_path / ".out.qkv-lock").exists()
 
 
 def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(
@@ -443,3 +443,105 @@ def test_cli_names_the_damaged_file_in_one_line(  # type: ignore[no-untyped-def]
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
+
+
+# --- SIGKILL during a save, then resume -----------------------------------------------------------
+
+_TRAIN_UNTIL_KILLED = """
+import os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import qkv.train.checkpoint as checkpoint
+from qkv.train import Trainer, save_model_folder
+from test_checkpoint import killable_run
+
+folder, kill_step, phase = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_write, real_replace = checkpoint._write_weights, os.replace
+
+def pause():
+    print("saving", flush=True)
+    time.sleep(60)  # the parent kills us here
+
+def write_weights(model, file, step):
+    real_write(model, file, step)
+    if step == kill_step and phase == "staging":
+        pause()
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if Path(dst).name == "model.safetensors" and f"step {kill_step}" in checkpoint._STEP_SEEN:
+        pause()
+
+def save(model, state, step):
+    checkpoint._STEP_SEEN = f"step {step}"
+    save_model_folder(folder, model=model, config={"model": model.config}, training_state=state, step=step)
+
+checkpoint._STEP_SEEN = ""
+checkpoint._write_weights = write_weights
+if phase == "replacing":
+    os.replace = replace
+killable_run(save).fit()
+"""
+
+
+def killable_run(save: object = None) -> object:
+    """The run the SIGKILL test interrupts (also imported by its child process)."""
+    from qkv.train import Trainer
+    from test_train import ToyTask, fast_config, toy_data, toy_source
+
+    torch.manual_seed(0)
+    x, y = toy_data()
+    config = fast_config(max_steps=9, eval_every=3, checkpoint_every=3, lr=3e-3)
+    return Trainer(ToyModel(dropout=0.0), ToyTask(x, y), toy_source(x, y), config, save=save)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["staging", "replacing"])
+def test_sigkill_during_a_save_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, phase: str
+) -> None:
+    """Killed while writing step 6's checkpoint (before its commit point, or while its files
+    are moved into place), the folder stays loadable, and resuming ends bit-identical to a run
+    that was never interrupted."""
+    from qkv.train import load_weights
+
+    folder = tmp_path / "run"
+    child = _python(
+        "-c", _TRAIN_UNTIL_KILLED, str(folder), "6", phase, cwd=str(Path(__file__).parent)
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "saving"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    expected_step = 3 if phase == "staging" else 6  # before the commit point: the previous one
+
+    prepare_output_folder(folder, resume=True)  # takes the dead run's lock, finishes its save
+    config = read_config(folder)
+    resumed = killable_run(
+        save=lambda m, s, step: save_model_folder(
+            folder,
+            model=m,
+            config={"model": m.config},
+            training_state=s,
+            step=step,  # type: ignore[attr-defined]
+        )
+    )
+    step = load_weights(resumed.model, folder)  # type: ignore[attr-defined]
+    assert step == config["step"] == expected_step
+    state = load_training_state(folder, expected_step=step)
+    resumed.fit(resume=state)  # type: ignore[attr-defined]
+
+    uninterrupted = killable_run()
+    uninterrupted.fit()  # type: ignore[attr-defined]
+    for (name, a), b in zip(
+        resumed.model.state_dict().items(),  # type: ignore[attr-defined]
+        uninterrupted.model.state_dict().values(),  # type: ignore[attr-defined]
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+    assert read_config(folder)["step"] == 9
+    assert not list(folder.glob(".commit-*")) and not list(folder.glob(".staging-*"))
+    release_output_folder(folder)

@@ -9,18 +9,20 @@ A model folder is what ``qkv train`` writes and ``qkv translate`` / ``qkv evalua
       training_state.pt    optimizer, scheduler, step, RNG states, data position, best metric
 
 Writing is atomic per file and ordered: every file is written in a staging folder inside the
-model folder, flushed and fsynced, then moved into place with ``os.replace`` (atomic on POSIX),
-``config.json`` last, and the folder itself is fsynced. A crash leaves either the previous
-checkpoint or the new one for each file, never a truncated file; the step recorded in
-``model.safetensors`` and ``training_state.pt`` is checked against ``config.json`` on resume, so
-a crash between two replacements is detected instead of resuming from mixed files.
+model folder, flushed and fsynced; the staging folder is then renamed to ``.commit-*`` (the
+commit point) and its files are moved into place with ``os.replace`` (atomic on POSIX),
+``config.json`` last, and the folder itself is fsynced. A crash before the commit point leaves
+the previous checkpoint (the staging folder is discarded by the next save); a crash after it is
+rolled forward by the next :func:`prepare_output_folder` or save, so the folder never stays at
+mixed steps. The step recorded in ``model.safetensors`` and ``training_state.pt`` is checked
+against ``config.json`` on resume all the same.
 
 The training state is loaded with ``torch.load(weights_only=True)``: tensors and plain Python
 values only, nothing is unpickled into code.
 
 One writer per folder: :func:`prepare_output_folder` (and every save) takes an exclusive
-``flock`` on ``.qkv-lock`` inside the folder, held until the process exits or calls
-:func:`release_output_folder`. A second training into the same folder is refused with a message
+``flock`` on ``.<folder name>.qkv-lock`` beside the folder (so nothing is created before the
+run has data to save), held until the process exits or calls :func:`release_output_folder`. A second training into the same folder is refused with a message
 naming the process that holds it; the operating system drops the lock of a process that dies
 (even by SIGKILL), so a stale lock file never blocks anyone. A full disk during a save raises
 ``OSError`` saying "no space left on device" with the folder; the previous checkpoint stays.
@@ -33,6 +35,7 @@ weights (a 2e9-token vocabulary) is refused before any memory is allocated.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -63,6 +66,7 @@ __all__ = [
     "load_model",
     "load_training_state",
     "load_weights",
+    "lock_file_of",
     "prepare_output_folder",
     "read_config",
     "read_weights_header",
@@ -78,6 +82,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 _STAGING_PREFIX = ".staging-"
+_COMMIT_PREFIX = ".commit-"
 LOCK_FILE = ".qkv-lock"
 _SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install 'qkv[tasks]')"
 
@@ -102,14 +107,21 @@ def _entries(path: Path) -> list[str]:
     return [
         p.name
         for p in path.iterdir()
-        if not p.name.startswith(_STAGING_PREFIX) and p.name != LOCK_FILE
+        if not p.name.startswith((_STAGING_PREFIX, _COMMIT_PREFIX)) and p.name != LOCK_FILE
     ]
 
 
 # --------------------------------------------------------------------------------------------
 # One writer per folder
 
-_HELD_LOCKS: dict[str, int] = {}  # resolved folder -> open lock file descriptor
+_HELD_LOCKS: dict[str, tuple[int, Path]] = {}  # resolved folder -> (lock descriptor, lock file)
+
+
+def lock_file_of(folder: str | os.PathLike[str]) -> Path:
+    """The lock file of a model folder: ``.<name>.qkv-lock`` beside it, so that taking the lock
+    creates nothing in (or of) the folder itself."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}{LOCK_FILE}"
 
 
 def _lock_holder(fd: int) -> str:
@@ -130,32 +142,50 @@ def _lock_output_folder(folder: Path) -> None:
         return
     if os.environ.get("RANK", "0") != "0":
         return
-    folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if key in _HELD_LOCKS:
         return
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = _lock_holder(fd)
+    file = lock_file_of(folder.resolve())
+    file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise ModelFolderError(
+                f"{folder}: another qkv run is writing into this folder ({holder}); wait for "
+                "it to finish, stop it, or choose another --out"
+            ) from None
+        try:  # the holder we waited on may have removed the file: lock the one now there
+            same = os.fstat(fd).st_ino == os.stat(file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise ModelFolderError(
-            f"{folder}: another qkv run is writing into this folder ({holder}); wait for it "
-            "to finish, stop it, or choose another --out"
-        ) from None
     os.ftruncate(fd, 0)
     command = " ".join(sys.argv)[:200]
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {command}\n".encode())
-    _HELD_LOCKS[key] = fd
+    _HELD_LOCKS[key] = (fd, file)
 
 
 def release_output_folder(path: str | os.PathLike[str]) -> None:
     """Give up this process's lock on ``path`` (taken by :func:`prepare_output_folder` or a
-    save); without a call it lasts until the process exits."""
-    fd = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
-    if fd is not None:
+    save) and remove its lock file; without a call this happens when the process exits (a
+    killed process leaves the file, but the operating system has dropped its lock)."""
+    held = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
+    if held is not None:
+        fd, file = held
+        file.unlink(missing_ok=True)  # while still holding it: nobody can take a stale inode
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    for key in list(_HELD_LOCKS):
+        release_output_folder(key)
 
 
 def is_model_folder(path: str | os.PathLike[str]) -> bool:
@@ -188,14 +218,13 @@ def prepare_output_folder(
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ModelFolderError(f"{folder}: exists and is not a folder")
-    existed = folder.is_dir()
     _lock_output_folder(folder)  # before looking: another run may be writing right now
     try:
+        if folder.is_dir():
+            _finish_interrupted_commits(folder)
         _check_output_folder(folder, resume=resume, overwrite=overwrite)
     except ModelFolderError:
         release_output_folder(folder)
-        if not existed:  # leave no trace of a folder we only created to lock it
-            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
@@ -321,6 +350,7 @@ def save_model_folder(
     _check_finite(model, folder)
     folder.mkdir(parents=True, exist_ok=True)
     _lock_output_folder(folder)
+    _finish_interrupted_commits(folder)
     _remove_stale_staging(folder)
     try:
         _save_staged(folder, model, config, tokenizer, training_state, step)
@@ -366,8 +396,15 @@ def _save_staged(
         for name in names:
             os.chmod(staging / name, mode)  # safetensors writes 0600; the rest are 0644
             _fsync_file(staging / name)
-        for name in names:  # config.json last: it is what makes the folder a model folder
-            os.replace(staging / name, folder / name)
+        _fsync_dir(staging)
+        # The commit point: once the staging folder is renamed, the new checkpoint is complete
+        # on disk, and a crash while its files are moved into place is finished on the next
+        # use of the folder (_finish_interrupted_commits) instead of leaving mixed steps.
+        commit = folder / (_COMMIT_PREFIX + staging.name.removeprefix(_STAGING_PREFIX))
+        os.replace(staging, commit)
+        _fsync_dir(folder)
+        staging = commit
+        _move_into_place(commit, folder, names)
         for name in previous - set(names):  # e.g. a target vocabulary no longer separate
             (folder / name).unlink(missing_ok=True)
         _fsync_dir(folder)
@@ -377,6 +414,25 @@ def _save_staged(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(commit: Path, folder: Path, names: list[str]) -> None:
+    """Replace the folder's files by the committed ones, ``config.json`` last (it is what makes
+    the folder a model folder, and it records the step)."""
+    for name in sorted(names, key=lambda n: n == CONFIG_FILE):
+        if (commit / name).exists():
+            os.replace(commit / name, folder / name)
+
+
+def _finish_interrupted_commits(folder: Path) -> None:
+    """Roll forward a save that was killed after its commit point (its files partly moved):
+    the rest of its files go into place, so the folder holds one consistent step again."""
+    for commit in sorted(folder.glob(_COMMIT_PREFIX + "*")):
+        names = [p.name for p in commit.iterdir() if p.is_file()]
+        _move_into_place(commit, folder, names)
+        shutil.rmtree(commit, ignore_errors=True)
+        _fsync_dir(folder)
+        logger.warning("finished the interrupted save in %s", folder)
 
 
 def _file_mode() -> int:
