@@ -27,6 +27,7 @@ from qkv.train import (
     release_output_folder,
     save_model_folder,
 )
+from qkv.train.checkpoint import lock_file_of
 from test_train import ToyModel, build_toy
 
 pytest.importorskip("safetensors")
@@ -131,7 +132,7 @@ def test_existing_model_needs_resume_or_overwrite(tmp_path: Path) -> None:
     prepare_output_folder(tmp_path / "new")  # absent: fine (and not created)
     assert not (tmp_path / "new").exists()
     release_output_folder(tmp_path / "new")
-    assert not (tmp_path / ".new.qkv-lock").exists()
+    assert not lock_file_of(tmp_path / "new").exists()
     prepare_output_folder(tmp_path)  # empty: fine
     _saved_toy(tmp_path)
     with pytest.raises(ModelFolderError, match=r"--resume .* or --overwrite"):
@@ -319,12 +320,12 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_sta
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # The lock file still names the dead process; the OS released its lock.
-    assert f"pid {holder.pid}" in (tmp_path / ".out.qkv-lock").read_text()
+    assert f"pid {holder.pid}" in lock_file_of(folder).read_text()
     prepare_output_folder(folder)
     _saved_toy(folder)
     assert is_model_folder(folder)
     release_output_folder(folder)
-    assert not (tmp_path / ".out.qkv-lock").exists()
+    assert not lock_file_of(folder).exists() and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(

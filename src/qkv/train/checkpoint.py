@@ -21,8 +21,9 @@ The training state is loaded with ``torch.load(weights_only=True)``: tensors and
 values only, nothing is unpickled into code.
 
 One writer per folder: :func:`prepare_output_folder` (and every save) takes an exclusive
-``flock`` on ``.<folder name>.qkv-lock`` beside the folder (so nothing is created before the
-run has data to save), held until the process exits or calls :func:`release_output_folder`. A second training into the same folder is refused with a message
+``flock`` on the folder's lock file (:func:`lock_file_of`, in the temporary directory, so
+nothing is created in or beside the folder), held until the process exits or calls
+:func:`release_output_folder`. A second training into the same folder is refused with a message
 naming the process that holds it; the operating system drops the lock of a process that dies
 (even by SIGKILL), so a stale lock file never blocks anyone. A full disk during a save raises
 ``OSError`` saying "no space left on device" with the folder; the previous checkpoint stays.
@@ -36,7 +37,9 @@ weights (a 2e9-token vocabulary) is refused before any memory is allocated.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -118,10 +121,21 @@ _HELD_LOCKS: dict[str, tuple[int, Path]] = {}  # resolved folder -> (lock descri
 
 
 def lock_file_of(folder: str | os.PathLike[str]) -> Path:
-    """The lock file of a model folder: ``.<name>.qkv-lock`` beside it, so that taking the lock
-    creates nothing in (or of) the folder itself."""
-    folder = Path(folder)
-    return folder.parent / f".{folder.name}{LOCK_FILE}"
+    """The lock file of a model folder: in a ``qkv-locks`` folder of the system's temporary
+    directory, named after the folder's resolved path, so that taking the lock creates nothing
+    in (or beside) the user's folders."""
+    resolved = Path(folder).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:24]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in resolved.name)[:40]
+    return Path(tempfile.gettempdir()) / "qkv-locks" / f"{readable}-{digest}.lock"
+
+
+def _lock_directory(file: Path) -> None:
+    """Create the shared lock folder, writable by every user (sticky, like /tmp itself)."""
+    if not file.parent.is_dir():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # another user's folder: it has its mode already
+            os.chmod(file.parent, 0o1777)
 
 
 def _lock_holder(fd: int) -> str:
@@ -145,8 +159,8 @@ def _lock_output_folder(folder: Path) -> None:
     key = str(folder.resolve())
     if key in _HELD_LOCKS:
         return
-    file = lock_file_of(folder.resolve())
-    file.parent.mkdir(parents=True, exist_ok=True)
+    file = lock_file_of(folder)
+    _lock_directory(file)
     while True:
         fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
