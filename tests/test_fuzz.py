@@ -34,7 +34,7 @@ from qkv.backends.chunked import chunked_attention
 from qkv.request import build_request
 
 CASES = 300
-SLOW_CASES = 700
+SLOW_CASES = 1200
 BACKENDS = ["reference", "chunked", "chunked-tiles", "sdpa", "auto", "triton"]
 
 EPS = {
