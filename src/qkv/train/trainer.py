@@ -7,7 +7,7 @@ checkpoints that resume exactly, and data parallelism through PyTorch's DDP.
     result = trainer.fit()                       # or fit(resume=load_training_state(folder))
 
 Non-finite steps: a step whose loss or gradients are NaN or infinite is skipped (no optimizer
-or scheduler update, a warning naming the step), up to ``max_nonfinite_steps`` in a row; one
+or scheduler update, a logged warning naming the step), up to ``max_nonfinite_steps`` in a row; one
 more stops training with :class:`NonFiniteTrainingError` (a ``ValueError``: ``qkv train``
 prints it as one line). Weights that are no longer finite are never saved, so a good
 checkpoint is never overwritten by a diverged one.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -241,15 +240,14 @@ class Trainer:
             raise NonFiniteTrainingError(
                 f"training diverged: step {step} has a non-finite {what} (loss {total}), the "
                 f"{self._nonfinite_in_a_row}th such step in a row; stopped without saving it "
-                f"(the last checkpoint, if any, is from step {self._last_saved_step}). Lower the "
-                f"learning rate (now {self.config.lr:g}) or set a clip norm"
+                f"({self._saved_note()}). Lower the learning rate (now {self.config.lr:g}) or "
+                "set a clip norm"
             )
         message = (
             f"step {step}: non-finite {what} (loss {total}); skipping the update "
             f"({self._nonfinite_in_a_row} of at most {self.max_nonfinite_steps} in a row)"
         )
-        logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        logger.warning(message)  # the CLI shows it as one line
         return False
 
     def _global_sums(self, out: LossOutput) -> tuple[float, float, float]:
@@ -324,6 +322,11 @@ class Trainer:
             self._last_saved_step = self.state.step
         self.dist.barrier()  # nobody runs ahead of a checkpoint they might resume from
 
+    def _saved_note(self) -> str:
+        if self._last_saved_step is None:
+            return "no checkpoint was saved by this run"
+        return f"the last checkpoint, from step {self._last_saved_step}, is intact"
+
     def _check_weights_finite(self) -> None:
         """Refuse to checkpoint weights that are no longer finite (a good checkpoint must never
         be replaced by a diverged one)."""
@@ -334,7 +337,7 @@ class Trainer:
             raise NonFiniteTrainingError(
                 f"training diverged: at step {self.state.step} the weights are not finite "
                 f"({len(bad)} tensors, e.g. {', '.join(bad[:3]) or 'on another process'}); not "
-                f"saving them (the last checkpoint, if any, is from step {self._last_saved_step})"
+                f"saving them ({self._saved_note()})"
             )
 
     def _maybe_report(self, meter: _Meter) -> None:
