@@ -391,8 +391,9 @@ def test_block_mask_is_evaluated_once_per_call_and_shared_across_batch_and_heads
     # A mask that ignores b and h is evaluated with those dims broadcast (size 1), never
     # expanded to B x H.
     assert all(shape[:2] == (1, 1) for shape in seen)
-    assert seen[0][-2:] == (1, 1)  # the probe that learns that
-    seen = seen[1:]
+    assert seen[0][-2:] == (2, 2)  # the call check: a bool tensor of the broadcast shape
+    assert seen[1][-2:] == (1, 1)  # the probe that learns that b and h are not read
+    seen = seen[2:]
     # The summary: one strip of 4 query rows per query tile, over the key tiles causal leaves
     # (8, 8, 16, 16, 24, 24, 32, 32 keys): 640 of the 1024 pairs.
     assert [s[-1] for s in seen[:8]] == [8, 8, 16, 16, 24, 24, 32, 32]

@@ -136,7 +136,172 @@ def test_mask_factory_arguments() -> None:
         match=r"query_ids must be an integer tensor of shape \(B, N\) or \(N,\); got \(4,\) torch.float32",
     ):
         masks.document(torch.ones(4))
-    with pytest.raises(ValueError, match=r"softcap needs cap > 0; got 0"):
+    with pytest.raises(ValueError, match=r"softcap needs a finite cap > 0; got 0"):
         scores.softcap(0)
     with pytest.raises(ValueError, match=r"num_heads must be >= 1; got 0"):
         scores.alibi_slopes(0)
+
+
+# --- mask helpers and score functions checked against the call -----------------------------------
+
+
+def _call(mask=None, bias=None, backend="auto", **sizes):  # type: ignore[no-untyped-def]
+    """qkv.attention on B=3, Hq=4, Nq=5, Nk=7 (or ``sizes``) with ``mask`` / ``bias``."""
+    shape = {"B": 3, "Hq": 4, "Hkv": 2, "Nq": 5, "Nk": 7, **sizes}
+    return qkv.attention(*qkv_tensors(**shape), mask=mask, bias=bias, backend=backend)
+
+
+ids = torch.zeros  # document ids (all one document) of a given length
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "auto"])
+@pytest.mark.parametrize(
+    ("make", "error", "names", "shows"),
+    [
+        (lambda: masks.key_padding([2, 7]), ValueError, "key_padding lengths", "B = 3"),
+        (lambda: masks.key_padding([2, 7, 3, 4]), ValueError, "key_padding lengths", "4 entries"),
+        (lambda: masks.key_padding([2, 8, 3]), ValueError, "key_padding lengths", "Nk = 7"),
+        (lambda: masks.query_padding([1, 2]), ValueError, "query_padding lengths", "B = 3"),
+        (lambda: masks.query_padding([1, 6, 2]), ValueError, "query_padding lengths", "Nq = 5"),
+        (lambda: masks.prefix_lm([1, 2, 3, 4]), ValueError, "prefix_lm prefix_lengths", "B = 3"),
+        (
+            lambda: masks.document(ids(8, dtype=torch.long), ids(7, dtype=torch.long)),
+            ValueError,
+            "document query_ids",
+            "Nq = 5",
+        ),
+        (
+            lambda: masks.document(ids(4, dtype=torch.long), ids(7, dtype=torch.long)),
+            ValueError,
+            "document query_ids",
+            "Nq = 5",
+        ),
+        (
+            lambda: masks.document(ids(5, dtype=torch.long), ids(6, dtype=torch.long)),
+            ValueError,
+            "document key_ids",
+            "Nk = 7",
+        ),
+        (
+            lambda: masks.document(ids(4, 5, dtype=torch.long), ids(7, dtype=torch.long)),
+            ValueError,
+            "document query_ids",
+            "B = 3",
+        ),
+        (lambda: masks.document(ids(5, dtype=torch.long)), ValueError, "key_ids", "Nk = 7"),
+        (
+            lambda: masks.document(ids(0, dtype=torch.long), ids(7, dtype=torch.long)),
+            ValueError,
+            "document query_ids",
+            "(1, 0)",
+        ),
+        (
+            lambda: masks.dense(torch.ones(5, 8, dtype=torch.bool)),
+            ValueError,
+            "dense mask",
+            "(5, 8)",
+        ),
+        (
+            lambda: masks.causal() & masks.key_padding([1, 2]),
+            ValueError,
+            "key_padding lengths",
+            "B = 3",
+        ),
+        (
+            lambda: ~masks.document(ids(6, dtype=torch.long)),
+            ValueError,
+            "document",
+            "Nk = 7",
+        ),
+        (
+            lambda: lambda b, h, q, kv: (kv <= q).float(),
+            TypeError,
+            "mask",
+            "torch.float32",
+        ),
+        (
+            lambda: lambda b, h, q, kv: torch.ones(5, 7, dtype=torch.bool),
+            ValueError,
+            "mask",
+            "(5, 7)",
+        ),
+        (lambda: lambda b, h, q, kv: True, TypeError, "mask", "got bool True"),
+        (lambda: lambda b, h, q, kv: (kv <= q) and (kv >= 0), ValueError, "mask", "ambiguous"),
+        (
+            lambda: masks.mask_function(lambda b, h, q, kv: kv.float()) | masks.causal(),
+            TypeError,
+            "mask",
+            "torch.float32",
+        ),
+    ],
+)
+def test_mask_checked_against_the_call(make, error, names, shows, backend) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as caught:
+        _call(mask=make(), backend=backend)
+    assert names in str(caught.value) and shows in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "names"),
+    [
+        (lambda: masks.key_padding([-1, 2, 3]), ValueError, "key_padding lengths must be >= 0"),
+        (lambda: masks.key_padding([1.5, 2]), TypeError, "key_padding lengths must be integers"),
+        (lambda: masks.query_padding(-2), ValueError, "query_padding lengths must be >= 0"),
+        (lambda: masks.prefix_lm(-1), ValueError, "prefix_lm prefix_lengths must be >= 0"),
+        (lambda: masks.prefix_lm([2, -1]), ValueError, "prefix_lm prefix_lengths must be >= 0"),
+        (lambda: masks.sliding_window(1.5), TypeError, "sliding_window left must be an integer"),
+        (
+            lambda: masks.sliding_window(float("nan")),
+            TypeError,
+            "sliding_window left must be an integer",
+        ),
+        (
+            lambda: masks.sliding_window(4, 2.5),
+            TypeError,
+            "sliding_window right must be an integer",
+        ),
+        (lambda: masks.causal(0.5), TypeError, "causal offset must be an integer"),
+        (lambda: scores.softcap(float("inf")), ValueError, "softcap needs a finite cap > 0"),
+        (lambda: scores.softcap(float("nan")), ValueError, "softcap needs a finite cap > 0"),
+        (lambda: scores.alibi(2.0), TypeError, "alibi num_heads"),  # type: ignore[arg-type]
+        (lambda: masks.dense(torch.ones(1, 1, 1, 5, 7, dtype=torch.bool)), ValueError, "dense"),
+    ],
+)
+def test_mask_and_score_factories_refuse_bad_values(make, error, names) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=names.replace("(", r"\(")):
+        make()
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "auto"])
+def test_score_functions_checked_against_the_heads(backend: str) -> None:
+    with pytest.raises(ValueError, match=r"alibi was built for 2 heads but the call has Hq = 4"):
+        _call(bias=scores.alibi(2), backend=backend)
+    with pytest.raises(ValueError, match=r"alibi was built for 2 heads"):
+        _call(bias=scores.chain(scores.alibi(2), scores.alibi(4)), backend=backend)
+    with pytest.raises(ValueError, match=r"RelativePositionBias has 3 heads .* Hq = 4"):
+        _call(bias=scores.RelativePositionBias(3, 4), backend=backend)
+
+
+def test_masks_that_fit_the_call_still_work_and_match_the_reference() -> None:
+    """The checks accept what fits: one length shared by the batch, zero lengths, B rows."""
+    q, k, v = qkv_tensors(B=3, Hq=4, Hkv=2, Nq=5, Nk=7)
+    doc_q = torch.tensor([[0, 0, 1, 1, 1]] * 3)
+    doc_k = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    for mask in (
+        masks.key_padding([7]),
+        masks.key_padding(torch.tensor([0, 3, 7])),
+        masks.query_padding(5),
+        masks.prefix_lm([0, 2, 9]),
+        masks.document(doc_q, doc_k),
+        masks.dense(torch.rand(5, 7) > 0.5),
+    ):
+        expected = qkv.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+        for backend in ("chunked", "sdpa"):
+            out = qkv.attention(q, k, v, mask=mask, backend=backend)
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa", "auto"])
+def test_zero_query_heads_give_an_empty_output(backend: str) -> None:
+    q, k, v = qkv_tensors(B=2, Hq=0, Hkv=1, Nq=5, Nk=7)
+    assert qkv.attention(q, k, v, backend=backend).shape == (2, 0, 5, 6)

@@ -6,6 +6,14 @@ each other (in the dense case shaped ``(B, 1, 1, 1)``, ``(1, H, 1, 1)``, ``(1, 1
 Because a mask is described by indices and not by an ``Nq x Nk`` tensor, a backend can evaluate
 it one tile at a time and skip tiles it excludes entirely.
 
+Checked against the call. A built-in mask knows what it assumes about the call (``key_padding``:
+one length per batch entry, each in ``0..Nk``; ``document``: ids of length ``Nq`` and ``Nk``;
+``dense``: a tensor broadcastable to ``(B, Hq, Nq, Nk)``) and :func:`qkv.attention` checks it
+when the call's sizes are known (:meth:`MaskFn.check_call`), raising a ``ValueError`` that names
+the mask and the sizes; nothing is clamped or dropped silently. A mask function of your own is
+evaluated once on a 2 x 2 corner of the index grid: it must return a bool tensor that broadcasts
+to ``(B, Hq, 2, 2)`` there.
+
 Masks compose with ``&``, ``|`` and ``~`` and print under readable names::
 
     >>> from qkv import masks
@@ -34,6 +42,7 @@ entry and head, :data:`PARTIAL` may stand for a tile that turns out full or empt
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -80,6 +89,10 @@ EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 #: ``q_bounds[i] .. q_bounds[i + 1] - 1`` (likewise ``kv_bounds``).
 TileClassifier = Callable[[Tensor, Tensor], Tensor]
 
+#: ``check(batch, heads, q_len, kv_len)``: raises ``ValueError`` naming the mask and the sizes
+#: when a mask (or score function) was built for a call of other sizes.
+CallCheck = Callable[[int, int, int, int], None]
+
 
 class MaskFn:
     """A named, composable mask function.
@@ -90,22 +103,47 @@ class MaskFn:
         tiles: optional :data:`TileClassifier` that says from index ranges alone which tiles the
             mask hides or shows entirely (see :func:`classify_tiles`); without one, a tiled
             backend evaluates ``fn`` to find out.
+        check: optional :data:`CallCheck` run by :func:`qkv.attention` with the call's sizes.
+        verified: True for the built-in masks and their combinations, whose output is known to
+            be a bool tensor of the broadcast shape; a mask that is not verified is evaluated
+            once per call on a 2 x 2 corner to check that (see :meth:`check_call`).
     """
 
-    __slots__ = ("fn", "name", "tiles")
+    __slots__ = ("check", "fn", "name", "parts", "tiles", "verified")
 
     def __init__(
         self,
         fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
         name: str,
         tiles: TileClassifier | None = None,
+        *,
+        check: CallCheck | None = None,
+        verified: bool = False,
+        parts: tuple[MaskFn, ...] = (),
     ) -> None:
         self.fn = fn
         self.name = name
         self.tiles = tiles
+        self.check = check
+        self.verified = verified
+        self.parts = parts  # the masks a combination is made of, checked in turn
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.fn(b, h, q_idx, kv_idx)
+
+    def check_call(
+        self, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device | None = None
+    ) -> None:
+        """Raise ``ValueError``/``TypeError`` naming this mask if it does not fit a call of
+        ``(B, Hq, Nq, Nk) = (batch, heads, q_len, kv_len)``: its own assumptions (lengths per
+        batch entry, id lengths, a dense tensor's shape) and, unless verified, what it returns
+        on a 2 x 2 corner of the index grid (a bool tensor broadcasting to ``(B, Hq, 2, 2)``)."""
+        if self.check is not None:
+            self.check(batch, heads, q_len, kv_len)
+        for part in self.parts:
+            part.check_call(batch, heads, q_len, kv_len, device)
+        if not self.verified:
+            check_mask_output(self, batch, heads, q_len, kv_len, device)
 
     def __and__(self, other: MaskFunction) -> MaskFn:
         return and_masks(self, other)
@@ -119,7 +157,13 @@ class MaskFn:
             swapped = torch.where(status == FULL, EMPTY, torch.where(status == EMPTY, FULL, status))
             return swapped.to(torch.int8)
 
-        return MaskFn(lambda b, h, q, kv: ~self.fn(b, h, q, kv), f"~{self.name}", inverted)
+        return MaskFn(
+            lambda b, h, q, kv: ~self.fn(b, h, q, kv),
+            f"~{self.name}",
+            inverted,
+            verified=True,  # its part's corner is evaluated when needed
+            parts=(self,),
+        )
 
     def __repr__(self) -> str:
         return self.name
@@ -130,6 +174,53 @@ def mask_function(fn: MaskFunction, name: str | None = None) -> MaskFn:
     if isinstance(fn, MaskFn):
         return fn
     return MaskFn(fn, name or str(getattr(fn, "__name__", "mask")))
+
+
+def check_mask_output(
+    mask: MaskFunction,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device | None = None,
+) -> None:
+    """Evaluate ``mask`` on a 2 x 2 corner of a ``(B, Hq, Nq, Nk)`` index grid and raise
+    ``TypeError``/``ValueError`` naming it unless it returns a bool tensor broadcasting to
+    ``(B, Hq, Tq, Tk)`` there. Nothing to check when a size is 0."""
+    if 0 in (batch, heads, q_len, kv_len):
+        return
+    tq, tk = min(2, q_len), min(2, kv_len)
+    corner = (batch, heads, tq, tk)
+    try:
+        out = mask(*index_grid(batch, heads, (0, tq), (0, tk), device))
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"mask: the mask function {mask!r} failed on index tensors of a {corner} corner of "
+            f"(B, Hq, Nq, Nk) = {(batch, heads, q_len, kv_len)}: {error}"
+        ) from error
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"mask: the mask function {mask!r} must return a bool tensor; got "
+            f"{type(out).__name__} {out!r} (build it with tensor operations on the index "
+            "tensors, e.g. (kv_idx <= q_idx) & (b >= 0), not with Python's and/or/if)"
+        )
+    if out.dtype != torch.bool:
+        raise TypeError(
+            f"mask: the mask function {mask!r} must return a bool tensor (True = attend); got "
+            f"dtype {out.dtype}. An additive float mask goes in bias= as a score function"
+        )
+    if not _broadcasts(tuple(out.shape), corner):
+        raise ValueError(
+            f"mask: the mask function {mask!r} returned shape {tuple(out.shape)} on a corner "
+            f"of index tensors that broadcast to {corner}; its result must broadcast to "
+            "(B, Hq, Tq, Tk): compute it from the index tensors, not a fixed-size tensor"
+        )
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 def and_masks(*masks: MaskFunction) -> MaskFn:
@@ -146,7 +237,8 @@ def and_masks(*masks: MaskFunction) -> MaskFn:
         states = [classify_tiles(m, q_bounds, kv_bounds) for m in parts]
         return _combine(states, absorbing=EMPTY, neutral=FULL)
 
-    return MaskFn(both, "(" + " & ".join(m.name for m in parts) + ")", tiles)
+    name = "(" + " & ".join(m.name for m in parts) + ")"
+    return MaskFn(both, name, tiles, verified=True, parts=tuple(parts))
 
 
 def or_masks(*masks: MaskFunction) -> MaskFn:
@@ -163,7 +255,8 @@ def or_masks(*masks: MaskFunction) -> MaskFn:
         states = [classify_tiles(m, q_bounds, kv_bounds) for m in parts]
         return _combine(states, absorbing=FULL, neutral=EMPTY)
 
-    return MaskFn(either, "(" + " | ".join(m.name for m in parts) + ")", tiles)
+    name = "(" + " | ".join(m.name for m in parts) + ")"
+    return MaskFn(either, name, tiles, verified=True, parts=tuple(parts))
 
 
 # --- tile classification -----------------------------------------------------------------------
@@ -307,15 +400,34 @@ def index_grid(
 # --- built-in masks -------------------------------------------------------------------------
 
 
+def _integer(value: object, what: str) -> int:
+    """``value`` as an int if it is an integer (a Python int or a 0-d integer tensor), else a
+    TypeError naming ``what``: a window of 1.5 or NaN positions has no meaning."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer; got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.dtype.is_floating_point:
+        return int(value)
+    raise TypeError(f"{what} must be an integer; got {value!r} ({type(value).__name__})")
+
+
 def causal(offset: int = 0) -> MaskFn:
     """Query ``i`` attends to keys ``j <= i + offset``.
 
     ``offset=0`` is the top-left alignment (PyTorch's ``is_causal``); ``offset = Nk - Nq`` is the
     bottom-right alignment (FlashAttention, KV-cache decoding). See the module docstring.
     """
-    offset = int(offset)
+    offset = _integer(offset, "causal offset")
     name = "causal()" if offset == 0 else f"causal(offset={offset})"
-    return MaskFn(lambda b, h, q, kv: kv <= q + offset, name, _distance_tiles(0, None, offset))
+    return MaskFn(
+        lambda b, h, q, kv: kv <= q + offset,
+        name,
+        _distance_tiles(0, None, offset),
+        verified=True,
+    )
 
 
 def causal_top_left() -> MaskFn:
@@ -325,15 +437,22 @@ def causal_top_left() -> MaskFn:
 
 def causal_bottom_right(num_queries: int, num_keys: int) -> MaskFn:
     """Causal mask aligned at the bottom-right corner: the last query sees every key."""
-    return causal(num_keys - num_queries)
+    return causal(
+        _integer(num_keys, "causal_bottom_right num_keys")
+        - _integer(num_queries, "causal_bottom_right num_queries")
+    )
 
 
 def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> MaskFn:
     """Query ``i`` attends to keys ``i + offset - left <= j <= i + offset + right``.
 
     ``sliding_window(255)`` is the usual causal local window of 256 tokens (itself and 255 before);
-    ``sliding_window(64, 64)`` is a symmetric window for encoders.
+    ``sliding_window(64, 64)`` is a symmetric window for encoders. ``left``, ``right`` and
+    ``offset`` must be integers (a TypeError names the one that is not, e.g. ``1.5`` or NaN).
     """
+    left = _integer(left, "sliding_window left")
+    right = _integer(right, "sliding_window right")
+    offset = _integer(offset, "sliding_window offset")
     if left < 0 or right < 0:
         raise ValueError(
             f"sliding_window needs left >= 0 and right >= 0; got left={left}, right={right}"
@@ -344,41 +463,87 @@ def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> MaskFn:
         distance = q + offset - kv
         return (distance <= left) & (distance >= -right)
 
-    return MaskFn(window, name, _distance_tiles(-right, left, offset))
+    return MaskFn(window, name, _distance_tiles(-right, left, offset), verified=True)
 
 
 def _per_batch(values: Tensor, b: Tensor) -> Tensor:
-    """``values[b]`` where ``values`` has a batch dimension of B or 1 (then shared)."""
+    """``values[b]`` where ``values`` has a batch dimension of B or 1 (then shared); the call
+    check has made sure it is one of the two."""
     values = values.to(b.device)
     return values[b.clamp(max=values.shape[0] - 1)]
 
 
-def _as_lengths(lengths: Tensor | list[int], what: str) -> Tensor:
-    lengths = torch.as_tensor(lengths)
+def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
+    """``lengths`` as a 1-d int64 tensor of non-negative values, or an error naming ``what``."""
+    if isinstance(lengths, int) and not isinstance(lengths, bool):
+        lengths = [lengths]  # one length shared by the batch
+    if isinstance(lengths, float) or (
+        isinstance(lengths, list | tuple) and any(isinstance(x, float) for x in lengths)
+    ):
+        raise TypeError(f"{what} must be integers; got {lengths!r}")
+    try:
+        lengths = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"{what} must be a 1-d integer tensor of shape (B,); got {lengths!r}"
+        ) from error
     if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(
             f"{what} must be a 1-d integer tensor of shape (B,); got {tuple(lengths.shape)} {lengths.dtype}"
         )
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"{what} must be >= 0; got {lengths.tolist()}")
     return lengths.long()
 
 
+def _check_batch_rows(rows: int, batch: int, what: str, shown: str) -> None:
+    """A per-batch argument holds one row (shared by the batch) or exactly B rows."""
+    if rows not in (1, batch):
+        raise ValueError(
+            f"{what} has {rows} entries ({shown}) but the call has batch size B = {batch}; "
+            "give one per batch entry (or a single one shared by all)"
+        )
+
+
+def _lengths_check(lengths: Tensor, what: str, axis: str) -> CallCheck:
+    """The call check of lengths along the queries (``axis="Nq"``) or keys (``"Nk"``)."""
+    shown = str(lengths.tolist())
+    longest = int(lengths.max()) if lengths.numel() else 0
+
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        _check_batch_rows(lengths.shape[0], batch, what, shown)
+        limit = q_len if axis == "Nq" else kv_len
+        if longest > limit:
+            raise ValueError(
+                f"{what} {shown} holds a length of {longest} but the call has {axis} = {limit}"
+            )
+
+    return check
+
+
 def key_padding(lengths: Tensor | list[int]) -> MaskFn:
-    """Keys ``j >= lengths[b]`` are padding. ``lengths``: ``(B,)`` integers."""
-    lengths = _as_lengths(lengths, "lengths")
+    """Keys ``j >= lengths[b]`` are padding. ``lengths``: ``(B,)`` integers in ``0..Nk`` (or one
+    length shared by the batch); checked against the call."""
+    lengths = _as_lengths(lengths, "key_padding lengths")
     return MaskFn(
         lambda b, h, q, kv: kv < _per_batch(lengths, b),
         f"key_padding({lengths.tolist()})",
         _below_tiles(lengths, axis=1),
+        check=_lengths_check(lengths, "key_padding lengths", "Nk"),
+        verified=True,
     )
 
 
 def query_padding(lengths: Tensor | list[int]) -> MaskFn:
-    """Queries ``i >= lengths[b]`` are padding: their rows are fully masked and return zeros."""
-    lengths = _as_lengths(lengths, "lengths")
+    """Queries ``i >= lengths[b]`` are padding: their rows are fully masked and return zeros.
+    ``lengths``: ``(B,)`` integers in ``0..Nq`` (or one shared length); checked against the call."""
+    lengths = _as_lengths(lengths, "query_padding lengths")
     return MaskFn(
         lambda b, h, q, kv: q < _per_batch(lengths, b),
         f"query_padding({lengths.tolist()})",
         _below_tiles(lengths, axis=0),
+        check=_lengths_check(lengths, "query_padding lengths", "Nq"),
+        verified=True,
     )
 
 
@@ -387,15 +552,38 @@ def document(query_ids: Tensor, key_ids: Tensor | None = None) -> MaskFn:
 
     Args:
         query_ids: ``(B, Nq)`` or ``(Nq,)`` integer document id of every query position.
-        key_ids: ``(B, Nk)`` or ``(Nk,)``; defaults to ``query_ids`` (self-attention).
+        key_ids: ``(B, Nk)`` or ``(Nk,)``; defaults to ``query_ids`` (self-attention, which
+            needs ``Nq == Nk``).
+
+    The lengths and batch rows are checked against the call: ``Nq`` ids for the queries, ``Nk``
+    for the keys, 1 or ``B`` rows.
     """
-    q_ids = _as_ids(query_ids, "query_ids")
-    k_ids = q_ids if key_ids is None else _as_ids(key_ids, "key_ids")
+    q_ids = _as_ids(query_ids, "document query_ids")
+    k_ids = q_ids if key_ids is None else _as_ids(key_ids, "document key_ids")
+
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        if key_ids is None and q_len != kv_len:
+            raise ValueError(
+                f"document(query_ids) without key_ids is for self-attention, but the call has "
+                f"Nq = {q_len} and Nk = {kv_len}: pass key_ids of length Nk"
+            )
+        for what, ids, length, axis in (
+            ("document query_ids", q_ids, q_len, "Nq"),
+            ("document key_ids", k_ids, kv_len, "Nk"),
+        ):
+            if ids.shape[1] != length:
+                raise ValueError(
+                    f"{what} of shape {tuple(ids.shape)} holds {ids.shape[1]} positions but the "
+                    f"call has {axis} = {length}"
+                )
+            _check_batch_rows(ids.shape[0], batch, what, f"shape {tuple(ids.shape)}")
 
     return MaskFn(
         _index_ids(q_ids, k_ids),
         f"document({q_ids.unique().numel()} ids)",
         _document_tiles(q_ids, k_ids),
+        check=check,
+        verified=True,
     )
 
 
@@ -405,7 +593,9 @@ def _as_ids(ids: Tensor, what: str) -> Tensor:
         raise ValueError(
             f"{what} must be an integer tensor of shape (B, N) or (N,); got {tuple(ids.shape)} {ids.dtype}"
         )
-    return ids.long().reshape(-1, ids.shape[-1])  # (B or 1, N)
+    if ids.ndim == 2 and ids.shape[0] == 0:
+        raise ValueError(f"{what} must have at least one row; got shape {tuple(ids.shape)}")
+    return ids.long() if ids.ndim == 2 else ids.long()[None]  # (B or 1, N)
 
 
 def _index_ids(q_ids: Tensor, k_ids: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -420,25 +610,53 @@ def _index_ids(q_ids: Tensor, k_ids: Tensor) -> Callable[[Tensor, Tensor, Tensor
 def prefix_lm(prefix_lengths: int | Tensor | list[int]) -> MaskFn:
     """Prefix-LM: keys in the prefix are seen by every query; after it, attention is causal.
 
-    ``prefix_lengths``: an int shared by the batch, or ``(B,)`` integers.
+    ``prefix_lengths``: a non-negative int shared by the batch, or ``(B,)`` integers (checked
+    against the call's batch size). A prefix longer than ``Nk`` makes every key visible.
     """
-    if isinstance(prefix_lengths, int):
+    if isinstance(prefix_lengths, int) and not isinstance(prefix_lengths, bool):
         n = prefix_lengths
+        if n < 0:
+            raise ValueError(f"prefix_lm prefix_lengths must be >= 0; got {n}")
         tiles = or_masks(key_padding([n]), causal()).tiles
-        return MaskFn(lambda b, h, q, kv: (kv < n) | (kv <= q), f"prefix_lm({n})", tiles)
-    lengths = _as_lengths(prefix_lengths, "prefix_lengths")
+        return MaskFn(
+            lambda b, h, q, kv: (kv < n) | (kv <= q), f"prefix_lm({n})", tiles, verified=True
+        )
+    lengths = _as_lengths(prefix_lengths, "prefix_lm prefix_lengths")
+    shown = str(lengths.tolist())
+
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        _check_batch_rows(lengths.shape[0], batch, "prefix_lm prefix_lengths", shown)
+
     return MaskFn(
         lambda b, h, q, kv: (kv < _per_batch(lengths, b)) | (kv <= q),
-        f"prefix_lm({lengths.tolist()})",
+        f"prefix_lm({shown})",
         or_masks(key_padding(lengths), causal()).tiles,
+        check=check,
+        verified=True,
     )
 
 
 def dense(mask: Tensor, name: str = "dense") -> MaskFn:
-    """A bool tensor broadcastable to ``(B, H, Nq, Nk)`` as a mask function, to compose it."""
+    """A bool tensor broadcastable to ``(B, H, Nq, Nk)`` as a mask function, to compose it.
+    Its shape is checked against the call (a ``(5, 8)`` mask on ``Nk = 7`` is an error, not a
+    dropped column)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"dense mask must be a bool tensor; got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")
+    if mask.ndim > 4:
+        raise ValueError(
+            f"dense mask must have at most 4 dims (B, H, Nq, Nk); got shape {tuple(mask.shape)}"
+        )
     m4 = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        target = (batch, heads, q_len, kv_len)
+        if not _broadcasts(tuple(mask.shape), target):
+            raise ValueError(
+                f"dense mask {name!r} of shape {tuple(mask.shape)} does not broadcast to "
+                f"(B, Hq, Nq, Nk) = {target}"
+            )
 
     def lookup(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         idx = [
@@ -447,4 +665,4 @@ def dense(mask: Tensor, name: str = "dense") -> MaskFn:
         ]
         return m4.to(q.device)[idx[0], idx[1], idx[2], idx[3]]
 
-    return MaskFn(lookup, f"{name}{tuple(mask.shape)}")
+    return MaskFn(lookup, f"{name}{tuple(mask.shape)}", check=check, verified=True)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from qkv import masks as M
 from qkv.masks import MaskFn, MaskFunction
-from qkv.scores import ScoreFunction, is_additive
+from qkv.scores import ScoreFunction, check_score_call, is_additive
 
 __all__ = [
     "AttentionRequest",
@@ -328,7 +328,7 @@ def as_4d(t: Tensor) -> Tensor:
 
 
 def _check_mask(
-    mask: MaskArg, target: tuple[int, ...], device: torch.device
+    mask: MaskArg, target: tuple[int, int, int, int], device: torch.device
 ) -> Tensor | MaskFn | None:
     if mask is None:
         return None
@@ -346,7 +346,12 @@ def _check_mask(
             raise ValueError(f"mask is on {mask.device} but q is on {device}")
         return as_4d(mask)
     if callable(mask):
-        return M.mask_function(mask)
+        fn = M.mask_function(mask)
+        # The call's sizes are known only now: lengths per batch entry, id lengths, a dense
+        # tensor's shape, and what a mask function of the user's returns.
+        batch, heads, q_len, kv_len = target
+        fn.check_call(batch, heads, q_len, kv_len, device)
+        return fn
     raise TypeError(
         f"mask must be a bool tensor, a mask function or None; got {type(mask).__name__}"
     )
@@ -370,6 +375,7 @@ def _check_bias(
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
         return as_4d(bias), None
     if callable(bias):
+        check_score_call(bias, *target)
         return None, bias
     raise TypeError(
         f"bias must be a float tensor, a score function or None; got {type(bias).__name__}"

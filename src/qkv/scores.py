@@ -23,6 +23,7 @@ __all__ = [
     "alibi",
     "alibi_slopes",
     "chain",
+    "check_score_call",
     "is_additive",
     "softcap",
 ]
@@ -44,9 +45,11 @@ class ScoreMod:
         fn: ``fn(score, b, h, q_idx, kv_idx) -> score``.
         name: how it prints.
         additive: True when ``fn(s, ...) == s + fn(0, ...)`` for every ``s``.
+        check: optional ``check(batch, heads, q_len, kv_len)`` that raises ``ValueError`` naming
+            the function when it was built for other sizes (ALiBi's head count).
     """
 
-    __slots__ = ("additive", "fn", "name")
+    __slots__ = ("additive", "check", "fn", "name")
 
     def __init__(
         self,
@@ -54,10 +57,17 @@ class ScoreMod:
         name: str,
         *,
         additive: bool = False,
+        check: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.additive = additive
+        self.check = check
+
+    def check_call(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        """Raise ``ValueError`` if this function does not fit a call of these sizes."""
+        if self.check is not None:
+            self.check(batch, heads, q_len, kv_len)
 
     def __call__(
         self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
@@ -81,8 +91,21 @@ def chain(*mods: ScoreFunction) -> ScoreMod:
             score = mod(score, b, h, q, kv)
         return score
 
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        for mod in mods:
+            check_score_call(mod, batch, heads, q_len, kv_len)
+
     name = "chain(" + ", ".join(repr(m) for m in mods) + ")"
-    return ScoreMod(chained, name, additive=all(is_additive(m) for m in mods))
+    return ScoreMod(chained, name, additive=all(is_additive(m) for m in mods), check=check)
+
+
+def check_score_call(
+    score_mod: ScoreFunction, batch: int, heads: int, q_len: int, kv_len: int
+) -> None:
+    """Run the score function's own call check, if it has one (see :meth:`ScoreMod.check_call`)."""
+    check = getattr(score_mod, "check_call", None)
+    if callable(check):
+        check(batch, heads, q_len, kv_len)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -116,19 +139,40 @@ def alibi(num_heads: int | Tensor, *, offset: int = 0) -> ScoreMod:
     On the causal part ``j <= i`` this is the paper's ``slope * (j - i)``; the absolute distance
     makes it usable for bidirectional encoders too.
     """
-    slopes = alibi_slopes(num_heads) if isinstance(num_heads, int) else num_heads.float()
+    if isinstance(num_heads, Tensor):
+        if num_heads.ndim != 1 or not num_heads.dtype.is_floating_point:
+            raise ValueError(
+                f"alibi slopes must be a 1-d float tensor of shape (H,); got "
+                f"{tuple(num_heads.shape)} {num_heads.dtype}"
+            )
+        slopes = num_heads.float()
+    elif isinstance(num_heads, int) and not isinstance(num_heads, bool):
+        slopes = alibi_slopes(num_heads)
+    else:
+        raise TypeError(f"alibi num_heads must be an int or a (H,) tensor; got {num_heads!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"alibi offset must be an int; got {offset!r}")
+
+    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        if slopes.numel() != heads:
+            raise ValueError(
+                f"alibi was built for {slopes.numel()} heads but the call has Hq = {heads} "
+                f"query heads: use alibi({heads})"
+            )
 
     def linear_bias(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         distance = (q + offset - kv).abs().to(score.dtype)
         return score - slopes.to(score.device, score.dtype)[h] * distance
 
-    return ScoreMod(linear_bias, f"alibi({slopes.numel()} heads)", additive=True)
+    return ScoreMod(linear_bias, f"alibi({slopes.numel()} heads)", additive=True, check=check)
 
 
 def softcap(cap: float) -> ScoreMod:
     """Squash scores smoothly into ``(-cap, cap)``: ``cap * tanh(score / cap)`` (Gemma 2, Grok)."""
-    if not cap > 0:
-        raise ValueError(f"softcap needs cap > 0; got {cap}")
+    if isinstance(cap, bool) or not isinstance(cap, int | float):
+        raise TypeError(f"softcap cap must be a Python number; got {cap!r}")
+    if not (cap > 0 and math.isfinite(cap)):  # inf gives inf * tanh(s / inf) = NaN everywhere
+        raise ValueError(f"softcap needs a finite cap > 0; got {cap}")
     return ScoreMod(lambda s, b, h, q, kv: cap * torch.tanh(s / cap), f"softcap({cap})")
 
 
@@ -159,6 +203,14 @@ class RelativePositionBias(nn.Module):
         self.max_distance = max_distance
         self.offset = offset
         self.table = nn.Parameter(torch.zeros(num_heads, 2 * max_distance + 1))
+
+    def check_call(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        """Raise ``ValueError`` if the table's heads are not the call's query heads."""
+        if heads != self.num_heads:
+            raise ValueError(
+                f"RelativePositionBias has {self.num_heads} heads but the call has Hq = {heads} "
+                "query heads"
+            )
 
     def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         relative = (kv_idx - q_idx - self.offset).clamp(-self.max_distance, self.max_distance)

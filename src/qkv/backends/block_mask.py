@@ -254,7 +254,12 @@ class BlockMask(MaskFn):
                 f"status must have shape {expected} for q_len={q_len}, kv_len={kv_len} and tiles "
                 f"({tile_q}, {tile_kv}); got {tuple(status.shape)}"
             )
-        super().__init__(self._evaluate, f"block_mask({mask!r})" if mask else "block_mask(all)")
+        super().__init__(
+            self._evaluate,
+            f"block_mask({mask!r})" if mask else "block_mask(all)",
+            verified=True,  # what it evaluates is its mask's, checked through parts
+            parts=(mask,) if mask is not None else (),
+        )
         self.status = status.to(device="cpu", dtype=torch.int8)
         self.mask = mask
         self.q_len, self.kv_len = q_len, kv_len

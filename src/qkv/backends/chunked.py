@@ -40,8 +40,10 @@ What it does, and why:
   inputs of the autograd function; backward rebuilds each modified score tile under
   ``torch.enable_grad`` and pulls ``dS`` through it with ``torch.autograd.grad``, tile by tile.
   A bias tensor's gradient is accumulated slice by slice.
-- **Numerics.** The matmuls run in the input dtype (as fused kernels do), except ``dP = dO V^T``
-  in backward, which must agree with ``D_i`` to float32 rounding; the softmax statistics, the
+- **Numerics.** The matmuls run in the input dtype (as fused kernels do), except the forward's
+  un-normalised ``P V`` (a float16 tile of 512 keys of value 130 would overflow to ``inf``) and
+  ``dP = dO V^T`` in backward, which must agree with ``D_i`` to float32 rounding; the softmax
+  statistics, the
   running output and the gradient accumulators are in ``stats_dtype`` (float32 for float16 and
   bfloat16, whose mantissas would lose the small terms of long sums). A fully masked row keeps
   ``m = -inf`` and ``l = 0``: its output is 0, its log-sum-exp ``+inf``, so backward recomputes
@@ -72,6 +74,7 @@ from qkv.backends.block_mask import (
     empty_tiles_of_tensor,
     hinted_status,
 )
+from qkv.backends.reference import reference_attention
 from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
@@ -252,6 +255,9 @@ def _forward(plan: _Plan) -> tuple[Tensor, Tensor]:
     sd = stats_dtype(request.dtype)
     out = q.new_empty(B, Hq, Nq, Dv, dtype=sd)
     lse = q.new_empty(B, Hq, Nq, dtype=sd)
+    # P V in the stats dtype: the un-normalised tile sums up to Tk values (512 keys of 130 is
+    # 66,560, past float16's 65,504), so a half-precision product would overflow to inf.
+    v_sd = v.to(sd)  # (B, Hkv, Nk, Dv); a copy only for half types
     for i in range(block.status.shape[0]):
         q_range = block.q_range(i)
         rows = slice(*q_range)
@@ -271,8 +277,8 @@ def _forward(plan: _Plan) -> tuple[Tensor, Tensor]:
             probs, rescale = state.absorb(scores, owned=not (plan.modifies and full))
             if request.dropout_p > 0:  # after the sum: dropout acts on the probabilities
                 probs = probs * _keep_mask(plan, i, j, probs)
-            v_t = v[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, Dv)
-            pv = _fold_tile(probs.to(v.dtype), request.kv_heads) @ v_t  # (B, Hkv, G * Tq, Dv)
+            v_t = v_sd[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, Dv)
+            pv = _fold_tile(probs, request.kv_heads) @ v_t  # (B, Hkv, G * Tq, Dv), stats dtype
             state.acc = torch.addcmul(_heads(pv, Hq), state.acc, rescale)
         out[:, :, rows], lse[:, :, rows] = state.finish()
     return out, lse
@@ -559,6 +565,11 @@ def chunked_attention(
     Raises:
         ValueError: if a block mask passed as the mask does not fit the call.
     """
+    if request.score_elements == 0:
+        # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
+        # or all-zero output, and zero gradients, with no per-tile arithmetic to divide by 0.
+        out, probs = reference_attention(request)
+        return out, (probs.to(request.dtype) if request.return_weights else None)
     given = request.mask if isinstance(request.mask, BlockMask) else None
     if given is not None and (reason := given.incompatibility(request)) is not None:
         raise ValueError(reason)

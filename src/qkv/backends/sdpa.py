@@ -2,6 +2,19 @@
 
 Masks become SDPA's boolean ``attn_mask``; additive biases become its float ``attn_mask``; a
 plain causal request becomes ``is_causal``. Grouped heads use ``enable_gqa``.
+
+Where PyTorch's kernel does not compute qkv's function, this backend does not send it there:
+
+- ``Nk = 0`` (or any empty dim): the formula on empty scores (zeros); the CPU kernel gives NaN
+  for float16 queries of magnitude >= 3e4.
+- A mask with non-finite values in ``q`` or ``k``: the kernel adds the mask as ``-inf``, so a
+  NaN score at a masked-out key (or in a fully masked row) poisons the whole row, where qkv's
+  rule (see :func:`qkv.attention`) is that masked scores never matter. Such calls run on the
+  chunked backend (one pass over ``q`` and ``k`` finds them; only calls with a mask pay it).
+- Training on the CPU with logits that may exceed ``2**24`` in magnitude (bounded by
+  ``scale * max |q_i| * max |k_j|``): the CPU flash backward gives NaN gradients from about
+  ``7e8`` on (float32 rounding of ``s - lse`` overflows ``exp``), so :meth:`supports` declines
+  and ``auto`` picks another backend.
 """
 
 from __future__ import annotations
@@ -10,11 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.backends.chunked import chunked_attention
+from qkv.backends.reference import reference_attention
 from qkv.backends.registry import dense_build_seconds, device_rates
 from qkv.request import AttentionRequest
 from qkv.scores import is_additive
 
-__all__ = ["SdpaBackend"]
+__all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend"]
+
+#: Largest bound on ``|q k^T * scale|`` for which SDPA serves a CPU call that needs gradients
+#: (float32 spacing there is 2, far from where ``exp`` of a rounding error overflows).
+LOGIT_LIMIT_FOR_CPU_BACKWARD = float(2**24)
 
 
 class SdpaBackend:
@@ -25,6 +44,11 @@ class SdpaBackend:
             return "SDPA does not return the attention probabilities (return_weights=True)"
         if request.score_mod is not None and not is_additive(request.score_mod):
             return f"score function {request.score_mod!r} is not an additive bias, and SDPA can only add one"
+        if _cpu_backward_may_overflow(request):
+            return (
+                "logits may exceed 2**24 in magnitude, where PyTorch's CPU SDPA backward gives "
+                "NaN gradients"
+            )
         return None
 
     def memory_estimate(self, request: AttentionRequest) -> int:
@@ -64,7 +88,12 @@ class SdpaBackend:
         return seconds * (3.5 if request.needs_grad else 1.0)
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        if request.score_elements == 0:  # nothing to attend: zeros (the kernel may give NaN)
+            return reference_attention(request)[0], None
         attn_mask, is_causal = _sdpa_mask(request)
+        if attn_mask is not None and not _finite(request.q, request.k):
+            # Masked NaN scores must not matter (qkv.attention's rule); SDPA adds them to -inf.
+            return chunked_attention(request)[0], None
         out = F.scaled_dot_product_attention(
             request.q,
             request.k,
@@ -76,6 +105,24 @@ class SdpaBackend:
             enable_gqa=request.group_size > 1,
         )
         return out, None
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
+    """Whether a CPU call that needs gradients may have logits past
+    :data:`LOGIT_LIMIT_FOR_CPU_BACKWARD` (Cauchy-Schwarz bound from the row norms)."""
+    if request.device.type != "cpu" or not request.needs_grad or request.dtype == torch.float64:
+        return False
+    if request.q.numel() == 0 or request.k.numel() == 0:
+        return False
+    with torch.no_grad():
+        q_norm = request.q.detach().float().norm(dim=-1).max()
+        k_norm = request.k.detach().float().norm(dim=-1).max()
+        bound = float(q_norm * k_norm) * abs(request.scale)
+    return not bound <= LOGIT_LIMIT_FOR_CPU_BACKWARD  # NaN/inf inputs count as overflowing
 
 
 def _is_plain(request: AttentionRequest) -> bool:

@@ -195,7 +195,12 @@ class TextTokenizer:
         _require_tokenizers()
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        try:
+            return cls(Tokenizer.from_file(os.fspath(path)))
+        except Exception as error:  # tokenizers raises a bare Exception for a corrupt file
+            if isinstance(error, OSError):
+                raise
+            raise ValueError(f"{path}: not a readable tokenizer file ({error})") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``tokenizer.json`` (one JSON file holding vocabulary, merges and settings)."""

@@ -98,7 +98,18 @@ def attention(
         ``weights (B, Hq, Nq, Nk)``. A query row with no key to attend to gives zeros in both
         (and zero gradients), never NaN.
 
-    Numerics: for float16 and bfloat16 the softmax (max, exponentials, sum) runs in float32.
+    Numerics: for float16 and bfloat16 the softmax (max, exponentials, sum) runs in float32;
+    every backend scales ``q`` before the ``q k^T`` product, so float16 inputs overflow only where
+    the scaled logits themselves pass 65504. ``Nk = 0`` gives zeros on every backend.
+
+    Non-finite inputs, the same on every backend: **a masked-out score never matters.** A NaN or
+    inf in ``q`` or ``k`` reaches only the output rows where the affected scores are attended;
+    at keys a row does not attend (its mask is False) it has no effect, and a fully masked row
+    gives zeros even when its own query is NaN. An attended NaN score makes its row NaN. Values
+    ``v`` must be finite at every key: ``P V`` multiplies the zero probability of a masked key
+    by its value, so a NaN there may reach any row of its batch entry and head (a tiled backend
+    that skips the key's tile avoids it, so which rows is not specified). Gradients follow the
+    same rule for ``dV``; ``dQ`` and ``dK`` of rows with non-finite inputs are not specified.
 
     Raises:
         TypeError, ValueError: for inputs of the wrong type, rank, dtype or shape, naming the

@@ -20,6 +20,7 @@ from qkv.train.checkpoint import (
     load_weights,
     prepare_output_folder,
     read_config,
+    release_output_folder,
     save_model_folder,
 )
 from qkv.train.config import TrainConfig
@@ -28,7 +29,13 @@ from qkv.train.distributed import DistributedContext, init_from_env
 from qkv.train.schedule import lr_factor
 from qkv.train.state import TrainState, seed_everything
 from qkv.train.task import BatchSource, LossOutput, SamplerBatches, Task
-from qkv.train.trainer import EvalReport, StepReport, Trainer, TrainResult
+from qkv.train.trainer import (
+    EvalReport,
+    NonFiniteTrainingError,
+    StepReport,
+    Trainer,
+    TrainResult,
+)
 
 __all__ = [
     "BatchSource",
@@ -36,6 +43,7 @@ __all__ = [
     "EvalReport",
     "LossOutput",
     "ModelFolderError",
+    "NonFiniteTrainingError",
     "SamplerBatches",
     "StepReport",
     "Task",
@@ -51,6 +59,7 @@ __all__ = [
     "lr_factor",
     "prepare_output_folder",
     "read_config",
+    "release_output_folder",
     "resolve_device",
     "save_model_folder",
     "seed_everything",

@@ -6,6 +6,12 @@ checkpoints that resume exactly, and data parallelism through PyTorch's DDP.
     trainer = Trainer(model, task, batches, TrainConfig(max_steps=2000), save=save_folder)
     result = trainer.fit()                       # or fit(resume=load_training_state(folder))
 
+Non-finite steps: a step whose loss or gradients are NaN or infinite is skipped (no optimizer
+or scheduler update, a logged warning naming the step), up to ``max_nonfinite_steps`` in a row; one
+more stops training with :class:`NonFiniteTrainingError` (a ``ValueError``: ``qkv train``
+prints it as one line). Weights that are no longer finite are never saved, so a good
+checkpoint is never overwritten by a diverged one.
+
 One step: the task's summed loss over the batch is divided by the number of units (tokens)
 summed over every process, times the number of processes (DDP averages gradients), so N
 processes on N shards take exactly the step one process takes on the whole global batch.
@@ -31,13 +37,26 @@ from qkv.train.schedule import make_scheduler
 from qkv.train.state import TrainState, capture_rng, restore_rng, seed_everything
 from qkv.train.task import BatchSource, LossOutput, Task
 
-__all__ = ["EvalReport", "SaveFn", "StepReport", "StopReason", "TrainResult", "Trainer"]
+__all__ = [
+    "EvalReport",
+    "NonFiniteTrainingError",
+    "SaveFn",
+    "StepReport",
+    "StopReason",
+    "TrainResult",
+    "Trainer",
+]
 
 logger = logging.getLogger(__name__)
 
 StopReason = Literal["max_steps", "max_minutes", "early_stopping"]
 SaveFn = Callable[[nn.Module, dict[str, Any], int], None]
 """``save(model, training_state, step)``: write a checkpoint (the model is unwrapped)."""
+
+
+class NonFiniteTrainingError(ValueError):
+    """Training diverged: the loss or the gradients stayed non-finite (or the weights became
+    so). The message names the step and what to try; no checkpoint was written from it."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,12 @@ class Trainer:
         on_step: called with a :class:`StepReport` every ``log_every`` steps (main process).
         on_eval: called with an :class:`EvalReport` after each validation (main process).
         distributed: the process group; default: from ``torchrun``'s environment variables.
+        max_nonfinite_steps: consecutive steps with a non-finite loss or gradient that are
+            skipped (each with a warning) before training stops with
+            :class:`NonFiniteTrainingError`.
+
+    Attributes:
+        skipped_steps: how many steps were skipped for a non-finite loss or gradient.
     """
 
     def __init__(
@@ -106,7 +131,16 @@ class Trainer:
         on_step: Callable[[StepReport], None] | None = None,
         on_eval: Callable[[EvalReport], None] | None = None,
         distributed: DistributedContext | None = None,
+        max_nonfinite_steps: int = 3,
     ) -> None:
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int):
+            raise TypeError(f"max_nonfinite_steps must be an int; got {max_nonfinite_steps!r}")
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0; got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.skipped_steps = 0
+        self._last_saved_step: int | None = None
+        self._nonfinite_in_a_row = 0
         self.config = config
         self.device = resolve_device(config.device)
         self.autocast_dtype = resolve_precision(config.precision, self.device)
@@ -177,12 +211,44 @@ class Trainer:
             raise ValueError(f"step {self.state.step + 1}: the batch has no units to train on")
         # DDP averages gradients over processes: scale so the result is sum / global count.
         (out.total.float() * (self.dist.world_size / count)).backward()
+        if not self._finite_step(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total / count, int(tokens)
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / count, int(tokens)
+
+    def _finite_step(self, total: float) -> bool:
+        """Whether this step's loss and gradients are finite (the same answer on every
+        process). A non-finite step is counted and warned about; too many in a row raise."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = math.isfinite(total)
+        if finite and grads:  # one device sync for all the gradients
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad = self.dist.any_true(not finite)
+        if not bad:
+            self._nonfinite_in_a_row = 0
+            return True
+        step = self.state.step + 1
+        what = "loss" if not math.isfinite(total) else "gradients"
+        self.skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        if self._nonfinite_in_a_row > self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"training diverged: step {step} has a non-finite {what} (loss {total}), the "
+                f"{self._nonfinite_in_a_row}th such step in a row; stopped without saving it "
+                f"({self._saved_note()}). Lower the learning rate (now {self.config.lr:g}) or "
+                "set a clip norm"
+            )
+        message = (
+            f"step {step}: non-finite {what} (loss {total}); skipping the update "
+            f"({self._nonfinite_in_a_row} of at most {self.max_nonfinite_steps} in a row)"
+        )
+        logger.warning(message)  # the CLI shows it as one line
+        return False
 
     def _global_sums(self, out: LossOutput) -> tuple[float, float, float]:
         local = torch.tensor(
@@ -250,9 +316,29 @@ class Trainer:
                 return
         elif not final and self.state.step % self.config.save_every:
             return
+        self._check_weights_finite()
         if self.dist.is_main:
             self.save(self.model, self.training_state(), self.state.step)
+            self._last_saved_step = self.state.step
         self.dist.barrier()  # nobody runs ahead of a checkpoint they might resume from
+
+    def _saved_note(self) -> str:
+        if self._last_saved_step is None:
+            return "no checkpoint was saved by this run"
+        return f"the last checkpoint, from step {self._last_saved_step}, is intact"
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to checkpoint weights that are no longer finite (a good checkpoint must never
+        be replaced by a diverged one)."""
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist() if named else []
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+        if self.dist.any_true(bool(bad)):
+            raise NonFiniteTrainingError(
+                f"training diverged: at step {self.state.step} the weights are not finite "
+                f"({len(bad)} tensors, e.g. {', '.join(bad[:3]) or 'on another process'}); not "
+                f"saving them ({self._saved_note()})"
+            )
 
     def _maybe_report(self, meter: _Meter) -> None:
         if self.state.step % self.config.log_every and self.state.step != self.config.max_steps:

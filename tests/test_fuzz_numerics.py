@@ -1,0 +1,132 @@
+"""Numerical edge cases every CPU backend must agree on: fp16 range, Nk = 0, SDPA's CPU backward
+at huge logits, and the documented rule for non-finite inputs (masked scores never matter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv import masks
+from qkv.backends.sdpa import SdpaBackend
+from qkv.request import build_request
+
+BACKENDS = ["reference", "chunked", "sdpa", "auto"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_product_past_65504_before_scaling_is_finite(backend: str) -> None:
+    # q . k = 40 * 40 * 64 = 102,400 overflows float16 unscaled; scaled by 1/8 it is 12,800.
+    q = torch.full((1, 2, 4, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)).half()
+    out = qkv.attention(q, q.clone(), v, backend=backend)
+    # Uniform attention: every row is the mean of the values.
+    expected = v.double().mean(dim=2, keepdim=True).expand(1, 2, 4, 8)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+def test_float16_weights_past_65504_before_scaling_are_finite(backend: str) -> None:
+    q = torch.full((1, 1, 3, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 1, 3, 4).half()
+    _, weights = qkv.attention(q, q.clone(), v, return_weights=True, backend=backend)
+    expected = torch.full((1, 1, 3, 3), 1 / 3, dtype=torch.float64)
+    torch.testing.assert_close(weights.double(), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa"])
+def test_float16_values_summed_over_many_keys_do_not_overflow(backend: str) -> None:
+    # Uniform attention over 512 keys of value 130: the un-normalised sum is 66,560.
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.float16)
+    k = torch.randn(1, 1, 512, 8).half() * 0
+    v = torch.full((1, 1, 512, 8), 130.0, dtype=torch.float16)
+    out = qkv.attention(q, k, v, backend=backend)
+    assert torch.equal(out, torch.full_like(out, 130.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_give_zeros_even_for_huge_queries(backend: str, dtype: torch.dtype) -> None:
+    q = torch.full((2, 2, 3, 8), 3e4, dtype=dtype)
+    empty = torch.zeros(2, 2, 0, 8, dtype=dtype)
+    for causal in (False, True):
+        out = qkv.attention(q, empty, empty, causal=causal, backend=backend)
+        assert out.shape == (2, 2, 3, 8) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_auto_keeps_huge_float32_logits_away_from_sdpa_cpu_backward() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 2, 1000, 8, generator=g) * 1e4).requires_grad_()
+    k = (torch.randn(1, 2, 1000, 8, generator=g) * 1e4).requires_grad_()
+    v = torch.randn(1, 2, 1000, 8, generator=g).requires_grad_()
+    # PyTorch's kernel itself gives NaN gradients here (what the guard is for).
+    raw = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    raw_grads = torch.autograd.grad(raw.sum(), (q, k))
+    assert not all(bool(torch.isfinite(g_).all()) for g_ in raw_grads)
+    reason = SdpaBackend().supports(build_request(q, k, v))
+    assert reason is not None and "2**24" in reason
+    assert qkv.explain(q, k, v).chosen != "sdpa"
+    out = qkv.attention(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(bool(torch.isfinite(g_).all()) for g_ in grads)
+    # Without gradients (or at ordinary magnitudes) SDPA still serves.
+    with torch.no_grad():
+        assert SdpaBackend().supports(build_request(q, k, v)) is None
+    small = build_request(q.detach().div(1e4).requires_grad_(), k.detach().div(1e4), v)
+    assert SdpaBackend().supports(small) is None
+
+
+def _nan_cases() -> list[tuple[str, dict[str, object], list[int]]]:
+    """(name, what to change, which of the 6 query rows must be NaN)."""
+    n = 6
+    nan = float("nan")
+    key_nan = {"k_rows": [5], "value": nan}
+    return [
+        ("NaN key masked by key_padding", {**key_nan, "mask": masks.key_padding([5])}, []),
+        ("NaN key masked by a tensor", {**key_nan, "mask": torch.arange(n) < 5}, []),
+        (
+            "inf key masked by a tensor",
+            {"k_rows": [5], "value": float("inf"), "mask": torch.arange(n) < 5},
+            [],
+        ),
+        ("NaN key under causal", {**key_nan, "causal": True}, [5]),
+        ("NaN key attended by all", {**key_nan}, [0, 1, 2, 3, 4, 5]),
+        (
+            "NaN queries in fully masked rows",
+            {"q_rows": [4, 5], "value": nan, "mask": masks.query_padding([4])},
+            [],
+        ),
+        (
+            "NaN queries in fully masked rows (tensor)",
+            {"q_rows": [4, 5], "value": nan, "mask": (torch.arange(n) < 4)[:, None].expand(n, n)},
+            [],
+        ),
+        ("NaN query attended", {"q_rows": [2], "value": nan, "mask": masks.key_padding([5])}, [2]),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("name", "change", "nan_rows"), _nan_cases(), ids=[c[0] for c in _nan_cases()]
+)
+def test_masked_scores_never_matter(
+    backend: str, name: str, change: dict, nan_rows: list[int]
+) -> None:  # type: ignore[type-arg]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+    q[:, :, change.get("q_rows", [])] = change["value"]  # type: ignore[index]
+    k[:, :, change.get("k_rows", [])] = change["value"]  # type: ignore[index]
+    out = qkv.attention(
+        q,
+        k,
+        v,
+        mask=change.get("mask"),
+        causal=change.get("causal", False),
+        backend=backend,  # type: ignore[arg-type]
+    )
+    rows = torch.isnan(out).any(-1)  # (B, H, N)
+    expected = torch.zeros(6, dtype=torch.bool)
+    expected[nan_rows] = True
+    assert torch.equal(rows, expected.expand_as(rows)), name
+    finite = ~expected
+    assert torch.isfinite(out[:, :, finite]).all()
