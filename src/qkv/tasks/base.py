@@ -72,6 +72,7 @@ from qkv.train import (
     load_weights,
     prepare_output_folder,
     read_config,
+    release_output_folder,
     resolve_device,
     save_model_folder,
     seed_everything,
@@ -565,6 +566,26 @@ def train_task(
     folder = Path(out)
     say = on_message or (lambda text: logger.info("%s", text))
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
+    try:
+        return _train_in_folder(
+            spec, settings, training, folder, resume, backend, say, on_step, on_eval
+        )
+    finally:  # a long-lived process (a notebook) must not keep the folder locked
+        release_output_folder(folder)
+
+
+def _train_in_folder(
+    spec: TaskSpec[Any, Any],
+    settings: Any | None,
+    training: TrainConfig | None,
+    folder: Path,
+    resume: bool,
+    backend: str,
+    say: Callable[[str], None],
+    on_step: Callable[[StepReport], None] | None,
+    on_eval: Callable[[EvalReport], None] | None,
+) -> TrainOutcome:
+    """:func:`train_task` once ``folder`` is checked and locked."""
     if resume:
         settings, training = resumed_settings(spec, folder, settings, training)
     else:

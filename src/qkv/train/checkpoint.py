@@ -147,6 +147,15 @@ def _lock_holder(fd: int) -> str:
     return text or "another process"
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` job (``RANK``), or of a process group the caller set up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _lock_output_folder(folder: Path) -> None:
     """Take the folder's exclusive lock for this process (reentrant; a no-op where ``flock``
     does not exist, and on the non-main processes of a ``torchrun`` job, which never write)."""
@@ -154,7 +163,7 @@ def _lock_output_folder(folder: Path) -> None:
         import fcntl
     except ImportError:  # not POSIX: no lock
         return
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         return
     key = str(folder.resolve())
     if key in _HELD_LOCKS:
