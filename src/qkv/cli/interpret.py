@@ -112,7 +112,9 @@ def _run_faithfulness(args: argparse.Namespace) -> int:
     spec = args.data or data.get("spec")
     if spec is None:
         raise ValueError(f"{args.model}: config.json names no data; pass --data")
-    splits = load_labeled(spec, **(data.get("options") or {} if args.data is None else {}))
+    # The training data's loader options apply to it, not to a file given with --data.
+    options = (data.get("options") or {}) if args.data is None else {}
+    splits = load_labeled(spec, **options)
     held_out = splits.test or splits.validation
     labels = list(config["labels"])
     texts, gold = [], []
