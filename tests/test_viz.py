@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qkv
 from qkv.viz import (
     HeadStats,
     attention_page,
@@ -23,6 +25,7 @@ from qkv.viz import (
     html_document,
     shade_tokens_ansi,
     shade_tokens_html,
+    weights_from_qk,
     write_page,
 )
 
@@ -266,20 +269,89 @@ def page_data(page: str) -> dict:
     return json.loads(match.group(1))
 
 
+def decode_map(data: dict, layer: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The page's ``(overview, top-k index, top-k weight)`` of one map, as the page reads them."""
+    entry = data["layers"][layer]["maps"][m]
+    bq, bk = data["bins"]
+    levels = torch.tensor(list(base64.b64decode(entry["map"])), dtype=torch.float64)
+    overview = levels.view(bq, bk) / 255 * entry["scale"]
+    width = "<u4" if data["indexBytes"] == 4 else "<u2"
+    index = torch.tensor(np.frombuffer(base64.b64decode(entry["index"]), width).astype(np.int64))
+    value = torch.tensor(np.frombuffer(base64.b64decode(entry["value"]), "<f2").astype(np.float64))
+    return overview, index.view(data["nq"], -1), value.view(data["nq"], -1)
+
+
+def block_means(weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(Nq, Nk)`` averaged over blocks of ``size`` rows and columns (short last blocks)."""
+    rows = torch.stack([b.mean(dim=0) for b in weights.split(size[0], dim=0)])
+    return torch.stack([b.mean(dim=1) for b in rows.split(size[1], dim=1)], dim=1)
+
+
 def test_page_embeds_the_weights_and_tokens() -> None:
     layers = {"enc 0": random_weights(2, 3, 4, seed=10), "cross <0>": random_weights(4, 3, 4)}
     source, target = ["le", "chat", "</script><script>alert(1)", "."], ["the", "cat", "."]
-    page = attention_page(layers, source, target, title="fr -> en")
+    page = attention_page(layers, source, target, title="fr -> en", top_k=2)
     data = page_data(page)
     assert [layer["name"] for layer in data["layers"]] == ["enc 0", "cross <0>"]
     assert data["source"] == source and data["target"] == target
-    for layer, weights in zip(data["layers"], layers.values(), strict=True):
-        torch.testing.assert_close(
-            torch.tensor(layer["heads"], dtype=torch.float64), weights, rtol=0, atol=1e-4
-        )
-    # Only the page's own two script elements close; the token cannot end one early.
-    assert page.count("</script>") == 2 and page.count("<script") == 2
+    for i, weights in enumerate(layers.values()):
+        labels = [m["label"] for m in data["layers"][i]["maps"]]
+        heads = weights.shape[0]
+        # The head mean comes first: it is what the page opens on.
+        assert labels == [f"mean of {heads} heads"] + [f"head {h}" for h in range(heads)]
+        for m, expected in enumerate([weights.mean(dim=0), *weights]):
+            overview, index, value = decode_map(data, i, m)
+            # Small maps are stored whole, each cell to 1/255 of the largest.
+            torch.testing.assert_close(overview, expected, rtol=0, atol=expected.max() / 510)
+            top = expected.topk(2, dim=-1)
+            assert torch.equal(index, top.indices)
+            torch.testing.assert_close(value, top.values, rtol=1e-3, atol=1e-4)
+    # Only the page's own three script elements close; the token cannot end one early.
+    assert page.count("</script>") == 3 and page.count("<script") == 3
     assert "<title>fr -&gt; en</title>" in page
+
+
+def test_page_downsamples_long_maps_to_block_means() -> None:
+    weights = random_weights(3, 50, 70, seed=21)
+    data = page_data(attention_page({"l": weights}, max_cells=16, top_k=5))
+    assert data["bins"] == [13, 14] and data["blockSize"] == [4, 5]  # 50 rows: 12 x 4 + 2
+    for m, expected in enumerate([weights.mean(dim=0), *weights]):
+        overview, index, value = decode_map(data, 0, m)
+        means = block_means(expected, (4, 5))
+        torch.testing.assert_close(overview, means, rtol=0, atol=means.max() / 510)
+        assert torch.equal(index, expected.topk(5, dim=-1).indices)
+        torch.testing.assert_close(value, expected.topk(5).values, rtol=1e-3, atol=1e-5)
+
+
+def test_a_single_head_layer_has_no_mean_entry() -> None:
+    data = page_data(attention_page({"l": random_weights(1, 4, 6, seed=22)}))
+    assert [m["label"] for m in data["layers"][0]["maps"]] == ["head 0"]
+
+
+def test_weights_from_qk_match_attention_weights() -> None:
+    generator = torch.Generator().manual_seed(23)
+    q = torch.randn(1, 4, 37, 8, generator=generator)
+    k = torch.randn(1, 2, 37, 8, generator=generator)  # grouped: 2 query heads per key head
+    for causal in (False, True):
+        lazy = weights_from_qk(q, k, causal=causal)
+        expected = qkv.attention_weights(q, k, k, causal=causal)[0]  # (H, N, N)
+        torch.testing.assert_close(lazy.rows(5, 20), expected[:, 5:20], rtol=1e-5, atol=1e-6)
+        # The page built lazily, a block of rows at a time, holds the page of the tensor (float32
+        # round-off may move a cell by one quantization level, so compare decoded values).
+        a = page_data(attention_page({"l": lazy}, max_cells=8))
+        b = page_data(attention_page({"l": expected}, max_cells=8))
+        for m in range(5):
+            for x, y in zip(decode_map(a, 0, m), decode_map(b, 0, m), strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-2, atol=float(y.abs().max()) / 200)
+
+
+def test_weights_from_qk_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="one example"):
+        weights_from_qk(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4))
+    with pytest.raises(ValueError, match="same D"):
+        weights_from_qk(torch.randn(3, 5, 4), torch.randn(2, 5, 4))
+    with pytest.raises(TypeError, match="q must be"):
+        weights_from_qk([1.0], torch.randn(1, 5, 4))  # type: ignore[arg-type]
 
 
 def test_page_is_self_contained() -> None:
@@ -304,6 +376,7 @@ def test_write_page_writes_atomically(tmp_path: Path) -> None:
         ({}, "non-empty"),
         ({"a": random_weights(2, 3, 4), "b": random_weights(2, 4, 4)}, "same"),
         ({"a": random_weights(3, 4)}, r"\(H, Nq, Nk\)"),
+        ({"a": -random_weights(1, 3, 4)}, "non-negative"),
     ],
 )
 def test_page_rejects_bad_layers(layers: dict, message: str) -> None:
@@ -311,102 +384,16 @@ def test_page_rejects_bad_layers(layers: dict, message: str) -> None:
         attention_page(layers)
 
 
+def test_page_rejects_bad_sizes_and_layer_types() -> None:
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        attention_page({"a": random_weights(1, 3, 4)}, top_k=0)
+    with pytest.raises(TypeError, match=r"layers\['a'\] must be an \(H, Nq, Nk\) tensor"):
+        attention_page({"a": [[0.5, 0.5]]})  # type: ignore[dict-item]
+
+
 def test_page_rejects_token_count_mismatch() -> None:
     with pytest.raises(ValueError, match="source_tokens has 2 tokens"):
         attention_page({"a": random_weights(1, 3, 4)}, ["x", "y"], ["a", "b", "c"])
-
-
-# --- the page's script, run under node against a minimal fake DOM ----------------------------
-
-FAKE_DOM = r"""
-function Element(tag) {
-  this.tagName = tag; this.children = []; this.style = {}; this.handlers = {};
-  this.className = ""; this._text = ""; this.value = ""; this.title = "";
-  var self = this;
-  this.classList = { set: {}, toggle: function (c, on) { if (on) { self.classList.set[c] = 1; } else { delete self.classList.set[c]; } },
-                     has: function (c) { return c in self.classList.set; } };
-}
-Object.defineProperty(Element.prototype, "textContent", {
-  get: function () { return this._text; },
-  set: function (t) { this._text = String(t); this.children = []; if (this.tagName === "select") { this.value = ""; } }
-});
-Object.defineProperty(Element.prototype, "rows", { get: function () { return this.children; } });
-Object.defineProperty(Element.prototype, "cells", { get: function () { return this.children; } });
-Element.prototype.appendChild = function (c) {
-  this.children.push(c);
-  if (this.tagName === "select" && this.children.length === 1) { this.value = c.value; }
-  return c;
-};
-Element.prototype.insertRow = function () { return this.appendChild(new Element("tr")); };
-Element.prototype.insertCell = function () { return this.appendChild(new Element("td")); };
-Element.prototype.addEventListener = function (name, fn) { this.handlers[name] = fn; };
-Element.prototype.fire = function (name) { this.handlers[name](); };
-Element.prototype.all = function () {
-  var out = [];
-  this.children.forEach(function (c) { out.push(c); out = out.concat(c.all()); });
-  return out;
-};
-Element.prototype.querySelectorAll = function (selector) {
-  var cls = selector.slice(1);
-  return this.all().filter(function (e) { return e.classList.has(cls); });
-};
-var byId = {};
-["layer", "head", "map", "status", "source-strip", "target-strip", "qkv-data"].forEach(function (id) {
-  byId[id] = new Element(id === "layer" || id === "head" ? "select" : id === "map" ? "table" : "div");
-});
-byId["qkv-data"]._text = require("fs").readFileSync(process.argv[2], "utf8");
-global.document = { getElementById: function (id) { return byId[id]; },
-                    createElement: function (tag) { return new Element(tag); } };
-"""
-
-PROBE = r"""
-var table = byId["map"], report = {};
-report.rows = table.rows.length;
-report.cols = table.rows[0].cells.length;
-report.heads = byId["head"].children.map(function (o) { return o.textContent; });
-report.header = table.rows[0].cells.slice(1).map(function (c) { return c.textContent; });
-table.rows[2].cells[0].fire("mouseenter");  // hover target token 1
-report.hot = table.querySelectorAll(".hot").length;
-report.source_shades = byId["source-strip"].children.map(function (s) { return s.style.background; });
-report.status = byId["status"].textContent;
-table.rows[2].cells[0].fire("mouseleave");
-report.hot_after = table.querySelectorAll(".hot").length;
-byId["layer"].value = "1"; byId["layer"].fire("change");
-report.heads_layer1 = byId["head"].children.length;
-byId["head"].value = "0"; byId["head"].fire("change");
-report.cell_title = table.rows[1].cells[1].title;
-console.log(JSON.stringify(report));
-"""
-
-
-def test_page_script_runs_and_reacts_to_hover(tmp_path: Path) -> None:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed; the page's JavaScript is not exercised")
-    layers = {"a": random_weights(2, 3, 4, seed=13), "b": random_weights(3, 3, 4, seed=14)}
-    source, target = ["s0", "<s1>", "s2", "s3"], ["t0", "t1", "t2"]
-    page = attention_page(layers, source, target)
-    script = re.search(r"<script>(.*?)</script>", page, re.S)
-    assert script is not None
-    data_path = tmp_path / "data.json"
-    data_path.write_text(json.dumps(page_data(page)))
-    runner = tmp_path / "run.js"
-    runner.write_text(FAKE_DOM + script.group(1) + PROBE)
-    done = subprocess.run(
-        [node, str(runner), str(data_path)], capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    assert (report["rows"], report["cols"]) == (4, 5)  # header + 3 targets, label + 4 sources
-    assert report["heads"] == ["mean of 2 heads", "head 0", "head 1"]
-    assert report["header"] == source
-    assert report["hot"] == 4 and report["hot_after"] == 0
-    # The source strip is shaded by target 1's row of the head mean: its largest weight is full.
-    row = layers["a"].mean(dim=0)[1]
-    assert report["source_shades"][int(row.argmax())] == "rgb(230,85,13)"
-    assert '"t1"' in report["status"]
-    assert report["heads_layer1"] == 4
-    assert report["cell_title"] == f"t0 -> s0: {float(layers['b'][0, 0, 0]):.4f}"
 
 
 def test_import_does_not_load_matplotlib_and_functions_do_not_print(

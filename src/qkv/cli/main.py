@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.classify",
     "qkv.cli.summarize",
     "qkv.cli.viz",
+    "qkv.cli.interpret",
 )
 
 

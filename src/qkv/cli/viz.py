@@ -47,6 +47,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     page.add_argument("--png", type=Path, default=None, help="also write this heat map")
     page.add_argument("--layer", default=None, help="layer for --png (default: the last)")
     page.add_argument("--head", type=int, default=None, help="head for --png (default: mean)")
+    page.add_argument(
+        "--top-k", type=int, default=8, help="exact weights kept per row (default %(default)s)"
+    )
+    page.add_argument(
+        "--max-cells",
+        type=int,
+        default=512,
+        help="overview rows/columns at most; longer maps are block means (default %(default)s)",
+    )
     page.set_defaults(run=_run_page)
 
     example = actions.add_parser("example", help="every picture, from synthetic weights")
@@ -96,7 +105,16 @@ def _run_page(args: argparse.Namespace) -> int:
     from qkv.viz import attention_heatmap, save_figure, write_page
 
     layers, source, target = _load_saved(args.weights)
-    print(f"wrote {write_page(args.out, layers, source, target, title=args.weights.name)}")
+    path = write_page(
+        args.out,
+        layers,
+        source,
+        target,
+        title=args.weights.name,
+        top_k=args.top_k,
+        max_cells=args.max_cells,
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.png is not None:
         name = args.layer if args.layer is not None else list(layers)[-1]
         if name not in layers:

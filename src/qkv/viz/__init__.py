@@ -18,12 +18,13 @@ from qkv.viz.figures import (
     mask_picture,
     save_figure,
 )
-from qkv.viz.page import attention_page, write_page
+from qkv.viz.page import AttentionRows, attention_page, weights_from_qk, write_page
 from qkv.viz.rollout import attention_rollout
 from qkv.viz.shading import html_document, shade_tokens_ansi, shade_tokens_html
 from qkv.viz.stats import HeadStats, head_stats
 
 __all__ = [
+    "AttentionRows",
     "HeadStats",
     "attention_heatmap",
     "attention_page",
@@ -37,5 +38,6 @@ __all__ = [
     "save_figure",
     "shade_tokens_ansi",
     "shade_tokens_html",
+    "weights_from_qk",
     "write_page",
 ]

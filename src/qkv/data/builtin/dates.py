@@ -42,7 +42,9 @@ from qkv.data.registry import Splits
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_LOCALES",
+    "AlignedDate",
     "DateFormat",
+    "aligned_dates",
     "ambiguous_sources",
     "date_formats",
     "load_dates",
@@ -304,3 +306,110 @@ def load_dates(
     if collisions:
         logger.warning("dates: dropped %d sources that also name another date", collisions)
     return Splits(train, validation, test)
+
+
+# --------------------------------------------------------------------------------------------
+# Gold alignments: which source characters write the year, the month and the day.
+
+
+@dataclass(frozen=True)
+class AlignedDate:
+    """A date pair with the source spans of its fields, known by construction.
+
+    Attributes:
+        source: the date string, exactly as :func:`load_dates` writes it (untagged).
+        target: the ISO date ``YYYY-MM-DD``.
+        fields: ``{"year" | "month" | "day": (start, end)}``, the characters
+            ``source[start:end]`` that write each field (the month's name or number, the day's
+            digits, the year's digits). Weekday names are in no field.
+    """
+
+    source: str
+    target: str
+    fields: dict[str, tuple[int, int]]
+
+
+_FIELD_OF = {"y": "year", "M": "month", "L": "month", "d": "day"}
+
+
+def _spans(
+    date: dt.date, fmt: DateFormat, locale: object
+) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The raw babel text of ``date`` in ``fmt`` and the span of each field in it."""
+    from babel.dates import DateTimeFormat, parse_pattern
+
+    template = cast(str, parse_pattern(fmt.pattern).format)
+    values = DateTimeFormat(date, locale)  # type: ignore[arg-type]
+    text, at = "", 0
+    spans: dict[str, tuple[int, int]] = {}
+    for match in _FIELD.finditer(template):
+        text += template[at : match.start()].replace("%%", "%")
+        value = str(values[match.group(1)])
+        field = _FIELD_OF.get(match.group(1)[0])
+        if field is not None:
+            spans[field] = (len(text), len(text) + len(value))
+        text += value
+        at = match.end()
+    return text + template[at:].replace("%%", "%"), spans
+
+
+def _normalized_spans(
+    text: str, spans: dict[str, tuple[int, int]]
+) -> tuple[str, dict[str, tuple[int, int]]]:
+    """``" ".join(text.split())`` (as the writer does) with the spans moved along."""
+    where: list[int] = []
+    out: list[str] = []
+    gap = False
+    for ch in text:
+        if ch.isspace():
+            gap = bool(out)
+            where.append(len(out))
+            continue
+        if gap:
+            out.append(" ")
+            gap = False
+        where.append(len(out))
+        out.append(ch)
+    where.append(len(out))
+    moved = {
+        f: (where[a], where[a] + len("".join(text[a:b].split()))) for f, (a, b) in spans.items()
+    }
+    return "".join(out), moved
+
+
+def aligned_dates(
+    n: int,
+    *,
+    seed: int = 1,
+    locales: Sequence[str] = DEFAULT_LOCALES,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    start: dt.date = dt.date(1900, 1, 1),
+    end: dt.date = dt.date(2099, 12, 31),
+) -> list[AlignedDate]:
+    """``n`` seeded date pairs with gold field spans, for scoring attention as alignment.
+
+    Drawn like :func:`load_dates` (same writer, locales, formats and range) from a stream of
+    their own (``seed``, ``"aligned"``), so they are not the test split and may, rarely, repeat a
+    training string. Each source is checked to equal the writer's string.
+
+    Raises:
+        MissingPackageError: babel is not installed.
+        ValueError: ``n < 0`` or an empty range.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if end < start:
+        raise ValueError(f"end ({end}) is before start ({start})")
+    writer = _Writer(date_formats(locales, formats), tag_locale=False)
+    rng = seeded_rng(seed, "dates", "aligned")
+    n_days = (end - start).days + 1
+    out: list[AlignedDate] = []
+    while len(out) < n:
+        day = start + dt.timedelta(days=rng.randrange(n_days))
+        fmt = writer.formats[rng.randrange(len(writer.formats))]
+        pair = writer(day, fmt)
+        text, spans = _normalized_spans(*_spans(day, fmt, writer._locales[fmt.locale]))
+        if text != pair.source or set(spans) != {"year", "month", "day"}:
+            raise AssertionError(f"dates: field spans do not fit {pair.source!r} ({fmt})")
+        out.append(AlignedDate(pair.source, pair.target, spans))
+    return out

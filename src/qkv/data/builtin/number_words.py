@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from qkv.data._util import require_module, seeded_rng
 from qkv.data.parallel import Pair
 from qkv.data.registry import Splits
 
-__all__ = ["digit_counts", "load_numbers"]
+__all__ = ["AlignedNumber", "aligned_numbers", "digit_counts", "load_numbers"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +188,99 @@ def load_numbers(
         seeded_rng(seed, "numbers", "order", split).shuffle(chosen)
         out[split] = [Pair(source_words(v), target_text(v)) for v in chosen]
     return Splits(out["train"], out["validation"], out["test"])
+
+
+# --------------------------------------------------------------------------------------------
+# Gold alignments (English): which source word writes each target digit.
+
+_SCALES = ("", "thousand", "million", "billion", "trillion")
+
+
+@dataclass(frozen=True)
+class AlignedNumber:
+    """A number pair with, for each target digit, the source word that writes it.
+
+    Attributes:
+        source: the English words, as :func:`load_numbers` writes them.
+        target: the digits.
+        digits: one entry per target character: the ``(start, end)`` characters of the word
+            that writes it (``"nine"`` for the 9 of 900, ``"ninety"`` for the 9 of 90, the teen
+            word for both digits of 10-19), or ``None`` for a zero no word writes.
+    """
+
+    source: str
+    target: str
+    digits: list[tuple[int, int] | None]
+
+
+def _group_words(
+    words: str, value: int, at: int, say: Callable[[int], str]
+) -> dict[int, tuple[int, int]]:
+    """Spans of the words for the hundreds (2), tens (1) and units (0) digits of a 3-digit
+    group ``value`` whose text starts at ``words[at]``."""
+    out: dict[int, tuple[int, int]] = {}
+
+    def find(word: str, start: int) -> tuple[int, int]:
+        index = words.find(word, start)
+        if index < 0:
+            raise ValueError(f"{word!r} not found in {words!r} after {start}")
+        return index, index + len(word)
+
+    cursor = at
+    hundreds, rest = divmod(value, 100)
+    if hundreds:
+        out[2] = find(say(hundreds), cursor)
+        cursor = find("hundred", out[2][1])[1]
+    if 10 <= rest < 20:
+        out[1] = out[0] = find(say(rest), cursor)
+    elif rest:
+        tens, units = divmod(rest, 10)
+        if tens:
+            out[1] = find(say(10 * tens), cursor)
+            cursor = out[1][1]
+        if units:
+            out[0] = find(say(units), cursor)
+    return out
+
+
+def aligned_numbers(
+    n: int, *, seed: int = 1, min_digits: int = 1, max_digits: int = 9
+) -> list[AlignedNumber]:
+    """``n`` seeded English number pairs with gold digit-to-word spans.
+
+    Lengths are uniform over ``min_digits .. max_digits`` as in :func:`load_numbers` (values
+    uniform within a length), from a stream of their own, so they may repeat training values.
+
+    Raises:
+        MissingPackageError: num2words is not installed.
+        ValueError: bad ``n`` or digit range (at most 15 digits).
+    """
+    require_module("num2words", INSTALL, needed_for="the builtin 'numbers' data set")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 1 <= min_digits <= max_digits <= 15:
+        raise ValueError(f"need 1 <= min_digits ({min_digits}) <= max_digits ({max_digits}) <= 15")
+    say = _writer("en")
+    rng = seeded_rng(seed, "numbers", "aligned")
+    out: list[AlignedNumber] = []
+    while len(out) < n:
+        bucket = _bucket(rng.randint(min_digits, max_digits))
+        value = bucket[rng.randrange(len(bucket))]
+        words, target = say(value), str(value)
+        spans: list[tuple[int, int] | None] = [None] * len(target)
+        cursor = 0
+        groups = [(value // 1000**g) % 1000 for g in range(len(_SCALES))]
+        for g in reversed(range(len(_SCALES))):
+            if not groups[g]:
+                continue
+            found = _group_words(words, groups[g], cursor, say)
+            for place, span in found.items():
+                position = len(target) - 1 - (3 * g + place)
+                spans[position] = span
+            cursor = max(span[1] for span in found.values())
+            if g:
+                cursor = words.index(_SCALES[g], cursor) + len(_SCALES[g])
+        if value == 0:
+            spans[0] = (0, len(words))  # "zero"
+        out.append(AlignedNumber(words, target, spans))
+    return out
