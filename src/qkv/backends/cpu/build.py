@@ -29,7 +29,7 @@ __all__ = ["KernelStatus", "kernel_status", "load_kernel"]
 SOURCE = Path(__file__).with_name("kernel.cpp")
 #: -O3 and the host's instruction sets let the compiler vectorise the exp and row loops; the
 #: cache name includes the CPU flags, so a build never runs on a CPU it was not made for.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,27 @@ void exp_row(T* __restrict s, int n, T shift) {
   for (int c = 0; c < n; ++c) s[c] = fast_exp(s[c] - shift);
 }
 
+// s = exp(s - shift) in place; returns the sum of the row.
+template <typename T>
+T exp_sum_row(T* __restrict s, int n, T shift) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int c = 0; c < n; ++c) {
+    const T e = fast_exp(s[c] - shift);
+    s[c] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename T>
+T max_row(const T* __restrict s, int n) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
+  return mx;
+}
+
 // Everything a tile needs to build its modified, masked scores.
 template <typename T>
 struct Problem {
@@ -273,19 +294,13 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
         scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s.data(), ld, nullptr);
         for (int r = 0; r < rows; ++r) {
           T* row = s.data() + static_cast<int64_t>(r) * ld;
-          T mx = ninf;
-          for (int c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
-          const T new_max = std::max(m[r], mx);
+          const T new_max = std::max(m[r], max_row(row, cols));
           if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
             std::fill(row, row + cols, T(0));
             continue;
           }
           const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-          exp_row(row, cols, new_max);
-          T sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int c = 0; c < cols; ++c) sum += row[c];
-          l[r] = l[r] * rescale + sum;
+          l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
           m[r] = new_max;
           if (rescale != T(1)) {
             T* a = acc.data() + static_cast<int64_t>(r) * Dv;
