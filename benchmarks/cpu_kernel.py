@@ -87,9 +87,7 @@ def dense_of(q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"attn_mask": out_mask}
 
 
-def contestants(
-    kind: str, n: int, mode: str, names: list[str]
-) -> dict[str, Callable[[], Tensor]]:
+def contestants(kind: str, n: int, mode: str, names: list[str]) -> dict[str, Callable[[], Tensor]]:
     grad = mode == "fwd+bwd"
     q, k, v = inputs(n, grad)
     kwargs = case_kwargs(kind, n)
@@ -182,7 +180,7 @@ def main() -> None:
     print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
     rows = []
     for kind, n, mode, names in CASES:
-        if args.quick and n > 4096 or (args.only and kind not in args.only):
+        if (args.quick and n > 4096) or (args.only and kind not in args.only):
             continue
         print(f"{kind} N={n} {mode}", flush=True)
         med = interleaved(contestants(kind, n, mode, names), args.rounds)

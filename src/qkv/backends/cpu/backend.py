@@ -20,17 +20,23 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from qkv.backends.block_mask import BlockMask, block_mask_for
+from qkv.backends.block_mask import EMPTY, BlockMask, block_mask_for, hinted_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
 from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest
 
-__all__ = ["TILE_Q", "TILE_KV", "CpuBackend", "cpu_attention"]
+__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
 
-#: Tile sizes of the kernel: a (TILE_Q, TILE_KV) float32 score tile and its K/V tiles stay in a
-#: core's L2 cache. Chosen by measurement (benchmarks/cpu_kernel.py).
+#: Default tile sizes of the kernel: a (TILE_Q, TILE_KV) float32 score tile and its K/V tiles
+#: stay in a core's L2 cache. Chosen by measurement (benchmarks/cpu_kernel.py).
 TILE_Q, TILE_KV = 64, 256
+#: Key tile widths tried for a call; the one with the least estimated work wins
+#: (:func:`choose_tiles`): narrow tiles waste less on the edges of a sliding window, wide ones
+#: cost less per score.
+TILE_KV_CHOICES = (256, 128, 64)
+#: Fixed cost of visiting one tile (three BLAS calls, the row loop), in units of one score.
+TILE_OVERHEAD_SCORES = 2048
 
 _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
@@ -171,12 +177,35 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         else plan.dense.expand(request.batch, request.q_heads, request.q_len, request.kv_len),
         mod_kind=torch.tensor([m.kind for m in mods], dtype=torch.long),
         mod_value=torch.tensor([m.value for m in mods], dtype=torch.float64),
-        mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(
-            -1
-        ),
+        mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
         fixed_tables=tuple(fixed),
         shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
     )
+
+
+def choose_tiles(
+    request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
+) -> tuple[int, int]:
+    """The ``(tile_q, tile_kv)`` of least estimated work, from the tile states known without
+    evaluating anything (tiles a mask tensor decides count as visited)."""
+    best: tuple[float, int] | None = None
+    for tile_kv in choices:
+        status = hinted_status(
+            request.mask_fn,
+            isinstance(request.mask, Tensor),
+            request.q_len,
+            request.kv_len,
+            tile_q,
+            tile_kv,
+        )
+        visited = int((status != EMPTY).sum())
+        work = visited * (
+            min(tile_q, request.q_len) * min(tile_kv, request.kv_len) + TILE_OVERHEAD_SCORES
+        )
+        if best is None or work < best[0]:
+            best = (work, tile_kv)
+    assert best is not None
+    return tile_q, best[1]
 
 
 def cpu_attention(
@@ -205,7 +234,9 @@ def cpu_attention(
         for m, fixed in zip(plan.modifiers, call.fixed_tables, strict=True)
         if fixed is None and m.table is not None
     )
-    out: Tensor = _CpuAttention.apply(call, request.q, request.k, request.v, request.bias, *learnable)
+    out: Tensor = _CpuAttention.apply(
+        call, request.q, request.k, request.v, request.bias, *learnable
+    )
     return out
 
 
@@ -213,12 +244,13 @@ class CpuBackend:
     """Fused, compiled attention for CPU tensors (:mod:`qkv.backends.cpu`).
 
     Args:
-        tile_q, tile_kv: tile sizes; default :data:`TILE_Q`, :data:`TILE_KV`.
+        tile_q, tile_kv: fixed tile sizes; default :data:`TILE_Q` and the cheapest key tile
+            width of :data:`TILE_KV_CHOICES` for each call.
     """
 
     name = "cpu"
 
-    def __init__(self, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV) -> None:
+    def __init__(self, *, tile_q: int | None = None, tile_kv: int | None = None) -> None:
         self.tile_q = tile_q
         self.tile_kv = tile_kv
 
@@ -229,9 +261,10 @@ class CpuBackend:
             return "dropout is not implemented in the CPU kernel"
         if request.return_weights:
             return "the CPU kernel does not return the attention probabilities"
-        if isinstance(request.mask, BlockMask):
-            if (reason := request.mask.incompatibility(request)) is not None:
-                return reason
+        if isinstance(request.mask, BlockMask) and (
+            reason := request.mask.incompatibility(request)
+        ):
+            return reason
         plan = plan_request(request)
         if isinstance(plan, str):
             return plan
@@ -239,9 +272,14 @@ class CpuBackend:
         return status.reason
 
     def tile_sizes(self, request: AttentionRequest) -> tuple[int, int]:
+        """The ``(tile_q, tile_kv)`` a call runs with: a block mask's own, the ones this backend
+        was given, or the cheapest of :data:`TILE_KV_CHOICES` (:func:`choose_tiles`)."""
         if isinstance(request.mask, BlockMask):
             return request.mask.tile_q, request.mask.tile_kv
-        return self.tile_q, self.tile_kv
+        tile_q = self.tile_q or TILE_Q
+        if self.tile_kv is not None:
+            return tile_q, self.tile_kv
+        return choose_tiles(request, tile_q, TILE_KV_CHOICES)
 
     def memory_estimate(self, request: AttentionRequest) -> int:
         """Bytes beyond inputs and output: float32 copies of half inputs, the log-sum-exp, a few
@@ -253,7 +291,7 @@ class CpuBackend:
         if request.dtype in (torch.float16, torch.bfloat16):
             total += elements * cd_bytes
         threads = torch.get_num_threads()
-        total += threads * 4 * self.tile_q * self.tile_kv * cd_bytes
+        total += threads * 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
         if request.needs_grad:
             total += elements * cd_bytes * 2
         return total

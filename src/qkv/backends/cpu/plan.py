@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qkv import masks as M
 from qkv.backends.block_mask import BlockMask
 from qkv.request import AttentionRequest
 from qkv.scores import RelativePositionBias, ScoreMod
@@ -111,28 +110,29 @@ def _add_mask(plan: KernelPlan, mask: object, request: AttentionRequest) -> str 
     name, env = _qualname(fn), _closure(fn) if callable(fn) else {}
     Nq, Nk, B = request.q_len, request.kv_len, request.batch
     q = torch.arange(Nq).view(1, Nq)
-    if name == "and_masks.<locals>.both" and isinstance(env.get("parts"), list):
-        for part in env["parts"]:  # type: ignore[union-attr]
+    parts, offset, lengths = env.get("parts"), env.get("offset"), env.get("lengths")
+    if name == "and_masks.<locals>.both" and isinstance(parts, list):
+        for part in parts:
             if (reason := _add_mask(plan, part, request)) is not None:
                 return reason
         return None
-    if name == "causal.<locals>.<lambda>" and isinstance(env.get("offset"), int):
-        plan.keep_interval(None, q + int(env["offset"]) + 1, Nq, Nk)  # type: ignore[call-overload]
+    if name == "causal.<locals>.<lambda>" and isinstance(offset, int):
+        plan.keep_interval(None, q + offset + 1, Nq, Nk)
         return None
     if name == "sliding_window.<locals>.window":
-        left, right, offset = env.get("left"), env.get("right"), env.get("offset")
+        left, right = env.get("left"), env.get("right")
         if isinstance(left, int) and isinstance(right, int) and isinstance(offset, int):
             plan.keep_interval(q + offset - left, q + offset + right + 1, Nq, Nk)
             return None
-    if name == "key_padding.<locals>.<lambda>" and isinstance(env.get("lengths"), Tensor):
-        plan.keep_interval(None, _per_batch(env["lengths"], B), Nq, Nk)  # type: ignore[arg-type]
+    if name == "key_padding.<locals>.<lambda>" and isinstance(lengths, Tensor):
+        plan.keep_interval(None, _per_batch(lengths, B), Nq, Nk)
         return None
-    if name == "query_padding.<locals>.<lambda>" and isinstance(env.get("lengths"), Tensor):
-        valid = q < _per_batch(env["lengths"], B)  # type: ignore[arg-type]
+    if name == "query_padding.<locals>.<lambda>" and isinstance(lengths, Tensor):
+        valid = q < _per_batch(lengths, B)
         plan.keep_interval(None, torch.where(valid, Nk, 0), Nq, Nk)
         return None
     if name == "prefix_lm.<locals>.<lambda>":
-        prefix = env.get("n", env.get("lengths"))
+        prefix = env.get("n", lengths)
         if isinstance(prefix, int):
             plan.keep_interval(None, torch.clamp(q + 1, min=prefix), Nq, Nk)
             return None
@@ -145,8 +145,9 @@ def _add_mask(plan: KernelPlan, mask: object, request: AttentionRequest) -> str 
             plan.doc_q = q_ids.long().cpu().contiguous()
             plan.doc_k = k_ids.long().cpu().contiguous()
             return None
-    if name == "dense.<locals>.lookup" and isinstance(env.get("m4"), Tensor):
-        return _add_dense(plan, env["m4"])  # type: ignore[arg-type]
+    dense = env.get("m4")
+    if name == "dense.<locals>.lookup" and isinstance(dense, Tensor):
+        return _add_dense(plan, dense)
     return f"mask {mask!r} is not one the CPU kernel evaluates ({SUPPORTED_MASKS})"
 
 
@@ -170,8 +171,9 @@ def _add_score(plan: KernelPlan, mod: object, request: AttentionRequest) -> str 
         return None
     fn = mod.fn if isinstance(mod, ScoreMod) else None
     name, env = _qualname(fn), _closure(fn) if callable(fn) else {}
-    if name == "chain.<locals>.chained" and isinstance(env.get("mods"), tuple):
-        for part in env["mods"]:  # type: ignore[union-attr]
+    mods, cap = env.get("mods"), env.get("cap")
+    if name == "chain.<locals>.chained" and isinstance(mods, tuple):
+        for part in mods:
             if (reason := _add_score(plan, part, request)) is not None:
                 return reason
         return None
@@ -184,8 +186,8 @@ def _add_score(plan: KernelPlan, mod: object, request: AttentionRequest) -> str 
                 return f"alibi has {slopes.numel()} slopes but the call has Hq={Hq}"
             plan.modifiers.append(Modifier(ALIBI, slopes.detach().flatten(), offset=offset))
             return None
-    if name == "softcap.<locals>.<lambda>" and isinstance(env.get("cap"), int | float):
-        plan.modifiers.append(Modifier(SOFTCAP, value=float(env["cap"])))  # type: ignore[arg-type]
+    if name == "softcap.<locals>.<lambda>" and isinstance(cap, int | float):
+        plan.modifiers.append(Modifier(SOFTCAP, value=float(cap)))
         return None
     return f"score function {mod!r} is not one the CPU kernel evaluates ({SUPPORTED_SCORES})"
 
@@ -210,7 +212,6 @@ def plan_request(request: AttentionRequest) -> KernelPlan | str:
         assert plan.row_hi is not None
         plan.row_lo = plan.row_lo.clamp(0, request.kv_len).contiguous()
         plan.row_hi = plan.row_hi.clamp(0, request.kv_len).contiguous()
-    if request.score_mod is not None:
-        if (reason := _add_score(plan, request.score_mod, request)) is not None:
-            return reason
+    if request.score_mod is not None and (reason := _add_score(plan, request.score_mod, request)):
+        return reason
     return plan
