@@ -14,13 +14,21 @@ tensor's or a relative table's gradient. Never ``O(Nq * Nk)`` besides a bias the
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from qkv.backends.block_mask import EMPTY, BlockMask, block_mask_for, hinted_status
+from qkv.backends.block_mask import (
+    EMPTY,
+    UNKNOWN,
+    BlockMask,
+    block_mask_for,
+    empty_tiles_of_tensor,
+    hinted_status,
+)
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
 from qkv.backends.registry import device_rates
@@ -186,26 +194,57 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
 def choose_tiles(
     request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
 ) -> tuple[int, int]:
-    """The ``(tile_q, tile_kv)`` of least estimated work, from the tile states known without
-    evaluating anything (tiles a mask tensor decides count as visited)."""
-    best: tuple[float, int] | None = None
+    """The ``(tile_q, tile_kv)`` of least estimated work (see :func:`tile_census`)."""
+    census = tile_census(request, tile_q, choices)
+    return census.tile_q, census.tile_kv
+
+
+@dataclass(frozen=True)
+class Census:
+    """A call's tile grid as the kernel would run it: tile sizes, tiles visited, and of those
+    the tiles only a mask tensor can decide (the block mask evaluates the tensor there)."""
+
+    tile_q: int
+    tile_kv: int
+    visited: int
+    unknown: int
+
+
+_CENSUS: weakref.WeakKeyDictionary[AttentionRequest, Census] = weakref.WeakKeyDictionary()
+#: Calls with at most this many scores per head skip the tile classification: they are one or a
+#: few tiles, and ``auto`` prices them without it.
+SMALL_CALL_SCORES = 128 * 256
+
+
+def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]) -> Census:
+    """Of the key tile widths ``choices``, the one of least estimated work (visited tiles times
+    their scores plus :data:`TILE_OVERHEAD_SCORES` each), from the tile states known without
+    evaluating anything: narrow tiles waste less on the edges of a sliding window, wide ones cost
+    less per score. Remembered per request (``auto`` asks, then the call runs)."""
+    if (known := _CENSUS.get(request)) is not None and known.tile_q == tile_q:
+        return known
+    Nq, Nk = request.q_len, request.kv_len
+    tiles = -(-Nq // tile_q) * -(-Nk // choices[0])
+    if Nq * Nk <= SMALL_CALL_SCORES or (request.mask_fn is None and request.mask is None):
+        census = Census(tile_q, choices[0], tiles, tiles if isinstance(request.mask, Tensor) else 0)
+        _CENSUS[request] = census
+        return census
+    best: tuple[float, Census] | None = None
     for tile_kv in choices:
         status = hinted_status(
-            request.mask_fn,
-            isinstance(request.mask, Tensor),
-            request.q_len,
-            request.kv_len,
-            tile_q,
-            tile_kv,
+            request.mask_fn, isinstance(request.mask, Tensor), Nq, Nk, tile_q, tile_kv
         )
+        if isinstance(request.mask, Tensor):  # cheap on the CPU: one pass, no Nq x Nk copy
+            hidden = empty_tiles_of_tensor(request.mask, Nq, Nk, tile_q, tile_kv)
+            status = torch.where(hidden, EMPTY, status)
         visited = int((status != EMPTY).sum())
-        work = visited * (
-            min(tile_q, request.q_len) * min(tile_kv, request.kv_len) + TILE_OVERHEAD_SCORES
-        )
+        unknown = int((status == UNKNOWN).sum())
+        work = visited * (min(tile_q, Nq) * min(tile_kv, Nk) + TILE_OVERHEAD_SCORES)
         if best is None or work < best[0]:
-            best = (work, tile_kv)
+            best = (work, Census(tile_q, tile_kv, visited, unknown))
     assert best is not None
-    return tile_q, best[1]
+    _CENSUS[request] = best[1]
+    return best[1]
 
 
 def cpu_attention(
@@ -271,15 +310,21 @@ class CpuBackend:
         status = kernel_status()  # builds the kernel on the first call
         return status.reason
 
-    def tile_sizes(self, request: AttentionRequest) -> tuple[int, int]:
-        """The ``(tile_q, tile_kv)`` a call runs with: a block mask's own, the ones this backend
-        was given, or the cheapest of :data:`TILE_KV_CHOICES` (:func:`choose_tiles`)."""
+    def census(self, request: AttentionRequest) -> Census:
+        """The tile sizes a call runs with and the tiles it visits: a block mask's own sizes,
+        the ones this backend was given, or the cheapest of :data:`TILE_KV_CHOICES`."""
         if isinstance(request.mask, BlockMask):
-            return request.mask.tile_q, request.mask.tile_kv
+            bm = request.mask
+            visited = bm.visited_tiles
+            return Census(bm.tile_q, bm.tile_kv, visited, 0)
         tile_q = self.tile_q or TILE_Q
-        if self.tile_kv is not None:
-            return tile_q, self.tile_kv
-        return choose_tiles(request, tile_q, TILE_KV_CHOICES)
+        choices = TILE_KV_CHOICES if self.tile_kv is None else (self.tile_kv,)
+        return tile_census(request, tile_q, choices)
+
+    def tile_sizes(self, request: AttentionRequest) -> tuple[int, int]:
+        """The ``(tile_q, tile_kv)`` a call runs with (:meth:`census`)."""
+        census = self.census(request)
+        return census.tile_q, census.tile_kv
 
     def memory_estimate(self, request: AttentionRequest) -> int:
         """Bytes beyond inputs and output: float32 copies of half inputs, the log-sum-exp, a few
@@ -298,18 +343,16 @@ class CpuBackend:
 
     def cost_estimate(self, request: AttentionRequest) -> float:
         """Seconds, roughly: the visited tiles' matmuls at the kernel's measured efficiency, one
-        exp per visited score, and a fixed cost for planning the call in Python."""
+        exp and a few passes per visited score, the mask tensor's summary where it decides
+        tiles, and a fixed cost for planning the call in Python. Backward as 2.5x forward."""
         rates = device_rates(request.device)
-        tile_q, tile_kv = self.tile_sizes(request)
-        from qkv.backends.chunked import ChunkedBackend
-
-        visited, _, unknown = ChunkedBackend(tile_q=tile_q, tile_kv=tile_kv).tile_census(request)
-        tq, tk = min(tile_q, request.q_len), min(tile_kv, request.kv_len)
-        pairs = request.batch * request.q_heads * tq * tk * visited
+        census = self.census(request)
+        tq, tk = min(census.tile_q, request.q_len), min(census.tile_kv, request.kv_len)
+        pairs = request.batch * request.q_heads * tq * tk * census.visited
         flops = 2.0 * pairs * (request.head_dim + request.value_dim)
         seconds = flops / (KERNEL_EFFICIENCY * rates.matmul_flops)
         seconds += pairs * 2 * rates.element_seconds + FIXED_SECONDS
-        seconds += unknown * tq * tk * 8 * rates.element_seconds
+        seconds += census.unknown * tq * tk * 8 * rates.element_seconds
         if request.needs_grad:
             seconds *= 2.5
         return seconds
@@ -322,4 +365,4 @@ class CpuBackend:
 #: Matmul rate of the kernel relative to SDPA's fused kernel, and its fixed per-call cost
 #: (planning, the block mask), measured with benchmarks/cpu_kernel.py.
 KERNEL_EFFICIENCY = 1.0
-FIXED_SECONDS = 2e-4
+FIXED_SECONDS = 3e-4

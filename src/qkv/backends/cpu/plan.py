@@ -23,6 +23,7 @@ callable tile by tile.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,7 +88,11 @@ class KernelPlan:
 
 
 def _closure(fn: Callable[..., object]) -> dict[str, object]:
-    return dict(inspect.getclosurevars(fn).nonlocals) if inspect.isfunction(fn) else {}
+    """The values a function closes over, by name (cheap: no inspection of globals)."""
+    if not inspect.isfunction(fn) or fn.__closure__ is None:
+        return {}
+    cells = zip(fn.__code__.co_freevars, fn.__closure__, strict=True)
+    return {name: cell.cell_contents for name, cell in cells}
 
 
 def _qualname(fn: object) -> str:
@@ -192,8 +197,18 @@ def _add_score(plan: KernelPlan, mod: object, request: AttentionRequest) -> str 
     return f"score function {mod!r} is not one the CPU kernel evaluates ({SUPPORTED_SCORES})"
 
 
+_PLANS: weakref.WeakKeyDictionary[AttentionRequest, KernelPlan | str] = weakref.WeakKeyDictionary()
+
+
 def plan_request(request: AttentionRequest) -> KernelPlan | str:
-    """The kernel parameters of ``request``'s mask and score function, or why there are none."""
+    """The kernel parameters of ``request``'s mask and score function, or why there are none.
+    Remembered per request (``supports`` asks, then the call runs)."""
+    if (known := _PLANS.get(request)) is None:
+        known = _PLANS[request] = _plan(request)
+    return known
+
+
+def _plan(request: AttentionRequest) -> KernelPlan | str:
     plan = KernelPlan()
     parts: list[object] = [m for m in (request.causal_mask, request.mask) if m is not None]
     for part in parts:
