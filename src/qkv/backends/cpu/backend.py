@@ -328,15 +328,16 @@ class CpuBackend:
 
     def memory_estimate(self, request: AttentionRequest) -> int:
         """Bytes beyond inputs and output: float32 copies of half inputs, the log-sum-exp, a few
-        tiles per thread; with autograd the gradients in the compute dtype."""
+        tiles; with autograd the gradients in the compute dtype."""
         cd_bytes = 8 if request.dtype == torch.float64 else 4
         elements = request.q.numel() + request.k.numel() + request.v.numel()
         rows = request.batch * request.q_heads * request.q_len
         total = rows * (request.value_dim + 1) * cd_bytes
         if request.dtype in (torch.float16, torch.bfloat16):
             total += elements * cd_bytes
-        threads = torch.get_num_threads()
-        total += threads * 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
+        # Each thread's few tiles (256 KiB of float32 each) are counted once, so that the
+        # estimate does not depend on the thread count.
+        total += 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
         if request.needs_grad:
             total += elements * cd_bytes * 2
         return total
