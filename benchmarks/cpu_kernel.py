@@ -133,11 +133,16 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Callab
 
 
 def interleaved(calls: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    """Median seconds of each call, measured round-robin; the warm-up call is printed."""
-    for name, fn in calls.items():
+    """Median seconds of each call, measured round-robin; the warm-up call is printed for flex
+    (its compilation). A contestant whose warm-up fails is reported and left out."""
+    for name, fn in list(calls.items()):
         start = time.perf_counter()
-        with torch.no_grad() if False else torch.enable_grad():
+        try:
             fn()
+        except Exception as error:  # e.g. inductor failing to compile a score function
+            print(f"    {name} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            del calls[name]
+            continue
         first = time.perf_counter() - start
         if name == "flex":
             print(f"    flex first call (compile + run): {first:.1f} s")

@@ -181,11 +181,16 @@ void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows
       } else if (kind == kRelative) {
         const int64_t M = P.mod_maxd[m];
         const T* tab = P.mod_table[m] + h * (2 * M + 1);
+        // Column c reads bucket clamp(base + c, -M, M) + M: the edge buckets before c_lo and
+        // after c_hi, a contiguous run of the table in between (vectorised).
         const int64_t base = k0 - qi - P.mod_offset[m];
-        for (int c = 0; c < cols; ++c) {
-          const int64_t rel = std::min(std::max(base + c, -M), M);
-          row[c] += tab[rel + M];
-        }
+        const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
+        const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
+        for (int c = 0; c < c_lo; ++c) row[c] += tab[0];
+        const T* run = tab + (base + M + c_lo);  // bucket of column c_lo
+#pragma omp simd
+        for (int c = c_lo; c < c_hi; ++c) row[c] += run[c - c_lo];
+        for (int c = c_hi; c < cols; ++c) row[c] += tab[2 * M];
       } else {
         const T cap = P.mod_value[m];
         T* d = derivs ? (*derivs)[nsoft] + static_cast<int64_t>(r) * ld : nullptr;
@@ -392,8 +397,16 @@ void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gou
                 for (int r = 0; r < rows; ++r) {
                   const T* pr = s.data() + r * ld;
                   const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
-                  for (int c = 0; c < cols; ++c)
-                    tab[std::min(std::max(base + c, -M), M) + M] += pr[c];
+                  const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
+                  const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
+                  T edge_lo = 0, edge_hi = 0;
+                  for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
+                  for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
+                  tab[0] += edge_lo;
+                  tab[2 * M] += edge_hi;
+                  T* run = tab + (base + M + c_lo);  // one bucket per column in this run
+#pragma omp simd
+                  for (int c = c_lo; c < c_hi; ++c) run[c - c_lo] += pr[c];
                 }
               }
             }
