@@ -112,9 +112,9 @@ def test_bench_prebuilds_dense_masks_for_sdpa_and_block_masks_for_chunked(tmp_pa
 
 def test_default_backends_leave_out_those_that_refuse_with_their_reason() -> None:
     chosen, left_out = choose_backends("cpu", "float16", peers=True)
-    assert chosen == ["sdpa", "reference", "chunked"]
+    assert chosen[:3] == ["sdpa", "reference", "chunked"] and chosen[-1] == "flex"
     assert "CUDA" in left_out["triton"]
-    assert "CUDA only" in left_out["--peers"]
+    assert "CUDA only" in left_out["--peers"] and "FlexAttention" in left_out["--peers"]
     chosen, left_out = choose_backends("cpu", "float32")
     assert "triton" not in chosen and "--peers" not in left_out
 
@@ -134,18 +134,24 @@ def test_bench_cli_notes_what_it_does_not_time(
     argv = ["bench", "--n", "32", "--masks", "none", "--modes", "fwd", "--dtype", "bfloat16"]
     assert main([*argv, "--peers"]) == 0
     out = capsys.readouterr().out
-    assert timed == ["sdpa", "reference", "chunked"]
+    served = [b for b in timed if b != "flex"]  # the registered backends that serve bfloat16
+    assert served[:3] == ["sdpa", "reference", "chunked"] and timed[-1] == "flex"
     assert "not timed: triton: runs on CUDA tensors only" in out
     assert "not timed: --peers: PyTorch's forced SDPA kernels" in out
+    del timed[:]
     assert main([*argv, "--backends", "sdpa,flex", "--peers"]) == 0  # peers can be named anywhere
-    assert timed[3:] == ["sdpa", "flex"]
+    assert timed == ["sdpa", "flex"]
+    del timed[:]
+    assert main([*argv, "--modes", "fwd+bwd", "--backends", "sdpa", "--peers"]) == 0
+    assert timed == ["sdpa"]  # no FlexAttention backward on the CPU
+    del timed[:]
     out = capsys.readouterr().out
     assert "--peers" in out and "triton" not in out
     monkeypatch.setattr(
         qkv.bench, "choose_backends", lambda *a, **k: (["sdpa", "triton", *PEERS], {})
     )  # what CUDA would offer
     assert main([*argv, "--backends", "triton,flex", "--peers"]) == 0
-    assert timed[5:] == ["triton", "flex", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+    assert timed == ["triton", "flex", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
     assert main([*argv, "--backends", "sdpa,nope"]) == 2
 
 
@@ -226,3 +232,13 @@ def test_rates_as_a_share_of_the_matmul_rate_measured_in_the_run() -> None:
     assert table.splitlines()[3].split()[4:6] == ["1.0", "400.0"]
     assert table.splitlines()[3].endswith("50%")
     assert "GFLOP/s" in format_table([fast]) and "% mm" not in format_table([fast])
+
+
+def test_flex_compile_time_is_reported_on_its_own_line() -> None:
+    timed = BenchResult(BenchCase("flex", "causal", 4096), seconds=0.2, gflops=1.0)
+    timed.first_seconds = 31.0
+    table = format_table([timed])
+    assert "flex compile + first call, causal N=4096 fwd: 31.0 s" in table
+    assert "compile" not in format_table(
+        [BenchResult(BenchCase("sdpa", "causal", 64), 1.0, gflops=1.0)]
+    )

@@ -103,7 +103,10 @@ def cast_bias(bias: object, dtype: torch.dtype) -> object:
     if isinstance(bias, Tensor):
         return bias.detach().to(dtype).requires_grad_(True)
     if isinstance(bias, torch.nn.Module):
-        return copy.deepcopy(bias)
+        # In float64 runs the module's table is float64 too, so that the gold is float64 through
+        # and through (a float32 table would round its gradient, summed in float32, in the gold).
+        module = copy.deepcopy(bias)
+        return module.to(dtype) if dtype == torch.float64 else module
     return bias
 
 

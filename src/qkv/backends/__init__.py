@@ -1,6 +1,7 @@
 """Attention backends behind one dispatch. See :mod:`qkv.backends.registry`."""
 
 from qkv.backends.chunked import ChunkedBackend
+from qkv.backends.cpu import CpuBackend
 from qkv.backends.reference import ReferenceBackend
 from qkv.backends.registry import (
     AUTO_ORDER,
@@ -26,12 +27,15 @@ register_backend(SdpaBackend(), auto_priority=0)
 register_backend(ReferenceBackend(), auto_priority=1)
 register_backend(ChunkedBackend(), auto_priority=1)
 register_backend(TritonBackend(), auto_priority=0)
+# The compiled CPU kernel (built on first use): its cost estimate decides against sdpa/chunked.
+register_backend(CpuBackend(), auto_priority=1)
 
 __all__ = [
     "AUTO_ORDER",
     "MEMORY_LIMIT_BYTES",
     "Backend",
     "ChunkedBackend",
+    "CpuBackend",
     "DeviceRates",
     "ReferenceBackend",
     "SdpaBackend",

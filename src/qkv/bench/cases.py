@@ -105,10 +105,13 @@ def expand_sweep(
     SDPA (and the SDPA peers but flash) and the reference get a masked kind's mask or bias
     prebuilt as a dense tensor (what they would be given in practice); chunked and triton run
     twice on the kinds of :data:`BLOCK_MASK_KINDS`: summarising the mask in the call, and with a
-    prebuilt block mask.
+    prebuilt block mask. FlexAttention is timed forward only on the CPU (it has no backward
+    there).
     """
     cases = []
     for m, n, mode, b in itertools.product(mask_kinds, seq_lens, modes, backends):
+        if b == "flex" and mode == "fwd+bwd" and _is_cpu(fixed.get("device", "cpu")):
+            continue  # FlexAttention has no backward on the CPU
         dense = b in DENSE_BACKENDS and m not in ("none", "causal")
         cases.append(
             BenchCase(backend=b, mask_kind=m, seq_len=n, mode=mode, prebuilt=dense, **fixed)
@@ -120,12 +123,16 @@ def expand_sweep(
     return cases
 
 
+def _is_cpu(device: object) -> bool:
+    return torch.device(str(device)).type == "cpu"
+
+
 def choose_backends(
     device: str, dtype: str, *, peers: bool = False
 ) -> tuple[list[str], dict[str, str]]:
     """What ``qkv bench`` times by default: every registered backend that can serve a plain call
     in ``dtype`` on ``device`` (so the triton backend on CUDA only), then with ``peers`` on CUDA
-    PyTorch's own kernels (:data:`qkv.bench.peers.PEERS`). Returns those names and, for each
+    PyTorch's own kernels (:data:`qkv.bench.peers.PEERS`), on the CPU compiled FlexAttention. Returns those names and, for each
     one left out, why."""
     from qkv.backends import available_backends, get_backend
     from qkv.bench.peers import PEERS
@@ -143,8 +150,10 @@ def choose_backends(
             left_out[name] = reason
     if peers and torch.device(device).type == "cuda":
         chosen.extend(PEERS)
-    elif peers:
+    elif peers:  # FlexAttention compiles for the CPU too (forward only); SDPA's forced kernels not
+        chosen.append("flex")
         left_out["--peers"] = (
-            "PyTorch's forced SDPA kernels and FlexAttention are compared on CUDA only"
+            "PyTorch's forced SDPA kernels are compared on CUDA only; on the CPU the peer is "
+            "compiled FlexAttention, forward only (it has no backward on the CPU)"
         )
     return chosen, left_out

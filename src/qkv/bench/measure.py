@@ -110,7 +110,8 @@ def _max_rss_bytes() -> int:
 
 
 def measure(case: BenchCase) -> dict[str, Any]:
-    """Time ``case`` (median of ``repeats`` after one warm-up) and measure its peak extra memory."""
+    """Time ``case`` (median of ``repeats`` after one warm-up) and measure its peak extra memory.
+    ``first_seconds`` is the warm-up call: for compiled FlexAttention, its compilation."""
     torch.manual_seed(0)
     shape_q = (case.batch, case.heads, case.seq_len, case.head_dim)
     shape_kv = (case.batch, case.kv_heads, case.seq_len, case.head_dim)
@@ -142,7 +143,9 @@ def measure(case: BenchCase) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    call()  # warm-up: caches, lazy initialisation, allocator growth
+    start = time.perf_counter()
+    call()  # warm-up: caches, lazy initialisation, allocator growth; flex compiles here
+    first = time.perf_counter() - start
     times = []
     for _ in range(case.repeats):
         start = time.perf_counter()
@@ -154,6 +157,7 @@ def measure(case: BenchCase) -> dict[str, Any]:
         "peak_extra_bytes": max(0, peak - baseline),
         "estimated_bytes": estimate,
         "given_bytes": given,
+        "first_seconds": first,
     }
 
 

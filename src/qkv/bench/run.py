@@ -27,6 +27,7 @@ class BenchResult:
     gflops: float | None = None
     ratio_to_sdpa: float | None = None
     matmul_share: float | None = None
+    first_seconds: float | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -39,6 +40,7 @@ class BenchResult:
             "gflops": self.gflops,
             "ratio_to_sdpa": self.ratio_to_sdpa,
             "matmul_share": self.matmul_share,
+            "first_seconds": self.first_seconds,
             "error": self.error,
         }
 
@@ -83,6 +85,7 @@ def run_sweep(
             result.peak_extra_bytes = figures["peak_extra_bytes"]
             result.estimated_bytes = figures["estimated_bytes"]
             result.given_bytes = figures.get("given_bytes", 0)
+            result.first_seconds = figures.get("first_seconds")
             key = (
                 case.mask_kind,
                 case.seq_len,

@@ -138,7 +138,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "--peers",
         action="store_true",
         help="on CUDA, also time PyTorch's SDPA with each kernel forced (sdpa-flash, sdpa-cudnn, "
-        "sdpa-efficient) and compiled FlexAttention (flex)",
+        "sdpa-efficient) and compiled FlexAttention (flex); on the CPU, flex (forward only, its "
+        "compile time reported on its own line)",
     )
     p.add_argument(
         "--modes",

@@ -1,0 +1,204 @@
+"""The compiled CPU kernel against its peers, in one process, with interleaved medians.
+
+For each case every contestant runs once per round, in turn, for ``--rounds`` rounds (after one
+untimed warm-up call each, which for compiled FlexAttention is its compilation, reported on its
+own line), and the table gives each contestant's median and the ratios the issue's targets are
+stated in. Contestants:
+
+- ``cpu``: ``qkv.attention(..., backend="cpu")``, the mask as the mask function;
+- ``auto``: ``qkv.attention(...)``, what a user gets;
+- ``chunked``: the chunked backend;
+- ``sdpa``: ``F.scaled_dot_product_attention`` given the dense bool mask or float bias, built
+  before the timed calls (``is_causal`` for causal, nothing for no mask);
+- ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask built
+  before the timed calls (forward only: FlexAttention has no backward on the CPU).
+
+    OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py            # the full table
+    OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --quick    # N=4096 cases only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import qkv
+from qkv import masks, scores
+from qkv.backends import select_backend
+from qkv.request import build_request
+
+B, H, D = 1, 8, 64
+
+
+def inputs(n: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(  # type: ignore[return-value]
+        torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)
+    )
+
+
+def case_kwargs(kind: str, n: int) -> dict[str, Any]:
+    if kind == "causal":
+        return {"causal": True}
+    if kind == "window":
+        return {"mask": masks.sliding_window(255)}  # causal window of 256 keys
+    if kind == "documents":
+        return {"mask": masks.document(torch.arange(n) * 16 // n)}
+    if kind == "alibi":
+        return {"bias": scores.alibi(H)}
+    if kind == "relative":
+        rel = scores.RelativePositionBias(H, max_distance=128)
+        torch.nn.init.normal_(rel.table)
+        return {"bias": rel}
+    return {}
+
+
+def dense_of(q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """SDPA's arguments: the dense bool mask or float bias (built strip by strip)."""
+    if not kwargs:
+        return {}
+    if kwargs.get("causal") and len(kwargs) == 1:
+        return {"is_causal": True}
+    request = build_request(q.detach(), k.detach(), k.detach(), **kwargs)
+    n = q.shape[2]
+    if request.score_mod is not None:
+        out = torch.empty(1, H, n, n)
+        with torch.no_grad():
+            for lo in range(0, n, 512):
+                rows = (lo, min(lo + 512, n))
+                out[:, :, lo : rows[1]] = request.modify_scores(
+                    torch.zeros(1, 1, 1, 1), rows, request.full_kv
+                )
+        return {"attn_mask": out}
+    out_mask = torch.empty(1, 1, n, n, dtype=torch.bool)
+    for lo in range(0, n, 512):
+        rows = (lo, min(lo + 512, n))
+        tile = request.mask_tile(rows, request.full_kv)
+        assert tile is not None
+        out_mask[:, :, lo : rows[1]] = tile
+    return {"attn_mask": out_mask}
+
+
+def contestants(kind: str, n: int, mode: str, names: list[str]) -> dict[str, Callable[[], Tensor]]:
+    grad = mode == "fwd+bwd"
+    q, k, v = inputs(n, grad)
+    kwargs = case_kwargs(kind, n)
+    calls: dict[str, Callable[[], Tensor]] = {}
+    for name in names:
+        if name in ("cpu", "auto", "chunked"):
+            calls[name] = lambda name=name: qkv.attention(q, k, v, backend=name, **kwargs)
+        elif name == "sdpa":
+            dense = dense_of(q, k, kwargs)
+            calls[name] = lambda dense=dense: F.scaled_dot_product_attention(q, k, v, **dense)
+        elif name == "flex":
+            calls[name] = flex_call(q, k, v, kwargs)
+
+    def with_backward(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            out = fn()
+            out.backward(torch.ones_like(out))
+            q.grad = k.grad = v.grad = None
+            return out
+
+        return run
+
+    if grad:
+        calls = {name: with_backward(fn) for name, fn in calls.items()}
+    if "auto" in calls:
+        request = build_request(q, k, v, **kwargs)
+        print(f"    auto picks {select_backend(request).backend.name}")
+    return calls
+
+
+def flex_call(q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Callable[[], Tensor]:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from qkv.bench.peers import compiled_flex
+
+    request = build_request(q, k, v, **kwargs)
+    block = None
+    if request.mask_fn is not None:
+        n = q.shape[2]
+        block = create_block_mask(request.mask_fn, None, None, n, n, device="cpu")
+    flex = compiled_flex()
+    return lambda: flex(q, k, v, score_mod=request.score_mod, block_mask=block)
+
+
+def interleaved(calls: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
+    """Median seconds of each call, measured round-robin; the warm-up call is printed for flex
+    (its compilation). A contestant whose warm-up fails is reported and left out."""
+    for name, fn in list(calls.items()):
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as error:  # e.g. inductor failing to compile a score function
+            print(f"    {name} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            del calls[name]
+            continue
+        first = time.perf_counter() - start
+        if name == "flex":
+            print(f"    flex first call (compile + run): {first:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+CASES: list[tuple[str, int, str, list[str]]] = [
+    ("window", 4096, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
+    ("window", 16384, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
+    ("documents", 4096, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
+    ("documents", 16384, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
+    ("causal", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
+    ("none", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
+    ("window", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
+    ("documents", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
+    ("alibi", 4096, "fwd", ["cpu", "sdpa", "flex", "auto"]),
+    ("relative", 4096, "fwd", ["cpu", "sdpa", "flex", "auto"]),
+    ("relative", 4096, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="only the N=4096 cases")
+    parser.add_argument("--only", nargs="*", help="case kinds to run (window, documents, ...)")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    print(f"load average {load:.2f}, torch threads {threads}, rounds {args.rounds}")
+    from qkv.backends.cpu import kernel_status
+
+    status = kernel_status()
+    print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
+    rows = []
+    for kind, n, mode, names in CASES:
+        if (args.quick and n > 4096) or (args.only and kind not in args.only):
+            continue
+        print(f"{kind} N={n} {mode}", flush=True)
+        med = interleaved(contestants(kind, n, mode, names), args.rounds)
+        cells = "  ".join(f"{name} {sec * 1e3:,.1f} ms" for name, sec in med.items())
+        ratios = []
+        if "flex" in med:
+            ratios.append(f"cpu/flex {med['cpu'] / med['flex']:.2f}x")
+        ratios.append(f"sdpa/cpu {med['sdpa'] / med['cpu']:.1f}x")
+        ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
+        print(f"    {cells}\n    {'  '.join(ratios)}", flush=True)
+        rows.append((kind, n, mode, med))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

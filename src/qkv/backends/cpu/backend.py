@@ -1,0 +1,369 @@
+"""The ``cpu`` backend: the compiled kernel behind the backend contract.
+
+:class:`CpuBackend` serves CPU calls whose mask and score function the kernel evaluates from
+parameters (:mod:`qkv.backends.cpu.plan`), in every dtype: float32 and float64 compute in their
+own type; float16 and bfloat16 inputs are computed in float32 (scores, statistics, accumulators
+and gradients), the output and gradients rounded once at the end. What it refuses (dropout,
+``return_weights``, mask or score functions of your own, a kernel that failed to build) it says
+in :meth:`CpuBackend.supports`, and ``auto`` uses the chunked backend instead.
+
+Memory: forward keeps ``q, k, v`` (float32 copies for half types), the output and the
+log-sum-exp; backward recomputes the tiles, plus a ``(threads, ...)`` accumulator for a bias
+tensor's or a relative table's gradient. Never ``O(Nq * Nk)`` besides a bias the caller gave.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from qkv.backends.block_mask import (
+    EMPTY,
+    UNKNOWN,
+    BlockMask,
+    block_mask_for,
+    empty_tiles_of_tensor,
+    hinted_status,
+)
+from qkv.backends.cpu.build import kernel_status, load_kernel
+from qkv.backends.cpu.plan import KernelPlan, plan_request
+from qkv.backends.registry import device_rates
+from qkv.request import AttentionRequest
+
+__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
+
+#: Default tile sizes of the kernel: a (TILE_Q, TILE_KV) float32 score tile and its K/V tiles
+#: stay in a core's L2 cache. Chosen by measurement (benchmarks/cpu_kernel.py).
+TILE_Q, TILE_KV = 64, 256
+#: Key tile widths tried for a call; the one with the least estimated work wins
+#: (:func:`choose_tiles`): narrow tiles waste less on the edges of a sliding window, wide ones
+#: cost less per score.
+TILE_KV_CHOICES = (256, 128, 64)
+#: Fixed cost of visiting one tile (three BLAS calls, the row loop), in units of one score.
+TILE_OVERHEAD_SCORES = 2048
+
+_EMPTY_LONG = torch.empty(0, dtype=torch.long)
+_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """What forward and backward both pass to the kernel besides the differentiated tensors."""
+
+    scale: float
+    status: Tensor  # (nQ, nK) int8
+    tile_q: int
+    tile_kv: int
+    row_lo: Tensor
+    row_hi: Tensor
+    doc_q: Tensor
+    doc_k: Tensor
+    dense: Tensor
+    mod_kind: Tensor
+    mod_value: Tensor
+    mod_int: Tensor
+    fixed_tables: tuple[Tensor | None, ...]  # ALiBi slopes; None where a learnable table goes
+    shape: tuple[int, int, int, int]  # (B, Hq, Nq, Nk)
+
+    def tables(self, learnable: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
+        out, it = [], iter(learnable)
+        for fixed in self.fixed_tables:
+            table = next(it) if fixed is None else fixed
+            out.append(table.detach().to(dtype).contiguous())
+        return out
+
+
+def _expanded_bias(bias: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if bias is None:
+        return torch.empty(0, dtype=dtype)
+    bias = bias.detach().to(dtype)
+    if any(st == 0 and n > 1 for st, n in zip(bias.stride(), bias.shape, strict=True)):
+        bias = bias.contiguous()  # an expanded view: its gradient is per position
+    return bias.expand(shape)
+
+
+class _CpuAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        call: _Call,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        *tables: Tensor,
+    ) -> Tensor:
+        ops = load_kernel()
+        cd = compute_dtype(q.dtype)
+        qc, kc, vc = (t.detach().to(cd).contiguous() for t in (q, k, v))
+        bias_e = _expanded_bias(bias, call.shape, cd)
+        mod_tables = call.tables(tables, cd)
+        out, lse = ops.forward(  # type: ignore[attr-defined]
+            qc, kc, vc, call.scale, call.status, call.tile_q, call.tile_kv, call.row_lo,
+            call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
+            call.mod_value, call.mod_int, mod_tables,
+        )  # fmt: skip
+        ctx.save_for_backward(qc, kc, vc, out, lse)
+        ctx.call = call  # type: ignore[attr-defined]
+        ctx.bias_e = bias_e  # type: ignore[attr-defined]
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)  # type: ignore[attr-defined]
+        ctx.mod_tables = mod_tables  # type: ignore[attr-defined]
+        ctx.table_dtypes = [t.dtype for t in tables]  # type: ignore[attr-defined]
+        ctx.in_dtype = q.dtype  # type: ignore[attr-defined]
+        return out.to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        ops = load_kernel()
+        qc, kc, vc, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        call: _Call = ctx.call  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        learnable = [fixed is None for fixed in call.fixed_tables]
+        n_learn = sum(learnable)
+        want_tables = torch.tensor(
+            [lrn and needs[5 + sum(learnable[:m])] for m, lrn in enumerate(learnable)],
+            dtype=torch.bool,
+        )
+        bias_grad = ctx.bias_meta is not None and needs[4]  # type: ignore[attr-defined]
+        grads = ops.backward(  # type: ignore[attr-defined]
+            qc, kc, vc, out, lse, grad_out.to(qc.dtype).contiguous(), call.scale, call.status,
+            call.tile_q, call.tile_kv, call.row_lo, call.row_hi, call.doc_q, call.doc_k,
+            call.dense, ctx.bias_e, bias_grad, call.mod_kind, call.mod_value,  # type: ignore[attr-defined]
+            call.mod_int, ctx.mod_tables, want_tables,  # type: ignore[attr-defined]
+        )  # fmt: skip
+        dq, dk, dv, dbias = grads[:4]
+        dtype = ctx.in_dtype  # type: ignore[attr-defined]
+        bias_out = None
+        if bias_grad:
+            shape, bias_dtype = ctx.bias_meta  # type: ignore[attr-defined]
+            bias_out = dbias.reshape(shape).to(bias_dtype)  # the kernel keeps the bias's shape
+        table_out: list[Tensor | None] = []
+        for m, lrn in enumerate(learnable):
+            if lrn:
+                g = grads[4 + m]
+                table_dtype = ctx.table_dtypes[len(table_out)]  # type: ignore[attr-defined]
+                table_out.append(g.to(table_dtype) if g.numel() else None)
+        assert len(table_out) == n_learn
+        return (
+            None,
+            dq.to(dtype) if needs[1] else None,
+            dk.to(dtype) if needs[2] else None,
+            dv.to(dtype) if needs[3] else None,
+            bias_out,
+            *table_out,
+        )
+
+
+def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
+    block = block_mask_for(request, tile_q, tile_kv)
+    mods = plan.modifiers
+    fixed: list[Tensor | None] = []
+    for m in mods:
+        learnable = m.table is not None and m.table.requires_grad and torch.is_grad_enabled()
+        fixed.append(None if learnable else (m.table if m.table is not None else _EMPTY_LONG))
+    return _Call(
+        scale=request.scale,
+        status=block.status.contiguous(),
+        tile_q=block.tile_q,
+        tile_kv=block.tile_kv,
+        row_lo=_EMPTY_LONG if plan.row_lo is None else plan.row_lo,
+        row_hi=_EMPTY_LONG if plan.row_hi is None else plan.row_hi,
+        doc_q=_EMPTY_LONG if plan.doc_q is None else plan.doc_q,
+        doc_k=_EMPTY_LONG if plan.doc_k is None else plan.doc_k,
+        dense=_EMPTY_BOOL
+        if plan.dense is None
+        else plan.dense.expand(request.batch, request.q_heads, request.q_len, request.kv_len),
+        mod_kind=torch.tensor([m.kind for m in mods], dtype=torch.long),
+        mod_value=torch.tensor([m.value for m in mods], dtype=torch.float64),
+        mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
+        fixed_tables=tuple(fixed),
+        shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
+    )
+
+
+def choose_tiles(
+    request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
+) -> tuple[int, int]:
+    """The ``(tile_q, tile_kv)`` of least estimated work (see :func:`tile_census`)."""
+    census = tile_census(request, tile_q, choices)
+    return census.tile_q, census.tile_kv
+
+
+@dataclass(frozen=True)
+class Census:
+    """A call's tile grid as the kernel would run it: tile sizes, tiles visited, and of those
+    the tiles only a mask tensor can decide (the block mask evaluates the tensor there)."""
+
+    tile_q: int
+    tile_kv: int
+    visited: int
+    unknown: int
+
+
+_CENSUS: weakref.WeakKeyDictionary[AttentionRequest, Census] = weakref.WeakKeyDictionary()
+#: Calls with at most this many scores per head skip the tile classification: they are one or a
+#: few tiles, and ``auto`` prices them without it.
+SMALL_CALL_SCORES = 128 * 256
+
+
+def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]) -> Census:
+    """Of the key tile widths ``choices``, the one of least estimated work (visited tiles times
+    their scores plus :data:`TILE_OVERHEAD_SCORES` each), from the tile states known without
+    evaluating anything: narrow tiles waste less on the edges of a sliding window, wide ones cost
+    less per score. Remembered per request (``auto`` asks, then the call runs)."""
+    if (known := _CENSUS.get(request)) is not None and known.tile_q == tile_q:
+        return known
+    Nq, Nk = request.q_len, request.kv_len
+    tiles = -(-Nq // tile_q) * -(-Nk // choices[0])
+    if Nq * Nk <= SMALL_CALL_SCORES or (request.mask_fn is None and request.mask is None):
+        census = Census(tile_q, choices[0], tiles, tiles if isinstance(request.mask, Tensor) else 0)
+        _CENSUS[request] = census
+        return census
+    best: tuple[float, Census] | None = None
+    for tile_kv in choices:
+        status = hinted_status(
+            request.mask_fn, isinstance(request.mask, Tensor), Nq, Nk, tile_q, tile_kv
+        )
+        if isinstance(request.mask, Tensor):  # cheap on the CPU: one pass, no Nq x Nk copy
+            hidden = empty_tiles_of_tensor(request.mask, Nq, Nk, tile_q, tile_kv)
+            status = torch.where(hidden, EMPTY, status)
+        visited = int((status != EMPTY).sum())
+        unknown = int((status == UNKNOWN).sum())
+        work = visited * (min(tile_q, Nq) * min(tile_kv, Nk) + TILE_OVERHEAD_SCORES)
+        if best is None or work < best[0]:
+            best = (work, Census(tile_q, tile_kv, visited, unknown))
+    assert best is not None
+    _CENSUS[request] = best[1]
+    return best[1]
+
+
+def cpu_attention(
+    request: AttentionRequest, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV
+) -> Tensor:
+    """Run one validated call on the compiled kernel.
+
+    Args:
+        request: a request :meth:`CpuBackend.supports` accepts.
+        tile_q, tile_kv: tile sizes (a :class:`~qkv.backends.block_mask.BlockMask` passed as the
+            mask brings its own).
+
+    Returns:
+        ``out (B, Hq, Nq, Dv)``, differentiable with respect to ``q, k, v``, a bias tensor and a
+        :class:`~qkv.scores.RelativePositionBias` table.
+
+    Raises:
+        ValueError: if the request is one the kernel cannot serve.
+    """
+    plan = plan_request(request)
+    if isinstance(plan, str):
+        raise ValueError(plan)
+    call = _call_of(request, plan, tile_q, tile_kv)
+    learnable = tuple(
+        m.table
+        for m, fixed in zip(plan.modifiers, call.fixed_tables, strict=True)
+        if fixed is None and m.table is not None
+    )
+    out: Tensor = _CpuAttention.apply(
+        call, request.q, request.k, request.v, request.bias, *learnable
+    )
+    return out
+
+
+class CpuBackend:
+    """Fused, compiled attention for CPU tensors (:mod:`qkv.backends.cpu`).
+
+    Args:
+        tile_q, tile_kv: fixed tile sizes; default :data:`TILE_Q` and the cheapest key tile
+            width of :data:`TILE_KV_CHOICES` for each call.
+    """
+
+    name = "cpu"
+
+    def __init__(self, *, tile_q: int | None = None, tile_kv: int | None = None) -> None:
+        self.tile_q = tile_q
+        self.tile_kv = tile_kv
+
+    def supports(self, request: AttentionRequest) -> str | None:
+        if request.device.type != "cpu":
+            return f"the CPU kernel runs on CPU tensors; these are on {request.device.type}"
+        if request.dropout_p > 0:
+            return "dropout is not implemented in the CPU kernel"
+        if request.return_weights:
+            return "the CPU kernel does not return the attention probabilities"
+        if isinstance(request.mask, BlockMask) and (
+            reason := request.mask.incompatibility(request)
+        ):
+            return reason
+        plan = plan_request(request)
+        if isinstance(plan, str):
+            return plan
+        status = kernel_status()  # builds the kernel on the first call
+        return status.reason
+
+    def census(self, request: AttentionRequest) -> Census:
+        """The tile sizes a call runs with and the tiles it visits: a block mask's own sizes,
+        the ones this backend was given, or the cheapest of :data:`TILE_KV_CHOICES`."""
+        if isinstance(request.mask, BlockMask):
+            bm = request.mask
+            visited = bm.visited_tiles
+            return Census(bm.tile_q, bm.tile_kv, visited, 0)
+        tile_q = self.tile_q or TILE_Q
+        choices = TILE_KV_CHOICES if self.tile_kv is None else (self.tile_kv,)
+        return tile_census(request, tile_q, choices)
+
+    def tile_sizes(self, request: AttentionRequest) -> tuple[int, int]:
+        """The ``(tile_q, tile_kv)`` a call runs with (:meth:`census`)."""
+        census = self.census(request)
+        return census.tile_q, census.tile_kv
+
+    def memory_estimate(self, request: AttentionRequest) -> int:
+        """Bytes beyond inputs and output: float32 copies of half inputs, the log-sum-exp, a few
+        tiles; with autograd the gradients in the compute dtype."""
+        cd_bytes = 8 if request.dtype == torch.float64 else 4
+        elements = request.q.numel() + request.k.numel() + request.v.numel()
+        rows = request.batch * request.q_heads * request.q_len
+        total = rows * (request.value_dim + 1) * cd_bytes
+        if request.dtype in (torch.float16, torch.bfloat16):
+            total += elements * cd_bytes
+        # Each thread's few tiles (256 KiB of float32 each) are counted once, so that the
+        # estimate does not depend on the thread count.
+        total += 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
+        if request.needs_grad:
+            total += elements * cd_bytes * 2
+        return total
+
+    def cost_estimate(self, request: AttentionRequest) -> float:
+        """Seconds, roughly: the visited tiles' matmuls at the kernel's measured efficiency, one
+        exp and a few passes per visited score, the mask tensor's summary where it decides
+        tiles, and a fixed cost for planning the call in Python. Backward as 2.5x forward."""
+        rates = device_rates(request.device)
+        census = self.census(request)
+        tq, tk = min(census.tile_q, request.q_len), min(census.tile_kv, request.kv_len)
+        pairs = request.batch * request.q_heads * tq * tk * census.visited
+        flops = 2.0 * pairs * (request.head_dim + request.value_dim)
+        seconds = flops / (KERNEL_EFFICIENCY * rates.matmul_flops)
+        seconds += pairs * 2 * rates.element_seconds + FIXED_SECONDS
+        seconds += census.unknown * tq * tk * 8 * rates.element_seconds
+        if request.needs_grad:
+            seconds *= 2.5
+        return seconds
+
+    def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
+        tile_q, tile_kv = self.tile_sizes(request)
+        return cpu_attention(request, tile_q=tile_q, tile_kv=tile_kv), None
+
+
+#: Matmul rate of the kernel relative to SDPA's fused kernel, and its fixed per-call cost
+#: (planning, the block mask), measured with benchmarks/cpu_kernel.py.
+KERNEL_EFFICIENCY = 1.0
+FIXED_SECONDS = 3e-4

@@ -1,0 +1,296 @@
+"""The compiled CPU kernel (backend ``cpu``): float64 conformance across tiles, what it refuses
+and why, its build outcome, and its tile choice.
+
+Tiles are shrunk to ``4 x 8`` positions, as in ``test_chunked.py``, so short sequences cross
+many tiles: EMPTY tiles are skipped, FULL ones never evaluate the mask, PARTIAL ones do.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+import qkv
+from gold import Inputs, assert_within_control, dense_mask_of, naive_attention, random_inputs
+from qkv import masks, scores
+from qkv.backends import get_backend, select_backend
+from qkv.backends.block_mask import build_block_mask
+from qkv.backends.cpu import CpuBackend, build, kernel_status
+from qkv.backends.cpu.backend import TILE_Q as KERNEL_TILE_Q
+from qkv.backends.cpu.backend import choose_tiles
+from qkv.request import build_request
+from test_chunked import BIASES, CAUSAL, DTYPES, MASKS, SHAPES, bias_grad, cast_bias, make_bias
+from test_chunked import make_mask as chunked_mask
+
+TILE_Q, TILE_KV = 4, 8
+
+pytestmark = pytest.mark.skipif(
+    not kernel_status().ok, reason=f"the CPU kernel is not available: {kernel_status().reason}"
+)
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[CpuBackend]:
+    backend = get_backend("cpu")
+    assert isinstance(backend, CpuBackend)
+    monkeypatch.setattr(backend, "tile_q", TILE_Q)
+    monkeypatch.setattr(backend, "tile_kv", TILE_KV)
+    yield backend
+
+
+def readable(value: object) -> str:
+    return str(value).removeprefix("torch.")
+
+
+def compare(
+    x: Inputs, dtype: torch.dtype, seed: int, *, bias: object = None, **kwargs: object
+) -> list[Tensor | None]:
+    """The cpu backend, the float64 reference and the plain same-dtype control on the same
+    inputs: output and every gradient within the control's error bound. Returns the cpu
+    backend's [out, dq, dk, dv, dbias]."""
+    B, Hq, Nq, Dv = x.q.shape[0], x.q.shape[1], x.q.shape[2], x.v.shape[3]
+    grad_out = torch.randn(
+        B, Hq, Nq, Dv, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    dense = dense_mask_of(x.q, x.k, **kwargs)
+
+    def run(backend: str | None, inputs: Inputs, b: object) -> list[Tensor | None]:
+        if backend is None:
+            req = build_request(inputs.q, inputs.k, inputs.v, bias=b)  # type: ignore[arg-type]
+            modify: Callable[[Tensor], Tensor] | None = None
+            if b is not None:
+                modify = lambda s: req.modify_scores(s, req.full_q, req.full_kv)  # noqa: E731
+            out = naive_attention(inputs.q, inputs.k, inputs.v, dense, modify, req.scale)
+        else:
+            out = qkv.attention(inputs.q, inputs.k, inputs.v, bias=b, backend=backend, **kwargs)  # type: ignore[arg-type]
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach(), inputs.q.grad, inputs.k.grad, inputs.v.grad, bias_grad(b)]
+
+    got = run("cpu", x.to(dtype), cast_bias(bias, dtype))
+    want = run("reference", x.to(torch.float64), cast_bias(bias, torch.float64))
+    ctrl = run(None, x.to(dtype), cast_bias(bias, dtype))
+    for name, g, w, c in zip(("out", "dq", "dk", "dv", "dbias"), got, want, ctrl, strict=True):
+        if w is None:
+            continue
+        assert g is not None and c is not None, f"{name}: no gradient"
+        assert_within_control(name, g, w, c, dtype)
+    empty = ~dense.any(-1)  # rows with nothing to attend: zeros, exactly
+    assert got[0] is not None and got[1] is not None
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+    assert torch.equal(got[1][empty], torch.zeros_like(got[1][empty]))
+    return got
+
+
+CASES = list(itertools.product(DTYPES, CAUSAL, [*MASKS, "query_padding", "window_and_doc"]))
+
+
+def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "query_padding":
+        return masks.query_padding(torch.randint(0, Nq + 1, (B,), generator=g))
+    if kind == "window_and_doc":
+        ids = torch.sort(torch.randint(0, 3, (B, max(Nq, Nk)), generator=g), dim=-1).values
+        return masks.sliding_window(5, 1) & masks.document(ids[:, :Nq], ids[:, :Nk])
+    return chunked_mask(kind, B, Nq, Nk, seed)
+
+
+@pytest.mark.parametrize(("dtype", "causal", "mask_kind"), CASES, ids=readable)
+def test_matches_float64_reference(dtype: torch.dtype, causal: object, mask_kind: str) -> None:
+    case = CASES.index((dtype, causal, mask_kind))
+    B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
+    x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
+    compare(x, dtype, case, mask=make_mask(mask_kind, B, Nq, Nk, case), causal=causal)
+
+
+SERVED_BIASES = [b for b in BIASES if b != "relative_softcap"] + ["chain"]
+BIAS_CASES = list(itertools.product(DTYPES, SERVED_BIASES, ["none", "window"]))
+
+
+@pytest.mark.parametrize(("dtype", "bias_kind", "mask_kind"), BIAS_CASES, ids=readable)
+def test_bias_and_its_gradient_match_float64_reference(
+    dtype: torch.dtype, bias_kind: str, mask_kind: str
+) -> None:
+    case = BIAS_CASES.index((dtype, bias_kind, mask_kind))
+    B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
+    x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=100 + case, non_contiguous=non_contiguous)
+    options: dict[str, object] = {}
+    if mask_kind == "window":
+        options = {"mask": masks.sliding_window(4, 2), "causal": "bottom_right"}
+    if bias_kind == "chain":  # a learnable table pulled back through a softcap
+        bias: object = scores.chain(
+            make_bias("relative", Hq, Nq, Nk, case), scores.alibi(Hq), scores.softcap(3.0)
+        )
+    else:
+        bias = make_bias(bias_kind, Hq, Nq, Nk, case)
+    got = compare(x, dtype, case, bias=bias, **options)
+    if bias_kind in ("tensor", "relative"):
+        assert got[4] is not None
+
+
+def test_chained_relative_table_gets_its_gradient_through_softcap() -> None:
+    x = random_inputs(1, 2, 1, 9, 13, 8, seed=5).to(torch.float64)
+    rel = scores.RelativePositionBias(2, max_distance=3).double()
+    torch.nn.init.normal_(rel.table, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for backend in ("cpu", "reference"):
+        rel.table.grad = None
+        out = qkv.attention(
+            x.q, x.k, x.v, bias=scores.chain(rel, scores.softcap(1.5)), backend=backend
+        )
+        out.sum().backward()
+        assert rel.table.grad is not None
+        grads.append(rel.table.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"causal": True, "mask": masks.sliding_window(3)},
+        {"mask": masks.key_padding([5, 9])},
+        {"bias": scores.alibi(2), "causal": "bottom_right"},
+    ],
+    ids=["causal_window", "padding", "alibi"],
+)
+def test_gradcheck(options: dict[str, object]) -> None:
+    x = random_inputs(2, 2, 1, 7, 9, 4, seed=3).to(torch.float64)
+    fn = lambda q, k, v: qkv.attention(q, k, v, backend="cpu", **options)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.q, x.k, x.v))
+
+
+def test_gradcheck_bias_tensor_and_relative_table() -> None:
+    x = random_inputs(1, 2, 2, 6, 10, 4, seed=4).to(torch.float64)
+    bias = torch.randn(1, 2, 1, 10, dtype=torch.float64, requires_grad=True)  # broadcast rows
+    rel = scores.RelativePositionBias(2, max_distance=2).double()
+    torch.nn.init.normal_(rel.table)
+
+    def fn(q: Tensor, k: Tensor, b: Tensor, table: Tensor) -> Tensor:
+        with torch.no_grad():
+            rel.table.copy_(table)
+        out = qkv.attention(q, k, x.v, bias=b, backend="cpu", causal=True)
+        return out
+
+    assert torch.autograd.gradcheck(lambda q, k, b: fn(q, k, b, rel.table), (x.q, x.k, bias))
+    assert torch.autograd.gradcheck(
+        lambda table: qkv.attention(
+            x.q.detach(), x.k.detach(), x.v.detach(), bias=_table_mod(table), backend="cpu"
+        ),
+        (rel.table.detach().clone().requires_grad_(True),),
+    )
+
+
+def _table_mod(table: Tensor) -> scores.RelativePositionBias:
+    """A RelativePositionBias whose table is ``table`` itself (gradients flow to it)."""
+    mod = scores.RelativePositionBias(table.shape[0], max_distance=(table.shape[1] - 1) // 2)
+    del mod.table
+    mod.table = table  # type: ignore[assignment]
+    return mod
+
+
+def test_default_tiles_cross_tiles_in_float32(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None  # the shipped sizes
+    x = random_inputs(1, 4, 2, TILE_Q + 3, 700, 16, seed=7)
+    compare(x, torch.float32, 7, causal="bottom_right", mask=masks.sliding_window(100))
+
+
+def test_block_mask_passed_as_mask_is_reused() -> None:
+    x = random_inputs(1, 2, 2, 30, 30, 8, seed=8)
+    bm = build_block_mask(masks.sliding_window(4), q_len=30, kv_len=30, tile_q=4, tile_kv=8)
+    compare(x, torch.float32, 8, mask=bm, causal=True)
+
+
+def test_tile_choice_narrows_for_windows_and_stays_wide_without_mask() -> None:
+    q = torch.empty(1, 1, 4096, 8)
+    wide = choose_tiles(build_request(q, q, q), KERNEL_TILE_Q, (256, 128, 64))
+    narrow = choose_tiles(
+        build_request(q, q, q, mask=masks.sliding_window(63)), KERNEL_TILE_Q, (256, 64)
+    )
+    assert wide == (KERNEL_TILE_Q, 256)
+    assert narrow == (KERNEL_TILE_Q, 64)
+
+
+UNSERVED = {
+    "dropout": ({"dropout_p": 0.1}, "dropout"),
+    "weights": ({"return_weights": True}, "probabilities"),
+    "own mask function": ({"mask": lambda b, h, q, kv: (q + kv) % 3 != 0}, "not one the CPU"),
+    "or of masks": ({"mask": masks.causal() | masks.key_padding([3])}, "not one the CPU"),
+    "own score function": ({"bias": lambda s, b, h, q, kv: s * 2}, "not one the CPU"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSERVED))
+def test_refuses_with_a_reason_and_auto_falls_back_to_chunked(kind: str) -> None:
+    options, words = UNSERVED[kind]
+    q = torch.randn(1, 2, 300, 8)
+    request = build_request(q, q, q, **options)  # type: ignore[arg-type]
+    reason = get_backend("cpu").supports(request)
+    assert reason is not None and words in reason
+    explanation = qkv.explain(q, q, q, **options)  # type: ignore[arg-type]
+    assert explanation.chosen != "cpu"
+    assert explanation.reasons["cpu"] == reason
+
+
+def test_kernel_that_cannot_be_built_says_why_and_nothing_breaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failed = build.KernelStatus(
+        False, "the CPU kernel cannot be built: no C++ compiler", 0.0, False
+    )
+    monkeypatch.setattr(build, "_status", failed)
+    q = torch.randn(1, 2, 2048, 16)
+    mask = masks.sliding_window(63)
+    explanation = qkv.explain(q, q, q, mask=mask)
+    assert explanation.reasons["cpu"] == failed.reason
+    assert explanation.chosen == "chunked"
+    want = qkv.attention(q, q, q, mask=mask, backend="reference")
+    torch.testing.assert_close(qkv.attention(q, q, q, mask=mask), want)
+
+
+def test_build_reports_a_missing_compiler_and_the_off_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QKV_CPU_KERNEL", "0")
+    off = build._build()
+    assert not off.ok and off.reason is not None and "QKV_CPU_KERNEL=0" in off.reason
+    monkeypatch.delenv("QKV_CPU_KERNEL")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    missing = build._build()
+    assert not missing.ok and missing.reason is not None and "compiler" in missing.reason
+
+
+def test_extension_name_changes_with_the_source_flags_and_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = build.extension_name()
+    monkeypatch.setattr(build, "CFLAGS", [*build.CFLAGS, "-DX"])
+    assert build.extension_name() != name
+    monkeypatch.setattr(build, "_cpu_flags", lambda: "sse2")
+    assert build.extension_name() not in (name,)
+
+
+def test_auto_takes_the_kernel_for_a_long_sliding_window(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None
+    q = torch.empty(1, 8, 8192, 64)
+    request = build_request(q, q, q, mask=masks.sliding_window(255))
+    assert select_backend(request).backend.name == "cpu"
+
+
+def test_grouped_heads_in_threads_match_one_thread() -> None:
+    x = random_inputs(2, 6, 2, 40, 50, 8, seed=9).to(torch.float32)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = x.to(torch.float32)
+            out = qkv.attention(y.q, y.k, y.v, backend="cpu", causal=True)
+            out.sum().backward()
+            outs.append([out.detach(), y.q.grad, y.k.grad, y.v.grad])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
