@@ -107,19 +107,19 @@ def _run_faithfulness(args: argparse.Namespace) -> int:
 
     _positive(args.examples, "--examples")
     _positive(args.max_tokens, "--max-tokens")
+    from qkv.tasks.base import get_task
+
     model, tokenizer, config = _load_classifier(args.model)
-    data = config.get("data", {})
-    spec = args.data or data.get("spec")
-    if spec is None:
-        raise ValueError(f"{args.model}: config.json names no data; pass --data")
+    settings = get_task("sentiment").settings_from_config(config, args.model)
+    spec = args.data or settings.data
     # The training data's loader options apply to it, not to a file given with --data.
-    options = (data.get("options") or {}) if args.data is None else {}
+    options = dict(settings.data_options) if args.data is None else {}
     splits = load_labeled(spec, **options)
     held_out = splits.test or splits.validation
     labels = list(config["labels"])
     texts, gold = [], []
     for example in held_out:
-        ids = _head_tail(tokenizer.encode(example.text), data.get("max_length"))
+        ids = _head_tail(tokenizer.encode(example.text), settings.max_length)
         if 2 <= len(ids) <= args.max_tokens and example.label in labels:
             texts.append(torch.tensor(ids, dtype=torch.long))
             gold.append(labels.index(example.label))
