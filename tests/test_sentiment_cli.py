@@ -47,14 +47,16 @@ def test_train_classify_explain_evaluate(
     assert sum(lines[0]["probabilities"].values()) == pytest.approx(1.0)
     html = page.read_text()
     assert html.count('class="label"') == 2 and 'class="tok"' in html and "pos (" in html
-    evaluate = ["evaluate", "--model", str(out), "--data", str(data), "--split", "train"]
+    # A file given to evaluate is scored whole, with the columns saved in the model folder.
+    evaluate = ["evaluate", "--model", str(out), "--data", str(data)]
     code = main([*evaluate, "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["task"] == "sentiment" and report["accuracy"] == 1.0
-    assert sum(map(sum, report["confusion"])) == report["count"] == 16
+    assert code == 0 and report["task"] == "sentiment" and report["split"] == "all"
+    assert report["metrics"]["accuracy"] == 1.0
+    assert sum(map(sum, report["metrics"]["confusion"])) == report["examples"] == 16
     assert main(evaluate) == 0
     table = capsys.readouterr().out
-    assert "accuracy 1.0000   macro-F1 1.0000" in table and "(train, 16 texts)" in table
+    assert "accuracy 1.0000   macro-F1 1.0000" in table and "(all, 16 examples)" in table
 
 
 def test_empty_text_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,16 +71,15 @@ def test_empty_text_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_evaluate_prints_a_readable_confusion_matrix(capsys: pytest.CaptureFixture[str]) -> None:
-    from qkv.cli.evaluate import _print_sentiment
+    from qkv.tasks.base import Evaluation
 
-    report = {
-        "model": "m", "data": "d.csv", "split": "test", "count": 7, "accuracy": 4 / 7,
-        "macro_f1": 0.55, "majority_baseline": 3 / 7, "loss": 0.9,
+    metrics = {
+        "accuracy": 4 / 7, "macro_f1": 0.55, "majority_baseline": 3 / 7, "loss": 0.9,
         "labels": ["negative", "positive", "x"], "confusion": [[2, 1, 0], [1, 1, 0], [0, 1, 1]],
     }  # fmt: skip
-    _print_sentiment(report)
+    print(Evaluation("sentiment", "m", "d.csv", "test", 7, metrics).table())
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "m on d.csv (test, 7 texts)"
+    assert lines[0] == "m on d.csv (test, 7 examples)"
     assert "accuracy 0.5714   macro-F1 0.5500   majority class 0.4286" in lines[1]
     assert lines[3].split() == ["negative", "positive", "x"]
     assert lines[4].split() == ["negative", "2", "1", "0"]

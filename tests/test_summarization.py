@@ -101,7 +101,7 @@ def test_config_validation_names_the_field() -> None:
 def test_tiny_set_overfits_and_copies_unseen_names() -> None:
     torch.manual_seed(0)
     tokenizer = _tokenizer(vocab_size=12)  # too small for the names: they must be copied
-    from qkv.tasks.summarization import PointerDataset, SummarizationTask, greedy_decode
+    from qkv.tasks.summarization import PointerDataset, SummarizationTask, pointer_greedy_decode
 
     data = PointerDataset.from_pairs(
         TINY, tokenizer, max_source_length=None, max_target_length=None
@@ -127,13 +127,13 @@ def test_tiny_set_overfits_and_copies_unseen_names() -> None:
         max_source_length=None,
         max_target_length=None,
     )
-    ids, _ = greedy_decode(model, collate_pointer([unseen[0]], tokenizer.vocab_size))
+    ids, _ = pointer_greedy_decode(model, collate_pointer([unseen[0]], tokenizer.vocab_size))
     assert ids[0][1] >= tokenizer.vocab_size  # the new name comes out by copying
 
 
 def test_greedy_decoding_never_emits_pad_bos_or_unk() -> None:
     from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-    from qkv.tasks.summarization import PointerDataset, greedy_decode
+    from qkv.tasks.summarization import PointerDataset, pointer_greedy_decode
 
     torch.manual_seed(0)
     tokenizer = _tokenizer()
@@ -146,7 +146,7 @@ def test_greedy_decoding_never_emits_pad_bos_or_unk() -> None:
     data = PointerDataset.from_pairs(
         TINY[:3], tokenizer, max_source_length=None, max_target_length=None
     )
-    ids, weights = greedy_decode(
+    ids, weights = pointer_greedy_decode(
         model, collate_pointer([data[i] for i in range(3)], tokenizer.vocab_size), max_length=6
     )
     assert [len(row) for row in ids] == [6, 6, 6]
@@ -186,7 +186,7 @@ def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore
         str(data),
         out,
         setup=setup,
-        train=TrainConfig(lr=2e-2, max_steps=45, eval_every=200, warmup_steps=0, device="cpu"),
+        train=TrainConfig(lr=2e-2, max_steps=45, eval_every=40, warmup_steps=0, device="cpu"),
         resume=True,
     )
     assert resumed.state.step == 45

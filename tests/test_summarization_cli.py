@@ -35,18 +35,30 @@ def test_train_summarize_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
     document = tmp_path / "doc.txt"
     document.write_text("the function kilo returns a list . it never fails .\n")
     page = tmp_path / "explain.html"
-    code = main(["summarize", "--model", str(out), str(document), "--json", "--explain", str(page)])
+    code = main(
+        [
+            "summarize",
+            "--model",
+            str(out),
+            str(document),
+            "--json",
+            "--explain",
+            "--html",
+            str(page),
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["summary"] == "return kilo list" and "kilo" in result["copied"]
     assert "return kilo list" in page.read_text() and page.read_text().count('class="tok"') == 11
-    evaluate = ["evaluate", "--model", str(out), "--data", str(data), "--split", "train"]
+    evaluate = ["evaluate", "--model", str(out), "--data", str(data)]
     code = main([*evaluate, "--limit", "6", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["model"]["rougeL"] > 99.0 > report["lead"]["rougeL"]
-    assert report["folder"] == str(out)
+    metrics = report["metrics"]
+    assert code == 0 and metrics["model"]["rougeL"] > 99.0 > metrics["lead"]["rougeL"]
+    assert report["model"] == str(out) and report["examples"] == 6
     assert main([*evaluate, "--limit", "6"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == f"{out} on {data} (train, 6 documents)"
+    assert table[0] == f"{out} on {data} (all, 6 examples)"
     assert table[1].split() == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert table[2].split()[0] == "model" and float(table[2].split()[3]) > 99.0
     assert table[3].split()[0] == "lead-1"

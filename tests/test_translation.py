@@ -218,8 +218,10 @@ def test_cli_evaluate_json_and_plot(
     argv = ["evaluate", "--model", str(folder), "--json", "--buckets", "2", "--plot", str(plot)]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["exact_match"] == 1.0 and report["count"] == 32
-    assert report["chrf"] == 100.0 and len(report["by_length"]) == 2
+    assert report["task"] == "translation" and report["split"] == "test"
+    metrics = report["metrics"]
+    assert metrics["exact_match"] == 1.0 and report["examples"] == 32
+    assert metrics["chrf"] == 100.0 and len(metrics["by_length"]) == 2
     assert plot.stat().st_size > 1000
     # Several models: a list in JSON, one line each in the plot (same names made distinct).
     drawn: list[list[str]] = []
@@ -229,7 +231,7 @@ def test_cli_evaluate_json_and_plot(
     )
     assert main([*argv, "--model", str(folder), "--limit", "8"]) == 0
     reports = json.loads(capsys.readouterr().out)
-    assert [r["count"] for r in reports] == [8, 8]
+    assert [r["examples"] for r in reports] == [8, 8]
     assert len(drawn) == 1 and len(set(drawn[0])) == 2
 
 

@@ -9,10 +9,16 @@ from typing import TextIO
 
 class ProgressBar:
     """``[#####.....] 5/10  12s  <note>``, redrawn in place on a terminal, one line per update
-    otherwise (so CI logs stay readable)."""
+    otherwise (so CI logs stay readable).
 
-    def __init__(self, total: int, *, width: int = 24, stream: TextIO | None = None) -> None:
+    With ``unit="s"`` the bar counts seconds against a time limit: ``[###.....] 14s/60s <note>``.
+    """
+
+    def __init__(
+        self, total: int, *, width: int = 24, stream: TextIO | None = None, unit: str = ""
+    ) -> None:
         self.total = max(total, 1)
+        self.unit = unit
         self.done = 0
         self.width = width
         self.stream = stream or sys.stderr
@@ -30,7 +36,10 @@ class ProgressBar:
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
         seconds = time.monotonic() - self.start if elapsed is None else elapsed
-        line = f"[{bar}] {self.done}/{self.total} {seconds:5.0f}s {note}"
+        if self.unit == "s":  # the bar is the time itself
+            line = f"[{bar}] {seconds:.0f}s/{self.total}s {note}"
+        else:
+            line = f"[{bar}] {self.done}/{self.total} {seconds:5.0f}s {note}"
         if self.interactive:
             self.stream.write("\r\033[K" + line + ("\n" if self.done >= self.total else ""))
         else:

@@ -1,43 +1,54 @@
-"""``qkv train <task>``: shared training flags, progress printing, and the translation task.
+"""``qkv train <task>``: one sub-command per task of :data:`qkv.tasks.base.TASKS`.
 
-Other tasks add a sub-command by listing a module in :data:`TRAIN_TASK_MODULES` that defines
-``register_train(tasks)`` (``tasks`` is the ``train`` command's sub-parser collection) and can
-reuse :func:`add_training_args`, :func:`training_config` and :class:`TrainProgress`.
+Each sub-command has the shared training flags (:func:`add_training_args`), ``--data``,
+``--batch-size`` and the task's own :attr:`~qkv.tasks.base.TaskSpec.train_flags`; running it is
+parse -> :func:`qkv.tasks.train_task` -> print. A task needs nothing here to get its command.
+
+Every setting flag defaults to "not given" (``None``): a new run fills in the defaults shown in
+``--help``; a ``--resume`` starts from the saved run's settings, and a flag given with another
+value than the saved one is refused by the resume rule (:data:`qkv.tasks.base.RESUMABLE`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkv.cli.progress import ProgressBar
 
 if TYPE_CHECKING:
+    from qkv.tasks.base import TaskSpec
     from qkv.train import EvalReport, StepReport, TrainConfig
 
 __all__ = [
-    "TRAIN_TASK_MODULES",
+    "TRAINING_DEFAULTS",
     "TrainProgress",
+    "add_runtime_args",
     "add_training_args",
     "register",
     "training_config",
 ]
 
-#: Modules defining ``register_train(tasks)``, each adding ``qkv train <its task>``.
-TRAIN_TASK_MODULES: tuple[str, ...] = ("qkv.cli.classify", "qkv.cli.summarize")
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``qkv train`` and its task sub-commands."""
-    train = commands.add_parser("train", help="train a model for a task into a model folder")
-    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
-    _register_translation(tasks)
-    for name in TRAIN_TASK_MODULES:
-        importlib.import_module(name).register_train(tasks)
+#: What a new run uses for a training flag that is not given (shown in ``--help``).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "warmup_steps": 200,
+    "schedule": "inverse_sqrt",
+    "weight_decay": 0.01,
+    "clip_norm": 1.0,
+    "eval_every": 500,
+    "patience": None,
+    "keep_best": False,
+    "log_every": 20,
+    "seed": 0,
+    "device": "auto",
+    "precision": "auto",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -54,11 +65,75 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``qkv train`` and one sub-command per task."""
+    from qkv.tasks.base import get_task, task_names
+
+    train = commands.add_parser("train", help="train a model for a task into a model folder")
+    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name in task_names():
+        _register_task(tasks, get_task(name))
+
+
+def _register_task(
+    tasks: argparse._SubParsersAction[argparse.ArgumentParser], spec: TaskSpec[Any, Any]
+) -> None:
+    defaults = spec.settings_type()
+    p = tasks.add_parser(
+        spec.name,
+        help=spec.summary,
+        description=f"{spec.summary}: qkv train {spec.name} --data {defaults.data} --out MODEL",
+        allow_abbrev=False,  # a resumed run must know exactly which flags were given
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument(
+        "--data",
+        default=None,
+        help=f"builtin:NAME, a file or a folder (e.g. {defaults.data}); not needed with --resume",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"examples per batch per process (default {defaults.batch_size})",
+    )
+    add_task_flags(g, spec)
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    add_training_args(p, steps=spec.default_steps)
+    p.add_argument(
+        "--backend", default="auto", help="attention backend of the model (default %(default)s)"
+    )
+    p.set_defaults(run=_run)
+
+
+def add_task_flags(group: argparse._ArgumentGroup, spec: TaskSpec[Any, Any]) -> None:
+    """The task's :attr:`~qkv.tasks.base.TaskSpec.train_flags`, each defaulting to None."""
+    defaults = spec.settings_type()
+    for flag in spec.train_flags:
+        shown = flag.default(defaults)
+        help_text = flag.help if shown in (None, {}, "") else f"{flag.help} (default {shown})"
+        if flag.switch:
+            group.add_argument(flag.name, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(
+                flag.name,
+                type=flag.type or str,
+                choices=flag.choices,
+                default=None,
+                help=help_text,
+            )
+
+
 def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
     """The flags every ``qkv train <task>`` shares (limits, optimizer, schedule, output)."""
+    d = TRAINING_DEFAULTS
     g = p.add_argument_group("training")
     g.add_argument("--out", type=Path, required=True, help="model folder to write")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out (only --steps, --minutes and --device may change)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     g.add_argument(
         "--steps",
@@ -67,82 +142,99 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
         help=f"step limit (default {steps} unless --minutes)",
     )
     g.add_argument("--minutes", type=_positive_float, default=None, help="time limit")
+    g.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default {d['lr']})")
     g.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="pairs per batch (default %(default)s)"
+        "--warmup",
+        type=int,
+        dest="warmup_steps",
+        help=f"warmup steps (default {d['warmup_steps']})",
     )
     g.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="peak learning rate (default %(default)s)"
+        "--schedule",
+        choices=["inverse_sqrt", "cosine", "constant"],
+        help=f"decay after the warmup (default {d['schedule']})",
     )
-    g.add_argument("--warmup", type=int, default=200, help="warmup steps (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW's (default {d['weight_decay']})")
     g.add_argument(
-        "--schedule", choices=["inverse_sqrt", "cosine", "constant"], default="inverse_sqrt"
-    )
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument(
-        "--clip-norm",
-        type=_positive_float,
-        default=1.0,
-        help="gradient norm clip (default %(default)s)",
+        "--clip-norm", type=_positive_float, help=f"gradient norm clip (default {d['clip_norm']})"
     )
     g.add_argument(
         "--eval-every",
         type=_positive_int,
-        default=500,
-        help="validate every N steps (default %(default)s)",
+        help=f"validate every N steps (default {d['eval_every']})",
     )
     g.add_argument(
-        "--patience",
-        type=_positive_int,
-        default=None,
-        help="stop after N validations without improvement",
+        "--patience", type=_positive_int, help="stop after N validations without improvement"
     )
     g.add_argument(
         "--keep-best",
         action="store_true",
+        default=None,
         help="the model folder keeps the best-validated weights, not the last step's",
     )
     g.add_argument(
-        "--log-every", type=_positive_int, default=20, help="progress line every N steps"
+        "--log-every",
+        type=_positive_int,
+        help=f"progress line every N steps (default {d['log_every']})",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    g.add_argument("--seed", type=int, help=f"seeds weights and data order (default {d['seed']})")
+    g.add_argument("--device", help="auto (CUDA if present, default), cpu, cuda, cuda:1 ...")
     g.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
-        default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+        help="auto (default): bf16 autocast on CUDA, fp32 on CPU",
     )
     p.set_defaults(default_steps=steps)
 
 
-def training_config(args: argparse.Namespace) -> TrainConfig:
-    """A :class:`~qkv.train.TrainConfig` from :func:`add_training_args`'s flags."""
+def add_runtime_args(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """``--device``, ``--seed`` (and ``--backend``) of the commands that run a model."""
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda ... (default auto)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the random generators (default 0)")
+    if backend:
+        p.add_argument("--backend", default="auto", help="attention backend (default %(default)s)")
+
+
+def training_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+    """The :class:`~qkv.train.TrainConfig` of the flags: the given ones over ``saved`` (a
+    resumed run) or over :data:`TRAINING_DEFAULTS`; without ``--steps``/``--minutes``, a new
+    run takes the task's default step limit and a resumed one its saved limits."""
     from qkv.train import TrainConfig
 
-    steps = args.steps
-    if steps is None and args.minutes is None:
+    given = {
+        name: getattr(args, name)
+        for name in TRAINING_DEFAULTS
+        if getattr(args, name, None) is not None
+    }
+    steps, minutes = args.steps, args.minutes
+    if saved is not None:
+        if steps is None and minutes is None:
+            steps, minutes = saved.max_steps, saved.max_minutes
+        return replace(saved, **given, max_steps=steps, max_minutes=minutes)
+    if steps is None and minutes is None:
         steps = args.default_steps
-    return TrainConfig(
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup,
-        schedule=args.schedule,
-        max_steps=steps,
-        max_minutes=args.minutes,
-        clip_norm=args.clip_norm,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        keep_best=args.keep_best,
-        log_every=args.log_every,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-    )
+    return TrainConfig(**{**TRAINING_DEFAULTS, **given}, max_steps=steps, max_minutes=minutes)
+
+
+def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any) -> Any:
+    """``base`` with every task flag that was given applied."""
+    settings = base
+    if args.data is not None:
+        settings = replace(settings, data=args.data)
+    if args.batch_size is not None:
+        settings = replace(settings, batch_size=args.batch_size)
+    for flag in spec.train_flags:
+        value = getattr(args, flag.dest)
+        if value is not None:
+            settings = flag.set(settings, value)
+    return settings
 
 
 class TrainProgress:
-    """Training progress on stderr: a bar over steps (or minutes) with loss, learning rate and
-    tokens/s, and one line per validation."""
+    """Training progress on stderr: a bar over steps (or over the time limit: elapsed/limit)
+    with loss, learning rate and tokens/s, one line per validation, and the run's messages."""
 
     def __init__(self, *, quiet: bool = False) -> None:
         self.bar: ProgressBar | None = None
@@ -152,9 +244,11 @@ class TrainProgress:
         if self.quiet:
             return
         by_steps = report.max_steps is not None
-        total = report.max_steps if by_steps else int(report.max_seconds or 1)
         if self.bar is None:
-            self.bar = ProgressBar(total or 1)
+            if by_steps:
+                self.bar = ProgressBar(report.max_steps or 1)
+            else:
+                self.bar = ProgressBar(int(report.max_seconds or 1), unit="s")
         done = report.step if by_steps else int(report.elapsed_s)
         note = (
             f"step {report.step}  loss {report.loss:.3f}  lr {report.lr:.1e}  "
@@ -163,126 +257,64 @@ class TrainProgress:
         self.bar.update(done, note, elapsed=report.elapsed_s)
 
     def on_eval(self, report: EvalReport) -> None:
-        if self.quiet:
-            return
         scores = "  ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
         mark = " (best)" if report.improved else ""
-        line = f"  validation at step {report.step}: {scores}{mark}"
+        self.message(f"  validation at step {report.step}: {scores}{mark}")
+
+    def message(self, line: str) -> None:
+        """A line of its own (data sizes, "resuming from step N", a validation)."""
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.message(line)
         else:
             print(line, file=sys.stderr)
 
 
-def _register_translation(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = tasks.add_parser(
-        "translation",
-        help="sequence-to-sequence translation (Transformer or RNN with attention)",
-        description="Train a translation model: qkv train translation --data builtin:dates --out dates-model",
-    )
-    g = p.add_argument_group("data and model")
-    g.add_argument(
-        "--data", required=True, help="builtin:NAME, a .tsv/.jsonl file, SRC,TGT files or a folder"
-    )
-    g.add_argument("--model", choices=["transformer", "rnn"], default="transformer")
-    g.add_argument(
-        "--attention",
-        choices=["bahdanau", "luong", "none"],
-        default=None,
-        help="the RNN's attention (default bahdanau); not for the Transformer",
-    )
-    g.add_argument("--preset", choices=["tiny", "small", "base"], default="tiny")
-    g.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    g.add_argument(
-        "--tokenizer",
-        choices=["auto", "char", "bpe"],
-        default="auto",
-        help="auto: characters for dates/numbers, BPE otherwise",
-    )
-    g.add_argument("--vocab-size", type=_positive_int, default=None, help="BPE vocabulary size")
-    g.add_argument(
-        "--separate-vocab", action="store_true", help="separate source and target vocabularies"
-    )
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument(
-        "--metric",
-        choices=["exact_match", "chrf", "bleu", "loss"],
-        default="chrf",
-        help="validation metric for early stopping",
-    )
-    g.add_argument(
-        "--valid-size",
-        type=_positive_int,
-        default=500,
-        help="validation pairs decoded per validation",
-    )
-    g.add_argument(
-        "--max-length", type=_positive_int, default=256, help="cut longer sequences (tokens)"
-    )
-    g.add_argument("--quiet", action="store_true", help="no progress output")
-    add_training_args(p)
-    p.set_defaults(run=_run_translation)
-
-
-def _translation_config(args: argparse.Namespace) -> Any:
-    from qkv.tasks.translation import TranslationConfig
-
-    overrides = {} if args.dropout is None else {"dropout": args.dropout}
-    return TranslationConfig(
-        data=args.data,
-        model=args.model,
-        attention=args.attention,
-        preset=args.preset,
-        model_overrides=overrides,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        shared_vocab=not args.separate_vocab,
-        batch_size=args.batch_size,
-        max_source_length=args.max_length,
-        max_target_length=args.max_length,
-        label_smoothing=args.label_smoothing,
-        metric=args.metric,
-        valid_size=args.valid_size,
-    )
-
-
-def _resume_limits(args: argparse.Namespace, training: TrainConfig) -> TrainConfig:
-    """On ``--resume`` without ``--steps``/``--minutes``, keep the saved run's limits."""
-    if not args.resume or args.steps is not None or args.minutes is not None:
-        return training
-    from dataclasses import replace
-
+def _run(args: argparse.Namespace) -> int:
+    from qkv.tasks.base import get_task, train_task
     from qkv.train import TrainConfig, read_config
 
-    saved = TrainConfig.from_dict(read_config(args.out)["training"])
-    return replace(training, max_steps=saved.max_steps, max_minutes=saved.max_minutes)
-
-
-def _run_translation(args: argparse.Namespace) -> int:
-    import logging
-
-    from qkv.tasks.translation import train_translation
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    spec = get_task(args.task)
+    if args.resume:
+        saved = read_config(args.out)
+        if saved.get("task") != spec.name:
+            raise ValueError(
+                f"{args.out}: holds a {saved.get('task')!r} model, not a {spec.name} one"
+            )
+        settings = task_settings(spec, args, spec.settings_from_dict(saved[spec.name]))
+        training = training_config(args, TrainConfig.from_dict(saved["training"]))
+    else:
+        if args.data is None:
+            raise ValueError(f"qkv train {spec.name}: --data is required (except with --resume)")
+        settings = task_settings(spec, args, spec.settings_type())
+        training = training_config(args)
     progress = TrainProgress(quiet=args.quiet)
-    outcome = train_translation(
-        _translation_config(args),
-        _resume_limits(args, training_config(args)),
+    outcome = train_task(
+        spec,
+        settings,
+        training,
         args.out,
         resume=args.resume,
         overwrite=args.overwrite,
+        backend=args.backend,
         on_step=progress.on_step,
         on_eval=progress.on_eval,
+        on_message=progress.message,
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
         return 0
     state = outcome.result.state
+    metric = getattr(outcome.settings, "metric", spec.metric_name)
     best = (
         ""
         if state.best_metric is None
-        else f", best {outcome.config.metric} {state.best_metric:.4g} at step {state.best_step}"
+        else f", best {metric} {state.best_metric:.4g} at step {state.best_step}"
     )
+    kept = f" (the weights of step {state.best_step})" if training.keep_best else ""
     print(
-        f"trained {state.step} steps in {state.elapsed_s:.0f}s ({outcome.result.stopped}{best}); model folder: {outcome.out}"
+        f"trained {state.step} steps in {state.elapsed_s:.0f}s ({outcome.result.stopped}{best}); "
+        f"model folder: {outcome.out}{kept}"
     )
     return 0

@@ -10,6 +10,8 @@ __all__ = ["register"]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qkv.cli.train import add_runtime_args
+
     p = commands.add_parser(
         "translate",
         help="translate text with a trained model folder",
@@ -27,7 +29,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="FILE.png",
         help="draw the cross-attention heat map of the first sentence into this file",
     )
-    p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     p.set_defaults(run=_run)
 
 
@@ -55,12 +57,16 @@ def read_inputs(texts: list[str], file: Path | None) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from qkv.tasks.base import set_attention_backend
     from qkv.tasks.translation import Translator
+    from qkv.train import seed_everything
 
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
+    seed_everything(args.seed)
     texts = read_inputs(args.text, args.file)
     translator = Translator.load(args.model, device=args.device)
+    set_attention_backend(translator.model, args.backend)
     for translation in translator.translate(
         texts, beam_size=args.beam, length_penalty=args.length_penalty
     ):

@@ -15,10 +15,13 @@ from typing import Any
 __all__ = [
     "BucketScores",
     "TranslationScores",
+    "format_translation_scores",
     "length_buckets",
     "plot_scores_by_length",
     "score_translations",
 ]
+
+BLEU_MAX_ORDER = 4  # BLEU's longest n-gram: shorter outputs score 0 on it
 
 SACREBLEU_INSTALL = "pip install 'sacrebleu==2.6.0'  (or: pip install 'qkv[tasks]')"
 
@@ -46,6 +49,9 @@ class TranslationScores:
         exact_match: fraction of hypotheses equal to their reference (after stripping spaces at
             the ends).
         by_length: the same per source-length bucket, shortest first.
+        short_hypotheses: fraction of hypotheses shorter than 4 tokens (BLEU's longest
+            n-gram): when most are, BLEU is near 0 whatever their quality, and chrF (character
+            n-grams) is the score to read.
     """
 
     count: int
@@ -53,6 +59,12 @@ class TranslationScores:
     chrf: float
     exact_match: float
     by_length: list[BucketScores]
+    short_hypotheses: float = 0.0
+
+    @property
+    def bleu_meaningful(self) -> bool:
+        """Whether BLEU says something here (most hypotheses have at least 4 tokens)."""
+        return self.short_hypotheses <= 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +138,33 @@ def score_translations(
         ref = [references[i] for i in rows]
         b_bleu, b_chrf = _corpus_scores(hyp, ref)
         buckets.append(BucketScores(low, high, len(rows), b_bleu, b_chrf, _exact(hyp, ref)))
-    return TranslationScores(len(hypotheses), bleu, chrf, _exact(hypotheses, references), buckets)
+    short = sum(len(h.split()) < BLEU_MAX_ORDER for h in hypotheses) / max(len(hypotheses), 1)
+    return TranslationScores(
+        len(hypotheses), bleu, chrf, _exact(hypotheses, references), buckets, short
+    )
+
+
+def format_translation_scores(scores: dict[str, Any]) -> list[str]:
+    """Table lines of :meth:`TranslationScores.to_dict`: the totals, a note when BLEU is not
+    meaningful, then one row per source-length bucket."""
+    lines = [
+        f"  BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
+        f"exact match {100 * scores['exact_match']:.2f}%"
+    ]
+    short = float(scores.get("short_hypotheses", 0.0))
+    if short > 0.5:
+        lines.append(
+            f"  note: {100 * short:.0f}% of the outputs are shorter than {BLEU_MAX_ORDER} tokens, "
+            "so BLEU (up to 4-grams) is not meaningful here; read chrF and exact match"
+        )
+    lines.append(f"  {'source chars':>14} {'pairs':>6} {'BLEU':>7} {'chrF':>7} {'exact':>8}")
+    for b in scores["by_length"]:
+        span = f"{b['low']}-{b['high']}"
+        lines.append(
+            f"  {span:>14} {b['count']:>6} {b['bleu']:7.2f} {b['chrf']:7.2f} "
+            f"{100 * b['exact_match']:7.2f}%"
+        )
+    return lines
 
 
 def plot_scores_by_length(

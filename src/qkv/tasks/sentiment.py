@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from qkv.data.batching import BucketBatchSampler
-from qkv.data.labeled import LabeledText, LabelSet, load_labeled
+from qkv.data.labeled import LabeledText, LabelSet, load_labeled, read_labeled
+from qkv.data.parallel import DataError
+from qkv.data.registry import Splits
 from qkv.data.tokenizer import PairTokenizer, TextTokenizer, pad_ids
 from qkv.models.classifier import (
     AttentionClassifier,
@@ -44,30 +47,38 @@ from qkv.models.classifier import (
     ClassifierOutput,
     pooling_penalty,
 )
+from qkv.tasks.base import (
+    EvalOptions,
+    Evaluation,
+    Flag,
+    Prepared,
+    TaskSpec,
+    from_dict_checked,
+    train_task,
+)
 from qkv.train import (
     LossOutput,
-    SamplerBatches,
     TrainConfig,
-    Trainer,
     TrainResult,
     load_model,
-    load_training_state,
-    prepare_output_folder,
     read_config,
-    save_model_folder,
+    resolve_device,
 )
 from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
+    "SPEC",
     "LabeledBatch",
     "LabeledDataset",
     "Prediction",
     "SentimentSetup",
+    "SentimentSpec",
     "SentimentTask",
     "TextClassifier",
     "classification_metrics",
     "collate_labeled",
     "evaluate_classifier",
+    "format_classification",
     "head_tail",
     "train_sentiment",
 ]
@@ -276,9 +287,11 @@ class SentimentTask:
 
 @dataclass(frozen=True)
 class SentimentSetup:
-    """What to build before training (saved in ``config.json`` under ``"data"``).
+    """What to train on and what to build (saved in ``config.json`` under ``"sentiment"``).
 
     Attributes:
+        data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
+            a folder).
         preset: a :data:`qkv.models.classifier.PRESETS` name.
         vocab_size: BPE vocabulary size.
         max_length: tokens kept per text (head + tail); ``None`` keeps all.
@@ -288,6 +301,7 @@ class SentimentSetup:
         data_options: options of :func:`qkv.data.load_labeled` (column names, loader options).
     """
 
+    data: str = "builtin:rt"
     preset: str = "bigru-small"
     vocab_size: int = 8000
     max_length: int | None = 256
@@ -306,22 +320,12 @@ class SentimentSetup:
         if self.penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def _folder_config(
-    config: ClassifierConfig, labels: LabelSet, setup: SentimentSetup, data: str, train: TrainConfig
-) -> dict[str, Any]:
-    return {
-        "task": TASK_NAME,
-        "model": config.to_dict(),
-        "labels": list(labels.labels),
-        "data": {
-            "spec": data,
-            "options": setup.data_options,
-            "max_length": setup.max_length,
-            "preset": setup.preset,
-        },
-        "training": train.to_dict(),
-    }
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SentimentSetup:
+        return from_dict_checked(cls, values, "sentiment")
 
 
 def train_sentiment(
@@ -335,7 +339,8 @@ def train_sentiment(
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
 ) -> TrainResult:
-    """Train an :class:`AttentionClassifier` on ``data`` and write the model folder ``out``.
+    """Train an :class:`AttentionClassifier` on ``data`` and write the model folder ``out``
+    (:func:`qkv.tasks.train_task`).
 
     Args:
         data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
@@ -344,72 +349,139 @@ def train_sentiment(
             :func:`qkv.train.prepare_output_folder`).
         setup: tokenizer, model and batching choices (default :class:`SentimentSetup`).
         train: the trainer's settings (default ``TrainConfig()``).
-        resume: continue the run saved in ``out`` (its tokenizer, labels and model config).
+        resume: continue the run saved in ``out``; only the limits and the device may differ
+            from the saved run's settings.
         overwrite: replace a model already in ``out``.
         on_step, on_eval: progress callbacks, passed to the trainer.
 
     Raises:
-        DataError: malformed data; ModelFolderError: an unusable ``out``.
+        DataError: malformed data; ModelFolderError: an unusable ``out``; ValueError: settings
+        changed on resume.
     """
-    setup = setup or SentimentSetup()
-    train = train or TrainConfig()
-    prepare_output_folder(out, resume=resume, overwrite=overwrite)
-    splits = load_labeled(data, **setup.data_options)
-    if resume:
-        saved = read_config(out)
-        tokenizer = TextTokenizer.load(Path(out) / "tokenizer.json")
-        labels = LabelSet(saved["labels"])
-        config = ClassifierConfig.from_dict(saved["model"])
-    else:
-        tokenizer = TextTokenizer.train(
-            [e.text for e in splits.train], mode="bpe", vocab_size=setup.vocab_size
-        )
-        labels = LabelSet.from_examples(splits.train)
-        config = ClassifierConfig.from_name(
-            setup.preset,
-            vocab_size=tokenizer.vocab_size,
-            num_classes=len(labels),
-            **setup.model_overrides,
-        )
-    logger.info("sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
-    train_set = LabeledDataset.from_examples(
-        splits.train, tokenizer, labels, max_length=setup.max_length
-    )
-    validation = LabeledDataset.from_examples(
-        splits.validation, tokenizer, labels, max_length=setup.max_length
-    )
-    model = AttentionClassifier(config)
-    task = SentimentTask(validation, labels, batch_size=2 * setup.batch_size, penalty=setup.penalty)
-    sampler = BucketBatchSampler(train_set.lengths(), batch_size=setup.batch_size, seed=train.seed)
-    folder_config = _folder_config(config, labels, setup, data, train)
-
-    def save(module: nn.Module, state: dict[str, Any], step: int) -> None:
-        save_model_folder(
-            out,
-            model=module,
-            config=folder_config,
-            tokenizer=PairTokenizer(tokenizer),
-            training_state=state,
-            step=step,
-        )
-
-    state = None
-    if resume:
-        loaded, saved = load_model(
-            out, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
-        )
-        model.load_state_dict(loaded.state_dict())
-        state = load_training_state(out, expected_step=saved["step"])
-    trainer = Trainer(
-        model,
-        task,
-        SamplerBatches(train_set, sampler, collate_labeled),
-        train,
-        save=save,
+    settings = replace(setup or SentimentSetup(), data=data)
+    outcome = train_task(
+        SPEC,
+        settings,
+        train if train is not None or resume else TrainConfig(),
+        out,
+        resume=resume,
+        overwrite=overwrite,
         on_step=on_step,
         on_eval=on_eval,
     )
-    return trainer.fit(resume=state)
+    return outcome.result
+
+
+def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
+    found = sorted({e.label for e in examples})
+    if len(found) < 2:
+        raise DataError(
+            settings.data,
+            None,
+            f"the training examples all have the label {found[0]!r}: a classifier needs at "
+            "least 2 labels (check --label-column)",
+        )
+    return LabelSet(found)
+
+
+class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
+    """Text classification as a :class:`~qkv.tasks.base.TaskSpec`."""
+
+    name = TASK_NAME
+    settings_type = SentimentSetup
+    summary = "text classification (sentiment) with an attention-pooling classifier"
+    metric_name = "accuracy"
+    train_flags = (
+        Flag("--text-column", "data_options.text_column", "text column or field", reader=True),
+        Flag("--label-column", "data_options.label_column", "label column or field", reader=True),
+        Flag(
+            "--preset",
+            "preset",
+            "model",
+            choices=("tiny", "bigru-fast", "bigru-small", "bigru-base", "transformer-small"),
+        ),
+        Flag("--dropout", "model_overrides.dropout", "override the preset's dropout", float),
+        Flag("--pool-queries", "model_overrides.pool_queries", "attention-pooling queries r", int),
+        Flag("--vocab-size", "vocab_size", "BPE vocabulary", int),
+        Flag("--max-length", "max_length", "tokens kept per text, head + tail", int),
+        Flag("--penalty", "penalty", "Lin et al.'s pooling penalty weight", float),
+    )
+
+    def load_splits(self, data: str, options: dict[str, Any]) -> Splits[LabeledText]:
+        return load_labeled(data, **options)
+
+    def read_file(self, path: str, options: dict[str, Any]) -> list[LabeledText]:
+        return read_labeled(path, **options)
+
+    def prepare(
+        self, settings: SentimentSetup, splits: Splits[LabeledText], *, folder: Path | None
+    ) -> Prepared:
+        if folder is not None:
+            saved = read_config(folder)
+            tokenizer = TextTokenizer.load(folder / "tokenizer.json")
+            labels = LabelSet(saved["labels"])
+            config = ClassifierConfig.from_dict(saved["model"])
+        else:
+            tokenizer = TextTokenizer.train(
+                [e.text for e in splits.train], mode="bpe", vocab_size=settings.vocab_size
+            )
+            labels = _label_set(settings, splits.train)
+            config = ClassifierConfig.from_name(
+                settings.preset,
+                vocab_size=tokenizer.vocab_size,
+                num_classes=len(labels),
+                **settings.model_overrides,
+            )
+        logger.info("sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
+        dataset = partial(
+            LabeledDataset.from_examples,
+            tokenizer=tokenizer,
+            labels=labels,
+            max_length=settings.max_length,
+        )
+        task = SentimentTask(
+            dataset(splits.validation),
+            labels,
+            batch_size=2 * settings.batch_size,
+            penalty=settings.penalty,
+        )
+        return Prepared(
+            settings=settings,
+            model=AttentionClassifier(config),
+            model_config=config.to_dict(),
+            objective=task,
+            train_set=dataset(splits.train),
+            collate=collate_labeled,
+            batch_size=settings.batch_size,
+            tokenizer=PairTokenizer(tokenizer),
+            extra={"labels": list(labels.labels)},
+        )
+
+    def load(self, folder: Path, *, device: str = "auto") -> TextClassifier:
+        return TextClassifier.load(folder, device=device)
+
+    def evaluate(
+        self, predictor: TextClassifier, examples: Sequence[LabeledText], options: EvalOptions
+    ) -> dict[str, Any]:
+        return evaluate_classifier(predictor, examples, batch_size=options.batch_size)
+
+    def format_metrics(self, evaluation: Evaluation) -> list[str]:
+        return format_classification(evaluation.metrics)
+
+
+def format_classification(metrics: dict[str, Any]) -> list[str]:
+    """Accuracy, macro-F1, the majority-class baseline and the confusion matrix."""
+    lines = [
+        f"  accuracy {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
+        f"majority class {metrics['majority_baseline']:.4f}   loss {metrics['loss']:.4f}"
+    ]
+    labels = [str(label) for label in metrics["labels"]]
+    width = max(8, *(len(label) for label in labels))
+    lines.append("  confusion (rows: gold, columns: predicted)")
+    lines.append("  " + " " * width + "".join(f" {label:>{width}}" for label in labels))
+    for label, row in zip(labels, metrics["confusion"], strict=True):
+        lines.append(f"  {label:>{width}}" + "".join(f" {count:>{width}}" for count in row))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +529,8 @@ class TextClassifier:
         self.max_length = max_length
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> TextClassifier:
-        """Load a folder written by :func:`train_sentiment`.
+    def load(cls, folder: str | os.PathLike[str], *, device: str = "auto") -> TextClassifier:
+        """Load a folder written by :func:`train_sentiment`, on ``device``.
 
         Raises:
             ModelFolderError: not a sentiment model folder, or inconsistent files.
@@ -476,7 +548,9 @@ class TextClassifier:
         if not isinstance(model, AttentionClassifier):
             raise ModelFolderError(f"{folder}: the model is not an AttentionClassifier")
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
-        return cls(model, tokenizer, LabelSet(config["labels"]), config["data"]["max_length"])
+        settings = SentimentSetup.from_dict(config[TASK_NAME])
+        model = model.to(resolve_device(device))
+        return cls(model, tokenizer, LabelSet(config["labels"]), settings.max_length)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -541,3 +615,6 @@ def evaluate_classifier(
     majority = max(range(len(classifier.labels)), key=gold.count)
     metrics["majority_baseline"] = gold.count(majority) / len(gold)
     return metrics
+
+
+SPEC = SentimentSpec()

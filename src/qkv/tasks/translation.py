@@ -36,31 +36,33 @@ from qkv.data import (
     Splits,
     collate_pairs,
     load_pairs,
+    read_pairs,
+)
+from qkv.tasks.base import (
+    EvalOptions,
+    Evaluation,
+    Flag,
+    Prepared,
+    TaskSpec,
+    TrainOutcome,
+    train_task,
 )
 from qkv.train import (
-    DistributedContext,
     EvalReport,
     LossOutput,
-    SamplerBatches,
     StepReport,
     TrainConfig,
-    Trainer,
-    TrainResult,
-    init_from_env,
     load_model,
-    load_training_state,
-    load_weights,
-    prepare_output_folder,
     read_config,
     resolve_device,
-    save_model_folder,
-    seed_everything,
 )
 from qkv.train.checkpoint import ModelFolderError
 
 __all__ = [
+    "SPEC",
     "TranslationConfig",
     "TranslationOutcome",
+    "TranslationSpec",
     "TranslationTask",
     "Translator",
     "build_translation_model",
@@ -277,67 +279,21 @@ class TranslationTask:
 # --------------------------------------------------------------------------------------------
 # Training
 
-
-@dataclass(frozen=True)
-class TranslationOutcome:
-    """What :func:`train_translation` returns: the folder and the trainer's result."""
-
-    out: Path
-    result: TrainResult
-    config: TranslationConfig
-    splits: Splits[Pair]
+#: What :func:`train_translation` returns (the folder, the trainer's result, the settings used
+#: and the data splits).
+TranslationOutcome = TrainOutcome
 
 
-def _decode_length(pairs: Sequence[Pair], tokenizer: PairTokenizer) -> int:
-    """Room for the longest training target plus a margin for longer test sentences."""
+def _decode_length(pairs: Sequence[Pair], tokenizer: PairTokenizer, cap: int) -> int:
+    """Room for the longest training target plus a margin for longer test sentences, at most
+    ``cap`` (one very long target must not make every validation decode that long)."""
     longest = max(len(ids) for ids in tokenizer.target.encode_all([p.target for p in pairs]))
-    return int(longest * 1.5) + 8
-
-
-def _batches(
-    pairs: Sequence[Pair],
-    tokenizer: PairTokenizer,
-    config: TranslationConfig,
-    seed: int,
-    context: DistributedContext,
-) -> SamplerBatches:
-    dataset = PairDataset.from_pairs(
-        pairs,
-        tokenizer,
-        max_source_length=config.max_source_length,
-        max_target_length=config.max_target_length,
-    )
-    sampler = BucketBatchSampler(
-        dataset.lengths(),
-        batch_size=config.batch_size,
-        max_tokens=config.max_tokens,
-        seed=seed,
-        num_replicas=context.world_size,  # each process takes every world_size-th batch
-        rank=context.rank,
-    )
-    return SamplerBatches(dataset, sampler, collate_pairs)
-
-
-def _resumed_configs(
-    out: Path, training: TrainConfig
-) -> tuple[TranslationConfig, TrainConfig, dict[str, Any]]:
-    """The saved configs; only the limits (and the device) may change on resume."""
-    saved = read_config(out)
-    if saved.get("task") != TASK_NAME:
-        raise ModelFolderError(f"{out}: holds a {saved.get('task')!r} model, not a translation one")
-    saved_training = TrainConfig.from_dict(saved["training"])
-    merged = replace(
-        saved_training,
-        max_steps=training.max_steps,
-        max_minutes=training.max_minutes,
-        device=training.device,
-    )
-    return TranslationConfig.from_dict(saved["translation"]), merged, saved["model"]
+    return min(int(longest * 1.5) + 8, cap)
 
 
 def train_translation(
-    config: TranslationConfig,
-    training: TrainConfig,
+    config: TranslationConfig | None,
+    training: TrainConfig | None,
     out: str | os.PathLike[str],
     *,
     resume: bool = False,
@@ -345,12 +301,12 @@ def train_translation(
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
 ) -> TranslationOutcome:
-    """Train a translation model into the folder ``out``.
+    """Train a translation model into the folder ``out`` (:func:`qkv.tasks.train_task`).
 
     Args:
-        config: data, tokenizer and model choices (ignored on resume: the saved ones are used).
-        training: the training loop's settings (on resume, only the step/time limits and the
-            device are taken from here; the rest is the saved run's).
+        config: data, tokenizer and model choices (``None`` on resume: the saved ones).
+        training: the training loop's settings; on resume only the limits and the device may
+            differ from the saved run's (any other difference is refused, naming it).
         out: the model folder (created; must be empty, a qkv model folder with ``resume`` or
             ``overwrite``, or absent).
         resume: continue the run saved in ``out`` exactly where it stopped.
@@ -360,94 +316,154 @@ def train_translation(
     Raises:
         ModelFolderError: ``out`` cannot be used (see :func:`~qkv.train.prepare_output_folder`).
         DataError: malformed data files (naming file and line).
-        ValueError: bad settings.
+        ValueError: bad settings, or settings changed on resume.
     """
-    folder = Path(out)
-    prepare_output_folder(folder, resume=resume, overwrite=overwrite)
-    run = _prepare_run(config, training, folder, resume=resume)
-    sections = {
-        "task": TASK_NAME,
-        "translation": run.config.to_dict(),
-        "model": run.model_config,
-        "training": run.training.to_dict(),
-    }
-
-    def save(module: nn.Module, training_state: dict[str, Any], step: int) -> None:
-        save_model_folder(
-            folder,
-            model=module,
-            config=sections,
-            tokenizer=run.tokenizer,
-            training_state=training_state,
-            step=step,
-        )
-
-    context = init_from_env(resolve_device(run.training.device))
-    trainer = Trainer(
-        run.model,
-        TranslationTask(run.tokenizer, run.validation, run.config),
-        _batches(run.splits.train, run.tokenizer, run.config, run.training.seed, context),
-        run.training,
-        save=save,
+    return train_task(
+        SPEC,
+        config,
+        training,
+        out,
+        resume=resume,
+        overwrite=overwrite,
         on_step=on_step,
         on_eval=on_eval,
-        distributed=context,
     )
-    result = trainer.fit(resume=run.resume_state)
-    return TranslationOutcome(folder, result, run.config, run.splits)
-
-
-@dataclass
-class _Run:
-    """Everything a training run starts from, fresh or resumed."""
-
-    config: TranslationConfig
-    training: TrainConfig
-    splits: Splits[Pair]
-    validation: list[Pair]
-    tokenizer: PairTokenizer
-    model: nn.Module
-    model_config: dict[str, Any]
-    resume_state: dict[str, Any] | None
-
-
-def _prepare_run(
-    config: TranslationConfig, training: TrainConfig, folder: Path, *, resume: bool
-) -> _Run:
-    """Data, tokenizer and model: new ones, or the saved ones when resuming."""
-    saved_model: dict[str, Any] | None = None
-    if resume:
-        config, training, saved_model = _resumed_configs(folder, training)
-    splits = load_pairs(config.data, **config.data_options)
-    if not splits.train:
-        raise ValueError(f"data {config.data!r}: no training pairs")
-    validation = (splits.validation or splits.train)[: config.valid_size]
-    tokenizer = PairTokenizer.load(folder) if resume else _train_tokenizer(config, splits.train)
-    if config.max_decode_length is None:
-        config = replace(config, max_decode_length=_decode_length(splits.train, tokenizer))
-    seed_everything(training.seed)  # the model's initial weights
-    if saved_model is None:
-        model, model_config = build_translation_model(config, tokenizer)
-    else:
-        model, model_config = _build_from_dict(saved_model), saved_model
-    state = None
-    if resume:
-        state = load_training_state(folder, expected_step=load_weights(model, folder))
-    logger.info(
-        "training a %s (%d parameters) on %s: %d train / %d validation pairs",
-        model_config["kind"],
-        sum(p.numel() for p in model.parameters()),
-        config.data,
-        len(splits.train),
-        len(validation),
-    )
-    return _Run(config, training, splits, validation, tokenizer, model, model_config, state)
 
 
 def _train_tokenizer(config: TranslationConfig, pairs: Sequence[Pair]) -> PairTokenizer:
     return PairTokenizer.train(
         pairs, mode=config.tokenizer_mode, vocab_size=config.vocab_size, shared=config.shared_vocab
     )
+
+
+def _set_max_length(settings: TranslationConfig, value: int) -> TranslationConfig:
+    return replace(settings, max_source_length=value, max_target_length=value)
+
+
+def _set_separate_vocab(settings: TranslationConfig, value: bool) -> TranslationConfig:
+    return replace(settings, shared_vocab=not value)
+
+
+class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
+    """Translation as a :class:`~qkv.tasks.base.TaskSpec`: pairs in, BLEU/chrF/exact match out."""
+
+    name = TASK_NAME
+    settings_type = TranslationConfig
+    summary = "sequence-to-sequence translation (Transformer or RNN with attention)"
+    metric_name = "validation metric"
+    train_flags = (
+        Flag("--model", "model", "the architecture", choices=("transformer", "rnn")),
+        Flag(
+            "--attention",
+            "attention",
+            "the RNN's attention (default bahdanau); not for the Transformer",
+            choices=("bahdanau", "luong", "none"),
+        ),
+        Flag("--preset", "preset", "model size", choices=("tiny", "small", "base")),
+        Flag("--dropout", "model_overrides.dropout", "override the preset's dropout", float),
+        Flag(
+            "--tokenizer",
+            "tokenizer",
+            "auto: characters for dates/numbers, BPE otherwise",
+            choices=("auto", "char", "bpe"),
+        ),
+        Flag("--vocab-size", "vocab_size", "BPE vocabulary size (default 8000)", int),
+        Flag(
+            "--separate-vocab",
+            None,
+            "separate source and target vocabularies",
+            switch=True,
+            apply=_set_separate_vocab,
+        ),
+        Flag("--label-smoothing", "label_smoothing", "of the cross-entropy", float),
+        Flag(
+            "--metric",
+            "metric",
+            "validation metric for early stopping",
+            choices=("exact_match", "chrf", "bleu", "loss"),
+        ),
+        Flag("--valid-size", "valid_size", "validation pairs decoded per validation", int),
+        Flag(
+            "--max-length",
+            None,
+            "cut longer sequences (tokens; default 256)",
+            int,
+            apply=_set_max_length,
+        ),
+        Flag("--source-field", "data_options.source_field", "JSONL source field", reader=True),
+        Flag("--target-field", "data_options.target_field", "JSONL target field", reader=True),
+    )
+
+    def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Pair]:
+        return load_pairs(data, **options)
+
+    def read_file(self, path: str, options: dict[str, Any]) -> list[Pair]:
+        from qkv.data.parallel import _as_path_spec
+
+        return read_pairs(_as_path_spec(path), **options)
+
+    def prepare(
+        self, settings: TranslationConfig, splits: Splits[Pair], *, folder: Path | None
+    ) -> Prepared:
+        tokenizer = (
+            PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
+        )
+        if settings.max_decode_length is None:
+            cap = 2 * settings.max_target_length
+            settings = replace(
+                settings, max_decode_length=_decode_length(splits.train, tokenizer, cap)
+            )
+        if folder is not None:
+            model_config = read_config(folder)["model"]
+            model = _build_from_dict(model_config)
+        else:
+            model, model_config = build_translation_model(settings, tokenizer)
+        validation = (splits.validation or splits.train)[: settings.valid_size]
+        train_set = PairDataset.from_pairs(
+            splits.train,
+            tokenizer,
+            max_source_length=settings.max_source_length,
+            max_target_length=settings.max_target_length,
+        )
+        logger.info(
+            "training a %s (%d parameters) on %s: %d train / %d validation pairs",
+            model_config["kind"],
+            sum(p.numel() for p in model.parameters()),
+            settings.data,
+            len(splits.train),
+            len(validation),
+        )
+        return Prepared(
+            settings=settings,
+            model=model,
+            model_config=model_config,
+            objective=TranslationTask(tokenizer, validation, settings),
+            train_set=train_set,
+            collate=collate_pairs,
+            batch_size=settings.batch_size,
+            max_tokens=settings.max_tokens,
+            tokenizer=tokenizer,
+        )
+
+    def load(self, folder: Path, *, device: str = "auto") -> Translator:
+        return Translator.load(folder, device=device)
+
+    def evaluate(
+        self, predictor: Translator, examples: Sequence[Pair], options: EvalOptions
+    ) -> dict[str, Any]:
+        from qkv.tasks.evaluation import score_translations
+
+        sources = [p.source for p in examples]
+        hypotheses = predictor.translate(sources, beam_size=options.beam_size)
+        scores = score_translations(
+            hypotheses, [p.target for p in examples], sources, num_buckets=options.num_buckets
+        )
+        return scores.to_dict()
+
+    def format_metrics(self, evaluation: Evaluation) -> list[str]:
+        from qkv.tasks.evaluation import format_translation_scores
+
+        return format_translation_scores(evaluation.metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,3 +582,6 @@ class Translator:
         source_labels = [*self.tokenizer.source.tokens(text), "</s>"]
         target_labels = [*self.tokenizer.target.tokens(translation), "</s>"]
         return weights.float().cpu(), source_labels, target_labels
+
+
+SPEC = TranslationSpec()

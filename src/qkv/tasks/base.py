@@ -1,0 +1,646 @@
+"""One lifecycle for every task: settings, data, model folder, resume, DDP, evaluation.
+
+A task is a :class:`TaskSpec`: it says how to read its data, how to build a model, a loss and
+a validation from its settings, how to load a trained folder into a predictor, and how to score
+one on examples. Everything around that is here, once, for every task:
+
+- :func:`train_task` owns the model folder (checked before any work; ``config.json`` holds
+  ``task``, the task's settings under the task's name, ``model``, ``training``), applies the
+  **one resume rule** (:data:`RESUMABLE`: only the limits and the device may change; any other
+  differing setting is an error naming it and both values), runs every task under ``torchrun``
+  (each process takes every ``world_size``-th batch), and passes keep-best and early stopping
+  to the :class:`~qkv.train.Trainer`.
+- :func:`evaluate_model` is the evaluation policy: a file given to it is the evaluation set
+  (every line is scored); a built-in set, a data folder or the training data (the default)
+  gives its ``split``; reader options default to the ones saved in the folder. It returns an
+  :class:`Evaluation` with the same top-level keys for every task.
+
+Adding a task (one module, plus one line in :data:`TASKS`)::
+
+    @dataclass(frozen=True)
+    class MySettings:                     # frozen; JSON-ready fields; saved in config.json
+        data: str = "builtin:..."         # required: the data spec
+        data_options: dict = field(default_factory=dict)   # required: loader/reader options
+        batch_size: int = 32              # required
+        ...                               # anything else the task needs (all of it is
+                                          # checked by the resume rule)
+        def to_dict(self): ...            # and from_dict(cls, values)
+
+    class MyTask(TaskSpec[MySettings, MyPredictor]):
+        name = "mytask"; settings_type = MySettings; summary = "one line for --help"
+        train_flags = (Flag("--preset", "preset", "model size", choices=(...)), ...)
+        def load_splits(self, data, options): ...       # -> Splits of examples
+        def read_file(self, path, options): ...         # -> every example of a user's file
+        def prepare(self, settings, splits, *, folder): # -> Prepared (model, loss, batches)
+        def load(self, folder, *, device="auto"): ...   # -> a predictor
+        def evaluate(self, predictor, examples, options): ...  # -> {metric: value}
+        def format_metrics(self, evaluation): ...       # -> lines of the table
+
+    SPEC = MyTask()          # and "mytask": "my.module" in TASKS
+
+``qkv train mytask``, ``qkv evaluate --model M`` and ``--resume`` then work with no other
+change; a ``qkv <verb>`` that uses the predictor (like ``qkv classify``) is a CLI module of its
+own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+from torch import nn
+
+from qkv.data.batching import BucketBatchSampler
+from qkv.data.registry import Splits
+from qkv.train import (
+    EvalReport,
+    ModelFolderError,
+    SamplerBatches,
+    StepReport,
+    Task,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    init_from_env,
+    load_training_state,
+    load_weights,
+    prepare_output_folder,
+    read_config,
+    resolve_device,
+    save_model_folder,
+    seed_everything,
+)
+from qkv.train.checkpoint import SavesToFolder
+
+__all__ = [
+    "RESUMABLE",
+    "TASKS",
+    "EvalOptions",
+    "Evaluation",
+    "Flag",
+    "Prepared",
+    "TaskSpec",
+    "TrainOutcome",
+    "evaluate_model",
+    "get_task",
+    "is_builtin",
+    "resolve_data_spec",
+    "set_attention_backend",
+    "task_names",
+    "train_task",
+]
+
+logger = logging.getLogger(__name__)
+
+SettingsT = TypeVar("SettingsT")
+PredictorT = TypeVar("PredictorT")
+
+#: The task table: name -> module defining ``SPEC`` (imported when the task is used).
+TASKS: dict[str, str] = {
+    "translation": "qkv.tasks.translation",
+    "sentiment": "qkv.tasks.sentiment",
+    "summarization": "qkv.tasks.summarization",
+}
+
+#: The training settings a resumed run may change: its limits and where it runs.
+RESUMABLE: tuple[str, ...] = ("max_steps", "max_minutes", "device")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A ``qkv train <task>`` option that sets one of the task's settings.
+
+    Args:
+        name: the option, e.g. ``"--preset"``.
+        field: the settings field it sets; ``"data_options.KEY"`` and
+            ``"model_overrides.KEY"`` set one key of those dicts (``None``: ``apply`` does it).
+        help: the help text (the default is appended from the settings dataclass).
+        type: converts the text (``None``: a string).
+        choices: the allowed values.
+        switch: a flag without a value (sets ``True``).
+        apply: ``(settings, value) -> settings`` for options that are not one field.
+        reader: a reader option (a column or field name): ``qkv evaluate`` takes it too.
+    """
+
+    name: str
+    field: str | None
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[Any, ...] | None = None
+    switch: bool = False
+    apply: Callable[[Any, Any], Any] | None = None
+    reader: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    def set(self, settings: Any, value: Any) -> Any:
+        """``settings`` with this option's ``value`` applied."""
+        if self.apply is not None:
+            return self.apply(settings, value)
+        assert self.field is not None, f"{self.name}: a Flag needs a field or apply"
+        section, _, key = self.field.partition(".")
+        if key:
+            return replace(settings, **{section: {**getattr(settings, section), key: value}})
+        return replace(settings, **{self.field: value})
+
+    def default(self, settings: Any) -> Any:
+        """The value ``settings`` holds for this option (for the help text)."""
+        if self.field is None:
+            return None
+        section, _, key = self.field.partition(".")
+        value = getattr(settings, section, None)
+        return value.get(key) if key and isinstance(value, dict) else value
+
+
+@dataclass
+class Prepared:
+    """What :meth:`TaskSpec.prepare` builds for a run.
+
+    Attributes:
+        settings: the final settings (e.g. a length derived from the data filled in); saved.
+        model: the freshly initialised model (its weights are replaced on resume).
+        model_config: what rebuilds ``model`` (``config.json``'s ``"model"``).
+        objective: the loss and validation the Trainer runs (:class:`qkv.train.Task`).
+        train_set: the training examples, indexable, with ``lengths()`` for bucketing.
+        collate: list of ``train_set`` items -> a batch with ``.to(device)``.
+        batch_size: examples per batch per process.
+        max_tokens: also cap the padded tokens of a batch (``None``: no cap).
+        tokenizer: saved into the folder (``None``: nothing to save).
+        extra: more ``config.json`` keys (e.g. the labels of a classifier).
+    """
+
+    settings: Any
+    model: nn.Module
+    model_config: dict[str, Any]
+    objective: Task
+    train_set: Any
+    collate: Callable[[list[Any]], Any]
+    batch_size: int
+    max_tokens: int | None = None
+    tokenizer: SavesToFolder | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Evaluation choices; a task uses those that apply to it.
+
+    Attributes:
+        beam_size: beam search width for generating tasks (1: greedy).
+        num_buckets: source-length buckets in a translation report.
+        batch_size: examples per forward pass.
+    """
+
+    beam_size: int = 1
+    num_buckets: int = 6
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("beam_size", "num_buckets", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model scored on one set of examples.
+
+    Attributes:
+        task: the task name.
+        model: the model folder.
+        data: the data spec scored (a file, ``builtin:NAME``, a folder).
+        split: ``"train"``, ``"validation"``, ``"test"``, or ``"all"`` for a whole file.
+        examples: how many examples were scored.
+        metrics: the task's scores (JSON-ready).
+    """
+
+    task: str
+    model: str
+    data: str
+    split: str
+    examples: int
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same top-level keys for every task: task, model, data, split, examples, metrics."""
+        return {
+            "task": self.task,
+            "model": self.model,
+            "data": self.data,
+            "split": self.split,
+            "examples": self.examples,
+            "metrics": self.metrics,
+        }
+
+    def table(self) -> str:
+        """The report as text lines (a heading, then the task's table)."""
+        heading = f"{self.model} on {self.data} ({self.split}, {self.examples} examples)"
+        return "\n".join([heading, *get_task(self.task).format_metrics(self)])
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What :func:`train_task` returns.
+
+    Attributes:
+        out: the model folder.
+        result: the Trainer's result (final state, why it stopped).
+        settings: the task settings the run used (saved in the folder).
+        splits: the data the run read.
+        resumed_from: the step a resumed run continued from (``None``: a new run).
+    """
+
+    out: Path
+    result: TrainResult
+    settings: Any
+    splits: Splits[Any]
+    resumed_from: int | None = None
+
+
+class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
+    """What a task supplies; see the module docstring for how a new one plugs in.
+
+    Class attributes:
+        name: the task's name (``qkv train NAME``, ``config.json``'s ``task``).
+        settings_type: its settings dataclass (fields ``data``, ``data_options``,
+            ``batch_size``; ``to_dict``/``from_dict``).
+        summary: one line for ``qkv train --help``.
+        metric_name: how the CLI names the early-stopping metric in its last line.
+        train_flags: the task's own ``qkv train NAME`` options.
+        default_steps: the step limit when neither ``--steps`` nor ``--minutes`` is given.
+    """
+
+    name: ClassVar[str]
+    settings_type: ClassVar[type[Any]]
+    summary: ClassVar[str] = ""
+    metric_name: ClassVar[str] = "metric"
+    train_flags: ClassVar[tuple[Flag, ...]] = ()
+    default_steps: ClassVar[int] = 2000
+
+    @abstractmethod
+    def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Any]:
+        """Train/validation/test examples of a data spec (``options``: the loader's)."""
+
+    @abstractmethod
+    def read_file(self, path: str, options: dict[str, Any]) -> list[Any]:
+        """Every example of a user's file, in file order (``options``: reader options)."""
+
+    @abstractmethod
+    def prepare(self, settings: SettingsT, splits: Splits[Any], *, folder: Path | None) -> Prepared:
+        """Build the run: tokenizer, model, loss and validation, training examples.
+
+        Args:
+            settings: the run's settings.
+            splits: the data of ``settings.data``.
+            folder: when resuming, the model folder: reuse its tokenizer, labels and model
+                config (the weights and training state are loaded by :func:`train_task`).
+        """
+
+    @abstractmethod
+    def load(self, folder: Path, *, device: str = "auto") -> PredictorT:
+        """The trained model of ``folder``, ready to predict on ``device``."""
+
+    @abstractmethod
+    def evaluate(
+        self, predictor: PredictorT, examples: Sequence[Any], options: EvalOptions
+    ) -> dict[str, Any]:
+        """Scores of ``predictor`` on ``examples`` (JSON-ready)."""
+
+    @abstractmethod
+    def format_metrics(self, evaluation: Evaluation) -> list[str]:
+        """The lines of the evaluation table, below the heading."""
+
+    # -- shared by every task ----------------------------------------------------------------
+
+    def reader_option_names(self) -> list[str]:
+        """The ``data_options`` keys that are reader options (columns, fields)."""
+        return [
+            f.field.partition(".")[2]
+            for f in self.train_flags
+            if f.reader and f.field is not None and f.field.startswith("data_options.")
+        ]
+
+    def settings_from_dict(self, values: dict[str, Any]) -> SettingsT:
+        settings: SettingsT = self.settings_type.from_dict(values)
+        return settings
+
+
+def get_task(name: str) -> TaskSpec[Any, Any]:
+    """The spec of the task ``name`` (imports its module).
+
+    Raises:
+        ValueError: an unknown task, naming the known ones.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    spec: TaskSpec[Any, Any] = importlib.import_module(TASKS[name]).SPEC
+    return spec
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+# --------------------------------------------------------------------------------------------
+# Data specs
+
+
+def is_builtin(spec: str) -> bool:
+    return spec.startswith("builtin:")
+
+
+def resolve_data_spec(spec: str) -> str:
+    """``spec`` with its file paths made absolute (a model folder is used from anywhere):
+    ``builtin:NAME`` unchanged, ``SRC,TGT`` resolved on both sides."""
+    if is_builtin(spec):
+        return spec
+    if "," in spec and not Path(spec).exists():
+        return ",".join(str(Path(part.strip()).resolve()) for part in spec.split(","))
+    return str(Path(spec).resolve())
+
+
+def _missing_data_files(spec: str) -> list[str]:
+    if is_builtin(spec):
+        return []
+    parts = [spec] if Path(spec).exists() or "," not in spec else spec.split(",")
+    return [p for p in parts if not Path(p.strip()).exists()]
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _differences(
+    saved: Any, given: Any, *, allowed: Sequence[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, given value)`` of every field that differs, except ``allowed``
+    ones; a given ``None`` where the saved run has a value means "not given" (the value the
+    saved run derived)."""
+    out = []
+    for f in fields(saved):
+        if f.name in allowed:
+            continue
+        old, new = getattr(saved, f.name), getattr(given, f.name)
+        if new is None and old is not None:
+            continue
+        if old != new:
+            out.append((f.name, old, new))
+    return out
+
+
+def resumed_settings(
+    spec: TaskSpec[Any, Any],
+    folder: Path,
+    settings: Any | None,
+    training: TrainConfig | None,
+) -> tuple[Any, TrainConfig]:
+    """The saved run's settings, with the limits and device of ``training``.
+
+    Raises:
+        ModelFolderError: the folder holds another task's model.
+        ValueError: a setting other than :data:`RESUMABLE` differs from the saved run's; the
+            message names it and both values.
+    """
+    saved = read_config(folder)
+    if saved.get("task") != spec.name:
+        raise ModelFolderError(
+            f"{folder}: holds a {saved.get('task')!r} model, not a {spec.name} one"
+        )
+    saved_settings = spec.settings_from_dict(saved[spec.name])
+    saved_training = TrainConfig.from_dict(saved["training"])
+    differing: list[tuple[str, Any, Any]] = []
+    if settings is not None:
+        given = replace(settings, data=resolve_data_spec(settings.data))
+        differing += _differences(saved_settings, given)
+    if training is not None:
+        differing += _differences(saved_training, training, allowed=RESUMABLE)
+    if differing:
+        name, old, new = differing[0]
+        others = f" (and {', '.join(d[0] for d in differing[1:])})" if differing[1:] else ""
+        raise ValueError(
+            f"--resume: {name} is {new!r} but the run saved in {folder} used {old!r}{others}; "
+            f"only {', '.join(RESUMABLE)} may change when resuming (train a new model with "
+            "--overwrite or another --out to change it)"
+        )
+    if training is None:
+        return saved_settings, saved_training
+    limits = {name: getattr(training, name) for name in RESUMABLE}
+    return saved_settings, replace(saved_training, **limits)
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Make every :class:`qkv.nn.MultiHeadAttention` of ``model`` call ``backend``.
+
+    Raises:
+        ValueError: an unknown backend, naming the registered ones.
+    """
+    from qkv.backends.registry import available_backends
+    from qkv.nn import MultiHeadAttention
+
+    known = available_backends()
+    if backend != "auto" and backend not in known:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.backend = backend
+
+
+def train_task(
+    spec: TaskSpec[Any, Any] | str,
+    settings: Any | None,
+    training: TrainConfig | None,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    backend: str = "auto",
+    on_step: Callable[[StepReport], None] | None = None,
+    on_eval: Callable[[EvalReport], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> TrainOutcome:
+    """Train a task's model into the folder ``out`` (new, or resumed exactly).
+
+    Args:
+        spec: the task (or its name).
+        settings: the task's settings (``None``: its defaults, or the saved ones on resume).
+        training: the Trainer's settings (``None``: defaults, or the saved ones on resume).
+        out: the model folder: absent, empty, a qkv model folder with ``resume`` or
+            ``overwrite``.
+        resume: continue the run saved in ``out``; settings that differ from the saved ones
+            are refused, except :data:`RESUMABLE`.
+        overwrite: replace a model folder already in ``out``.
+        backend: the attention backend of the model's attention layers (not saved).
+        on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
+        on_message: called with lines worth showing a user (data sizes of a split file, the
+            step a run resumes from).
+
+    Raises:
+        ModelFolderError: ``out`` cannot be used.
+        DataError: malformed data (naming file and line).
+        ValueError: bad or (on resume) changed settings.
+    """
+    spec = get_task(spec) if isinstance(spec, str) else spec
+    folder = Path(out)
+    say = on_message or (lambda text: logger.info("%s", text))
+    prepare_output_folder(folder, resume=resume, overwrite=overwrite)
+    if resume:
+        settings, training = resumed_settings(spec, folder, settings, training)
+    else:
+        settings = settings if settings is not None else spec.settings_type()
+        settings = replace(settings, data=resolve_data_spec(settings.data))
+        training = training or TrainConfig()
+    context = init_from_env(resolve_device(training.device))
+    splits = spec.load_splits(settings.data, dict(settings.data_options))
+    if not splits.train:
+        raise ValueError(f"data {settings.data!r}: no training examples")
+    if not is_builtin(settings.data) and context.is_main:
+        sizes = splits.sizes()
+        say(
+            f"data {settings.data}: {sizes['train']} train / {sizes['validation']} validation "
+            f"/ {sizes['test']} test examples"
+        )
+    seed_everything(training.seed)  # the model's initial weights
+    prepared = spec.prepare(settings, splits, folder=folder if resume else None)
+    set_attention_backend(prepared.model, backend)
+    state, resumed_from = None, None
+    if resume:
+        resumed_from = load_weights(prepared.model, folder)
+        state = load_training_state(folder, expected_step=resumed_from)
+        if context.is_main:
+            say(f"resuming from step {resumed_from}")
+    sections = {
+        "task": spec.name,
+        spec.name: prepared.settings.to_dict(),
+        "model": prepared.model_config,
+        "training": training.to_dict(),
+        **prepared.extra,
+    }
+
+    def save(module: nn.Module, training_state: dict[str, Any], step: int) -> None:
+        save_model_folder(
+            folder,
+            model=module,
+            config=sections,
+            tokenizer=prepared.tokenizer,
+            training_state=training_state,
+            step=step,
+        )
+
+    sampler = BucketBatchSampler(
+        prepared.train_set.lengths(),
+        batch_size=prepared.batch_size,
+        max_tokens=prepared.max_tokens,
+        seed=training.seed,
+        num_replicas=context.world_size,  # each process takes every world_size-th batch
+        rank=context.rank,
+    )
+    trainer = Trainer(
+        prepared.model,
+        prepared.objective,
+        SamplerBatches(prepared.train_set, sampler, prepared.collate),
+        training,
+        save=save,
+        on_step=on_step,
+        on_eval=on_eval,
+        distributed=context,
+    )
+    result = trainer.fit(resume=state)
+    return TrainOutcome(folder, result, prepared.settings, splits, resumed_from)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_model(
+    folder: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    reader_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    options: EvalOptions | None = None,
+) -> Evaluation:
+    """Score the model in ``folder``.
+
+    Args:
+        folder: a model folder of any task.
+        data: what to score: a file (every example of it is scored), a data folder or
+            ``builtin:NAME`` (its ``split``); ``None``: the data the model was trained on
+            (its ``split``, which a training file's seeded carving reproduces).
+        split: ``"test"`` (default), ``"validation"`` or ``"train"``; not for a file.
+        limit: score only the first ``limit`` examples.
+        reader_options: column or field names (default: the ones saved in the folder).
+        device, backend: where to run and the attention backend.
+        options: beam size, buckets, batch size.
+
+    Raises:
+        ModelFolderError: not a model folder; DataError: malformed data; ValueError: a missing
+            training file (saying how to pass ``--data``), ``split`` with a file, nothing to
+            score, an option the task does not read.
+    """
+    folder = Path(folder)
+    saved = read_config(folder)
+    spec = get_task(str(saved.get("task")))
+    settings = spec.settings_from_dict(saved[spec.name])
+    options = options or EvalOptions()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    given_reader = dict(reader_options or {})
+    unknown = sorted(set(given_reader) - set(spec.reader_option_names()))
+    if unknown:
+        names = ", ".join("--" + name.replace("_", "-") for name in unknown)
+        raise ValueError(f"{names}: not an option of a {spec.name} model's data")
+    saved_options = dict(settings.data_options)
+    saved_reader = {k: v for k, v in saved_options.items() if k in spec.reader_option_names()}
+    reader = {**saved_reader, **given_reader}
+    if data is None:
+        missing = _missing_data_files(settings.data)
+        if missing:
+            raise ValueError(
+                f"{folder} was trained on {missing[0]}, which is missing (moved or deleted?); "
+                "pass the data to score with --data FILE"
+            )
+        source, split = settings.data, split or "test"
+        examples = spec.load_splits(source, {**saved_options, **given_reader})[split]
+    elif is_builtin(data) or Path(data).is_dir():
+        source, split = data, split or "test"
+        loader_options = saved_options if data == settings.data else reader
+        examples = spec.load_splits(data, loader_options)[split]
+    else:
+        if split is not None:
+            raise ValueError(
+                f"--split selects a split of a built-in data set, a data folder or the "
+                f"training data; the file {data} is scored whole (every example)"
+            )
+        source, split = data, "all"
+        examples = spec.read_file(data, reader)
+    examples = list(examples)[:limit]
+    if not examples:
+        raise ValueError(f"no examples to score in {source!r} ({split})")
+    predictor = spec.load(folder, device=device)
+    model = getattr(predictor, "model", None)
+    if isinstance(model, nn.Module):
+        set_attention_backend(model, backend)
+    metrics = spec.evaluate(predictor, examples, options)
+    return Evaluation(spec.name, str(folder), source, split, len(examples), metrics)
+
+
+def from_dict_checked(cls: type[SettingsT], values: dict[str, Any], what: str) -> SettingsT:
+    """``cls(**values)`` for a settings dataclass; unknown keys raise ``ValueError`` naming
+    them (a folder from a newer qkv, or a typo in a hand-written config)."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(known)}")
+    return cls(**values)
