@@ -25,19 +25,25 @@ __all__ = ["colour_wanted", "read_texts", "register"]
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``qkv classify``."""
+    from qkv.cli.image import add_image_args
     from qkv.cli.train import add_runtime_args
 
     p = commands.add_parser(
         "classify",
-        help="classify texts with a trained sentiment/text classifier",
+        help="classify texts (or images) with a trained text (or image) classifier",
         description='qkv classify --model rt-model "a gorgeous, witty film" [--explain]',
     )
     p.add_argument(
-        "--model", type=Path, required=True, help="model folder from qkv train sentiment"
+        "--model", type=Path, required=True, help="model folder from qkv train sentiment/image"
     )
-    p.add_argument("text", nargs="*", help="texts to classify; '-' reads stdin, one per line")
+    p.add_argument(
+        "text",
+        nargs="*",
+        help="texts to classify ('-' reads stdin, one per line), or an image model's image files",
+    )
     p.add_argument("--file", type=Path, default=None, help="classify every line of this file")
     add_explain_args(p, what="each text's tokens by attention-pooling weight")
+    add_image_args(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     add_runtime_args(p)
     p.set_defaults(run=_run_classify)
@@ -91,7 +97,12 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
 def _run_classify(args: argparse.Namespace) -> int:
     from qkv.tasks.base import set_attention_backend
     from qkv.tasks.sentiment import TextClassifier
-    from qkv.train import seed_everything
+    from qkv.train import read_config, seed_everything
+
+    if read_config(args.model).get("task") == "image":
+        from qkv.cli.image import run_classify_images
+
+        return run_classify_images(args)
 
     seed_everything(args.seed)
     classifier = TextClassifier.load(args.model, device=args.device)
