@@ -85,7 +85,8 @@ class ReaderOptions:
     Attributes:
         image_size: ``S``; None = the first image's larger side (folders) or the square
             root of the pixel count per channel (CSV).
-        channels: ``C``, 1 or 3; None = 3 if any image file has colour, else 1 (a CSV: 1).
+        channels: ``C``, 1 or 3; None = 3 if any image file has colour, else 1 (a CSV: 1 if
+            its pixel count is a square ``S * S``, 3 if it is ``3 * S * S``).
         label_column: the CSV column holding the label.
         pixel_max: the CSV value that means full intensity (becomes 1.0).
     """
@@ -259,16 +260,23 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             ) from None
 
 
-def _square_side(path: Path, line: int, count: int, channels: int) -> int:
+def _square_side(count: int, channels: int) -> int | None:
+    """``S`` if ``count == channels * S * S``, else None."""
     side = math.isqrt(count // channels) if count % channels == 0 else 0
-    if side < 1 or side * side * channels != count:
-        raise DataError(
-            path,
-            line,
-            f"{count} pixel columns are not {channels} channel(s) of a square image "
-            f"(C * S * S values)",
-        )
-    return side
+    return side if side >= 1 and side * side * channels == count else None
+
+
+def _csv_shape(path: Path, line: int, count: int, channels: int | None) -> tuple[int, int]:
+    """``(C, S)`` of ``count`` pixel columns: ``channels`` if given, else gray when the count
+    is a square and RGB when a third of it is (``3 S^2`` is never a square)."""
+    for c in (channels,) if channels else (1, 3):
+        side = _square_side(count, c)
+        if side is not None:
+            return c, side
+    what = f"{channels} channel(s)" if channels else "1 or 3 channels"
+    raise DataError(
+        path, line, f"{count} pixel columns are not {what} of a square image (C * S * S values)"
+    )
 
 
 def _pixel_row(path: Path, line: int, fields: list[str], options: ReaderOptions) -> list[float]:
@@ -311,8 +319,7 @@ def read_pixel_csv(path: PathLike, options: ReaderOptions | None = None) -> list
             path, header_line, f"no label column {options.label_column!r} in the header ({shown})"
         )
     label_at = names.index(options.label_column)
-    channels = options.channels or 1
-    native = _square_side(path, header_line, len(names) - 1, channels)
+    channels, native = _csv_shape(path, header_line, len(names) - 1, options.channels)
     size = options.image_size or native
     images: list[LabeledImage] = []
     for line, fields in rows:
