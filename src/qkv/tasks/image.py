@@ -113,7 +113,7 @@ class ImageSettings:
 
     data: str = "builtin:digits"
     preset: str = "small"
-    batch_size: int = 64
+    batch_size: int = 256
     shift: int = 1
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -341,7 +341,7 @@ class ImageSpec(TaskSpec[ImageSettings, "ImageClassifier"]):
     settings_type = ImageSettings
     summary = "image classification with a Vision Transformer (builtin:digits, folders, CSV)"
     metric_name = "accuracy"
-    default_steps = 3000
+    default_steps = 1500
     train_flags = (
         Flag("--label-column", "data_options.label_column", "CSV label column", reader=True),
         Flag(

@@ -85,10 +85,12 @@ def patch_attention_figure(
     axes[1].set_title(f"attention over {patches.shape[0]}x{patches.shape[1]} patches", fontsize=9)
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(picture.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    level = heat / heat.max().clamp_min(1e-12)  # (S, S), 1 at the most attended patch
+    # Opacity follows the weight: the image shows through where the model did not look.
     axes[2].imshow(
-        (heat / heat.max().clamp_min(1e-12)).numpy(),
+        level.numpy(),
         cmap=CMAP,
-        alpha=0.55,
+        alpha=(0.15 + 0.7 * level).numpy(),
         vmin=0.0,
         vmax=1.0,
         interpolation="nearest",
