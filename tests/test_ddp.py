@@ -90,3 +90,110 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> 
         assert torch.equal(ranks[0][name], ranks[1][name])  # the replicas stay identical
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(initial.state_dict()[n], v) for n, v in single.items())
+
+
+# --------------------------------------------------------------------------------------------
+# A real task through qkv.tasks.train_task: sentiment under 2-process gloo DDP.
+
+SENTIMENT_STEPS = 3
+
+
+def _sentiment_settings(data: Path) -> Any:
+    from qkv.tasks.sentiment import SentimentSetup
+
+    return SentimentSetup(
+        data=str(data),
+        preset="tiny",
+        vocab_size=60,
+        batch_size=4,
+        model_overrides={"dropout": 0.0},  # dropout streams differ per process
+        data_options={"validation": 0.0, "test": 0.0},
+    )
+
+
+def _sentiment_training() -> TrainConfig:
+    return TrainConfig(
+        lr=1e-2, warmup_steps=0, max_steps=SENTIMENT_STEPS, eval_every=100, device="cpu"
+    )
+
+
+def _sentiment_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    from qkv.tasks import train_task
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        train_task("sentiment", _sentiment_settings(Path(data)), _sentiment_training(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+class GlobalBatches:
+    """One process's view of the DDP job: step k's batch is the union of the batches that
+    ranks 0 and 1 take at step k (each rank takes every 2nd batch of the same order)."""
+
+    def __init__(self, prepared: Any, seed: int) -> None:
+        from qkv.data import BucketBatchSampler
+
+        self.prepared = prepared
+        self.samplers = [
+            BucketBatchSampler(
+                prepared.train_set.lengths(),
+                batch_size=prepared.batch_size,
+                seed=seed,
+                num_replicas=2,
+                rank=rank,
+            )
+            for rank in range(2)
+        ]
+
+    def num_batches(self, epoch: int) -> int:
+        self.samplers[0].set_epoch(epoch)
+        return len(self.samplers[0].batches())
+
+    def iter_from(self, epoch: int, start: int) -> Iterator[Any]:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+        pairs = zip(self.samplers[0].batches(), self.samplers[1].batches(), strict=True)
+        for first, second in list(pairs)[start:]:
+            items = [self.prepared.train_set[i] for i in [*first, *second]]
+            yield self.prepared.collate(items)
+
+
+@pytest.mark.slow
+def test_sentiment_two_processes_match_one_process(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("sklearn")
+    from qkv.tasks import get_task
+    from qkv.train import load_model, seed_everything
+
+    rows = [("good great fine", "pos"), ("bad awful dull", "neg"), ("lovely film", "pos"),
+            ("poor and dull", "neg"), ("great great", "pos"), ("awful mess", "neg")]  # fmt: skip
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"{t} {i},{y}\n" for i, (t, y) in enumerate(rows * 4)))
+    out = tmp_path / "ddp"
+    mp.spawn(_sentiment_worker, args=(2, _free_port(), str(data), str(out)), nprocs=2, join=True)
+    spec = get_task("sentiment")
+    settings = _sentiment_settings(data)
+    seed_everything(0)  # as train_task does before building the model
+    prepared = spec.prepare(
+        settings, spec.load_splits(str(data), settings.data_options), folder=None
+    )
+    single = prepared.model
+    initial = {k: v.clone() for k, v in single.state_dict().items()}
+    trainer = Trainer(
+        single,
+        prepared.objective,
+        GlobalBatches(prepared, seed=0),
+        _sentiment_training(),
+        distributed=DistributedContext(),
+    )
+    trainer.fit()
+    from qkv.models.classifier import AttentionClassifier, ClassifierConfig
+
+    ddp, _ = load_model(out, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c)))
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(initial[n], v) for n, v in single.state_dict().items())

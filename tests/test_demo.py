@@ -44,8 +44,13 @@ def test_quick_demo_trains_scores_and_draws(
     assert [p.name for p in pictures] == ["attention-1.png", "attention-2.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures)
     assert (out / "model" / "config.json").is_file()
-    # A second run replaces the previous demo's files.
-    assert main(["demo", "--out", str(out), "--device", "cpu", "--quick"]) == 0
+    # A second run does not silently replace the trained model (the rule of qkv train) ...
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--quick"]) == 2
+    assert "already holds a trained model; pass --overwrite" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    # ... and replaces the previous demo's files with --overwrite.
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--quick", "--overwrite"]) == 0
 
 
 def test_demo_refuses_a_folder_with_other_files(

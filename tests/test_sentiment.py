@@ -4,6 +4,7 @@ tiny set, model-folder round trips, metrics and clear errors at inference."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,7 +149,6 @@ def test_train_save_load_classify_round_trip(tmp_path) -> None:  # type: ignore[
         SentimentSetup,
         TextClassifier,
         evaluate_classifier,
-        train_sentiment,
     )
     from qkv.train import TrainConfig
 
@@ -168,7 +168,9 @@ def test_train_save_load_classify_round_trip(tmp_path) -> None:  # type: ignore[
         },
     )
     train = TrainConfig(lr=1e-2, max_steps=30, eval_every=30, warmup_steps=0, device="cpu")
-    result = train_sentiment(str(data), out, setup=setup, train=train)
+    from qkv.tasks import train_task
+
+    result = train_task("sentiment", replace(setup, data=str(data)), train, out).result
     assert result.state.step == 30
     classifier = TextClassifier.load(out)
     again = TextClassifier.load(out)

@@ -3,6 +3,8 @@ model-folder round trips, baselines and clear errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ pytest.importorskip("tokenizers")
 
 from qkv.data.parallel import Pair
 from qkv.models.pointer import PointerGenerator, PointerGeneratorConfig
+from qkv.tasks import train_task
 from qkv.tasks.summarization import (
     SummarizationSetup,
     Summarizer,
@@ -19,7 +22,6 @@ from qkv.tasks.summarization import (
     encode_with_oov,
     evaluate_summarizer,
     lead_baseline,
-    train_summarization,
     train_word_tokenizer,
 )
 from qkv.train import ModelFolderError, TrainConfig
@@ -169,7 +171,8 @@ def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore
         preset="tiny", vocab_size=12, batch_size=8, data_options={"validation": 0.2, "test": 0.0}
     )
     train = TrainConfig(lr=2e-2, max_steps=40, eval_every=40, warmup_steps=0, device="cpu")
-    result = train_summarization(str(data), out, setup=setup, train=train)
+    setup = replace(setup, data=str(data))
+    result = train_task("summarization", setup, train, out).result
     assert result.state.step == 40
     summarizer = Summarizer.load(out)
     again = Summarizer.load(out)
@@ -182,14 +185,9 @@ def test_train_save_load_summarize_round_trip(tmp_path) -> None:  # type: ignore
     assert scores["model"]["rougeL"] > 99.0 > scores["lead"]["rougeL"]
     with pytest.raises(ValueError, match="document 1 is empty"):
         summarizer.summarize(["a text", "   "])
-    resumed = train_summarization(
-        str(data),
-        out,
-        setup=setup,
-        train=TrainConfig(lr=2e-2, max_steps=45, eval_every=40, warmup_steps=0, device="cpu"),
-        resume=True,
-    )
-    assert resumed.state.step == 45
+    more = TrainConfig(lr=2e-2, max_steps=45, eval_every=40, warmup_steps=0, device="cpu")
+    resumed = train_task("summarization", setup, more, out, resume=True)
+    assert resumed.result.state.step == 45 and resumed.resumed_from == 40
 
 
 def test_loading_a_folder_of_another_task_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -198,7 +196,7 @@ def test_loading_a_folder_of_another_task_is_refused(tmp_path) -> None:  # type:
 
     model = PointerGenerator(PointerGeneratorConfig.from_name("tiny", vocab_size=10))
     save_model_folder(tmp_path, model=model, config={"task": "sentiment", "model": {}})
-    with pytest.raises(ModelFolderError, match="not a 'summarization' model"):
+    with pytest.raises(ModelFolderError, match="not a summarization model"):
         Summarizer.load(tmp_path)
     with pytest.raises(ModelFolderError, match="no such model folder"):
         Summarizer.load(tmp_path / "missing")

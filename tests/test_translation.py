@@ -308,5 +308,5 @@ def test_translate_refuses_a_model_of_another_task(tmp_path: Path) -> None:
 
     model = ToyModel()
     save_model_folder(tmp_path, model=model, config={"task": "toy", "model": model.config})
-    with pytest.raises(ModelFolderError, match="holds a 'toy' model, not a translation one"):
+    with pytest.raises(ModelFolderError, match="holds a 'toy' model, not a translation model"):
         Translator.load(tmp_path)

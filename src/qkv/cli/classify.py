@@ -6,9 +6,11 @@
     qkv classify --model rt-model "a gorgeous, witty film" --explain [--html page.html]
     qkv evaluate --model rt-model            # accuracy, macro-F1, confusion matrix
 
-``--explain`` (the same convention as ``qkv summarize``) writes an HTML page (``--html``) and,
-on a terminal, shades each token by its attention-pooling weight; in a pipe, or with
-``NO_COLOR`` set, it prints the most-attended tokens as plain text instead.
+A model folder of another task whose spec defines ``run_classify(args)`` (e.g. an image
+classifier) is handed this command's arguments. ``--explain`` (the same convention as
+``qkv summarize``) writes an HTML page (``--html``) and, on a terminal, shades each token by
+its attention-pooling weight; in a pipe, or with ``NO_COLOR`` set, it prints the
+most-attended tokens as plain text instead.
 """
 
 from __future__ import annotations
@@ -25,25 +27,19 @@ __all__ = ["colour_wanted", "read_texts", "register"]
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``qkv classify``."""
-    from qkv.cli.image import add_image_args
     from qkv.cli.train import add_runtime_args
 
     p = commands.add_parser(
         "classify",
-        help="classify texts (or images) with a trained text (or image) classifier",
+        help="classify texts with a trained sentiment/text classifier",
         description='qkv classify --model rt-model "a gorgeous, witty film" [--explain]',
     )
     p.add_argument(
-        "--model", type=Path, required=True, help="model folder from qkv train sentiment/image"
+        "--model", type=Path, required=True, help="model folder from qkv train sentiment"
     )
-    p.add_argument(
-        "text",
-        nargs="*",
-        help="texts to classify ('-' reads stdin, one per line), or an image model's image files",
-    )
+    p.add_argument("text", nargs="*", help="texts to classify; '-' reads stdin, one per line")
     p.add_argument("--file", type=Path, default=None, help="classify every line of this file")
     add_explain_args(p, what="each text's tokens by attention-pooling weight")
-    add_image_args(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     add_runtime_args(p)
     p.set_defaults(run=_run_classify)
@@ -95,16 +91,19 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    from qkv.tasks.base import set_attention_backend
+    from qkv.tasks.base import get_task, set_attention_backend
     from qkv.tasks.sentiment import TextClassifier
     from qkv.train import read_config, seed_everything
 
-    if read_config(args.model).get("task") == "image":
-        from qkv.cli.image import run_classify_images
-
-        return run_classify_images(args)
-
     seed_everything(args.seed)
+    task = str(read_config(args.model).get("task"))
+    if task != "sentiment":
+        # Another classifying task (e.g. images) handles the command through its spec's
+        # run_classify(args) -> exit code; the arguments are this command's.
+        run = getattr(get_task(task), "run_classify", None)
+        if run is None:
+            raise ValueError(f"--model {args.model}: a {task} model does not classify")
+        return int(run(args))
     classifier = TextClassifier.load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     texts = read_texts(args.text, args.file)

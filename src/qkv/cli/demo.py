@@ -11,6 +11,8 @@ __all__ = ["register"]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qkv.cli.train import add_runtime_args
+
     p = commands.add_parser(
         "demo",
         help="train a small attention model on built-in dates, report held-out exact match, draw attention",
@@ -23,8 +25,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--quick", action="store_true", help="a seconds-long reduced run (default when CI=true)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the model of a previous demo in --out"
+    )
+    add_runtime_args(p, backend=False)
     p.set_defaults(run=_run)
 
 
@@ -51,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         quick=quick,
         seed=args.seed,
         device=args.device,
+        overwrite=args.overwrite,
         on_step=progress.on_step,
         on_eval=progress.on_eval,
     )

@@ -13,8 +13,8 @@ Shapes: ``B`` pairs per batch, ``Ns`` / ``Nt`` the longest source / target in th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -38,8 +38,29 @@ __all__ = [
 Item = tuple[int, list[int], list[int]]
 
 
+class TensorBatch:
+    """Mixin of the batch dataclasses: ``to(device)`` moves every tensor field (non-blocking
+    from pinned memory) and keeps the others; ``len`` is the first field's batch size."""
+
+    def to(self: _BatchT, device: torch.device | str) -> _BatchT:
+        """The same batch on ``device``."""
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in fields(self)  # type: ignore[arg-type]
+            if isinstance(value := getattr(self, f.name), Tensor)
+        }
+        return replace(self, **moved)  # type: ignore[type-var]
+
+    def __len__(self) -> int:
+        first = getattr(self, fields(self)[0].name)  # type: ignore[arg-type]
+        return int(first.shape[0])
+
+
+_BatchT = TypeVar("_BatchT", bound=TensorBatch)
+
+
 @dataclass(frozen=True)
-class PairBatch:
+class PairBatch(TensorBatch):
     """A padded batch of (source, target) id sequences.
 
     Attributes:
@@ -57,16 +78,6 @@ class PairBatch:
     target: Tensor
     target_lengths: Tensor
     index: Tensor
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        """The same batch on ``device`` (non-blocking from pinned memory)."""
-        return PairBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.source, self.source_lengths, self.target, self.target_lengths, self.index)
-
-    def __len__(self) -> int:
-        return int(self.source.shape[0])
 
     @property
     def num_tokens(self) -> int:

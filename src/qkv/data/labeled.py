@@ -10,7 +10,9 @@ JSONL (``.jsonl``, ``.json``)   one JSON object per line
 ==============================  ==========================================================
 
 The text and label columns default to ``text`` and ``label``; any names work, and for a CSV/TSV
-without a header row they may be 0-based column numbers. Labels are any strings (a JSON number
+without a header row they may be 0-based column numbers. A record with more fields than the
+header is an error (an unquoted comma would shift the columns). Files are read through
+:mod:`qkv.data.readers`, shared with the parallel-text readers. Labels are any strings (a JSON number
 or boolean is read as its text). Malformed input raises :class:`~qkv.data.DataError` whose
 message starts ``FILE:LINE:``, as the parallel-text readers do::
 
@@ -23,16 +25,23 @@ configurable), or a TSV ``document<TAB>summary``.
 
 from __future__ import annotations
 
-import csv
 import os
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from qkv.data._util import stable_hash
-from qkv.data.parallel import DataError, Pair, _iter_lines, _json_records, load_pairs
+from qkv.data.parallel import Pair, load_pairs
+from qkv.data.readers import (
+    SPLIT_STEMS,
+    SUFFIX_FORMATS,
+    DataError,
+    carve_splits,
+    format_from_suffix,
+    json_records,
+    split_file,
+    table_rows,
+)
 from qkv.data.registry import Splits, load_builtin
 
 __all__ = [
@@ -49,19 +58,7 @@ LabeledFormat = Literal["csv", "tsv", "jsonl"]
 PathLike = str | os.PathLike[str]
 Column = str | int
 
-_SUFFIX_FORMATS: dict[str, LabeledFormat] = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-}
-_SPLIT_STEMS = {
-    "train": ("train",),
-    "validation": ("validation", "valid", "dev"),
-    "test": ("test",),
-}
+_SUFFIX_FORMATS = cast("dict[str, LabeledFormat]", SUFFIX_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,18 +130,7 @@ def _format_of(path: Path, format: LabeledFormat | None) -> LabeledFormat:
         if format not in ("csv", "tsv", "jsonl"):
             raise ValueError(f"format must be 'csv', 'tsv' or 'jsonl', got {format!r}")
         return format
-    suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    try:
-        return _SUFFIX_FORMATS[suffix.lower()]
-    except KeyError:
-        known = ", ".join(_SUFFIX_FORMATS)
-        raise DataError(
-            path,
-            None,
-            f"cannot tell the format from the extension (known: {known}); "
-            "rename the file, or pass format='csv', 'tsv' or 'jsonl' when calling the reader from "
-            "Python",
-        ) from None
+    return format_from_suffix(path, _SUFFIX_FORMATS)
 
 
 def _field(path: Path, line: int, value: object, what: str) -> str:
@@ -158,68 +144,17 @@ def _field(path: Path, line: int, value: object, what: str) -> str:
     return text
 
 
-def _records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
-    """``(first_line, fields)`` per CSV/TSV record; blank records skipped."""
-    csv.field_size_limit(sys.maxsize)  # IMDB reviews exceed the 128 KiB default in places
-    lines = (text + "\n" for _, text in _iter_lines(path))
-    if delimiter == ",":
-        reader = csv.reader(lines, delimiter=",", quoting=csv.QUOTE_MINIMAL, strict=True)
-    else:  # TSV has no quoting: a quote character is text
-        reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
-    start = 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(
-                path, start, f"malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}"
-            ) from None
-        if any(cell.strip() for cell in row):
-            yield start, row
-        start = reader.line_num + 1
-
-
-def _column_index(path: Path, header: list[str] | None, column: Column, role: str) -> int:
-    if isinstance(column, int):
-        return column
-    if column.isdigit() and header is None:
-        return int(column)
-    if header is None:
-        raise DataError(path, None, f"{role} column {column!r} given by name, but header=False")
-    if column not in header:
-        raise DataError(
-            path, 1, f"no {role} column {column!r}; the header has {', '.join(map(repr, header))}"
-        )
-    return header.index(column)
-
-
 def _read_delimited(
     path: Path, delimiter: str, text_column: Column, label_column: Column, header: bool
 ) -> list[LabeledText]:
-    records = _records(path, delimiter)
-    names: list[str] | None = None
-    if header:
-        first = next(records, None)
-        if first is None:
-            raise DataError(path, None, "no examples found (the file is empty or blank)")
-        names = [name.strip() for name in first[1]]
-    t = _column_index(path, names, text_column, "text")
-    lab = _column_index(path, names, label_column, "label")
-    examples = []
-    for line, row in records:
-        if max(t, lab) >= len(row):
-            raise DataError(
-                path, line, f"expected at least {max(t, lab) + 1} columns, found {len(row)}"
-            )
-        examples.append(
-            LabeledText(
-                _field(path, line, row[t], f"text (column {text_column!r})"),
-                _field(path, line, row[lab], f"label (column {label_column!r})"),
-            )
+    columns = ((text_column, "text"), (label_column, "label"))
+    return [
+        LabeledText(
+            _field(path, line, text, f"text (column {text_column!r})"),
+            _field(path, line, label, f"label (column {label_column!r})"),
         )
-    return examples
+        for line, (text, label) in table_rows(path, delimiter, columns, header=header)
+    ]
 
 
 def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[LabeledText]:
@@ -231,7 +166,7 @@ def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[LabeledTe
                 for (field, role), value in zip(fields, values, strict=True)
             )
         )
-        for line, values in _json_records(path, fields)
+        for line, values in json_records(path, fields)
     ]
 
 
@@ -287,27 +222,9 @@ def split_labeled(
     Raises:
         ValueError: a fraction outside ``[0, 1)`` or fractions summing to 1 or more.
     """
-    for name, fraction in (("validation", validation), ("test", test)):
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{name} fraction must be in [0, 1), got {fraction}")
-    if validation + test >= 1.0:
-        raise ValueError(f"validation ({validation}) + test ({test}) must be below 1")
-    texts = sorted({e.text for e in examples}, key=lambda s: (stable_hash(seed, "labeled", s), s))
-    n_test, n_validation = round(test * len(texts)), round(validation * len(texts))
-    split_of = dict.fromkeys(texts[:n_test], "test")
-    split_of.update(dict.fromkeys(texts[n_test : n_test + n_validation], "validation"))
-    out: dict[str, list[LabeledText]] = {"train": [], "validation": [], "test": []}
-    for example in examples:
-        out[split_of.get(example.text, "train")].append(example)
-    return Splits(out["train"], out["validation"], out["test"])
-
-
-def _split_file(directory: Path, split: str) -> Path | None:
-    for stem in _SPLIT_STEMS[split]:
-        for suffix in (*_SUFFIX_FORMATS, *(s + ".gz" for s in _SUFFIX_FORMATS)):
-            if (directory / f"{stem}{suffix}").is_file():
-                return directory / f"{stem}{suffix}"
-    return None
+    return carve_splits(
+        examples, lambda e: e.text, validation=validation, test=test, seed=seed, salt="labeled"
+    )
 
 
 def load_labeled(
@@ -340,7 +257,7 @@ def load_labeled(
         return split_labeled(
             read_labeled(path, **options), validation=validation, test=test, seed=seed
         )
-    files = {split: _split_file(path, split) for split in _SPLIT_STEMS}
+    files = {split: split_file(path, split, list(_SUFFIX_FORMATS)) for split in SPLIT_STEMS}
     if files["train"] is None:
         raise DataError(path, None, "a data folder needs a train file (train.csv, .tsv or .jsonl)")
     train = read_labeled(files["train"], **options)

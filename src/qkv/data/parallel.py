@@ -10,8 +10,9 @@ two aligned text files        line ``i`` of one file translates line ``i`` of th
 ============================  ==========================================================
 
 Any of them may be gzipped (``.tsv.gz``). Text is UTF-8 (a leading BOM is dropped), sides are
-stripped of surrounding whitespace. Malformed input raises :class:`DataError`, whose message
-starts ``FILE:LINE:`` like a compiler's, so an editor can jump to it::
+stripped of surrounding whitespace. Files are read through :mod:`qkv.data.readers` (shared
+with the labeled-text readers); malformed input raises :class:`DataError`, whose message starts
+``FILE:LINE:`` like a compiler's, so an editor can jump to it::
 
     data/train.tsv:17: expected 2 tab-separated columns (source, target), found 3
 
@@ -26,16 +27,23 @@ starts ``FILE:LINE:`` like a compiler's, so an editor can jump to it::
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal, cast
 
-from qkv.data._util import stable_hash
+from qkv.data.readers import (
+    SPLIT_STEMS,
+    SUFFIX_FORMATS,
+    DataError,
+    carve_splits,
+    format_from_suffix,
+    iter_lines,
+    json_records,
+    split_file,
+)
 from qkv.data.registry import Splits, load_builtin
 
 __all__ = [
@@ -56,36 +64,10 @@ logger = logging.getLogger(__name__)
 FileFormat = Literal["tsv", "jsonl"]
 PathLike = str | os.PathLike[str]
 
-_SUFFIX_FORMATS: dict[str, FileFormat] = {
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-}
-_SPLIT_FILE_NAMES = {
-    "train": ("train",),
-    "validation": ("validation", "valid", "dev"),
-    "test": ("test",),
-}
-
-
-class DataError(ValueError):
-    """Malformed data: the message names the file, the 1-based line (when there is one) and
-    what is wrong.
-
-    Attributes:
-        path: the file.
-        line: 1-based line number, or ``None`` for a problem with the file as a whole.
-        reason: what is wrong, without the location.
-    """
-
-    def __init__(self, path: PathLike, line: int | None, reason: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.reason = reason
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {reason}")
+# Pairs are TSV or JSONL (CSV is for labeled text).
+_SUFFIX_FORMATS = cast(
+    "dict[str, FileFormat]", {k: v for k, v in SUFFIX_FORMATS.items() if v != "csv"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,64 +80,6 @@ class Pair:
 
     source: str
     target: str
-
-
-# --------------------------------------------------------------------------------------------
-# Reading lines
-
-
-def _open_binary(path: Path) -> BinaryIO:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
-
-
-def _iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, text)`` without the line ending, decoding each line on its own.
-
-    Reading bytes and splitting on ``\\n`` only (not ``str.splitlines``, which also splits on
-    U+2028 and friends) keeps line numbers equal to what an editor shows, and a decoding error
-    can name its line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "no such file")
-    with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    path, number, f"not valid UTF-8 (byte {e.start + 1} of the line)"
-                ) from None
-            if number == 1:
-                text = text.removeprefix("\ufeff")  # BOM written by some editors
-            yield number, text
-
-
-def _json_records(
-    path: Path, fields: Sequence[tuple[str, str]]
-) -> Iterator[tuple[int, list[object]]]:
-    """``(line_number, values)`` of every non-blank JSONL line, ``values`` being the line's
-    object's ``fields`` (each a ``(key, role)`` pair; the role names it in errors)."""
-    for number, line in _iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, f"invalid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
-        for field, role in fields:
-            if field not in record:
-                present = ", ".join(map(repr, record)) or "none"
-                raise DataError(
-                    path, number, f"missing field {field!r} ({role}); fields present: {present}"
-                )
-        yield number, [record[field] for field, _ in fields]
 
 
 def _side(text: str, path: Path, number: int, what: str) -> str:
@@ -191,7 +115,7 @@ def read_tsv(path: PathLike, *, header: bool = False) -> list[Pair]:
     """
     path = Path(path)
     pairs: list[Pair] = []
-    for number, line in _iter_lines(path):
+    for number, line in iter_lines(path):
         if (header and number == 1) or not line.strip():
             continue
         columns = line.split("\t")
@@ -230,7 +154,7 @@ def read_jsonl(
     path = Path(path)
     pairs: list[Pair] = []
     fields = ((source_field, "source"), (target_field, "target"))
-    for number, values in _json_records(path, fields):
+    for number, values in json_records(path, fields):
         sides = []
         for (field, what), value in zip(fields, values, strict=True):
             if not isinstance(value, str):
@@ -245,7 +169,7 @@ def read_jsonl(
 
 
 def _read_plain_lines(path: Path) -> list[str]:
-    lines = [line for _, line in _iter_lines(path)]
+    lines = [line for _, line in iter_lines(path)]
     while lines and not lines[-1].strip():  # trailing blank lines are not sentences
         lines.pop()
     return lines
@@ -291,17 +215,7 @@ def _format_of(path: Path, format: FileFormat | None) -> FileFormat:
         if format not in ("tsv", "jsonl"):
             raise ValueError(f"format must be 'tsv' or 'jsonl', got {format!r}")
         return format
-    suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    try:
-        return _SUFFIX_FORMATS[suffix.lower()]
-    except KeyError:
-        known = ", ".join(_SUFFIX_FORMATS)
-        raise DataError(
-            path,
-            None,
-            f"cannot tell the format from the extension (known: {known}); "
-            "rename the file, or pass format='tsv' or 'jsonl' when calling the reader from Python",
-        ) from None
+    return format_from_suffix(path, _SUFFIX_FORMATS)
 
 
 def read_pairs(
@@ -350,29 +264,9 @@ def split_pairs(
     Raises:
         ValueError: a fraction outside ``[0, 1)`` or fractions summing to 1 or more.
     """
-    for name, fraction in (("validation", validation), ("test", test)):
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{name} fraction must be in [0, 1), got {fraction}")
-    if validation + test >= 1.0:
-        raise ValueError(f"validation ({validation}) + test ({test}) must be below 1")
-    sources = sorted({p.source for p in pairs}, key=lambda s: (stable_hash(seed, "split", s), s))
-    n_test = round(test * len(sources))
-    n_validation = round(validation * len(sources))
-    split_of = dict.fromkeys(sources[:n_test], "test")
-    split_of.update(dict.fromkeys(sources[n_test : n_test + n_validation], "validation"))
-    out: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
-    for pair in pairs:
-        out[split_of.get(pair.source, "train")].append(pair)
-    return Splits(out["train"], out["validation"], out["test"])
-
-
-def _split_file(directory: Path, split: str) -> Path | None:
-    for stem in _SPLIT_FILE_NAMES[split]:
-        for suffix in (*_SUFFIX_FORMATS, *(s + ".gz" for s in _SUFFIX_FORMATS)):
-            candidate = directory / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
-    return None
+    return carve_splits(
+        pairs, lambda p: p.source, validation=validation, test=test, seed=seed, salt="split"
+    )
 
 
 def load_file_pairs(
@@ -412,7 +306,7 @@ def load_file_pairs(
     if isinstance(path, tuple) or not Path(path).is_dir():
         return split_pairs(read_pairs(path, **options), validation=validation, test=test, seed=seed)
     directory = Path(path)
-    files = {split: _split_file(directory, split) for split in _SPLIT_FILE_NAMES}
+    files = {split: split_file(directory, split, list(_SUFFIX_FORMATS)) for split in SPLIT_STEMS}
     train_file = files["train"]
     if train_file is None:
         raise DataError(

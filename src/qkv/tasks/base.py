@@ -18,13 +18,12 @@ one on examples. Everything around that is here, once, for every task:
 Adding a task (one module, plus one line in :data:`TASKS`)::
 
     @dataclass(frozen=True)
-    class MySettings:                     # frozen; JSON-ready fields; saved in config.json
+    class MySettings(Settings):           # frozen; JSON-ready fields; saved in config.json
         data: str = "builtin:..."         # required: the data spec
         data_options: dict = field(default_factory=dict)   # required: loader/reader options
         batch_size: int = 32              # required
         ...                               # anything else the task needs (all of it is
                                           # checked by the resume rule)
-        def to_dict(self): ...            # and from_dict(cls, values)
 
     class MyTask(TaskSpec[MySettings, MyPredictor]):
         name = "mytask"; settings_type = MySettings; summary = "one line for --help"
@@ -50,7 +49,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -68,6 +67,7 @@ from qkv.train import (
     Trainer,
     TrainResult,
     init_from_env,
+    load_model,
     load_training_state,
     load_weights,
     prepare_output_folder,
@@ -85,11 +85,15 @@ __all__ = [
     "Evaluation",
     "Flag",
     "Prepared",
+    "Settings",
     "TaskSpec",
     "TrainOutcome",
+    "check_backend",
     "evaluate_model",
     "get_task",
     "is_builtin",
+    "load_task_model",
+    "read_task_config",
     "resolve_data_spec",
     "set_attention_backend",
     "task_names",
@@ -333,6 +337,68 @@ class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
         settings: SettingsT = self.settings_type.from_dict(values)
         return settings
 
+    def settings_from_config(
+        self, config: dict[str, Any], folder: str | os.PathLike[str]
+    ) -> SettingsT:
+        """The settings saved in a folder's ``config.json`` (or read from an older layout by
+        :meth:`legacy_settings`).
+
+        Raises:
+            ModelFolderError: no settings section, or settings this version cannot read.
+        """
+        values = config.get(self.name)
+        if values is None:
+            values = self.legacy_settings(config)
+        where = Path(folder) / "config.json"
+        if not isinstance(values, dict):
+            raise ModelFolderError(f"{where}: no {self.name!r} settings section")
+        try:
+            return self.settings_from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ModelFolderError(f"{where}: bad {self.name} settings: {error}") from None
+
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Settings of a folder written before the settings had their own section (``None``:
+        there is no older layout to read)."""
+        return None
+
+
+def read_task_config(folder: str | os.PathLike[str], task: str) -> dict[str, Any]:
+    """``config.json`` of a model folder that must hold a ``task`` model.
+
+    Raises:
+        ModelFolderError: not a model folder, or one of another task (naming it).
+    """
+    config = read_config(folder)
+    if config.get("task") != task:
+        raise ModelFolderError(
+            f"{folder}: holds a {config.get('task')!r} model, not a {task} model"
+        )
+    return config
+
+
+def load_task_model(
+    folder: str | os.PathLike[str],
+    task: str,
+    build: Callable[[dict[str, Any]], nn.Module],
+    *,
+    device: str = "auto",
+    model_type: type[nn.Module] = nn.Module,
+) -> tuple[Any, dict[str, Any], Any]:
+    """The model (on ``device``, eval mode), ``config.json`` and task settings of a ``task``
+    model folder (what each task's predictor ``load`` starts from).
+
+    Raises:
+        ModelFolderError: not a folder of ``task``, a model that is not a ``model_type``, or
+            weights that do not fit.
+    """
+    read_task_config(folder, task)
+    model, config = load_model(folder, build)
+    if not isinstance(model, model_type):
+        raise ModelFolderError(f"{folder}: the model is not a {model_type.__name__}")
+    settings = get_task(task).settings_from_config(config, folder)
+    return model.to(resolve_device(device)).eval(), config, settings
+
 
 def get_task(name: str) -> TaskSpec[Any, Any]:
     """The spec of the task ``name`` (imports its module).
@@ -437,18 +503,25 @@ def resumed_settings(
     return saved_settings, replace(saved_training, **limits)
 
 
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming the registered backends unless ``backend`` is one (or
+    ``"auto"``); checked before any work is done."""
+    from qkv.backends.registry import available_backends
+
+    known = available_backends()
+    if backend != "auto" and backend not in known:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
+
+
 def set_attention_backend(model: nn.Module, backend: str) -> None:
     """Make every :class:`qkv.nn.MultiHeadAttention` of ``model`` call ``backend``.
 
     Raises:
         ValueError: an unknown backend, naming the registered ones.
     """
-    from qkv.backends.registry import available_backends
     from qkv.nn import MultiHeadAttention
 
-    known = available_backends()
-    if backend != "auto" and backend not in known:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
+    check_backend(backend)
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.backend = backend
@@ -489,6 +562,7 @@ def train_task(
         ValueError: bad or (on resume) changed settings.
     """
     spec = get_task(spec) if isinstance(spec, str) else spec
+    check_backend(backend)
     folder = Path(out)
     say = on_message or (lambda text: logger.info("%s", text))
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
@@ -498,6 +572,8 @@ def train_task(
         settings = settings if settings is not None else spec.settings_type()
         settings = replace(settings, data=resolve_data_spec(settings.data))
         training = training or TrainConfig()
+    # Under torchrun every process checks the folder and reads the same settings (only the
+    # main one writes); the checks above run before any process has written anything.
     context = init_from_env(resolve_device(training.device))
     splits = spec.load_splits(settings.data, dict(settings.data_options))
     if not splits.train:
@@ -543,6 +619,12 @@ def train_task(
         num_replicas=context.world_size,  # each process takes every world_size-th batch
         rank=context.rank,
     )
+    if not sampler.batches():  # under DDP the batch count is cut to a multiple of the processes
+        raise ValueError(
+            f"{len(prepared.train_set)} training examples make fewer batches of "
+            f"{prepared.batch_size} than the {context.world_size} processes need one each; "
+            "lower --batch-size or use fewer processes"
+        )
     trainer = Trainer(
         prepared.model,
         prepared.objective,
@@ -593,8 +675,9 @@ def evaluate_model(
     folder = Path(folder)
     saved = read_config(folder)
     spec = get_task(str(saved.get("task")))
-    settings = spec.settings_from_dict(saved[spec.name])
+    settings = spec.settings_from_config(saved, folder)
     options = options or EvalOptions()
+    check_backend(backend)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     given_reader = dict(reader_options or {})
@@ -616,7 +699,12 @@ def evaluate_model(
         examples = spec.load_splits(source, {**saved_options, **given_reader})[split]
     elif is_builtin(data) or Path(data).is_dir():
         source, split = data, split or "test"
-        loader_options = saved_options if data == settings.data else reader
+        if resolve_data_spec(data) == settings.data:  # the training data, as it was loaded
+            loader_options = {**saved_options, **given_reader}
+        elif is_builtin(data):  # another built-in set: its loader takes no reader options
+            loader_options = given_reader
+        else:
+            loader_options = reader
         examples = spec.load_splits(data, loader_options)[split]
     else:
         if split is not None:
@@ -635,6 +723,21 @@ def evaluate_model(
         set_attention_backend(model, backend)
     metrics = spec.evaluate(predictor, examples, options)
     return Evaluation(spec.name, str(folder), source, split, len(examples), metrics)
+
+
+class Settings:
+    """Mixin of the task settings dataclasses: ``to_dict`` for config.json and a
+    ``from_dict`` that refuses unknown keys (naming them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_SettingsT], values: dict[str, Any]) -> _SettingsT:
+        return from_dict_checked(cls, values, cls.__name__)
+
+
+_SettingsT = TypeVar("_SettingsT", bound=Settings)
 
 
 def from_dict_checked(cls: type[SettingsT], values: dict[str, Any], what: str) -> SettingsT:

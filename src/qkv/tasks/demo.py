@@ -101,8 +101,9 @@ def demo_configs(*, quick: bool, seed: int = 0, device: str = "auto") -> tuple[A
     return translation, training
 
 
-def _check_demo_folder(out: Path) -> None:
-    """Refuse a folder that holds anything but a previous demo's files."""
+def _check_demo_folder(out: Path, *, overwrite: bool) -> None:
+    """Refuse a folder that holds anything but a previous demo's files, and a previous demo's
+    trained model unless ``overwrite`` (the rule of ``qkv train``)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if not out.is_dir():
@@ -114,6 +115,12 @@ def _check_demo_folder(out: Path) -> None:
         raise ValueError(
             f"{out}: not empty and not a previous qkv demo folder; refusing to write into it "
             "(choose another with --out)"
+        )
+    model_dir = out / MODEL_DIR
+    if not overwrite and model_dir.is_dir() and any(model_dir.iterdir()):
+        raise ValueError(
+            f"{model_dir}: already holds a trained model; pass --overwrite to replace it, or "
+            "choose another folder with --out"
         )
 
 
@@ -136,27 +143,30 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     device: str = "auto",
+    overwrite: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
 ) -> DemoResult:
     """Train on ``dates``, score the held-out test split, draw attention heat maps.
 
     Args:
-        out: the demo folder (created; a previous demo's folder is replaced, any other
-            non-empty folder is refused).
+        out: the demo folder (created; a previous demo's folder is replaced only with
+            ``overwrite``, any other non-empty folder is refused).
         quick: a reduced run for CI (2,000 training pairs, 40 steps, 100 test pairs).
         seed: seeds the model, the data order and the generated data's split.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        overwrite: replace the model of a previous demo in ``out``.
         on_step, on_eval: training progress callbacks.
 
     Raises:
-        ValueError: ``out`` holds other files.
+        ValueError: ``out`` holds other files, or a previous demo's model and not
+            ``overwrite``.
     """
     from qkv.tasks.evaluation import score_translations
     from qkv.tasks.translation import Translator, train_translation
 
     folder = Path(out)
-    _check_demo_folder(folder)
+    _check_demo_folder(folder, overwrite=overwrite)
     model_dir = folder / MODEL_DIR
     for stale in (model_dir, folder / ATTENTION_DIR):
         shutil.rmtree(stale, ignore_errors=True)

@@ -2,17 +2,18 @@
 
 ::
 
-    from qkv.tasks.sentiment import train_sentiment, TextClassifier, evaluate_classifier
+    from qkv.tasks import train_task
+    from qkv.tasks.sentiment import SentimentSetup, TextClassifier, evaluate_classifier
 
-    train_sentiment("builtin:rt", "runs/rt", train=TrainConfig(max_minutes=20))
+    train_task("sentiment", SentimentSetup(data="builtin:rt"), TrainConfig(max_minutes=20), "runs/rt")
     clf = TextClassifier.load("runs/rt")
     clf.classify(["a gorgeous, witty film"])[0].label          # 'positive'
     evaluate_classifier(clf, load_labeled("builtin:rt").test)  # accuracy, macro-F1, confusion
 
-Training goes through the shared :class:`qkv.train.Trainer` with :class:`SentimentTask` (summed
-cross-entropy per example, validation accuracy for early stopping) and writes a model folder
-with :func:`qkv.train.save_model_folder`: ``config.json`` (``"task": "sentiment"``, the model
-config, the label list, the text length limit), ``model.safetensors``, ``tokenizer.json``.
+Training is :func:`qkv.tasks.train_task` with :data:`SPEC` (:class:`SentimentTask`: summed
+cross-entropy per example, validation accuracy for early stopping); the model folder holds
+``config.json`` (``"task": "sentiment"``, the :class:`SentimentSetup` under ``"sentiment"``,
+the model config, the label list), ``model.safetensors``, ``tokenizer.json``.
 
 Long texts keep their head and tail (:func:`head_tail`): the verdict of a review is often in its
 last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", found
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from qkv.data.batching import BucketBatchSampler
+from qkv.data.batching import BucketBatchSampler, TensorBatch
 from qkv.data.labeled import LabeledText, LabelSet, load_labeled, read_labeled
 from qkv.data.parallel import DataError
 from qkv.data.registry import Splits
@@ -52,19 +53,14 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
-    train_task,
+    load_task_model,
 )
 from qkv.train import (
     LossOutput,
-    TrainConfig,
-    TrainResult,
-    load_model,
     read_config,
-    resolve_device,
 )
-from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
     "SPEC",
@@ -80,7 +76,6 @@ __all__ = [
     "evaluate_classifier",
     "format_classification",
     "head_tail",
-    "train_sentiment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,7 +105,7 @@ def encode_texts(
 
 
 @dataclass(frozen=True)
-class LabeledBatch:
+class LabeledBatch(TensorBatch):
     """Padded token ids with their class indices.
 
     Attributes:
@@ -124,15 +119,6 @@ class LabeledBatch:
     mask: Tensor
     labels: Tensor
     index: Tensor
-
-    def to(self, device: torch.device | str) -> LabeledBatch:
-        return LabeledBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.ids, self.mask, self.labels, self.index)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
 
 
 class LabeledDataset(Dataset[Item]):
@@ -286,7 +272,7 @@ class SentimentTask:
 
 
 @dataclass(frozen=True)
-class SentimentSetup:
+class SentimentSetup(Settings):
     """What to train on and what to build (saved in ``config.json`` under ``"sentiment"``).
 
     Attributes:
@@ -320,57 +306,6 @@ class SentimentSetup:
         if self.penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SentimentSetup:
-        return from_dict_checked(cls, values, "sentiment")
-
-
-def train_sentiment(
-    data: str,
-    out: str | os.PathLike[str],
-    *,
-    setup: SentimentSetup | None = None,
-    train: TrainConfig | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepReport], None] | None = None,
-    on_eval: Callable[[EvalReport], None] | None = None,
-) -> TrainResult:
-    """Train an :class:`AttentionClassifier` on ``data`` and write the model folder ``out``
-    (:func:`qkv.tasks.train_task`).
-
-    Args:
-        data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
-            a folder).
-        out: the model folder (checked before any work: see
-            :func:`qkv.train.prepare_output_folder`).
-        setup: tokenizer, model and batching choices (default :class:`SentimentSetup`).
-        train: the trainer's settings (default ``TrainConfig()``).
-        resume: continue the run saved in ``out``; only the limits and the device may differ
-            from the saved run's settings.
-        overwrite: replace a model already in ``out``.
-        on_step, on_eval: progress callbacks, passed to the trainer.
-
-    Raises:
-        DataError: malformed data; ModelFolderError: an unusable ``out``; ValueError: settings
-        changed on resume.
-    """
-    settings = replace(setup or SentimentSetup(), data=data)
-    outcome = train_task(
-        SPEC,
-        settings,
-        train if train is not None or resume else TrainConfig(),
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        on_step=on_step,
-        on_eval=on_eval,
-    )
-    return outcome.result
-
 
 def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
     found = sorted({e.label for e in examples})
@@ -392,8 +327,18 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
     summary = "text classification (sentiment) with an attention-pooling classifier"
     metric_name = "accuracy"
     train_flags = (
-        Flag("--text-column", "data_options.text_column", "text column or field", reader=True),
-        Flag("--label-column", "data_options.label_column", "label column or field", reader=True),
+        Flag(
+            "--text-column",
+            "data_options.text_column",
+            "text column or field (default text)",
+            reader=True,
+        ),
+        Flag(
+            "--label-column",
+            "data_options.label_column",
+            "label column or field (default label)",
+            reader=True,
+        ),
         Flag(
             "--preset",
             "preset",
@@ -406,6 +351,18 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
         Flag("--max-length", "max_length", "tokens kept per text, head + tail", int),
         Flag("--penalty", "penalty", "Lin et al.'s pooling penalty weight", float),
     )
+
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        # Folders written before the settings had a section kept a few of them under "data".
+        data = config.get("data")
+        if not isinstance(data, dict) or "spec" not in data:
+            return None
+        return {
+            "data": data["spec"],
+            "data_options": data.get("options") or {},
+            "max_length": data.get("max_length"),
+            "preset": data.get("preset", SentimentSetup.preset),
+        }
 
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[LabeledText]:
         return load_labeled(data, **options)
@@ -530,26 +487,19 @@ class TextClassifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, device: str = "auto") -> TextClassifier:
-        """Load a folder written by :func:`train_sentiment`, on ``device``.
+        """Load a folder written by ``train_task("sentiment", ...)``, on ``device``.
 
         Raises:
             ModelFolderError: not a sentiment model folder, or inconsistent files.
         """
-        from qkv.train import ModelFolderError
-
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a {TASK_NAME!r} classifier"
-            )
-        model, config = load_model(
-            folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c))
+        model, config, settings = load_task_model(
+            folder,
+            TASK_NAME,
+            lambda c: AttentionClassifier(ClassifierConfig.from_dict(c)),
+            device=device,
+            model_type=AttentionClassifier,
         )
-        if not isinstance(model, AttentionClassifier):
-            raise ModelFolderError(f"{folder}: the model is not an AttentionClassifier")
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
-        settings = SentimentSetup.from_dict(config[TASK_NAME])
-        model = model.to(resolve_device(device))
         return cls(model, tokenizer, LabelSet(config["labels"]), settings.max_length)
 
     def _device(self) -> torch.device:

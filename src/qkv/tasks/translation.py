@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,8 +43,10 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
     TrainOutcome,
+    load_task_model,
     train_task,
 )
 from qkv.train import (
@@ -52,9 +54,7 @@ from qkv.train import (
     LossOutput,
     StepReport,
     TrainConfig,
-    load_model,
     read_config,
-    resolve_device,
 )
 from qkv.train.checkpoint import ModelFolderError
 
@@ -78,7 +78,7 @@ TASK_NAME = "translation"
 
 
 @dataclass(frozen=True)
-class TranslationConfig:
+class TranslationConfig(Settings):
     """What to translate and with which model (the training loop has :class:`TrainConfig`).
 
     Attributes:
@@ -152,17 +152,6 @@ class TranslationConfig:
             return self.tokenizer
         name = self.data.removeprefix("builtin:") if self.data.startswith("builtin:") else ""
         return "char" if name in ("dates", "numbers") else "bpe"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TranslationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown translation config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -390,8 +379,18 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
             int,
             apply=_set_max_length,
         ),
-        Flag("--source-field", "data_options.source_field", "JSONL source field", reader=True),
-        Flag("--target-field", "data_options.target_field", "JSONL target field", reader=True),
+        Flag(
+            "--source-field",
+            "data_options.source_field",
+            "JSONL source field (default source)",
+            reader=True,
+        ),
+        Flag(
+            "--target-field",
+            "data_options.target_field",
+            "JSONL target field (default target)",
+            reader=True,
+        ),
     )
 
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Pair]:
@@ -501,18 +500,12 @@ class Translator:
             ModelFolderError: not a translation model folder, or its files do not fit.
         """
         folder = Path(path)
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a translation one"
-            )
-        model, _ = load_model(folder, _build_from_dict)
+        model, _, settings = load_task_model(folder, TASK_NAME, _build_from_dict, device=device)
         try:
             tokenizer = PairTokenizer.load(folder)
         except FileNotFoundError as error:
             raise ModelFolderError(str(error)) from None
-        settings = TranslationConfig.from_dict(config["translation"])
-        return cls(model.eval(), tokenizer, settings, device=resolve_device(device))
+        return cls(model, tokenizer, settings)
 
     @property
     def max_length(self) -> int:

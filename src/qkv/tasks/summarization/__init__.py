@@ -2,9 +2,11 @@
 
 ::
 
-    from qkv.tasks.summarization import train_summarization, Summarizer, evaluate_summarizer
+    from qkv.tasks import train_task
+    from qkv.tasks.summarization import SummarizationSetup, Summarizer, evaluate_summarizer
 
-    train_summarization("builtin:docstrings", "runs/doc", train=TrainConfig(max_minutes=20))
+    settings = SummarizationSetup(data="builtin:docstrings")
+    train_task("summarization", settings, TrainConfig(max_minutes=20), "runs/doc")
     summarizer = Summarizer.load("runs/doc")
     summarizer.summarize(["Return the sum of the items; raise ValueError if empty."])
     evaluate_summarizer(summarizer, load_documents("builtin:docstrings").test)
@@ -36,7 +38,6 @@ from qkv.tasks.summarization.task import (
     SummarizationSpec,
     SummarizationTask,
     lead_sentences_for,
-    train_summarization,
 )
 from qkv.tasks.summarization.vocab import (
     EncodedText,
@@ -68,6 +69,5 @@ __all__ = [
     "lead_sentences_for",
     "pointer_greedy_decode",
     "rouge_scores",
-    "train_summarization",
     "train_word_tokenizer",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from qkv.data.batching import TensorBatch
 from qkv.data.parallel import Pair
 from qkv.data.tokenizer import BOS_ID, UNK_ID, TextTokenizer, pad_ids
 from qkv.tasks.summarization.vocab import EncodedText, encode_target, encode_with_oov
@@ -23,7 +24,7 @@ Item = tuple[int, EncodedText, list[int]]
 
 
 @dataclass(frozen=True)
-class PointerBatch:
+class PointerBatch(TensorBatch):
     """A padded batch for the pointer-generator.
 
     Attributes:
@@ -43,20 +44,6 @@ class PointerBatch:
     index: Tensor
     num_oov: int
     oovs: list[list[str]]
-
-    def to(self, device: torch.device | str) -> PointerBatch:
-        source, source_ext, target_in, target_out, index = (
-            t.to(device, non_blocking=True) for t in self._tensors()
-        )
-        return PointerBatch(
-            source, source_ext, target_in, target_out, index, self.num_oov, self.oovs
-        )
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.source, self.source_ext, self.target_in, self.target_out, self.index)
-
-    def __len__(self) -> int:
-        return int(self.source.shape[0])
 
 
 class PointerDataset(Dataset[Item]):

@@ -17,7 +17,6 @@ from qkv.tasks.summarization.batches import collate_pointer
 from qkv.tasks.summarization.decoding import pointer_greedy_decode
 from qkv.tasks.summarization.metrics import lead_baseline, rouge_scores
 from qkv.tasks.summarization.vocab import detokenize, encode_with_oov, ids_to_words
-from qkv.train import ModelFolderError, load_model, read_config, resolve_device
 
 __all__ = ["Summarizer", "Summary", "evaluate_summarizer"]
 
@@ -65,25 +64,23 @@ class Summarizer:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, device: str = "auto") -> Summarizer:
-        """Load a folder written by :func:`train_summarization`, on ``device``.
+        """Load a folder written by ``train_task("summarization", ...)``, on ``device``.
 
         Raises:
             ModelFolderError: not a summarization model folder, or inconsistent files.
         """
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME:
-            raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a {TASK_NAME!r} model"
-            )
-        model, config = load_model(folder, _build)
-        if not isinstance(model, PointerGenerator):
-            raise ModelFolderError(f"{folder}: the model is not a pointer-generator")
-        from qkv.tasks.summarization.task import SummarizationSetup
+        from qkv.tasks.base import load_task_model
 
+        model, _, settings = load_task_model(
+            folder,
+            TASK_NAME,
+            _build,
+            device=device,
+            model_type=PointerGenerator,
+        )
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
-        settings = SummarizationSetup.from_dict(config[TASK_NAME])
         return cls(
-            model.to(resolve_device(device)),
+            model,
             tokenizer,
             max_source_length=settings.max_source_length,
             max_target_length=settings.max_target_length,

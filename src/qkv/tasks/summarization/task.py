@@ -1,16 +1,15 @@
 """Summarization as a task: the loss and validation the trainer runs, the settings, the spec.
 
-Training runs through :func:`qkv.tasks.train_task` with :class:`SummarizationTask` (summed
+Training is :func:`qkv.tasks.train_task` with :data:`SPEC` (:class:`SummarizationTask` (summed
 negative log-likelihood of the summary tokens, plus the coverage loss when enabled; validation
-decodes greedily and reports ROUGE-L, which early stopping watches).
+decodes greedily and reports ROUGE-L, which early stopping watches)).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,24 +26,21 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
-    train_task,
 )
 from qkv.tasks.summarization.batches import PointerBatch, PointerDataset, collate_pointer
 from qkv.tasks.summarization.decoding import decode_dataset
 from qkv.tasks.summarization.inference import Summarizer, evaluate_summarizer
 from qkv.tasks.summarization.metrics import rouge_scores
 from qkv.tasks.summarization.vocab import train_word_tokenizer
-from qkv.train import LossOutput, TrainConfig, TrainResult, read_config
-from qkv.train.trainer import EvalReport, StepReport
+from qkv.train import LossOutput, read_config
 
 __all__ = [
     "SPEC",
     "SummarizationSetup",
     "SummarizationSpec",
     "SummarizationTask",
-    "train_summarization",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +108,7 @@ def _unwrap(model: nn.Module) -> PointerGenerator:
 
 
 @dataclass(frozen=True)
-class SummarizationSetup:
+class SummarizationSetup(Settings):
     """What to build before training (saved in ``config.json`` under ``"summarization"``).
 
     Attributes:
@@ -151,51 +147,6 @@ class SummarizationSetup:
         if self.coverage_weight < 0:
             raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SummarizationSetup:
-        return from_dict_checked(cls, values, "summarization")
-
-
-def train_summarization(
-    data: str,
-    out: str | os.PathLike[str],
-    *,
-    setup: SummarizationSetup | None = None,
-    train: TrainConfig | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepReport], None] | None = None,
-    on_eval: Callable[[EvalReport], None] | None = None,
-) -> TrainResult:
-    """Train a pointer-generator on ``data`` and write the model folder ``out``
-    (:func:`qkv.tasks.train_task`).
-
-    Args:
-        data: a spec for :func:`qkv.data.load_documents` (``builtin:docstrings``, a JSONL/TSV
-            file, a folder).
-        out: the model folder.
-        setup: vocabulary, model and batching choices (default :class:`SummarizationSetup`).
-        train: the trainer's settings.
-        resume: continue the run saved in ``out`` (only the limits and the device may change).
-        overwrite: replace a model already in ``out``.
-        on_step, on_eval: progress callbacks.
-    """
-    settings = replace(setup or SummarizationSetup(), data=data)
-    outcome = train_task(
-        SPEC,
-        settings,
-        train if train is not None or resume else TrainConfig(),
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        on_step=on_step,
-        on_eval=on_eval,
-    )
-    return outcome.result
-
 
 def lead_sentences_for(data: str) -> int:
     """Sentences of the lead baseline: three for ``aclsum`` / ``aclsum-summary`` (lead-3,
@@ -213,9 +164,17 @@ class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
     default_steps = 3000
     train_flags = (
         Flag(
-            "--document-field", "data_options.document_field", "JSONL document field", reader=True
+            "--document-field",
+            "data_options.document_field",
+            "JSONL document field (default document)",
+            reader=True,
         ),
-        Flag("--summary-field", "data_options.summary_field", "JSONL summary field", reader=True),
+        Flag(
+            "--summary-field",
+            "data_options.summary_field",
+            "JSONL summary field (default summary)",
+            reader=True,
+        ),
         Flag("--preset", "preset", "model size", choices=("tiny", "cpu", "small", "see2017")),
         Flag(
             "--coverage",
@@ -231,6 +190,15 @@ class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
             "--valid-size", "validation_limit", "validation documents decoded per validation", int
         ),
     )
+
+    def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        # Folders written before the settings had a section kept a few of them under "data".
+        data = config.get("data")
+        if not isinstance(data, dict) or "spec" not in data:
+            return None
+        keys = ("max_source_length", "max_target_length", "preset")
+        legacy = {"data": data["spec"], "data_options": data.get("options") or {}}
+        return {**legacy, **{k: data[k] for k in keys if k in data}}
 
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[Pair]:
         return load_documents(data, **options)
