@@ -132,14 +132,18 @@ def test_cli_train_resume_evaluate_classify(
     digit = load_images("builtin:digits").test[0]
     png = tmp_path / "digit.png"
     Image.fromarray((digit.pixels[0].numpy() * 255).astype(np.uint8)).resize((32, 32)).save(png)
-    picture = tmp_path / "attention.png"
-    code = main(["classify", "--model", str(out), str(png), "--json", "--explain",
-                 "--picture", str(picture), "--device", "cpu"])  # fmt: skip
+    page = tmp_path / "attention.html"
+    code = main(["classify", "--model", str(out), str(png), str(png), "--json", "--explain",
+                 "--html", str(page), "--device", "cpu"])  # fmt: skip
     captured = capsys.readouterr()
-    line = json.loads(captured.out.splitlines()[0])
-    assert code == 0 and line["image"] == str(png) and line["label"] in config["labels"]
-    assert sum(line["probabilities"].values()) == pytest.approx(1.0)
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "attention picture" in captured.err
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == 0 and [r["image"] for r in lines] == [str(png)] * 2
+    assert lines[0]["label"] in config["labels"] and lines[0] == lines[1]
+    assert sum(lines[0]["probabilities"].values()) == pytest.approx(1.0)
+    for picture in (tmp_path / "attention-1.png", tmp_path / "attention-2.png"):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"attention picture: {picture}" in captured.err
+    assert page.read_text().count("data:image/png;base64,") == 2
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
     assert main(["classify", "--model", str(out), str(png), str(bad)]) == 2

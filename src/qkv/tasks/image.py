@@ -407,6 +407,13 @@ class ImageSpec(TaskSpec[ImageSettings, "ImageClassifier"]):
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         return format_classification(evaluation.metrics)
 
+    def run_classify(self, args: Any) -> int:
+        """``qkv classify --model M IMAGE...``: the command hands an image model's folder
+        here; the printing stays in the CLI layer (:mod:`qkv.cli.image`)."""
+        from qkv.cli.image import run_classify_images
+
+        return run_classify_images(args)
+
 
 # --------------------------------------------------------------------------------------------
 # Inference
