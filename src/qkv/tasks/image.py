@@ -341,7 +341,7 @@ class ImageSpec(TaskSpec[ImageSettings, "ImageClassifier"]):
     settings_type = ImageSettings
     summary = "image classification with a Vision Transformer (builtin:digits, folders, CSV)"
     metric_name = "accuracy"
-    default_steps = 1500
+    default_steps = 2000
     train_flags = (
         Flag("--label-column", "data_options.label_column", "CSV label column", reader=True),
         Flag(
