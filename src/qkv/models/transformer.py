@@ -182,8 +182,8 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, source_mask: Tensor) -> Tensor:
-        """``x (B, Ns, E)``, ``source_mask (B, Ns)`` bool -> ``(B, Ns, E)``."""
+    def forward(self, x: Tensor, source_mask: Tensor | None) -> Tensor:
+        """``x (B, Ns, E)``, ``source_mask (B, Ns)`` bool (None: no padding) -> ``(B, Ns, E)``."""
         attended, _ = self.self_attn(self.norm1(x), key_padding_mask=source_mask)
         x = x + self.drop(attended)
         return x + self.drop(self.ffn(self.norm2(x)))

