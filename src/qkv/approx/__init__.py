@@ -30,6 +30,7 @@ every :class:`qkv.nn.MultiHeadAttention` of an already built (or loaded) model.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,7 @@ AttentionFn = Callable[..., Any]
 
 def _partial(fn: Callable[..., Any]) -> Callable[..., AttentionFn]:
     def build(*, head_dim: int, **options: Any) -> AttentionFn:
+        inspect.signature(fn).bind_partial(None, None, None, **options)  # unknown options raise
         return functools.partial(fn, **options)
 
     return build

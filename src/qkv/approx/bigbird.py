@@ -117,6 +117,8 @@ def _with_user_mask(pattern: MaskFn, mask: Tensor | masks.MaskFunction | None) -
     if mask is None:
         return pattern
     if isinstance(mask, Tensor):
+        if mask.ndim == 2:  # (B, Nk) key padding, as every qkv.approx method takes it
+            mask = mask[:, None, None, :]
         return masks.dense(mask, "mask") & pattern
     return masks.mask_function(mask) & pattern
 
@@ -140,7 +142,8 @@ def bigbird_attention(
 
     Args:
         q: ``(B, Hq, Nq, D)``; k ``(B, Hkv, Nk, D)``; v ``(B, Hkv, Nk, Dv)`` (any GQA ratio).
-        mask: any :func:`qkv.attention` mask (key padding included), combined by logical and.
+        mask: a key padding mask ``(B, Nk)`` (as the other approximations take it), or any
+            :func:`qkv.attention` mask of 4 dims or a mask function; combined by logical and.
         causal: as :func:`qkv.attention`, combined with the pattern.
         block_size, window_blocks, global_blocks, random_blocks, seed: the pattern, over
             ``max(Nq, Nk)`` positions.
@@ -180,7 +183,8 @@ def local_attention(
     attention.
 
     Args:
-        q, k, v, mask, causal, scale, backend: as :func:`qkv.attention`.
+        q, k, v, causal, scale, backend: as :func:`qkv.attention`.
+        mask: as :func:`bigbird_attention`'s.
         window: keys at distance ``<= window`` are attended.
 
     Returns:

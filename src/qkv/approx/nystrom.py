@@ -64,7 +64,9 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     absolute = a.abs()
     col = absolute.sum(dim=-2).amax(dim=-1)  # (...)
     row = absolute.sum(dim=-1).amax(dim=-1)
-    z = a.transpose(-1, -2) / (col * row)[..., None, None]
+    norm = (col * row)[..., None, None]
+    # An all-zero a (a batch row without real keys) has pseudo-inverse 0, not 0 / 0.
+    z = a.transpose(-1, -2) / torch.where(norm > 0, norm, torch.ones_like(norm))
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     for _ in range(iterations):
         az = a @ z

@@ -64,7 +64,10 @@ def orthogonal_features(
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
         gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        orthonormal, _ = torch.linalg.qr(gaussian)  # columns orthonormal
+        orthonormal, upper = torch.linalg.qr(gaussian)  # columns orthonormal
+        # Signs of R's diagonal fixed to +: only then are Q's columns uniformly distributed
+        # (LAPACK's signs are not random, and skewed directions bias the kernel estimate).
+        orthonormal = orthonormal * torch.sign(torch.diagonal(upper))[None, :]
         blocks.append(orthonormal.T)
     directions = torch.cat(blocks)[:num_features]  # (M, D)
     norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
