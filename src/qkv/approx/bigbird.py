@@ -113,12 +113,25 @@ def bigbird_mask(
     return MaskFn(pattern, name, tiles)
 
 
+def _right_padded_lengths(mask: Tensor) -> Tensor | None:
+    """``(B,)`` lengths when ``mask (B, 1, 1, Nk)`` is True exactly on a prefix of each row."""
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.dtype != torch.bool:
+        return None
+    rows = mask[:, 0, 0, :]  # (B, Nk)
+    lengths = rows.sum(dim=-1)
+    prefix = torch.arange(rows.shape[-1], device=rows.device)[None, :] < lengths[:, None]
+    return lengths.cpu() if torch.equal(prefix, rows) else None
+
+
 def _with_user_mask(pattern: MaskFn, mask: Tensor | masks.MaskFunction | None) -> MaskFn:
     if mask is None:
         return pattern
     if isinstance(mask, Tensor):
         if mask.ndim == 2:  # (B, Nk) key padding, as every qkv.approx method takes it
             mask = mask[:, None, None, :]
+        lengths = _right_padded_lengths(mask)
+        if lengths is not None:  # index arithmetic and tile skipping instead of a lookup
+            return masks.key_padding(lengths) & pattern
         return masks.dense(mask, "mask") & pattern
     return masks.mask_function(mask) & pattern
 
