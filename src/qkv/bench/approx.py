@@ -10,7 +10,7 @@ Four parts, each a table (and one plot) in ``docs/efficient.md``:
   ``real_n`` tokens) and on synthetic Gaussian ``q, k, v`` of ``error_n`` tokens, with the
   time of one call beside it (the plot: error vs cost).
 - **speed** -- forward time (median of ``repeats`` after a warm-up) and peak extra resident
-  memory vs N, each case in a fresh process, against exact attention through ``auto`` and
+  memory (sampled during one more call) vs N, each case in a fresh process, against exact attention through ``auto`` and
   through ``chunked``; the crossover N from which each approximation is faster than both.
 - **task** -- the sentiment classifier (``builtin:rt``) trained with each attention for the same
   wall-clock budget, several seeds; test accuracy mean and spread; BPE tokens (N ~ 30) and
@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -155,17 +156,48 @@ def _gaussian(n: int, heads: int, head_dim: int, seed: int = 0) -> tuple[Tensor,
 # --- speed: one case per process -------------------------------------------------------------
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _current_rss_bytes() -> int | None:
+    """This process's resident set now (Linux ``/proc``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_during(fn: Callable[[], Any]) -> int | None:
+    """Largest resident set seen while ``fn()`` runs, sampled every 0.5 ms by a thread (torch
+    releases the GIL in its kernels). ``ru_maxrss`` cannot serve: importing torch sets a
+    high-water mark that the calls here stay under."""
+    if _current_rss_bytes() is None:
+        return None
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _current_rss_bytes() or 0)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return peak
 
 
 def measure_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Time one forward call of ``case["method"]`` at ``case["n"]`` and its peak extra memory
-    (resident set growth over the inputs); run in a fresh process by :func:`speed_rows`."""
+    """Time one forward call of ``case["method"]`` at ``case["n"]`` (median of
+    ``case["repeats"]`` after a warm-up) and, in one more call, its peak extra memory: the
+    largest resident set seen during the call minus the resident set before it (inputs
+    included in the baseline). Run in a fresh process by :func:`speed_rows`."""
     torch.manual_seed(0)
     q, k, v = _gaussian(case["n"], case["heads"], case["head_dim"])
     fn = _call(case["method"], case["n"], case["head_dim"], **case.get("options", {}))
-    baseline = _max_rss_bytes()
     with torch.no_grad():
         fn(q, k, v)  # warm-up
         times = []
@@ -173,7 +205,11 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             fn(q, k, v)
             times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_extra_bytes": _max_rss_bytes() - baseline}
+        gc.collect()
+        baseline = _current_rss_bytes()
+        peak = _peak_rss_during(lambda: fn(q, k, v))
+    extra = None if peak is None or baseline is None else max(0, peak - baseline)
+    return {"seconds": statistics.median(times), "peak_extra_bytes": extra}
 
 
 def speed_rows(
@@ -740,8 +776,9 @@ def _speed_tables(result: LabResult) -> list[str]:
 
 
 def write_plot(result: LabResult, path: Path) -> bool:
-    """Error vs cost (ms per call) on the synthetic sequence, one line per method; False
-    without matplotlib."""
+    """Error vs cost (ms per call), one line per method over its knob: on the last captured
+    layer's real activations and on the synthetic sequence, side by side. False without
+    matplotlib or error rows."""
     try:
         import matplotlib
 
@@ -749,16 +786,29 @@ def write_plot(result: LabResult, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in result.error if r["source"].startswith("synthetic")]
-    if not rows:
+    sources = list(dict.fromkeys(r["source"] for r in result.error))
+    chosen = [s for s in sources if s.startswith("real")][-1:] + [
+        s for s in sources if s.startswith("synthetic")
+    ]
+    if not chosen:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.0 * len(chosen), 4.2), squeeze=False)
+    for ax, source in zip(axes[0], chosen, strict=True):
+        _plot_source(ax, [r for r in result.error if r["source"] == source])
+        ax.set_title(source, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_source(ax: Any, rows: list[dict[str, Any]]) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
-        if method == "exact":
-            ms = next(r["ms"] for r in rows if r["method"] == "exact")
-            ax.axvline(ms, color="black", linestyle="--", label=f"exact ({ms:.0f} ms)")
-            continue
         mine = [r for r in rows if r["method"] == method]
+        if method == "exact":
+            ax.axvline(mine[0]["ms"], color="black", linestyle="--", label="exact (error 0)")
+            continue
         ax.plot([r["ms"] for r in mine], [r["rel_error"] for r in mine], "o-", label=method)
         for r in mine:
             if r["knob"] != "-":
@@ -767,13 +817,7 @@ def write_plot(result: LabResult, path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel("time per forward call (ms, CPU, float32)")
     ax.set_ylabel("relative output error vs exact")
-    ax.set_title(rows[0]["source"] + f", H={result.sizes.heads}, D={result.sizes.head_dim}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # --- the command -----------------------------------------------------------------------------
