@@ -10,7 +10,7 @@ Four parts, each a table (and one plot) in ``docs/efficient.md``:
   ``real_n`` tokens) and on synthetic Gaussian ``q, k, v`` of ``error_n`` tokens, with the
   time of one call beside it (the plot: error vs cost).
 - **speed** -- forward time (median of ``repeats`` after a warm-up) and peak extra resident
-  memory (sampled during one more call) vs N, each case in a fresh process, against exact attention through ``auto`` and
+  memory (sampled during the first call) vs N, each case in a fresh process, against exact attention through ``auto`` and
   through ``chunked``; the crossover N from which each approximation is faster than both.
 - **task** -- the sentiment classifier (``builtin:rt``) trained with each attention for the same
   wall-clock budget, several seeds; test accuracy mean and spread; BPE tokens (N ~ 30) and
@@ -191,23 +191,25 @@ def _peak_rss_during(fn: Callable[[], Any]) -> int | None:
 
 
 def measure_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Time one forward call of ``case["method"]`` at ``case["n"]`` (median of
-    ``case["repeats"]`` after a warm-up) and, in one more call, its peak extra memory: the
-    largest resident set seen during the call minus the resident set before it (inputs
-    included in the baseline). Run in a fresh process by :func:`speed_rows`."""
+    """Peak extra memory and time of one forward call of ``case["method"]`` at ``case["n"]``.
+
+    Memory comes first, from the first call in the process: the largest resident set seen
+    during it minus the resident set before it (the inputs are in the baseline). Measured
+    after other calls it would read low, as the allocator keeps their freed pages. Then the
+    time: the median of ``case["repeats"]`` calls after that one. Run in a fresh process by
+    :func:`speed_rows`."""
     torch.manual_seed(0)
     q, k, v = _gaussian(case["n"], case["heads"], case["head_dim"])
     fn = _call(case["method"], case["n"], case["head_dim"], **case.get("options", {}))
     with torch.no_grad():
-        fn(q, k, v)  # warm-up
+        gc.collect()
+        baseline = _current_rss_bytes()
+        peak = _peak_rss_during(lambda: fn(q, k, v))  # also the warm-up
         times = []
         for _ in range(case["repeats"]):
             start = time.perf_counter()
             fn(q, k, v)
             times.append(time.perf_counter() - start)
-        gc.collect()
-        baseline = _current_rss_bytes()
-        peak = _peak_rss_during(lambda: fn(q, k, v))
     extra = None if peak is None or baseline is None else max(0, peak - baseline)
     return {"seconds": statistics.median(times), "peak_extra_bytes": extra}
 
