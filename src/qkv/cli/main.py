@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_args(bench)
     bench.set_defaults(run=_run_bench)
+    # `qkv bench approx`: approximate attention against exact (qkv.bench.approx).
+    importlib.import_module("qkv.bench.approx").register(
+        bench.add_subparsers(dest="bench_kind", metavar="KIND")
+    )
 
     explain = commands.add_parser(
         "explain",

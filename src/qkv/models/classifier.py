@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qkv.approx import check_attention_config
 from qkv.functional.attention import attention
 from qkv.nn.multihead import MultiHeadAttention
 
@@ -76,6 +77,10 @@ class ClassifierConfig:
         pool_queries: ``r``, learned pooling queries (Lin et al.'s hops).
         pool_dim: ``Da``, size of the pooling keys.
         dropout: on embeddings, encoder outputs and the pooled vector.
+        attention: the Transformer encoder's attention function: ``"exact"``
+            (:func:`qkv.attention`) or an approximation of :mod:`qkv.approx` by name (NOT
+            exact); the pooling stays exact.
+        attention_options: the approximation's keyword options, e.g. ``{"num_features": 64}``.
         kind: ``"classifier"``, for :func:`qkv.models.build_model`-style dispatch.
     """
 
@@ -90,6 +95,8 @@ class ClassifierConfig:
     pool_dim: int = 128
     dropout: float = 0.2
     kind: str = "classifier"
+    attention: str = "exact"
+    attention_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads"):
@@ -112,6 +119,12 @@ class ClassifierConfig:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.kind != "classifier":
             raise ValueError(f"kind must be 'classifier', got {self.kind!r}")
+        check_attention_config(self.attention, self.attention_options)
+        if self.attention != "exact" and self.encoder != "transformer":
+            raise ValueError(
+                f"attention={self.attention!r} needs encoder='transformer'; got "
+                f"encoder={self.encoder!r}"
+            )
 
     @property
     def output_dim(self) -> int:
@@ -282,10 +295,25 @@ class _BiGRUEncoder(nn.Module):
 class _TransformerBlock(nn.Module):
     """Pre-norm block: ``x + MHA(LN(x))``, then ``x + FFN(LN(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention: str = "exact",
+        attention_options: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, num_heads, dropout=dropout, rope=True)
+        self.attn = MultiHeadAttention(
+            dim,
+            num_heads,
+            dropout=dropout,
+            rope=True,
+            attention=attention,
+            attention_options=attention_options,
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
@@ -300,11 +328,19 @@ class _TransformerBlock(nn.Module):
 
 class _TransformerEncoder(nn.Module):
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, num_layers: int, dropout: float
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_layers: int,
+        dropout: float,
+        attention: str = "exact",
+        attention_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            _TransformerBlock(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
+            _TransformerBlock(dim, num_heads, ffn_dim, dropout, attention, attention_options)
+            for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -336,7 +372,13 @@ class AttentionClassifier(nn.Module):
             self.encoder = _BiGRUEncoder(c.embed_dim, c.hidden_dim, c.num_layers, c.dropout)
         else:
             self.encoder = _TransformerEncoder(
-                c.embed_dim, c.num_heads, c.hidden_dim, c.num_layers, c.dropout
+                c.embed_dim,
+                c.num_heads,
+                c.hidden_dim,
+                c.num_layers,
+                c.dropout,
+                c.attention,
+                c.attention_options,
             )
         self.pool = AttentionPooling(c.output_dim, c.pool_dim, c.pool_queries)
         self.dropout = nn.Dropout(c.dropout)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from qkv.approx import check_attention_config
 from qkv.models.base import (
     EncoderOutput,
     check_choice,
@@ -61,6 +62,11 @@ class TransformerConfig:
             output projection (Press & Wolf 2017); ``"all"`` also shares it with the source
             embedding, which needs one vocabulary (``src_vocab_size == tgt_vocab_size``).
         pad_id: the padding id, masked on both sides.
+        attention: the encoder self-attention's function: ``"exact"`` (:func:`qkv.attention`)
+            or an approximation of :mod:`qkv.approx` by name (NOT exact). The decoder keeps
+            exact attention (its cached steps and cross-attention); to change any module of a
+            built model, use :func:`qkv.approx.swap_attention`.
+        attention_options: the approximation's keyword options, e.g. ``{"num_features": 64}``.
 
     Use :meth:`from_name` for the presets ``tiny``, ``small`` and ``base``.
     """
@@ -96,6 +102,8 @@ class TransformerConfig:
     positional: Positional = "sinusoidal"
     tie_embeddings: TieEmbeddings = "none"
     pad_id: int = 0
+    attention: str = "exact"
+    attention_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads"):
@@ -129,6 +137,7 @@ class TransformerConfig:
             )
         if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < 0:
             raise ValueError(f"pad_id must be an int >= 0; got pad_id={self.pad_id!r}")
+        check_attention_config(self.attention, self.attention_options)
 
     @property
     def head_dim(self) -> int:
@@ -322,7 +331,9 @@ class Seq2SeqTransformer(nn.Module):
         self.positions = SinusoidalPositionalEncoding(E) if c.positional == "sinusoidal" else None
         self.embed_drop = nn.Dropout(c.dropout)
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(self._attention(self_attention=True), self._ffn(), E, c.dropout)
+            EncoderLayer(
+                self._attention(self_attention=True, encoder=True), self._ffn(), E, c.dropout
+            )
             for _ in range(c.num_encoder_layers)
         )
         self.decoder_layers = nn.ModuleList(
@@ -339,7 +350,7 @@ class Seq2SeqTransformer(nn.Module):
         self.output = nn.Linear(E, c.tgt_vocab_size, bias=False)
         self._init_embeddings()
 
-    def _attention(self, *, self_attention: bool) -> MultiHeadAttention:
+    def _attention(self, *, self_attention: bool, encoder: bool = False) -> MultiHeadAttention:
         c = self.config
         return MultiHeadAttention(
             c.d_model,
@@ -347,6 +358,8 @@ class Seq2SeqTransformer(nn.Module):
             num_kv_heads=c.num_kv_heads,
             dropout=c.dropout,
             rope=self_attention and c.positional == "rope",
+            attention=c.attention if encoder else "exact",
+            attention_options=c.attention_options if encoder else None,
         )
 
     def _ffn(self) -> nn.Module:

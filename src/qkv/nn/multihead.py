@@ -25,6 +25,7 @@ Three ways to call it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,11 @@ class MultiHeadAttention(nn.Module):
             (a :class:`~qkv.nn.positional.RotaryEmbedding` of base 10000), or a
             ``RotaryEmbedding`` of head dim ``D`` (for another base, or to share one cache).
         backend: the :func:`qkv.attention` backend, ``"auto"`` by default.
+        attention: the attention function: ``"exact"`` (:func:`qkv.attention`, the default),
+            the name of an approximation in :mod:`qkv.approx` (``"linear"``, ``"performer"``,
+            ``"nystrom"``, ``"linformer"``, ``"bigbird"``, ``"local"``), NOT exact, or a callable
+            ``fn(q, k, v, *, mask, causal) -> (B, Hq, Nq, D)``. See :meth:`set_attention`.
+        attention_options: keyword options of the approximation, e.g. ``{"num_features": 128}``.
 
     Attributes:
         q_proj: ``Linear(E, E)``.
@@ -115,6 +121,9 @@ class MultiHeadAttention(nn.Module):
         v_proj: ``Linear(Ev, Hkv * D)``.
         out_proj: ``Linear(E, E)``.
         rope: the ``RotaryEmbedding`` or None.
+        attention_name: ``"exact"``, the approximation's name, or the callable's name.
+        attention_impl: None for exact attention, else the approximation (a module when it has
+            parameters or buffers, so they are saved with the model).
 
     Raises:
         ValueError: when ``embed_dim % num_heads != 0`` or ``num_heads % num_kv_heads != 0``,
@@ -133,6 +142,8 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         rope: bool | RotaryEmbedding = False,
         backend: str = "auto",
+        attention: str | Callable[..., Tensor] = "exact",
+        attention_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         E = _check_size("embed_dim", embed_dim)
@@ -159,6 +170,52 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, Hkv * D, bias=bias)
         self.out_proj = nn.Linear(E, E, bias=bias)
         self.rope = _make_rope(rope, D)
+        self.attention_name = "exact"
+        self.attention_impl: Callable[..., Tensor] | None = None
+        self.set_attention(attention, **(attention_options or {}))
+
+    def set_attention(self, attention: str | Callable[..., Tensor], **options: Any) -> None:
+        """Use another attention function from now on (the projections are kept).
+
+        ``"exact"`` is :func:`qkv.attention` with this module's ``backend`` (the default).
+        Anything else is an approximation (:mod:`qkv.approx`, NOT exact) or a callable
+        ``fn(q, k, v, *, mask, causal) -> (B, Hq, Nq, D)``; it receives ``mask`` as
+        :func:`qkv.attention` would (a ``(B, 1, 1, Nk)`` key padding tensor when only
+        ``key_padding_mask`` is given) and ignores ``dropout``; ``bias`` and ``need_weights``
+        need exact attention. A method with parameters (linformer) or buffers (performer) is
+        built on this module's device and dtype and becomes its submodule ``attention_impl``.
+
+        Raises:
+            ValueError: an unknown name or bad options; TypeError: not a str or callable.
+        """
+        if "attention_impl" in self._modules:
+            del self._modules["attention_impl"]
+        if isinstance(attention, str):
+            if attention == "exact":
+                if options:
+                    raise ValueError(
+                        f"attention='exact' takes no attention_options; got {sorted(options)}"
+                    )
+                self.attention_name, self.attention_impl = "exact", None
+                return
+            from qkv.approx import make_attention
+
+            impl = make_attention(attention, head_dim=self.head_dim, **options)
+            name = attention
+        elif callable(attention):
+            if options:
+                raise ValueError(
+                    "attention_options go with an approximation's name; a callable takes none"
+                )
+            impl, name = attention, getattr(attention, "__name__", type(attention).__name__)
+        else:
+            raise TypeError(
+                f"attention must be 'exact', an approximation's name or a callable; got "
+                f"{type(attention).__name__}"
+            )
+        if isinstance(impl, nn.Module):
+            impl.to(device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
+        self.attention_name, self.attention_impl = name, impl
 
     # --- the call -----------------------------------------------------------------------------
 
@@ -255,6 +312,10 @@ class MultiHeadAttention(nn.Module):
             causal = "bottom_right"
 
         # 5. Attention, then heads merged and projected back.
+        if self.attention_impl is not None:
+            out = self._approximate(q, k, v, mask, bias, causal, need_weights)
+            out = out.transpose(1, 2).reshape(B, Nq, self.embed_dim)  # (B, Nq, E)
+            return self.out_proj(out), None
         opts: dict[str, Any] = {
             "mask": mask,
             "bias": bias,
@@ -391,6 +452,29 @@ class MultiHeadAttention(nn.Module):
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _approximate(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: MaskArg,
+        bias: BiasArg,
+        causal: CausalArg,
+        need_weights: bool,
+    ) -> Tensor:
+        """The configured approximation on ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D)``."""
+        assert self.attention_impl is not None
+        if need_weights:
+            raise ValueError(
+                f"need_weights=True needs exact attention; this module uses "
+                f"attention={self.attention_name!r} (set_attention('exact') to get weights)"
+            )
+        if bias is not None:
+            raise ValueError(
+                f"bias needs exact attention; this module uses attention={self.attention_name!r}"
+            )
+        return self.attention_impl(q, k, v, mask=mask, causal=causal)  # (B, Hq, Nq, D)
+
     @staticmethod
     def _split_heads(x: Tensor, heads: int) -> Tensor:
         """``(B, N, heads * D) -> (B, heads, N, D)``."""
@@ -507,4 +591,6 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"dropout={self.dropout}")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
+        if self.attention_name != "exact":
+            parts.append(f"attention={self.attention_name!r}")
         return ", ".join(parts)
