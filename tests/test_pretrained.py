@@ -149,13 +149,16 @@ def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     return folder
 
 
-def _random_hf_folder(folder: Path, *, prefix: str = "") -> tuple[Path, BertEncoder]:
-    """A folder with random weights under HF names, and the encoder they came from."""
+def _random_hf_folder(
+    folder: Path, *, prefix: str = "", std: float | None = 0.3
+) -> tuple[Path, BertEncoder]:
+    """A folder with random weights under HF names, and the encoder they came from; ``std``
+    replaces the default init (LayerNorms away from (1, 0)); None keeps it."""
     torch.manual_seed(0)
     config = _tiny_config()
     source = BertEncoder(config).eval()
-    for p in source.parameters():  # not the default init: LayerNorms away from (1, 0)
-        torch.nn.init.normal_(p, std=0.3)
+    for p in source.parameters() if std is not None else []:
+        torch.nn.init.normal_(p, std=std)
     params = dict(source.named_parameters())
     tensors = {prefix + hf: params[ours].detach() for ours, hf in hf_tensor_names(config).items()}
     tensors[prefix + "pooler.dense.weight"] = torch.randn(16, 16)  # a head the loader skips
