@@ -214,3 +214,80 @@ def test_attention_sinks_are_refused():
         qkv_hf.attention_forward(
             torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2), scaling=0.5
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The mapping itself, against eager's formula in float64
+
+
+def _eager(q, k, v, *, additive=None, scaling, softcap=None):
+    """transformers' eager attention: scores, softcap, additive mask, softmax (GQA repeated)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-2, -1) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if additive is not None:
+        s = s + additive
+    p = s.softmax(-1)
+    return (p @ v).transpose(1, 2), p
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+@pytest.mark.parametrize(
+    "case", ["bool_mask_and_position_bias", "float_mask", "softcap_and_mask", "causal", "window"]
+)
+def test_attention_forward_maps_arguments(case):
+    torch.manual_seed(3)
+    B, Hq, Hkv, N, D = 2, 4, 2, 7, 8
+    q = torch.randn(B, Hq, N, D, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, N, D, dtype=torch.float64) for _ in range(2))
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    padding = torch.tensor([[True] * N, [True] * 4 + [False] * 3])[:, None, None, :]  # (B,1,1,N)
+    kwargs: dict = {}
+    softcap = None
+    if case == "bool_mask_and_position_bias":
+        mask, bias = padding & (j <= i), torch.randn(1, Hq, N, N, dtype=torch.float64)
+        kwargs, additive = {"position_bias": bias}, _additive(mask) + bias
+        call_mask = mask
+    elif case == "float_mask":
+        call_mask = additive = _additive(padding.expand(B, 1, N, N))
+    elif case == "softcap_and_mask":
+        softcap = 0.5
+        call_mask, additive, kwargs = padding, _additive(padding), {"softcap": softcap}
+    elif case == "causal":
+        call_mask, additive, kwargs = None, _additive(j <= i), {"is_causal": True}
+    else:  # a window of 3: the query and the two keys before it
+        call_mask, additive = None, _additive((j <= i) & (j > i - 3))
+        kwargs = {"is_causal": True, "sliding_window": 3}
+    out, weights = qkv_hf.attention_forward(
+        _Module(), q, k, v, call_mask, scaling=0.3, output_attentions=True, **kwargs
+    )
+    ref_out, ref_weights = _eager(q, k, v, additive=additive, scaling=0.3, softcap=softcap)
+    assert out.shape == (B, N, Hq, D)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-10)
+
+
+def test_single_decoding_query_sees_the_whole_cache():
+    """No mask and one query: not causal (top-left would see only key 0)."""
+    torch.manual_seed(4)
+    q = torch.randn(1, 2, 1, 4, dtype=torch.float64)
+    k, v = (
+        torch.randn(1, 2, 5, 4, dtype=torch.float64),
+        torch.randn(1, 2, 5, 4, dtype=torch.float64),
+    )
+    out, weights = qkv_hf.attention_forward(
+        _Module(), q, k, v, None, scaling=0.5, output_attentions=True
+    )
+    ref_out, ref_weights = _eager(q, k, v, scaling=0.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(weights, ref_weights)
+    assert (weights > 0).all()
