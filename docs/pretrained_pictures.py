@@ -66,7 +66,18 @@ def main() -> None:
     page = {f"layer {i}": m[0] for i, m in enumerate(maps)}
     written.append(write_page(out / "attention.html", page, tokens, tokens, title=args.sentence))
 
-    # The figures the text of docs/pretrained.md quotes.
+    # The figures the text of docs/pretrained.md quotes. Per head: the mean weight each word
+    # (not [CLS]/[SEP]) puts on the previous token, the next token and [CLS].
+    def per_head(offset: int | None) -> list[list[float]]:
+        rows = []
+        for m in maps:
+            w = m[0]  # (H, N, N)
+            n = w.shape[-1]
+            cols = [0] * (n - 2) if offset is None else [i + offset for i in range(1, n - 1)]
+            picked = w[:, torch.arange(1, n - 1), torch.tensor(cols)]  # (H, N - 2)
+            rows.append([round(float(x), 2) for x in picked.mean(-1)])
+        return rows
+
     summary = {
         "tokens": tokens,
         "mean_entropy_per_layer": [round(float(s.entropy.mean()), 3) for s in stats],
@@ -74,12 +85,18 @@ def main() -> None:
         "cls_or_sep_weight_per_layer": [
             round(float(m[0][:, :, [0, -1]].sum(-1).mean()), 3) for m in maps
         ],
+        "previous_token_weight": per_head(-1),
+        "next_token_weight": per_head(1),
+        "cls_weight": per_head(None),
+        "rollout_share_from_cls": round(float(rollout[:, 0].mean()), 3),
+        "rollout_share_from_sep": round(float(rollout[:, -1].mean()), 3),
+        "rollout_share_from_self": round(float(rollout.diagonal()[1:].mean()), 3),
         "top_rollout_inputs_of_cls": [tokens[int(j)] for j in torch.topk(rollout[0], 5).indices],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for path in written:
         print(f"{path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print(json.dumps(summary))
+    print(json.dumps({k: v for k, v in summary.items() if "weight" not in k}))
 
 
 if __name__ == "__main__":
