@@ -9,6 +9,9 @@
     logits = model(source, target_in)                  # (B, Ns), (B, Nt) -> (B, Nt, 40)
     same = build_model(config.to_dict())               # rebuilt from a checkpoint's config.json
 
+Pretrained BERT-family encoders load from Hugging Face-layout folders with
+``load_pretrained("minilm")`` (:mod:`~qkv.models.pretrained`).
+
 :class:`~qkv.models.base.Seq2SeqModel` is the interface training, decoding (:mod:`qkv.decode`)
 and visualisation rely on; :mod:`~qkv.models.transformer` and :mod:`~qkv.models.rnn` implement it.
 """
@@ -29,6 +32,7 @@ from qkv.models.base import (
     ModelConfig,
     Seq2SeqModel,
 )
+from qkv.models.pretrained import BertEncoder, PretrainedClassifier, load_pretrained
 from qkv.models.rnn import RNNConfig, RNNDecoderState, RNNSeq2Seq
 from qkv.models.transformer import Seq2SeqTransformer, TransformerConfig, TransformerDecoderState
 
@@ -36,9 +40,11 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "PAD_ID",
+    "BertEncoder",
     "DecoderState",
     "EncoderOutput",
     "ModelConfig",
+    "PretrainedClassifier",
     "RNNConfig",
     "RNNDecoderState",
     "RNNSeq2Seq",
@@ -48,6 +54,7 @@ __all__ = [
     "TransformerDecoderState",
     "build_model",
     "config_from_dict",
+    "load_pretrained",
 ]
 
 _KINDS: dict[str, tuple[Any, Any]] = {

