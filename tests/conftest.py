@@ -1,0 +1,16 @@
+"""Settings every test module needs before anything imports Triton.
+
+Triton decides at import time whether its ``@triton.jit`` functions (its own standard library
+among them) run in the interpreter. Other tests import Triton indirectly (``torch.compile`` of
+FlexAttention on the CPU, ``transformers``), so the interpreter switch of the Triton kernel tests
+must be set before the first test module is collected, not in ``tests/test_triton.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
