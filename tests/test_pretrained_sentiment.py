@@ -307,3 +307,28 @@ def test_cli_minilm_trains_and_classifies(tmp_path, capsys):
     assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     clf = PretrainedTextClassifier.load(out)
     assert clf.model.encoder.config.hidden_size == 384 and clf.max_length == 32
+
+
+def test_folder_of_the_earlier_layout_still_loads(tmp_path, capsys):
+    """Folders fine-tuned before the sentiment task had a pretrained setting kept the data
+    spec, options, max_length and pretrained model under "data"; they load and evaluate."""
+    folder, _ = _random_hf_folder(tmp_path / "encoder", std=None)
+    data = tmp_path / "three.csv"
+    _write_three_classes(data, rows=18)
+    out = tmp_path / "model"
+    assert _train_cli(data, out, folder, "--steps", "2", "--max-length", "5") == 0
+    config = json.loads((out / "config.json").read_text())
+    settings = config.pop("sentiment")
+    config["data"] = {
+        "spec": settings["data"],
+        "options": {},
+        "max_length": 5,
+        "pretrained": settings["pretrained"],
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    clf = PretrainedTextClassifier.load(out)
+    assert clf.max_length == 5
+    assert len(clf.classify(["w2 w9 w17 w30 w12 w5 w8"])[0].tokens) == 5
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 18
