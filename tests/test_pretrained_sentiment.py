@@ -236,7 +236,11 @@ def test_cli_train_classify_evaluate_resume(tmp_path, capsys):
                  "--steps", "24", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "lr" in err and "0.03" in err and len(err.strip().splitlines()) == 1
-    code = main(["train", "sentiment", "--out", str(out), "--resume", "--steps", "24", "--quiet"])
+    code = main(["train", "sentiment", "--out", str(out), "--resume", "--preset", "tiny",
+                 "--quiet"])  # fmt: skip
+    assert code == 2 and "--preset" in capsys.readouterr().err
+    code = main(["train", "sentiment", "--out", str(out), "--resume", "--steps", "24",
+                 "--pooling", "attention", "--quiet"])  # fmt: skip
     assert code == 0 and "trained 24 steps" in capsys.readouterr().out
 
 

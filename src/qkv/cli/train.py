@@ -8,8 +8,9 @@ Every setting flag defaults to "not given" (``None``): a new run fills in the de
 ``--help``; a ``--resume`` starts from the saved run's settings, and a flag given with another
 value than the saved one is refused by the resume rule (:data:`qkv.tasks.base.RESUMABLE`).
 
-A spec may also define ``check_train_flags(given)`` (refuse flags that do not go together;
-``given`` maps the settings fields of the task flags that were set to their values) and
+A spec may also define ``check_train_flags(given, base)`` (refuse flags that do not go
+together; ``given`` maps the settings fields of the task flags that were set to their values,
+``base`` is the settings they apply to: the defaults, or a resumed run's saved ones) and
 ``training_defaults(settings, max_steps) -> {field: value}`` (training defaults of its own for a
 new run, e.g. fine-tuning ones for ``qkv train sentiment --pretrained``).
 """
@@ -242,7 +243,8 @@ def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any)
                 flag.field: getattr(args, flag.dest)
                 for flag in spec.train_flags
                 if flag.field is not None and getattr(args, flag.dest) is not None
-            }
+            },
+            base,
         )
     settings = base
     if args.data is not None:

@@ -390,14 +390,15 @@ class SentimentSpec(TaskSpec[SentimentSetup, Any]):
         ),
     )
 
-    def check_train_flags(self, given: dict[str, Any]) -> None:
-        """Refuse flags that do not go together (``given``: the flags set, by settings field).
+    def check_train_flags(self, given: dict[str, Any], base: SentimentSetup) -> None:
+        """Refuse flags that do not go together (``given``: the flags set, by settings field;
+        ``base``: the settings they apply to, a resumed run's saved ones or the defaults).
 
         Raises:
             ValueError: ``--preset``/``--vocab-size`` with ``--pretrained``, or ``--pooling``
                 without it.
         """
-        if given.get("pretrained") is not None:
+        if given.get("pretrained", base.pretrained) is not None:
             clash = [name for name in SCRATCH_ONLY_FLAGS if given.get(name) is not None]
             if clash:
                 flags = "/".join("--" + name.replace("_", "-") for name in clash)
