@@ -336,3 +336,100 @@ def test_folder_of_the_earlier_layout_still_loads(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 18
+
+
+# --------------------------------------------------------------------------------------------
+# DDP: a fine-tuning run under 2-process gloo equals one process on the global batches
+
+
+def _dropout_free_folder(folder):
+    """A tiny random HF folder with no dropout (dropout streams differ per process)."""
+    from qkv.models.pretrained import BertEncoder, hf_tensor_names
+    from test_pretrained import _tiny_config, _write_folder
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(
+        _tiny_config(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    params = dict(BertEncoder(config).named_parameters())
+    tensors = {hf: params[ours].detach() for ours, hf in hf_tensor_names(config).items()}
+    hf_config = {"model_type": "bert", "architectures": ["BertModel"], **config.to_dict()}
+    return _write_folder(folder, tensors, hf_config)
+
+
+def _ddp_settings(data, encoder):
+    from qkv.tasks.sentiment import SentimentSetup
+
+    return SentimentSetup(
+        data=str(data),
+        pretrained=str(encoder),
+        pooling="attention",
+        max_length=16,
+        batch_size=4,
+        model_overrides={"dropout": 0.0},
+        data_options={"validation": 0.0, "test": 0.0},
+    )
+
+
+def _ddp_training():
+    return default_finetune_config(
+        max_steps=3, lr=1e-2, warmup_steps=0, eval_every=100, device="cpu"
+    )
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, encoder: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from qkv.tasks import train_task
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        train_task("sentiment", _ddp_settings(data, encoder), _ddp_training(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fine_tuning_two_processes_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from qkv.tasks import get_task
+    from qkv.train import DistributedContext, Trainer, load_model, seed_everything
+    from test_ddp import GlobalBatches, _free_port
+
+    encoder = _dropout_free_folder(tmp_path / "encoder")
+    data = tmp_path / "three.csv"
+    _write_three_classes(data, rows=24)
+    out = tmp_path / "ddp"
+    args = (2, _free_port(), str(data), str(encoder), str(out))
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+
+    spec = get_task("sentiment")
+    settings = _ddp_settings(data, encoder)
+    seed_everything(0)  # as train_task does before building the model
+    prepared = spec.prepare(
+        settings, spec.load_splits(str(data), settings.data_options), folder=None
+    )
+    single = prepared.model
+    initial = {k: v.clone() for k, v in single.state_dict().items()}
+    Trainer(
+        single,
+        prepared.objective,
+        GlobalBatches(prepared, seed=0),
+        _ddp_training(),
+        distributed=DistributedContext(),
+    ).fit()
+    ddp, _ = load_model(
+        out, lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c))
+    )
+    for name, value in single.state_dict().items():
+        # A key bias adds the same amount to every score of a query, so softmax ignores it: its
+        # gradient is rounding noise, which Adam's normalisation turns into full-sized steps
+        # that differ between the two runs. The weights that matter must agree.
+        if name.endswith("k_proj.bias"):
+            continue
+        torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(initial[n], v) for n, v in single.state_dict().items())
