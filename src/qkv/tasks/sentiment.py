@@ -397,7 +397,13 @@ class SentimentSpec(TaskSpec[SentimentSetup, Any]):
         Raises:
             ValueError: ``--preset``/``--vocab-size`` with ``--pretrained``, or ``--pooling``
                 without it.
+            PretrainedError: a ``--pretrained`` that is no folder or named model, or whose
+                package is missing (checked before the data is read).
         """
+        if given.get("pretrained") is not None:
+            from qkv.models.pretrained import resolve_pretrained
+
+            resolve_pretrained(given["pretrained"])
         if given.get("pretrained", base.pretrained) is not None:
             clash = [name for name in SCRATCH_ONLY_FLAGS if given.get(name) is not None]
             if clash:
