@@ -3,6 +3,7 @@
 ::
 
     qkv train sentiment --data builtin:rt --out rt-model --minutes 20
+    qkv train sentiment --pretrained minilm --data builtin:rt --out rt-minilm --steps 428
     qkv classify --model rt-model "a gorgeous, witty film" --explain [--html page.html]
     qkv evaluate --model rt-model            # accuracy, macro-F1, confusion matrix
 
@@ -92,7 +93,6 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
 
 def _run_classify(args: argparse.Namespace) -> int:
     from qkv.tasks.base import get_task, set_attention_backend
-    from qkv.tasks.sentiment import TextClassifier
     from qkv.train import read_config, seed_everything
 
     seed_everything(args.seed)
@@ -104,7 +104,8 @@ def _run_classify(args: argparse.Namespace) -> int:
         if run is None:
             raise ValueError(f"--model {args.model}: a {task} model does not classify")
         return int(run(args))
-    classifier = TextClassifier.load(args.model, device=args.device)
+    # a classifier trained from scratch or a fine-tuned pretrained one: the spec tells them apart
+    classifier = get_task("sentiment").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     texts = read_texts(args.text, args.file)
     predictions = classifier.classify(texts)

@@ -7,6 +7,12 @@ parse -> :func:`qkv.tasks.train_task` -> print. A task needs nothing here to get
 Every setting flag defaults to "not given" (``None``): a new run fills in the defaults shown in
 ``--help``; a ``--resume`` starts from the saved run's settings, and a flag given with another
 value than the saved one is refused by the resume rule (:data:`qkv.tasks.base.RESUMABLE`).
+
+A spec may also define ``check_train_flags(given, base)`` (refuse flags that do not go
+together; ``given`` maps the settings fields of the task flags that were set to their values,
+``base`` is the settings they apply to: the defaults, or a resumed run's saved ones) and
+``training_defaults(settings, max_steps) -> {field: value}`` (training defaults of its own for a
+new run, e.g. fine-tuning ones for ``qkv train sentiment --pretrained``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,10 +204,15 @@ def add_runtime_args(p: argparse.ArgumentParser, *, backend: bool = True) -> Non
         p.add_argument("--backend", default="auto", help="attention backend (default %(default)s)")
 
 
-def training_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+def training_config(
+    args: argparse.Namespace,
+    saved: TrainConfig | None = None,
+    defaults: Callable[[int | None], dict[str, Any]] | None = None,
+) -> TrainConfig:
     """The :class:`~qkv.train.TrainConfig` of the flags: the given ones over ``saved`` (a
-    resumed run) or over :data:`TRAINING_DEFAULTS`; without ``--steps``/``--minutes``, a new
-    run takes the task's default step limit and a resumed one its saved limits."""
+    resumed run) or over :data:`TRAINING_DEFAULTS` updated with ``defaults(max_steps)`` (a
+    task's own); without ``--steps``/``--minutes``, a new run takes the task's default step
+    limit and a resumed one its saved limits."""
     from qkv.train import TrainConfig
 
     given = {
@@ -215,11 +227,25 @@ def training_config(args: argparse.Namespace, saved: TrainConfig | None = None) 
         return replace(saved, **given, max_steps=steps, max_minutes=minutes)
     if steps is None and minutes is None:
         steps = args.default_steps
-    return TrainConfig(**{**TRAINING_DEFAULTS, **given}, max_steps=steps, max_minutes=minutes)
+    own = defaults(steps) if defaults is not None else {}
+    return TrainConfig(
+        **{**TRAINING_DEFAULTS, **own, **given}, max_steps=steps, max_minutes=minutes
+    )
 
 
 def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any) -> Any:
-    """``base`` with every task flag that was given applied."""
+    """``base`` with every task flag that was given applied (after the spec's
+    ``check_train_flags``, if it has one)."""
+    check = getattr(spec, "check_train_flags", None)
+    if check is not None:
+        check(
+            {
+                flag.field: getattr(args, flag.dest)
+                for flag in spec.train_flags
+                if flag.field is not None and getattr(args, flag.dest) is not None
+            },
+            base,
+        )
     settings = base
     if args.data is not None:
         settings = replace(settings, data=args.data)
@@ -289,7 +315,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError(f"qkv train {spec.name}: --data is required (except with --resume)")
         settings = task_settings(spec, args, spec.settings_type())
-        training = training_config(args)
+        own = getattr(spec, "training_defaults", None)
+        training = training_config(
+            args, defaults=None if own is None else (lambda steps: own(settings, steps))
+        )
     progress = TrainProgress(quiet=args.quiet)
     outcome = train_task(
         spec,

@@ -1,25 +1,30 @@
-"""Fine-tuning a pretrained encoder for text classification: train, save, load, classify.
+"""Fine-tuning a pretrained encoder for text classification: build, load, classify.
 
 ::
 
-    from qkv.tasks.pretrained_sentiment import (
-        train_pretrained_sentiment, PretrainedTextClassifier, evaluate_pretrained)
+    qkv train sentiment --pretrained minilm --data builtin:rt --out runs/rt-minilm --steps 428
+    qkv classify --model runs/rt-minilm "a gorgeous, witty film"
+    qkv evaluate --model runs/rt-minilm
 
-    train_pretrained_sentiment("builtin:rt", "runs/rt-minilm", pretrained="minilm",
-                               train=TrainConfig(max_minutes=20, lr=1e-4))
+    from qkv.tasks import train_task
+    from qkv.tasks.sentiment import SentimentSetup
+    train_task("sentiment", SentimentSetup(data="builtin:rt", pretrained="minilm", max_length=128),
+               default_finetune_config(max_steps=428), "runs/rt-minilm")
     clf = PretrainedTextClassifier.load("runs/rt-minilm")
     clf.classify(["a gorgeous, witty film"])[0].label               # 'positive'
     evaluate_pretrained(clf, load_labeled("builtin:rt").test)       # accuracy, macro-F1, ...
 
-The model is a :class:`qkv.models.pretrained.PretrainedClassifier` (the encoder's weights from
-:func:`qkv.models.load_pretrained`, a new pooling + linear head), trained end to end by the
-shared :class:`qkv.train.Trainer` with :class:`qkv.tasks.sentiment.SentimentTask` (summed
-cross-entropy, validation accuracy). The result is a normal qkv model folder
-(:func:`qkv.train.save_model_folder`): ``config.json`` (``"task": "sentiment"``, the model
-config with ``"kind": "pretrained-classifier"`` and the encoder's config, the labels),
-``model.safetensors`` (encoder and head, qkv's names), ``tokenizer.json`` (the pretrained
-tokenizer), ``training_state.pt``. Any labeled data :func:`qkv.data.load_labeled` reads works,
-with any number of classes.
+This is the sentiment task (:data:`qkv.tasks.sentiment.SPEC`) with ``pretrained`` set, trained
+by :func:`qkv.tasks.train_task` like every task (one folder rule, one resume rule, DDP,
+keep-best): :func:`prepare_pretrained` is what its ``prepare`` builds then. The model is a
+:class:`qkv.models.pretrained.PretrainedClassifier` (the encoder's weights from
+:func:`qkv.models.load_pretrained`, a new pooling + linear head) trained end to end with
+:class:`qkv.tasks.sentiment.SentimentTask` (summed cross-entropy, validation accuracy). The
+folder is a normal qkv model folder: ``config.json`` (``"task": "sentiment"``, the settings
+under ``"sentiment"``, the model config with ``"kind": "pretrained-classifier"`` and the
+encoder's config, the labels), ``model.safetensors`` (encoder and head, qkv's names),
+``tokenizer.json`` (the pretrained WordPiece tokenizer), ``training_state.pt``. Any labeled
+data :func:`qkv.data.load_labeled` reads works, with any number of classes.
 
 Shapes: ``B`` texts, ``N`` tokens of the longest, ``C`` classes.
 """
@@ -36,8 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qkv.data.batching import BucketBatchSampler
-from qkv.data.labeled import LabeledText, LabelSet, load_labeled
+from qkv.data.labeled import LabeledText, LabelSet
+from qkv.data.registry import Splits
 from qkv.models.pretrained import (
     PretrainedClassifier,
     PretrainedClassifierConfig,
@@ -45,34 +50,29 @@ from qkv.models.pretrained import (
     load_tokenizer,
 )
 from qkv.models.pretrained.classifier import KIND, Pooling, encode
+from qkv.tasks.base import Prepared, load_task_model, train_task
 from qkv.tasks.sentiment import (
+    SPEC,
     LabeledDataset,
     Prediction,
+    SentimentSetup,
     SentimentTask,
-    classification_metrics,
     collate_labeled,
+    evaluate_classifier,
+    label_set,
 )
-from qkv.train import (
-    ModelFolderError,
-    SamplerBatches,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    load_model,
-    load_training_state,
-    prepare_output_folder,
-    read_config,
-    save_model_folder,
-    seed_everything,
-)
+from qkv.train import ModelFolderError, TrainConfig, TrainResult, read_config
 from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
+    "FINETUNE_DEFAULTS",
     "PretrainedSetup",
     "PretrainedTextClassifier",
     "default_finetune_config",
     "evaluate_pretrained",
+    "finetune_defaults",
     "is_pretrained_folder",
+    "prepare_pretrained",
     "train_pretrained_sentiment",
 ]
 
@@ -80,10 +80,36 @@ logger = logging.getLogger(__name__)
 TASK_NAME = "sentiment"
 TOKENIZER_FILE = "tokenizer.json"
 
+#: Training settings that suit fine-tuning (not training from scratch): a small peak learning
+#: rate and cosine decay; the warmup is a tenth of the steps (:func:`finetune_defaults`).
+FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "schedule": "cosine"}
+
+
+def finetune_defaults(max_steps: int | None) -> dict[str, Any]:
+    """:data:`FINETUNE_DEFAULTS` with a warmup of a tenth of ``max_steps`` (100 steps when
+    the run is limited by time only)."""
+    warmup = max(max_steps // 10, 1) if max_steps else 100
+    return {**FINETUNE_DEFAULTS, "warmup_steps": warmup}
+
+
+def default_finetune_config(**overrides: Any) -> TrainConfig:
+    """A :class:`~qkv.train.TrainConfig` for fine-tuning: :func:`finetune_defaults`, 2000
+    steps, evaluation every 200 steps, keep-best; ``overrides`` replace any of them."""
+    steps = overrides.get("max_steps", 2000)
+    values: dict[str, Any] = {
+        **finetune_defaults(steps),
+        "max_steps": 2000,
+        "eval_every": 200,
+        "keep_best": True,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
 
 @dataclass(frozen=True)
 class PretrainedSetup:
-    """What to build before fine-tuning (saved in ``config.json``).
+    """The fine-tuning choices of :func:`train_pretrained_sentiment` (which turns them into a
+    :class:`~qkv.tasks.sentiment.SentimentSetup`, what the folder saves).
 
     Attributes:
         pretrained: ``"minilm"`` or an HF-layout folder (see :func:`qkv.models.load_pretrained`).
@@ -111,20 +137,17 @@ class PretrainedSetup:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-
-def default_finetune_config(**overrides: Any) -> TrainConfig:
-    """Settings that suit fine-tuning (not training from scratch): a small peak learning rate,
-    a short warmup, cosine decay, evaluation every 200 steps."""
-    values: dict[str, Any] = {
-        "lr": 1e-4,
-        "warmup_steps": 100,
-        "schedule": "cosine",
-        "max_steps": 2000,
-        "eval_every": 200,
-        "keep_best": True,
-    }
-    values.update(overrides)
-    return TrainConfig(**values)
+    def settings(self, data: str) -> SentimentSetup:
+        """The sentiment task's settings for fine-tuning on ``data``."""
+        return SentimentSetup(
+            data=data,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            model_overrides={"dropout": self.dropout, "pool_queries": self.pool_queries},
+            data_options=dict(self.data_options or {}),
+            pretrained=str(self.pretrained),
+            pooling=self.pooling,
+        )
 
 
 class _TokenizerFile:
@@ -138,12 +161,70 @@ class _TokenizerFile:
 
 
 def _dataset(
-    examples: Sequence[LabeledText], tokenizer: Any, labels: LabelSet, max_length: int
+    examples: Sequence[LabeledText], tokenizer: Any, labels: LabelSet, max_length: int | None
 ) -> LabeledDataset:
-    """Tokenize once; the ids keep no padding (the collate pads with 0, BERT's ``[PAD]``)."""
+    """Tokenize once (with ``[CLS]``/``[SEP]``; the first ``max_length - 1`` tokens and the
+    final ``[SEP]``); the ids keep no padding (the collate pads with 0, BERT's ``[PAD]``)."""
     rows = [list(e.ids) for e in tokenizer.encode_batch([x.text for x in examples])]
-    rows = [r if len(r) <= max_length else [*r[: max_length - 1], r[-1]] for r in rows]
+    if max_length is not None:
+        rows = [r if len(r) <= max_length else [*r[: max_length - 1], r[-1]] for r in rows]
     return LabeledDataset(rows, [labels.index(e.label) for e in examples])
+
+
+def _max_length(settings: SentimentSetup, config: PretrainedClassifierConfig) -> int:
+    """Tokens kept per text: the settings', at most the encoder's positions."""
+    positions = int(config.encoder.get("max_position_embeddings", 512))
+    return positions if settings.max_length is None else min(settings.max_length, positions)
+
+
+def prepare_pretrained(
+    settings: SentimentSetup, splits: Splits[LabeledText], *, folder: Path | None
+) -> Prepared:
+    """The sentiment task's run when ``settings.pretrained`` is set: the pretrained encoder
+    with a new head (or, resuming from ``folder``, the saved model's architecture, tokenizer
+    and labels; :func:`~qkv.tasks.train_task` then loads its weights).
+
+    Raises:
+        PretrainedError: the pretrained model cannot be found or read (what to install).
+        ValueError: bad head settings (``model_overrides``), naming the field.
+    """
+    if folder is not None:
+        saved = read_config(folder)
+        tokenizer = load_tokenizer(folder)
+        labels = LabelSet(saved["labels"])
+        config = PretrainedClassifierConfig.from_dict(saved["model"])
+        model = PretrainedClassifier(config)
+    else:
+        assert settings.pretrained is not None
+        encoder, tokenizer = load_pretrained(settings.pretrained)
+        labels = label_set(settings, splits.train)
+        config = PretrainedClassifierConfig(
+            encoder=encoder.config.to_dict(),
+            num_classes=len(labels),
+            pooling=settings.pooling,
+            source=settings.pretrained,
+            **settings.model_overrides,
+        )
+        model = PretrainedClassifier(config, encoder)  # the head is seeded by train_task
+    logger.info("pretrained sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
+    length = _max_length(settings, config)
+    task = SentimentTask(
+        _dataset(splits.validation, tokenizer, labels, length),
+        labels,
+        batch_size=2 * settings.batch_size,
+        penalty=settings.penalty,
+    )
+    return Prepared(
+        settings=settings,
+        model=model.train(),
+        model_config=config.to_dict(),
+        objective=task,
+        train_set=_dataset(splits.train, tokenizer, labels, length),
+        collate=collate_labeled,
+        batch_size=settings.batch_size,
+        tokenizer=_TokenizerFile(tokenizer),
+        extra={"labels": list(labels.labels)},
+    )
 
 
 def train_pretrained_sentiment(
@@ -157,98 +238,33 @@ def train_pretrained_sentiment(
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune a pretrained encoder with a classification head on ``data``; write ``out``.
+    """:func:`qkv.tasks.train_task` of the sentiment task with ``setup``'s pretrained model.
 
     Args:
-        data: a spec for :func:`qkv.data.load_labeled` (``builtin:rt``, a CSV/TSV/JSONL file,
-            a folder), with any number of classes.
-        out: the model folder (checked first: :func:`qkv.train.prepare_output_folder`).
+        data: a spec for :func:`qkv.data.load_labeled`, with any number of classes.
+        out: the model folder.
         setup: the pretrained model, pooling and batching (default :class:`PretrainedSetup`).
         train: the trainer's settings (default :func:`default_finetune_config`).
-        resume: continue the run saved in ``out``: its model (encoder and head), tokenizer,
-            labels and training state; ``setup.pretrained`` is not read again.
-        overwrite: replace a model already in ``out``.
-        on_step, on_eval: progress callbacks, passed to the trainer.
+        resume, overwrite, on_step, on_eval: as :func:`~qkv.tasks.train_task` takes them
+            (a resumed run must give the saved settings; only the limits may change).
 
     Raises:
         PretrainedError: the pretrained model cannot be found or read; DataError: malformed
-            data; ModelFolderError: an unusable ``out``.
+            data; ModelFolderError: an unusable ``out``; ValueError: changed settings on resume.
     """
     setup = setup or PretrainedSetup()
-    train = train or default_finetune_config()
-    prepare_output_folder(out, resume=resume, overwrite=overwrite)
-    splits = load_labeled(data, **(setup.data_options or {}))
-    state = None
-    if resume:
-        model, tokenizer, labels, state = _saved_run(out)
-        config = model.config
-    else:
-        encoder, tokenizer = load_pretrained(setup.pretrained, backend=setup.backend)
-        labels = LabelSet.from_examples(splits.train)
-        config = PretrainedClassifierConfig(
-            encoder=encoder.config.to_dict(),
-            num_classes=len(labels),
-            pooling=setup.pooling,
-            pool_queries=setup.pool_queries,
-            dropout=setup.dropout,
-            source=str(setup.pretrained),
-        )
-        seed_everything(train.seed)  # the new head's init: same seed, same run
-        model = PretrainedClassifier(config, encoder)
-    model.train()
-    logger.info("pretrained sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
-    train_set = _dataset(splits.train, tokenizer, labels, setup.max_length)
-    validation = _dataset(splits.validation, tokenizer, labels, setup.max_length)
-    task = SentimentTask(validation, labels, batch_size=2 * setup.batch_size)
-    sampler = BucketBatchSampler(train_set.lengths(), batch_size=setup.batch_size, seed=train.seed)
-    folder_config = {
-        "task": TASK_NAME,
-        "model": config.to_dict(),
-        "labels": list(labels.labels),
-        "data": {
-            "spec": data,
-            "options": setup.data_options or {},
-            "max_length": setup.max_length,
-            "pretrained": str(setup.pretrained),
-        },
-        "training": train.to_dict(),
-    }
-
-    def save(module: torch.nn.Module, state: dict[str, Any], step: int) -> None:
-        save_model_folder(
-            out,
-            model=module,
-            config=folder_config,
-            tokenizer=_TokenizerFile(tokenizer),
-            training_state=state,
-            step=step,
-        )
-
-    trainer = Trainer(
-        model,
-        task,
-        SamplerBatches(train_set, sampler, collate_labeled),
-        train,
-        save=save,
+    outcome = train_task(
+        SPEC,
+        setup.settings(data),
+        train or default_finetune_config(),
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        backend=setup.backend,
         on_step=on_step,
         on_eval=on_eval,
     )
-    return trainer.fit(resume=state)
-
-
-def _saved_run(
-    out: str | os.PathLike[str],
-) -> tuple[PretrainedClassifier, Any, LabelSet, dict[str, Any]]:
-    """The model, tokenizer, labels and training state of a run saved in ``out``."""
-    if not is_pretrained_folder(out):
-        raise ModelFolderError(f"{out}: not a fine-tuned pretrained classifier; cannot resume it")
-    model, saved = load_model(
-        out, lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c))
-    )
-    if not isinstance(model, PretrainedClassifier):
-        raise ModelFolderError(f"{out}: the model is not a PretrainedClassifier")
-    state = load_training_state(out, expected_step=saved["step"])
-    return model, load_tokenizer(out), LabelSet(saved["labels"]), state
+    return outcome.result
 
 
 def is_pretrained_folder(folder: str | os.PathLike[str]) -> bool:
@@ -276,28 +292,35 @@ class PretrainedTextClassifier:
         self.max_length = max_length
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> PretrainedTextClassifier:
-        """Load a folder written by :func:`train_pretrained_sentiment`.
+    def load(
+        cls, folder: str | os.PathLike[str], *, device: str = "auto"
+    ) -> PretrainedTextClassifier:
+        """Load a folder of a fine-tuned pretrained classifier, on ``device``.
 
         Raises:
             ModelFolderError: not such a folder, or inconsistent files.
         """
-        config = read_config(folder)
-        if config.get("task") != TASK_NAME or not is_pretrained_folder(folder):
+        if read_config(folder).get("task") != TASK_NAME or not is_pretrained_folder(folder):
             raise ModelFolderError(
-                f"{folder}: holds a {config.get('task')!r} model, not a fine-tuned pretrained "
-                "classifier"
+                f"{folder}: holds a {read_config(folder).get('task')!r} model, not a "
+                "fine-tuned pretrained classifier"
             )
-        model, config = load_model(
-            folder, lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c))
+        model, config, settings = load_task_model(
+            folder,
+            TASK_NAME,
+            lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c)),
+            device=device,
+            model_type=PretrainedClassifier,
         )
-        if not isinstance(model, PretrainedClassifier):
-            raise ModelFolderError(f"{folder}: the model is not a PretrainedClassifier")
-        tokenizer = load_tokenizer(folder)
-        return cls(model, tokenizer, LabelSet(config["labels"]), config["data"]["max_length"])
+        length = _max_length(settings, model.config)
+        return cls(model, load_tokenizer(folder), LabelSet(config["labels"]), length)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def dataset(self, examples: Sequence[LabeledText]) -> LabeledDataset:
+        """``examples`` tokenized as this classifier reads them."""
+        return _dataset(examples, self.tokenizer, self.labels, self.max_length)
 
     @torch.no_grad()
     def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
@@ -335,34 +358,16 @@ class PretrainedTextClassifier:
         return result
 
 
-@torch.no_grad()
 def evaluate_pretrained(
     classifier: PretrainedTextClassifier,
     examples: Sequence[LabeledText],
     *,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, the confusion matrix and the mean loss on ``examples``.
+    """Accuracy, macro-F1, the confusion matrix, the mean loss and the majority-class baseline
+    on ``examples`` (:func:`qkv.tasks.sentiment.evaluate_classifier`).
 
     Raises:
         ValueError: no examples, or a label the model does not know (named).
     """
-    if not examples:
-        raise ValueError("no examples to evaluate")
-    gold = [classifier.labels.index(e.label) for e in examples]
-    predicted: list[int] = []
-    total = 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        ids, mask = encode(
-            classifier.tokenizer, [e.text for e in chunk], max_length=classifier.max_length
-        )
-        device = classifier._device()
-        logits = classifier.model(ids.to(device), mask.to(device)).logits.float().cpu()  # (B, C)
-        total += float(
-            F.cross_entropy(logits, torch.tensor(gold[start : start + len(chunk)]), reduction="sum")
-        )
-        predicted.extend(logits.argmax(-1).tolist())
-    metrics = classification_metrics(gold, predicted, classifier.labels)
-    metrics["loss"] = total / len(gold)
-    return metrics
+    return evaluate_classifier(classifier, examples, batch_size=batch_size)

@@ -15,6 +15,11 @@ cross-entropy per example, validation accuracy for early stopping); the model fo
 ``config.json`` (``"task": "sentiment"``, the :class:`SentimentSetup` under ``"sentiment"``,
 the model config, the label list), ``model.safetensors``, ``tokenizer.json``.
 
+With ``pretrained`` set (``qkv train sentiment --pretrained minilm``), the same lifecycle
+fine-tunes a pretrained encoder with a classification head instead
+(:mod:`qkv.tasks.pretrained_sentiment` builds it; :meth:`SentimentSpec.load` tells the two
+kinds of folder apart).
+
 Long texts keep their head and tail (:func:`head_tail`): the verdict of a review is often in its
 last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", found
 head+tail truncation best on IMDB).
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -283,8 +288,14 @@ class SentimentSetup(Settings):
         max_length: tokens kept per text (head + tail); ``None`` keeps all.
         batch_size: examples per training batch.
         penalty: weight of the pooling penalty (only with several pooling queries).
-        model_overrides: fields of :class:`ClassifierConfig` replacing the preset's.
+        model_overrides: fields of :class:`ClassifierConfig` replacing the preset's (with
+            ``pretrained``: ``dropout``, ``pool_queries``, ``pool_dim`` of the head).
         data_options: options of :func:`qkv.data.load_labeled` (column names, loader options).
+        pretrained: fine-tune this pretrained encoder (``"minilm"`` or an HF-layout folder,
+            see :func:`qkv.models.load_pretrained`) instead of training ``preset`` from scratch;
+            ``preset`` and ``vocab_size`` are then unused (its WordPiece tokenizer is kept).
+        pooling: the head's pooling over the pretrained encoder's states, ``"mean"`` or
+            ``"attention"`` (only with ``pretrained``).
     """
 
     data: str = "builtin:rt"
@@ -295,8 +306,12 @@ class SentimentSetup(Settings):
     penalty: float = 0.0
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    pooling: Literal["mean", "attention"] = "mean"
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}")
         if self.vocab_size < 16:
             raise ValueError(f"vocab_size must be >= 16, got {self.vocab_size}")
         if self.max_length is not None and self.max_length < 1:
@@ -307,7 +322,7 @@ class SentimentSetup(Settings):
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 
 
-def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
+def label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> LabelSet:
     found = sorted({e.label for e in examples})
     if len(found) < 2:
         raise DataError(
@@ -319,12 +334,22 @@ def _label_set(settings: SentimentSetup, examples: Sequence[LabeledText]) -> Lab
     return LabelSet(found)
 
 
-class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
-    """Text classification as a :class:`~qkv.tasks.base.TaskSpec`."""
+#: The ``qkv train`` flags that only apply to a classifier trained from scratch.
+SCRATCH_ONLY_FLAGS = ("preset", "vocab_size")
+
+
+class SentimentSpec(TaskSpec[SentimentSetup, Any]):
+    """Text classification as a :class:`~qkv.tasks.base.TaskSpec`: an
+    :class:`~qkv.models.AttentionClassifier` from scratch, or a pretrained encoder fine-tuned
+    (``pretrained``); the predictor is a :class:`TextClassifier` or a
+    :class:`~qkv.tasks.pretrained_sentiment.PretrainedTextClassifier`."""
 
     name = TASK_NAME
     settings_type = SentimentSetup
-    summary = "text classification (sentiment) with an attention-pooling classifier"
+    summary = (
+        "text classification (sentiment) with an attention-pooling classifier, or a "
+        "fine-tuned pretrained encoder (--pretrained minilm)"
+    )
     metric_name = "accuracy"
     train_flags = (
         Flag(
@@ -350,19 +375,71 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
         Flag("--vocab-size", "vocab_size", "BPE vocabulary", int),
         Flag("--max-length", "max_length", "tokens kept per text, head + tail", int),
         Flag("--penalty", "penalty", "Lin et al.'s pooling penalty weight", float),
+        Flag(
+            "--pretrained",
+            "pretrained",
+            "fine-tune a pretrained encoder with a classification head: minilm or an HF-layout "
+            "folder (not with --preset/--vocab-size); unless given, training then uses --lr "
+            "1e-4, --schedule cosine and --warmup a tenth of --steps",
+        ),
+        Flag(
+            "--pooling",
+            "pooling",
+            "head pooling over the pretrained encoder (only with --pretrained)",
+            choices=("mean", "attention"),
+        ),
     )
+
+    def check_train_flags(self, given: dict[str, Any], base: SentimentSetup) -> None:
+        """Refuse flags that do not go together (``given``: the flags set, by settings field;
+        ``base``: the settings they apply to, a resumed run's saved ones or the defaults).
+
+        Raises:
+            ValueError: ``--preset``/``--vocab-size`` with ``--pretrained``, or ``--pooling``
+                without it.
+            PretrainedError: a ``--pretrained`` that is no folder or named model, or whose
+                package is missing (checked before the data is read).
+        """
+        if given.get("pretrained") is not None:
+            from qkv.models.pretrained import resolve_pretrained
+
+            resolve_pretrained(given["pretrained"])
+        if given.get("pretrained", base.pretrained) is not None:
+            clash = [name for name in SCRATCH_ONLY_FLAGS if given.get(name) is not None]
+            if clash:
+                flags = "/".join("--" + name.replace("_", "-") for name in clash)
+                raise ValueError(
+                    f"{flags} sets up a model trained from scratch; --pretrained fine-tunes "
+                    "the pretrained model as it is (drop one of them)"
+                )
+        elif given.get("pooling") is not None:
+            raise ValueError("--pooling chooses the head of a --pretrained model; add --pretrained")
+
+    def training_defaults(self, settings: SentimentSetup, max_steps: int | None) -> dict[str, Any]:
+        """Training settings a new run takes unless given: fine-tuning ones with
+        ``pretrained`` (see :data:`qkv.tasks.pretrained_sentiment.FINETUNE_DEFAULTS`)."""
+        if settings.pretrained is None:
+            return {}
+        from qkv.tasks.pretrained_sentiment import finetune_defaults
+
+        return finetune_defaults(max_steps)
 
     def legacy_settings(self, config: dict[str, Any]) -> dict[str, Any] | None:
         # Folders written before the settings had a section kept a few of them under "data".
         data = config.get("data")
         if not isinstance(data, dict) or "spec" not in data:
             return None
-        return {
+        values = {
             "data": data["spec"],
             "data_options": data.get("options") or {},
             "max_length": data.get("max_length"),
             "preset": data.get("preset", SentimentSetup.preset),
         }
+        model = config.get("model")
+        if data.get("pretrained") is not None and isinstance(model, dict):
+            values["pretrained"] = data["pretrained"]
+            values["pooling"] = model.get("pooling", "mean")
+        return values
 
     def load_splits(self, data: str, options: dict[str, Any]) -> Splits[LabeledText]:
         return load_labeled(data, **options)
@@ -373,6 +450,10 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
     def prepare(
         self, settings: SentimentSetup, splits: Splits[LabeledText], *, folder: Path | None
     ) -> Prepared:
+        if settings.pretrained is not None:
+            from qkv.tasks.pretrained_sentiment import prepare_pretrained
+
+            return prepare_pretrained(settings, splits, folder=folder)
         if folder is not None:
             saved = read_config(folder)
             tokenizer = TextTokenizer.load(folder / "tokenizer.json")
@@ -382,7 +463,7 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
             tokenizer = TextTokenizer.train(
                 [e.text for e in splits.train], mode="bpe", vocab_size=settings.vocab_size
             )
-            labels = _label_set(settings, splits.train)
+            labels = label_set(settings, splits.train)
             config = ClassifierConfig.from_name(
                 settings.preset,
                 vocab_size=tokenizer.vocab_size,
@@ -414,11 +495,18 @@ class SentimentSpec(TaskSpec[SentimentSetup, "TextClassifier"]):
             extra={"labels": list(labels.labels)},
         )
 
-    def load(self, folder: Path, *, device: str = "auto") -> TextClassifier:
+    def load(self, folder: Path, *, device: str = "auto") -> Any:
+        """A :class:`TextClassifier`, or a
+        :class:`~qkv.tasks.pretrained_sentiment.PretrainedTextClassifier` for a fine-tuned
+        pretrained folder (both classify into :class:`Prediction`)."""
+        from qkv.tasks.pretrained_sentiment import PretrainedTextClassifier, is_pretrained_folder
+
+        if is_pretrained_folder(folder):
+            return PretrainedTextClassifier.load(folder, device=device)
         return TextClassifier.load(folder, device=device)
 
     def evaluate(
-        self, predictor: TextClassifier, examples: Sequence[LabeledText], options: EvalOptions
+        self, predictor: Any, examples: Sequence[LabeledText], options: EvalOptions
     ) -> dict[str, Any]:
         return evaluate_classifier(predictor, examples, batch_size=options.batch_size)
 
@@ -505,6 +593,12 @@ class TextClassifier:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def dataset(self, examples: Sequence[LabeledText]) -> LabeledDataset:
+        """``examples`` tokenized as this classifier reads them."""
+        return LabeledDataset.from_examples(
+            examples, self.tokenizer, self.labels, max_length=self.max_length
+        )
+
     @torch.no_grad()
     def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
         """Classify ``texts``.
@@ -543,9 +637,11 @@ class TextClassifier:
 
 
 def evaluate_classifier(
-    classifier: TextClassifier, examples: Sequence[LabeledText], *, batch_size: int = 64
+    classifier: Any, examples: Sequence[LabeledText], *, batch_size: int = 64
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the confusion matrix of ``classifier`` on ``examples``.
+    """Accuracy, macro-F1, the confusion matrix, the mean loss and the majority-class
+    baseline of ``classifier`` (a :class:`TextClassifier` or a
+    :class:`~qkv.tasks.pretrained_sentiment.PretrainedTextClassifier`) on ``examples``.
 
     Raises:
         ValueError: an example's label is not one the model knows (named in the message), or
@@ -553,9 +649,7 @@ def evaluate_classifier(
     """
     if not examples:
         raise ValueError("no examples to evaluate")
-    dataset = LabeledDataset.from_examples(
-        examples, classifier.tokenizer, classifier.labels, max_length=classifier.max_length
-    )
+    dataset = classifier.dataset(examples)
     with torch.no_grad():
         gold, predicted, total = _predict_batches(
             classifier.model, _batches(dataset, batch_size), classifier._device()
