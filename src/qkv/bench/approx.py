@@ -16,8 +16,10 @@ Four parts, each a table (and one plot) in ``docs/efficient.md``:
   wall-clock budget, several seeds; test accuracy mean and spread; BPE tokens (N ~ 30) and
   characters (N ~ 120, the long-sequence variant).
 - **drop-in** -- the classifier trained with exact attention, evaluated with each approximation
-  swapped in (:func:`qkv.approx.swap_attention`) without retraining. :func:`dropin_accuracy` is
-  the hook for the pretrained encoder: give it the loaded model and its evaluation function.
+  swapped in (:func:`qkv.approx.swap_attention`) without retraining. With ``--model FOLDER``
+  (a fine-tuned pretrained classifier) it is that model instead, on the Rotten Tomatoes test
+  split, at the settings of :data:`PRETRAINED_METHODS` (:func:`pretrained_dropin`), and nothing
+  is trained. :func:`dropin_accuracy` is the hook for any other model and score.
 
 Sizes: :class:`LabSizes` (defaults: under 30 minutes on a 2-core CPU); ``--quick`` for tests.
 """
