@@ -16,8 +16,10 @@ Four parts, each a table (and one plot) in ``docs/efficient.md``:
   wall-clock budget, several seeds; test accuracy mean and spread; BPE tokens (N ~ 30) and
   characters (N ~ 120, the long-sequence variant).
 - **drop-in** -- the classifier trained with exact attention, evaluated with each approximation
-  swapped in (:func:`qkv.approx.swap_attention`) without retraining. :func:`dropin_accuracy` is
-  the hook for the pretrained encoder: give it the loaded model and its evaluation function.
+  swapped in (:func:`qkv.approx.swap_attention`) without retraining. With ``--model FOLDER``
+  (a fine-tuned pretrained classifier) it is that model instead, on the Rotten Tomatoes test
+  split, at the settings of :data:`PRETRAINED_METHODS` (:func:`pretrained_dropin`), and nothing
+  is trained. :func:`dropin_accuracy` is the hook for any other model and score.
 
 Sizes: :class:`LabSizes` (defaults: under 30 minutes on a 2-core CPU); ``--quick`` for tests.
 """
@@ -48,10 +50,12 @@ import qkv
 from qkv import approx
 
 __all__ = [
+    "PRETRAINED_METHODS",
     "LabSizes",
     "crossovers",
     "dropin_accuracy",
     "error_rows",
+    "pretrained_dropin",
     "register",
     "run_lab",
     "speed_rows",
@@ -524,29 +528,98 @@ def train_for(
 def dropin_accuracy(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
-    methods: dict[str, dict[str, Any]],
+    methods: dict[str, dict[str, Any]] | Sequence[tuple[str, dict[str, Any]]],
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` as trained (exact) and with each approximation swapped into every
     :class:`qkv.nn.MultiHeadAttention` (no retraining), then restore exact attention.
 
-    This is the hook for a pretrained encoder: ``dropin_accuracy(loaded, my_eval, methods)``.
+    This is the hook for a pretrained encoder: ``dropin_accuracy(loaded, my_eval, methods)``
+    (:func:`pretrained_dropin` does it for a fine-tuned pretrained classifier).
 
     Args:
         model: any module tree holding qkv ``MultiHeadAttention``.
         evaluate: ``evaluate(model) -> accuracy`` (or any score).
-        methods: name -> options, e.g. :data:`TASK_METHODS`.
+        methods: name -> options, e.g. :data:`TASK_METHODS`, or ``(name, options)`` pairs when
+            one method appears with several settings (:data:`PRETRAINED_METHODS`).
+        progress: called with each method's name before it is evaluated.
+
+    Returns:
+        One row per setting: ``method``, ``options``, ``score``, ``change`` (vs exact).
     """
+    say = progress or (lambda text: None)
+    pairs = list(methods.items()) if isinstance(methods, dict) else list(methods)
     approx.swap_attention(model, "exact")
+    say("exact")
     base = evaluate(model)
-    rows = [{"method": "exact", "score": base, "change": 0.0}]
-    for name, options in methods.items():
-        if name == "exact":
-            continue
-        approx.swap_attention(model, name, **options)
-        score = evaluate(model)
-        rows.append({"method": name, "score": score, "change": score - base})
-    approx.swap_attention(model, "exact")
+    rows: list[dict[str, Any]] = [{"method": "exact", "options": {}, "score": base, "change": 0.0}]
+    try:
+        for name, options in pairs:
+            if name == "exact":
+                continue
+            say(f"{name} {options}")
+            torch.manual_seed(0)  # the same random features / projections on every run
+            approx.swap_attention(model, name, **options)
+            score = evaluate(model)
+            rows.append(
+                {"method": name, "options": dict(options), "score": score, "change": score - base}
+            )
+    finally:
+        approx.swap_attention(model, "exact")
     return rows
+
+
+#: Drop-in settings for a pretrained encoder on short sentences (Rotten Tomatoes: N ~ 25
+#: wordpieces, 60 at most): each knob from far below N to about N.
+PRETRAINED_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("linear", {}),
+    ("performer", {"num_features": 16}),
+    ("performer", {"num_features": 64}),
+    ("performer", {"num_features": 256}),
+    ("nystrom", {"num_landmarks": 8}),
+    ("nystrom", {"num_landmarks": 16}),
+    ("nystrom", {"num_landmarks": 32}),
+    ("linformer", {"max_len": 512, "rank": 32}),  # untrained projections: a floor, not a method
+    ("local", {"window": 4}),
+    ("local", {"window": 8}),
+    ("local", {"window": 16}),
+    ("bigbird", {"block_size": 4}),
+    ("bigbird", {"block_size": 8}),
+)
+
+
+def pretrained_dropin(
+    classifier: Any,
+    examples: Sequence[Any],
+    methods: Sequence[tuple[str, dict[str, Any]]] = PRETRAINED_METHODS,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`dropin_accuracy` of a fine-tuned pretrained classifier on labelled texts.
+
+    Args:
+        classifier: a ``qkv.tasks.pretrained_sentiment.PretrainedTextClassifier``.
+        examples: ``LabeledText`` items (e.g. the Rotten Tomatoes test split).
+        methods: ``(name, options)`` pairs.
+        progress: called with each method before it is evaluated.
+
+    Returns:
+        :func:`dropin_accuracy`'s rows (``score`` is the accuracy).
+    """
+    from qkv.tasks.pretrained_sentiment import evaluate_pretrained
+
+    def accuracy(model: nn.Module) -> float:
+        return float(evaluate_pretrained(classifier, examples)["accuracy"])
+
+    return dropin_accuracy(classifier.model, accuracy, methods, progress)
+
+
+def _pretrained_rows(folder: Path, limit: int | None, say: Callable[[str], None]) -> list[Any]:
+    from qkv.data.labeled import load_labeled
+    from qkv.tasks.pretrained_sentiment import PretrainedTextClassifier
+
+    classifier = PretrainedTextClassifier.load(folder)
+    test = _sample(load_labeled("builtin:rt").test, limit, random.Random(0))
+    return pretrained_dropin(classifier, test, progress=lambda t: say(f"drop-in pretrained {t}"))
 
 
 # --- capturing real activations --------------------------------------------------------------
@@ -602,6 +675,8 @@ class LabResult:
     crossover: dict[str, int | None] = field(default_factory=dict)
     task: list[dict[str, Any]] = field(default_factory=list)
     dropin: list[dict[str, Any]] = field(default_factory=list)
+    dropin_pretrained: list[dict[str, Any]] = field(default_factory=list)
+    dropin_source: str = ""
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -615,9 +690,12 @@ def run_lab(
     sizes: LabSizes,
     parts: Sequence[str] = PARTS,
     progress: Callable[[str], None] | None = None,
+    model_folder: Path | None = None,
 ) -> LabResult:
     """Run the chosen parts (the error and drop-in parts reuse the exact model of the task part,
-    which then trains at least that one model)."""
+    which then trains at least that one model). With ``model_folder`` (a fine-tuned pretrained
+    classifier's folder), the drop-in part evaluates that model on the Rotten Tomatoes test split
+    (``sizes.test_limit`` sentences) instead, and trains nothing."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
@@ -626,7 +704,8 @@ def run_lab(
     result = LabResult(sizes, os.getloadavg(), torch.get_num_threads())
     exact_model: nn.Module | None = None
     exact_data: _TaskData | None = None
-    if {"task", "error", "dropin"} & set(parts):
+    trains_for = {"task", "error"} | (set() if model_folder is not None else {"dropin"})
+    if trains_for & set(parts):
         for mode in sizes.token_modes:
             data = _task_data(mode, sizes)
             methods = list(TASK_METHODS) if "task" in parts else ["exact"]
@@ -648,7 +727,10 @@ def run_lab(
                         exact_model, exact_data = model, data
         if "task" not in parts:
             result.task = []
-    if "dropin" in parts and exact_model is not None and exact_data is not None:
+    if "dropin" in parts and model_folder is not None:
+        result.dropin_pretrained = _pretrained_rows(model_folder, sizes.test_limit, say)
+        result.dropin_source = str(model_folder)
+    elif "dropin" in parts and exact_model is not None and exact_data is not None:
         say("drop-in")
         data_ = exact_data
         swaps = {n: o for n, o in TASK_METHODS.items() if n != "linformer"}  # learned E, F
@@ -730,6 +812,21 @@ def format_tables(result: LabResult) -> str:
         out += ["| method | accuracy | change |", "|---|---|---|"]
         for r in result.dropin:
             out.append(f"| {r['method']} | {r['score']:.3f} | {r['change']:+.3f} |")
+        out.append("")
+    if result.dropin_pretrained:
+        n = result.sizes.test_limit
+        out += [
+            "### Drop-in on the fine-tuned pretrained encoder, without retraining",
+            "",
+            f"{result.dropin_source}; Rotten Tomatoes test, "
+            + ("all sentences" if n is None else f"{n} sentences sampled with seed 0"),
+            "",
+            "| method | setting | accuracy | change |",
+            "|---|---|---|---|",
+        ]
+        for r in result.dropin_pretrained:
+            setting = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+            out.append(f"| {r['method']} | {setting} | {r['score']:.3f} | {r['change']:+.3f} |")
         out.append("")
     return "\n".join(out)
 
@@ -842,6 +939,14 @@ def register(commands: Any) -> None:
     p.add_argument("--budget", type=float, default=None, help="training seconds per task run")
     p.add_argument("--seeds", type=int, default=None, help="seeds per task run")
     p.add_argument("--out", type=Path, default=None, help="folder for approx.json and the plot")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a fine-tuned pretrained classifier's folder: the dropin part swaps into it "
+        "(Rotten Tomatoes test) instead of training one",
+    )
+    p.add_argument("--limit", type=int, default=None, help="test sentences used (default all)")
     p.set_defaults(run=run_command)
 
 
@@ -861,8 +966,19 @@ def run_command(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
         sizes = replace(sizes, seeds=args.seeds)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1; got {args.limit}")
+        sizes = replace(sizes, test_limit=args.limit)
+    if args.model is not None and not args.model.is_dir():
+        raise ValueError(f"--model: {args.model} is not a folder")
     parts = [p for p in args.parts.split(",") if p]
-    result = run_lab(sizes, parts, progress=lambda text: print(f"  {text} ...", file=sys.stderr))
+    result = run_lab(
+        sizes,
+        parts,
+        progress=lambda text: print(f"  {text} ...", file=sys.stderr),
+        model_folder=args.model,
+    )
     print(format_tables(result))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

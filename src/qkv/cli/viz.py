@@ -4,6 +4,9 @@
 - ``qkv viz page WEIGHTS.pt --out page.html [--png map.png --layer NAME --head H]``: the
   interactive page (and a heat map) of weights saved with ``torch.save({"layers": {name:
   (H, Nq, Nk) tensor}, "source_tokens": [...], "target_tokens": [...]}, path)``.
+- ``qkv viz pretrained minilm "a sentence" --out DIR [--page] [--layers 0,5]``: per-head maps,
+  rollout, head statistics and a summary of a real pretrained encoder's attention (a named model
+  or an HF-layout folder), with ``--page`` the interactive page too.
 - ``qkv viz example --out DIR``: every kind of picture from *synthetic* weights (random
   queries and keys run through ``qkv.attention`` with alignment and ALiBi biases), as in
   docs/visualization.md.
@@ -57,6 +60,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="overview rows/columns at most; longer maps are block means (default %(default)s)",
     )
     page.set_defaults(run=_run_page)
+
+    pretrained = actions.add_parser(
+        "pretrained", help="per-head maps, rollout and head statistics of a pretrained encoder"
+    )
+    pretrained.add_argument("model", help="a named model ('minilm') or an HF-layout folder")
+    pretrained.add_argument("text", help="the sentence to look at")
+    pretrained.add_argument("--out", type=Path, required=True, help="folder to write into")
+    pretrained.add_argument(
+        "--layers", default=None, help="layers drawn head by head, e.g. 0,2,5 (default all)"
+    )
+    pretrained.add_argument("--page", action="store_true", help="also the interactive page")
+    pretrained.add_argument(
+        "--page-only", action="store_true", help="only the page and summary (no matplotlib)"
+    )
+    pretrained.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    pretrained.set_defaults(run=_run_pretrained)
 
     example = actions.add_parser("example", help="every picture, from synthetic weights")
     example.add_argument("--out", type=Path, required=True, help="folder to write into")
@@ -124,6 +143,44 @@ def _run_page(args: argparse.Namespace) -> int:
         label = "mean of heads" if args.head is None else f"head {args.head}"
         fig = attention_heatmap(chosen, source, target, title=f"{name}, {label}")
         print(f"wrote {save_figure(fig, args.png)}")
+    return 0
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers; got {text!r}") from None
+
+
+def _run_pretrained(args: argparse.Namespace) -> int:
+    from qkv.models import load_pretrained
+    from qkv.viz.pretrained import pretrained_pictures
+
+    layers = _parse_layers(args.layers)
+    if args.dpi < 1:
+        raise ValueError(f"--dpi must be >= 1; got {args.dpi}")
+    encoder, tokenizer = load_pretrained(args.model)
+    pictures = pretrained_pictures(
+        encoder,
+        tokenizer,
+        args.text,
+        args.out,
+        layers=layers,
+        name=str(args.model),
+        page=args.page,
+        page_only=args.page_only,
+        dpi=args.dpi,
+    )
+    s = pictures.summary
+    print(f"{len(pictures.tokens)} tokens: {' '.join(pictures.tokens)}")
+    print(f"mean entropy per layer: {s['mean_entropy_per_layer']}")
+    print(f"[CLS]/[SEP] weight per layer: {s['cls_or_sep_weight_per_layer']}")
+    print(f"inputs [CLS] reads most (rollout): {s['top_rollout_inputs_of_cls']}")
+    for path in pictures.written:
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,182 @@
+"""Pictures of a pretrained encoder's attention on one text: per-head maps, rollout, head
+statistics, the offline page and a summary of a few readable figures.
+
+::
+
+    encoder, tokenizer = qkv.models.load_pretrained("minilm")
+    pictures = pretrained_pictures(encoder, tokenizer, "a gorgeous, witty film", "out/")
+
+The weights are those :meth:`qkv.models.pretrained.BertEncoder.attention_maps` recomputes with
+:func:`qkv.attention_weights` for each layer (the forward stays on the efficient path). ``qkv viz
+pretrained`` and ``docs/pretrained_pictures.py`` call :func:`pretrained_pictures`. matplotlib is
+needed for the PNGs only (``page_only=True`` skips them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qkv.viz.page import write_page
+from qkv.viz.rollout import attention_rollout
+from qkv.viz.stats import HeadStats, head_stats
+
+__all__ = ["PretrainedPictures", "attention_summary", "pretrained_pictures"]
+
+
+@dataclass
+class PretrainedPictures:
+    """What :func:`pretrained_pictures` computed and wrote.
+
+    Attributes:
+        tokens: the ``N`` wordpieces, ``[CLS]`` and ``[SEP]`` included.
+        maps: ``L`` tensors ``(H, N, N)``, each layer's attention probabilities.
+        rollout: ``(N, N)``, attention rollout through all layers.
+        stats: one :class:`~qkv.viz.HeadStats` per layer (fields ``(1, H)``).
+        summary: :func:`attention_summary` of the maps.
+        written: the files written, in order.
+    """
+
+    tokens: list[str]
+    maps: list[Tensor]
+    rollout: Tensor
+    stats: list[HeadStats]
+    summary: dict[str, Any]
+    written: list[Path] = field(default_factory=list)
+
+
+def attention_summary(maps: Sequence[Tensor], tokens: Sequence[str]) -> dict[str, Any]:
+    """A few figures that can be quoted in prose, from ``L`` maps ``(H, N, N)`` of one text
+    that starts with ``[CLS]`` and ends with ``[SEP]`` (``N >= 3``).
+
+    Per layer: mean entropy, mean attended distance, weight on ``[CLS]``/``[SEP]``. Per head
+    (lists of ``L`` lists of ``H``): the mean weight each word (not ``[CLS]``/``[SEP]``) puts on
+    the previous token, the next token and ``[CLS]``. From the rollout: the mean share of
+    ``[CLS]``, ``[SEP]`` and the position itself, and the (up to) five inputs ``[CLS]`` reads most.
+    """
+    n = maps[0].shape[-1]
+    if n < 3 or len(tokens) != n:
+        raise ValueError(f"need N >= 3 tokens matching the maps; got {len(tokens)} tokens, N={n}")
+    words = torch.arange(1, n - 1)
+
+    def per_head(offset: int | None) -> list[list[float]]:
+        cols = torch.zeros_like(words) if offset is None else words + offset
+        return [[round(float(x), 2) for x in m[:, words, cols].mean(-1)] for m in maps]
+
+    stats = [head_stats(m) for m in maps]
+    rollout = attention_rollout([m.unsqueeze(0) for m in maps])[0]  # (N, N)
+    return {
+        "tokens": list(tokens),
+        "mean_entropy_per_layer": [round(float(s.entropy.mean()), 3) for s in stats],
+        "mean_distance_per_layer": [round(float(s.mean_distance.mean()), 3) for s in stats],
+        "cls_or_sep_weight_per_layer": [
+            round(float(m[:, :, [0, -1]].sum(-1).mean()), 3) for m in maps
+        ],
+        "previous_token_weight": per_head(-1),
+        "next_token_weight": per_head(1),
+        "cls_weight": per_head(None),
+        "rollout_share_from_cls": round(float(rollout[:, 0].mean()), 3),
+        "rollout_share_from_sep": round(float(rollout[:, -1].mean()), 3),
+        "rollout_share_from_self": round(float(rollout.diagonal()[1:].mean()), 3),
+        "top_rollout_inputs_of_cls": [
+            tokens[int(j)] for j in torch.topk(rollout[0], min(5, n)).indices
+        ],
+    }
+
+
+@torch.no_grad()
+def pretrained_pictures(
+    encoder: Any,
+    tokenizer: Any,
+    text: str,
+    out: str | os.PathLike[str],
+    *,
+    layers: Sequence[int] | None = None,
+    name: str = "pretrained encoder",
+    page: bool = True,
+    page_only: bool = False,
+    dpi: int = 100,
+    max_length: int | None = 512,
+) -> PretrainedPictures:
+    """Compute and write the attention pictures of ``encoder`` on ``text`` into ``out``.
+
+    Writes ``heads_layer{i}.png`` (a grid of every head) for each layer in ``layers``,
+    ``rollout.png``, ``head_stats.png``, ``summary.json`` and, with ``page``,
+    ``attention.html`` (the offline interactive page, every layer).
+
+    Args:
+        encoder: a :class:`~qkv.models.pretrained.BertEncoder` (put in eval mode here).
+        tokenizer: its ``tokenizers.Tokenizer``.
+        text: one non-empty text.
+        out: the folder (created).
+        layers: the layers drawn head by head (default all; 0-based).
+        name: the model's name in the titles.
+        page: also write the interactive page.
+        page_only: write the page and the summary only (no matplotlib needed).
+        dpi: resolution of the PNGs.
+        max_length: tokens kept (the encoder's positions bound it).
+
+    Raises:
+        ValueError: an empty text, or a layer out of range (named).
+    """
+    from qkv.models.pretrained import encode
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty: there is nothing to draw")
+    encoder.eval()
+    ids, mask = encode(tokenizer, [text], max_length=max_length)
+    tokens = [tokenizer.id_to_token(int(i)) for i in ids[0]]
+    maps = [m[0].float() for m in encoder.attention_maps(ids, mask)]  # L x (H, N, N)
+    chosen = list(range(len(maps))) if layers is None else list(layers)
+    bad = [i for i in chosen if not 0 <= i < len(maps)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {len(maps)} (0-based)")
+    stats = [head_stats(m.unsqueeze(0)) for m in maps]  # fields (1, H)
+    rollout = attention_rollout([m.unsqueeze(0) for m in maps])[0]  # (N, N)
+    result = PretrainedPictures(tokens, maps, rollout, stats, attention_summary(maps, tokens))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not page_only:
+        result.written += _figures(result, chosen, folder, name=name, dpi=dpi)
+    if page or page_only:
+        layers_page = {f"layer {i}": m for i, m in enumerate(maps)}
+        result.written.append(
+            write_page(folder / "attention.html", layers_page, tokens, tokens, title=text)
+        )
+    summary_path = folder / "summary.json"
+    summary_path.write_text(json.dumps(result.summary, indent=1) + "\n")
+    result.written.append(summary_path)
+    return result
+
+
+def _figures(
+    result: PretrainedPictures, layers: Sequence[int], folder: Path, *, name: str, dpi: int
+) -> list[Path]:
+    from qkv.viz.figures import attention_heatmap, head_grid, head_stats_figure, save_figure
+
+    tokens = result.tokens
+    written = []
+    for layer in layers:
+        fig = head_grid(
+            result.maps[layer], tokens, tokens, title=f"{name}, layer {layer}", columns=6
+        )
+        written.append(save_figure(fig, folder / f"heads_layer{layer}.png", dpi=dpi))
+    fig = attention_heatmap(
+        result.rollout,
+        tokens,
+        tokens,
+        title=f"attention rollout through {len(result.maps)} layers",
+        x_label="input token",
+        y_label="output position",
+    )
+    written.append(save_figure(fig, folder / "rollout.png", dpi=dpi))
+    fig = head_stats_figure(result.stats, title=f"{name}: per-head statistics (layers x heads)")
+    written.append(save_figure(fig, folder / "head_stats.png", dpi=dpi))
+    return written
