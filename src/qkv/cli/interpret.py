@@ -82,6 +82,13 @@ def _load_classifier(folder: Path) -> tuple[Any, Any, dict[str, Any]]:
     from qkv.train import load_model, read_config
 
     config = read_config(folder)
+    from qkv.tasks.pretrained_sentiment import KIND as PRETRAINED_KIND
+
+    if config.get("model", {}).get("kind") == PRETRAINED_KIND:
+        raise ValueError(
+            f"{folder}: holds a fine-tuned pretrained encoder; qkv faithfulness measures qkv's "
+            "own attention classifiers (qkv train sentiment without --pretrained) for now"
+        )
     if config.get("model", {}).get("kind") != "classifier":
         raise ValueError(
             f"{folder}: holds a {config.get('task')!r} model, not a text classifier "
