@@ -63,7 +63,11 @@ from qkv.tasks.base import (
     TaskSpec,
     from_dict_checked,
 )
-from qkv.tasks.sentiment import classification_metrics, format_classification
+from qkv.tasks.sentiment import (
+    classification_metrics,
+    evaluation_metrics,
+    format_classification,
+)
 from qkv.train import LossOutput, ModelFolderError, load_model, read_config, resolve_device
 
 __all__ = [
@@ -597,11 +601,7 @@ def evaluate_images(
         gold, predicted, total = _predict_batches(
             classifier.model, _batches(dataset, batch_size), classifier._device()
         )
-    metrics = classification_metrics(gold, predicted, classifier.labels)
-    metrics["loss"] = total / len(gold)
-    majority = max(range(len(classifier.labels)), key=gold.count)
-    metrics["majority_baseline"] = gold.count(majority) / len(gold)
-    return metrics
+    return evaluation_metrics(gold, predicted, total, classifier.labels)
 
 
 SPEC = ImageSpec()

@@ -79,6 +79,7 @@ __all__ = [
     "classification_metrics",
     "collate_labeled",
     "evaluate_classifier",
+    "evaluation_metrics",
     "format_classification",
     "head_tail",
 ]
@@ -201,6 +202,18 @@ def classification_metrics(
         "labels": list(labels.labels),
         "count": len(gold),
     }
+
+
+def evaluation_metrics(
+    gold: Sequence[int], predicted: Sequence[int], summed_loss: float, labels: LabelSet
+) -> dict[str, Any]:
+    """:func:`classification_metrics` plus the mean loss and the majority-class baseline: what
+    ``qkv evaluate`` reports for any classifier (text or images)."""
+    metrics = classification_metrics(gold, predicted, labels)
+    metrics["loss"] = summed_loss / len(gold)
+    majority = max(range(len(labels)), key=list(gold).count)
+    metrics["majority_baseline"] = list(gold).count(majority) / len(gold)
+    return metrics
 
 
 def _predict_batches(
@@ -654,11 +667,7 @@ def evaluate_classifier(
         gold, predicted, total = _predict_batches(
             classifier.model, _batches(dataset, batch_size), classifier._device()
         )
-    metrics = classification_metrics(gold, predicted, classifier.labels)
-    metrics["loss"] = total / len(gold)
-    majority = max(range(len(classifier.labels)), key=gold.count)
-    metrics["majority_baseline"] = gold.count(majority) / len(gold)
-    return metrics
+    return evaluation_metrics(gold, predicted, total, classifier.labels)
 
 
 SPEC = SentimentSpec()
