@@ -19,7 +19,7 @@ from torch import Tensor
 
 from qkv import masks as M
 from qkv.masks import MaskFn, MaskFunction
-from qkv.scores import ScoreFunction, check_score_call, is_additive
+from qkv.scores import ScoreFunction, ScoreMod, check_score_call, is_additive
 
 __all__ = [
     "AttentionRequest",
@@ -139,8 +139,21 @@ class AttentionRequest:
         return M.causal(offset)
 
     @cached_property
+    def whole_mask(self) -> MaskFn | None:
+        """Everything that masks this call as one mask: the causal flag, a mask function and a
+        mask tensor (as :class:`qkv.masks.Dense`), combined with ``&``. This is the one place
+        the combination rule lives; every backend evaluates, classifies or lowers this."""
+        parts: list[MaskFn] = [] if self.causal_mask is None else [self.causal_mask]
+        if isinstance(self.mask, Tensor):
+            parts.append(M.Dense(self.mask, "mask"))
+        elif self.mask is not None:
+            parts.append(self.mask)
+        return M.and_masks(*parts) if parts else None
+
+    @cached_property
     def mask_fn(self) -> MaskFn | None:
-        """Causal and a mask function combined (a tensor mask is not included)."""
+        """Causal and a mask function combined, without a mask tensor (what a dense backend
+        has to materialize)."""
         parts = [
             m for m in (self.causal_mask, self.mask) if m is not None and not isinstance(m, Tensor)
         ]
@@ -151,13 +164,9 @@ class AttentionRequest:
     def mask_tile(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor | None:
         """The mask of queries ``q_range`` x keys ``kv_range``, broadcastable to
         ``(B, Hq, Tq, Tk)``, or None when everything is attended."""
-        out: Tensor | None = None
-        if self.mask_fn is not None:
-            out = self.mask_fn(*self.indices(q_range, kv_range))
-        if isinstance(self.mask, Tensor):
-            tile = _tile(self.mask, q_range, kv_range)
-            out = tile if out is None else out & tile
-        return out
+        if self.whole_mask is None:
+            return None
+        return self.whole_mask.tile(self.batch, self.q_heads, q_range, kv_range, self.device)
 
     def modify_scores(
         self, scores: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]
@@ -376,7 +385,7 @@ def _check_bias(
         return as_4d(bias), None
     if callable(bias):
         check_score_call(bias, *target)
-        return None, bias
+        return None, bias.for_call(*target) if isinstance(bias, ScoreMod) else bias
     raise TypeError(
         f"bias must be a float tensor, a score function or None; got {type(bias).__name__}"
     )
