@@ -8,7 +8,9 @@ machine and remembers the winner, like ``torch.backends.cudnn.benchmark``:
 
 - only when the cheapest estimate is at least :data:`MIN_SECONDS` (small calls are never worth
   it) and another candidate's estimate is within :data:`AMBIGUOUS` of it;
-- never for dropout (timing would draw random numbers) or ``return_weights``;
+- never for dropout (timing would draw random numbers) or ``return_weights``, and only on the
+  CPU (on a GPU the estimates decide: timing there needs synchronisation, and a call may be
+  inside a CUDA graph capture);
 - each candidate runs twice, interleaved, on detached copies of the inputs (forward, and backward
   with a random gradient when the call needs gradients), the faster of the two counting;
 - the class is the call's device, dtype, whether it trains, batch x heads, the head group size,
@@ -154,6 +156,8 @@ def worth_measuring(request: AttentionRequest, costs: dict[str, float]) -> list[
     """The backends whose estimates are too close to the cheapest's to trust (empty when the
     call is small, random or asks for weights, or when one estimate wins clearly)."""
     if not enabled() or len(costs) < 2 or request.dropout_p > 0 or request.return_weights:
+        return []
+    if request.device.type != "cpu":  # GPU timing needs synchronisation and no graph capture
         return []
     best = min(costs.values())
     if best < MIN_SECONDS:
