@@ -1,4 +1,5 @@
-"""`qkv bench approx`: the lab in --quick mode, the crossover rule and the command line."""
+"""`qkv bench approx` and benchmarks/approx_lab.py: the lab in --quick mode, the crossover rule
+and the command line."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qkv.bench.approx import (
-    EXACT,
-    SPEED_METHODS,
-    TASK_METHODS,
-    LabSizes,
-    crossovers,
-    format_tables,
-    run_lab,
-)
+from helpers import load_benchmark
+from qkv.bench.approx import EXACT, SPEED_METHODS, crossovers
 from qkv.cli.main import build_parser, main
+
+lab = load_benchmark("approx_lab")
+TASK_METHODS, LabSizes, format_tables, run_lab = (
+    lab.TASK_METHODS,
+    lab.LabSizes,
+    lab.format_tables,
+    lab.run_lab,
+)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_viz_pretrained_on_a_random_folder(
     assert "w2 w5 w9 w3" in capsys.readouterr().out
 
     # the figures are those of the encoder's own maps
-    from qkv.viz.pretrained import pretrained_pictures
+    from qkv.interpret.pictures import pretrained_pictures
 
     encoder, tokenizer = load_pretrained(folder)
     pictures = pretrained_pictures(

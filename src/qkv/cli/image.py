@@ -1,9 +1,8 @@
 """``qkv classify --model M IMAGE...`` for a model folder from ``qkv train image``.
 
-``qkv classify`` hands an image model's folder to the image task's spec
-(:meth:`qkv.tasks.image.ImageSpec.run_classify`), which runs this: each image file is read,
-converted and resized as the training images were, and printed with its label and
-probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
+``qkv classify`` (:mod:`qkv.cli.classify`) hands an image model's folder to this: each image
+file is read, converted and resized as the training images were, and printed with its label
+and probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
 beside the ``--html`` page (``explain.png``; ``explain-1.png``, ``explain-2.png`` ... for
 several images) and writes the page with every picture in it.
 
