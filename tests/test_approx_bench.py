@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
-from helpers import load_benchmark
+from helpers import load_benchmark, torch_threads
 from qkv.bench.approx import EXACT, SPEED_METHODS, crossovers
 from qkv.cli.main import build_parser, main
 
@@ -25,12 +24,8 @@ TASK_METHODS, LabSizes, format_tables, run_lab = (
 def quick_lab():
     # One thread: the lab's tiny calls only lose to thread start-up, and on a shared machine
     # a second thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return run_lab(replace(LabSizes.quick(), speed_ns=(64,)))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from qkv.models.pretrained import (
 )
 from qkv.nn.multihead import MultiHeadAttention
 from qkv.tasks.pretrained_sentiment import PretrainedTextClassifier
-from test_pretrained import _random_hf_folder
+from toys import random_hf_folder as _random_hf_folder
 
 lab = load_benchmark("approx_lab")
 LabSizes, dropin_accuracy, format_tables, pretrained_dropin, run_lab = (

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,8 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
 )
 from qkv.tasks.classification import (
     ClassificationObjective,
@@ -102,7 +102,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(Settings):
     """What to train on and what to build (saved in ``config.json`` under ``"image"``).
 
     Attributes:
@@ -136,13 +136,6 @@ class ImageSettings:
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ValueError(f"shift must be an int >= 0, got {self.shift!r}")
         reader_options(self.data_options)  # fails early, naming a bad option
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ImageSettings:
-        return from_dict_checked(cls, values, "image")
 
 
 def reader_options(options: dict[str, Any]) -> ReaderOptions:
