@@ -47,12 +47,19 @@ from torch import Tensor, nn
 import qkv
 from qkv.approx import APPROXIMATIONS
 from qkv.bench import approx as bench
-from qkv.bench.approx import BenchResult, BenchSizes, error_rows, measure_parts, write_plot
+from qkv.bench.approx import (
+    BenchResult,
+    BenchSizes,
+    error_rows,
+    measure_parts,
+    parse_lengths,
+    save_result,
+)
 from qkv.data.labeled import LabeledText, load_labeled
 from qkv.nn import MultiHeadAttention, swap_attention
 from qkv.tasks import evaluate_model, get_task, train_task
-from qkv.tasks.classification import encode_texts, evaluate_classifier
 from qkv.tasks.sentiment_settings import SentimentSettings
+from qkv.tasks.text_classification import encode_texts, evaluate_classifier
 from qkv.train import TrainConfig
 
 __all__ = [
@@ -478,11 +485,7 @@ def _parser() -> argparse.ArgumentParser:
 def _sizes(args: argparse.Namespace) -> LabSizes:
     sizes = LabSizes.quick() if args.quick else LabSizes()
     if args.n:
-        try:
-            ns = tuple(int(x) for x in args.n.split(",") if x)
-        except ValueError:
-            raise ValueError(f"--n must be comma-separated integers; got {args.n!r}") from None
-        sizes = replace(sizes, speed_ns=ns)
+        sizes = replace(sizes, speed_ns=parse_lengths(args.n))
     if args.budget is not None:
         if not args.budget > 0:
             raise ValueError(f"--budget must be > 0 seconds; got {args.budget}")
@@ -519,10 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_tables(result))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "approx.json").write_text(json.dumps(result.to_json(), indent=1))
-        plotted = write_plot(result, args.out / "efficient.png")
-        print(f"wrote {args.out / 'approx.json'}" + (" and efficient.png" if plotted else ""))
+        print("wrote " + " and ".join(str(path) for path in save_result(result, args.out)))
     return 0
 
 

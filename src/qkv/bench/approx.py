@@ -23,6 +23,7 @@ Sizes: :class:`BenchSizes`; ``--quick`` for tests.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import statistics
 import time
@@ -57,7 +58,9 @@ __all__ = [
     "error_table",
     "format_tables",
     "gaussian",
+    "parse_lengths",
     "run_bench",
+    "save_result",
     "speed_rows",
     "speed_tables",
     "write_plot",
@@ -249,6 +252,28 @@ def measure_parts(
     if "speed" in parts:
         result.speed = speed_rows(sizes, progress)
         result.crossover = crossovers(result.speed)
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """Sequence lengths from comma-separated text (``"256,1024"``).
+
+    Raises:
+        ValueError: anything but integers, naming ``--n`` and the text.
+    """
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise ValueError(f"--n must be comma-separated integers; got {text!r}") from None
+
+
+def save_result(result: BenchResult, folder: Path) -> list[Path]:
+    """Write ``approx.json`` (every row) and, with matplotlib and error rows, the error-vs-cost
+    plot ``efficient.png`` into ``folder``; return the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "approx.json"
+    data.write_text(json.dumps(result.to_json(), indent=1))
+    plot = folder / "efficient.png"
+    return [data, plot] if write_plot(result, plot) else [data]
 
 
 # --- tables and the plot ---------------------------------------------------------------------

@@ -8,7 +8,6 @@ The experiments that train models with approximate attention are not a ``qkv`` c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -181,21 +180,14 @@ def _register_approx(kinds: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _run_approx(args: argparse.Namespace) -> int:
-    from qkv.bench.approx import BenchSizes, format_tables, run_bench, write_plot
+    from qkv.bench.approx import BenchSizes, format_tables, parse_lengths, run_bench, save_result
 
     sizes = BenchSizes.quick() if args.quick else BenchSizes()
     if args.n:
-        try:
-            ns = tuple(int(x) for x in args.n.split(",") if x)
-        except ValueError:
-            raise ValueError(f"--n must be comma-separated integers; got {args.n!r}") from None
-        sizes = replace(sizes, speed_ns=ns)
+        sizes = replace(sizes, speed_ns=parse_lengths(args.n))
     parts = [p for p in args.parts.split(",") if p]
     result = run_bench(sizes, parts, progress=lambda text: print(f"  {text} ...", file=sys.stderr))
     print(format_tables(result))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "approx.json").write_text(json.dumps(result.to_json(), indent=1))
-        plotted = write_plot(result, args.out / "efficient.png")
-        print(f"wrote {args.out / 'approx.json'}" + (" and efficient.png" if plotted else ""))
+        print("wrote " + " and ".join(str(path) for path in save_result(result, args.out)))
     return 0

@@ -103,7 +103,7 @@ def _run_faithfulness(args: argparse.Namespace) -> int:
 
     from qkv.data.labeled import load_labeled
     from qkv.interpret.faithfulness import faithfulness_report
-    from qkv.tasks.classification import head_tail
+    from qkv.tasks.text_classification import head_tail
 
     _positive(args.examples, "--examples")
     _positive(args.max_tokens, "--max-tokens")

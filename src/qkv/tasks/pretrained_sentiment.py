@@ -19,7 +19,7 @@ by :func:`qkv.tasks.train_task` like every task (one folder rule, one resume rul
 keep-best): :func:`prepare_pretrained` is what its ``prepare`` builds then. The model is a
 :class:`qkv.models.pretrained.PretrainedClassifier` (the encoder's weights from
 :func:`qkv.models.load_pretrained`, a new pooling + linear head) trained end to end with
-:class:`qkv.tasks.classification.TextObjective` (summed cross-entropy, validation accuracy). The
+:class:`qkv.tasks.text_classification.TextObjective` (summed cross-entropy, validation accuracy). The
 folder is a normal qkv model folder: ``config.json`` (``"task": "sentiment"``, the settings
 under ``"sentiment"``, the model config with ``"kind": "pretrained-classifier"`` and the
 encoder's config, the labels), ``model.safetensors`` (encoder and head, qkv's names),
@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from qkv.data.labeled import LabeledText, LabelSet
 from qkv.data.registry import Splits
@@ -52,16 +51,15 @@ from qkv.models.pretrained import (
 )
 from qkv.models.pretrained.classifier import KIND, Pooling, encode
 from qkv.tasks.base import Prepared, load_task_model, train_task
-from qkv.tasks.classification import (
+from qkv.tasks.classification import label_set
+from qkv.tasks.sentiment_settings import SCRATCH_ONLY_FLAGS, SentimentSettings
+from qkv.tasks.text_classification import (
     LabeledDataset,
-    Prediction,
     TextObjective,
-    check_texts,
+    TextPredictor,
     collate_labeled,
     evaluate_classifier,
-    label_set,
 )
-from qkv.tasks.sentiment_settings import SCRATCH_ONLY_FLAGS, SentimentSettings
 from qkv.train import ModelFolderError, TrainConfig, TrainResult, read_config
 from qkv.train.trainer import EvalReport, StepReport
 
@@ -283,7 +281,7 @@ def is_pretrained_folder(folder: str | os.PathLike[str]) -> bool:
     return is_pretrained_config(read_config(folder))
 
 
-class PretrainedTextClassifier:
+class PretrainedTextClassifier(TextPredictor):
     """A fine-tuned pretrained classifier with its tokenizer and labels, from a model folder.
 
     Args:
@@ -293,13 +291,7 @@ class PretrainedTextClassifier:
         max_length: tokens kept per text.
     """
 
-    def __init__(
-        self, model: PretrainedClassifier, tokenizer: Any, labels: LabelSet, max_length: int
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.labels = labels
-        self.max_length = max_length
+    model: PretrainedClassifier
 
     @classmethod
     def load(
@@ -332,45 +324,17 @@ class PretrainedTextClassifier:
         length = _max_length(settings, model.config)
         return cls(model, load_tokenizer(folder), LabelSet(config["labels"]), length)
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def dataset(self, examples: Sequence[LabeledText]) -> LabeledDataset:
         """``examples`` tokenized as this classifier reads them."""
         return _dataset(examples, self.tokenizer, self.labels, self.max_length)
 
-    @torch.no_grad()
-    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
-        """Classify ``texts`` (the pooling weights say which tokens the decision read).
-
-        Raises:
-            ValueError: an empty (or whitespace-only) text, naming its position.
-        """
-        check_texts(texts)
-        predictions: list[Prediction] = []
-        for start in range(0, len(texts), batch_size):
-            predictions.extend(self._classify(texts[start : start + batch_size]))
-        return predictions
-
-    def _classify(self, texts: Sequence[str]) -> list[Prediction]:
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
         ids, mask = encode(self.tokenizer, texts, max_length=self.max_length)
-        out = self.model(ids.to(self._device()), mask.to(self._device()))
-        probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
-        weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
-        result = []
-        for row, real, p, w in zip(ids, mask, probs, weights, strict=True):
-            n = int(real.sum())
-            result.append(
-                Prediction(
-                    label=self.labels[int(p.argmax())],
-                    probabilities={
-                        lab: float(x) for lab, x in zip(self.labels.labels, p, strict=True)
-                    },
-                    tokens=[self.tokenizer.id_to_token(int(i)) for i in row[:n]],
-                    weights=w[:n].tolist(),
-                )
-            )
-        return result
+        tokens = [
+            [self.tokenizer.id_to_token(int(i)) for i in row[: int(real.sum())]]
+            for row, real in zip(ids, mask, strict=True)
+        ]
+        return ids, mask, tokens
 
 
 def evaluate_pretrained(
@@ -380,7 +344,7 @@ def evaluate_pretrained(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, the confusion matrix, the mean loss and the majority-class baseline
-    on ``examples`` (:func:`qkv.tasks.classification.evaluate_classifier`).
+    on ``examples`` (:func:`qkv.tasks.text_classification.evaluate_classifier`).
 
     Raises:
         ValueError: no examples, or a label the model does not know (named).

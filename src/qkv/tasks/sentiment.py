@@ -22,7 +22,7 @@ The task has two model recipes (:class:`Recipe`): :data:`SCRATCH`
 (``qkv train sentiment --pretrained minilm``), :data:`~qkv.tasks.pretrained_sentiment.PRETRAINED`
 fine-tunes a pretrained encoder with a classification head. The spec picks one recipe per
 call and hands it everything; the batches, metrics, objective and predictions both use are
-in :mod:`qkv.tasks.classification`.
+in :mod:`qkv.tasks.text_classification` and :mod:`qkv.tasks.classification`.
 
 Long texts keep their head and tail (:func:`head_tail`): the verdict of a review is often in its
 last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", found
@@ -47,20 +47,22 @@ from qkv.tasks.base import (
     TaskSpec,
 )
 from qkv.tasks.classification import (
-    LabeledBatch,
-    LabeledDataset,
-    Prediction,
-    TextObjective,
     classification_metrics,
-    collate_labeled,
-    evaluate_classifier,
     evaluation_metrics,
     format_classification,
-    head_tail,
 )
 from qkv.tasks.pretrained_sentiment import PRETRAINED
 from qkv.tasks.sentiment_scratch import SCRATCH, TextClassifier
 from qkv.tasks.sentiment_settings import SentimentSettings, SentimentSetup
+from qkv.tasks.text_classification import (
+    LabeledBatch,
+    LabeledDataset,
+    Prediction,
+    TextObjective,
+    collate_labeled,
+    evaluate_classifier,
+    head_tail,
+)
 from qkv.train import read_config
 
 __all__ = [

@@ -3,7 +3,8 @@
 :data:`SCRATCH` builds an :class:`~qkv.models.AttentionClassifier` (a preset) and trains a BPE
 tokenizer on the task's data; :class:`TextClassifier` is the trained folder, loaded. The spec
 (:mod:`qkv.tasks.sentiment`) picks this recipe when ``pretrained`` is unset; the batches,
-metrics and objective are the classification room's (:mod:`qkv.tasks.classification`).
+metrics and objective are the classification rooms' (:mod:`qkv.tasks.text_classification`,
+:mod:`qkv.tasks.classification`).
 
 Shapes: ``B`` texts, ``N`` tokens of the longest, ``C`` classes, ``r`` pooling queries.
 """
@@ -17,25 +18,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from qkv.data.labeled import LabeledText, LabelSet
 from qkv.data.registry import Splits
 from qkv.data.tokenizer import PairTokenizer, TextTokenizer, pad_ids
 from qkv.models.classifier import AttentionClassifier, ClassifierConfig
 from qkv.tasks.base import Prepared, load_task_model
-from qkv.tasks.classification import (
-    LabeledDataset,
-    Prediction,
-    TextObjective,
-    check_texts,
-    collate_labeled,
-    encode_texts,
-    label_set,
-)
+from qkv.tasks.classification import label_set
 from qkv.tasks.pretrained_sentiment import is_pretrained_config
 from qkv.tasks.sentiment_settings import SentimentSettings
+from qkv.tasks.text_classification import (
+    LabeledDataset,
+    TextObjective,
+    TextPredictor,
+    collate_labeled,
+    encode_texts,
+)
 from qkv.train import read_config
 
 __all__ = ["SCRATCH", "ScratchRecipe", "TextClassifier"]
@@ -113,27 +112,18 @@ class ScratchRecipe:
 SCRATCH = ScratchRecipe()
 
 
-class TextClassifier:
+class TextClassifier(TextPredictor):
     """A trained classifier with its tokenizer and labels, loaded from a model folder.
 
     Args:
         model: the network (eval mode).
-        tokenizer: its tokenizer.
+        tokenizer: its :class:`~qkv.data.tokenizer.TextTokenizer`.
         labels: its labels.
-        max_length: tokens kept per text.
+        max_length: tokens kept per text (head + tail).
     """
 
-    def __init__(
-        self,
-        model: AttentionClassifier,
-        tokenizer: TextTokenizer,
-        labels: LabelSet,
-        max_length: int | None,
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.labels = labels
-        self.max_length = max_length
+    model: AttentionClassifier
+    tokenizer: TextTokenizer
 
     @classmethod
     def load(
@@ -160,45 +150,15 @@ class TextClassifier:
         tokenizer = TextTokenizer.load(Path(folder) / "tokenizer.json")
         return cls(model, tokenizer, LabelSet(config["labels"]), settings.max_length)
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def dataset(self, examples: Sequence[LabeledText]) -> LabeledDataset:
         """``examples`` tokenized as this classifier reads them."""
         return LabeledDataset.from_examples(
             examples, self.tokenizer, self.labels, max_length=self.max_length
         )
 
-    @torch.no_grad()
-    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
-        """Classify ``texts``.
-
-        Raises:
-            ValueError: an empty (or whitespace-only) text, naming its position.
-        """
-        check_texts(texts)
-        ids = encode_texts(self.tokenizer, texts, self.max_length)
-        predictions: list[Prediction] = []
-        for start in range(0, len(ids), batch_size):
-            predictions.extend(self._classify_ids(ids[start : start + batch_size]))
-        return predictions
-
-    def _classify_ids(self, rows: list[list[int]]) -> list[Prediction]:
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
+        rows = encode_texts(self.tokenizer, texts, self.max_length)
         padded = pad_ids(rows)
-        out = self.model(padded.ids.to(self._device()), padded.padding_mask.to(self._device()))
-        probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
-        weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
-        result = []
-        for row, p, w in zip(rows, probs, weights, strict=True):
-            tokens = [self.tokenizer.hf.decode([i], skip_special_tokens=False) for i in row]
-            result.append(
-                Prediction(
-                    label=self.labels[int(p.argmax())],
-                    probabilities={
-                        lab: float(x) for lab, x in zip(self.labels.labels, p, strict=True)
-                    },
-                    tokens=tokens,
-                    weights=w[: len(row)].tolist(),
-                )
-            )
-        return result
+        decode = self.tokenizer.hf.decode
+        tokens = [[decode([i], skip_special_tokens=False) for i in row] for row in rows]
+        return padded.ids, padded.padding_mask, tokens
