@@ -144,6 +144,12 @@ def test_cli_train_resume_evaluate_classify(
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"attention picture: {picture}" in captured.err
     assert page.read_text().count("data:image/png;base64,") == 2
+    # The picture of `--html digit.html` would be digit.png, the input: refused, input intact.
+    before = png.read_bytes()
+    explain = ["--explain", "--html", str(tmp_path / "digit.html")]
+    assert main(["classify", "--model", str(out), str(png), *explain]) == 2
+    assert f"{png} is an input of this command" in capsys.readouterr().err
+    assert png.read_bytes() == before
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
     assert main(["classify", "--model", str(out), str(png), str(bad)]) == 2

@@ -59,6 +59,9 @@ def add_explain_args(p: argparse.ArgumentParser, *, what: str) -> None:
         default=Path("explain.html"),
         help="where --explain writes its page (default %(default)s)",
     )
+    from qkv.cli.outputs import add_overwrite_arg
+
+    add_overwrite_arg(p)
 
 
 def colour_wanted(stream: Any) -> bool:
@@ -105,6 +108,11 @@ def _run_classify(args: argparse.Namespace) -> int:
             raise ValueError(f"--model {args.model}: a {task} model does not classify")
         return int(run(args))
     # a classifier trained from scratch or a fine-tuned pretrained one: the spec tells them apart
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        inputs = [] if args.file is None else [args.file]
+        check_outputs([("--html", args.html)], inputs=inputs, overwrite=args.overwrite)
     classifier = get_task("sentiment").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     texts = read_texts(args.text, args.file)

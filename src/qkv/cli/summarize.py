@@ -64,6 +64,10 @@ def _run_summarize(args: argparse.Namespace) -> int:
     from qkv.train import seed_everything
 
     seed_everything(args.seed)
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        check_outputs([("--html", args.html)], inputs=[args.input], overwrite=args.overwrite)
     summarizer = Summarizer.load(args.model, device=args.device)
     set_attention_backend(summarizer.model, args.backend)
     documents = read_documents(args.input, lines=args.lines)

@@ -29,6 +29,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="FILE.png",
         help="draw the cross-attention heat map of the first sentence into this file",
     )
+    from qkv.cli.outputs import add_overwrite_arg
+
+    add_overwrite_arg(p)
     add_runtime_args(p)
     p.set_defaults(run=_run)
 
@@ -64,6 +67,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
     seed_everything(args.seed)
+    if args.show_attention is not None:
+        from qkv.cli.outputs import check_outputs
+
+        inputs = [] if args.file is None else [args.file]
+        check_outputs(
+            [("--show-attention", args.show_attention)], inputs=inputs, overwrite=args.overwrite
+        )
     texts = read_inputs(args.text, args.file)
     translator = Translator.load(args.model, device=args.device)
     set_attention_backend(translator.model, args.backend)

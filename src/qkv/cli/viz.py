@@ -24,11 +24,24 @@ SOURCE = ["le", "petit", "chat", "noir", "dort", "sur", "le", "tapis", "."]
 TARGET = ["the", "little", "black", "cat", "sleeps", "on", "the", "mat", "."]
 # Which source word each target word translates (French puts the colour after the noun).
 ALIGNMENT = [0, 1, 3, 2, 4, 5, 6, 7, 8]
+#: What ``qkv viz example`` writes into its folder.
+EXAMPLE_FILES = (
+    "masks.png",
+    "cross_attention.png",
+    "cross_heads.png",
+    "self_heads.png",
+    "head_stats.png",
+    "rollout.png",
+    "attention.html",
+    "shaded.html",
+)
 REVIEW = ["a", "quietly", "brilliant", "film", "with", "one", "dull", "scene"]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``viz`` and its subcommands to the ``qkv`` sub-parsers action ``commands``."""
+    from qkv.cli.outputs import add_overwrite_arg
+
     viz = commands.add_parser("viz", help="attention pictures and offline interactive pages")
     actions = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
 
@@ -37,6 +50,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     masks.add_argument("--q-len", type=int, default=6, help="Nq (default %(default)s)")
     masks.add_argument("--kv-len", type=int, default=10, help="Nk (default %(default)s)")
     masks.add_argument("--window", type=int, default=3, help="sliding window: keys this far back")
+    add_overwrite_arg(masks)
     masks.set_defaults(run=_run_masks)
 
     page = actions.add_parser("page", help="interactive page (and heat map) of saved weights")
@@ -59,6 +73,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=512,
         help="overview rows/columns at most; longer maps are block means (default %(default)s)",
     )
+    add_overwrite_arg(page)
     page.set_defaults(run=_run_page)
 
     pretrained = actions.add_parser(
@@ -75,17 +90,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--page-only", action="store_true", help="only the page and summary (no matplotlib)"
     )
     pretrained.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    add_overwrite_arg(pretrained)
     pretrained.set_defaults(run=_run_pretrained)
 
     example = actions.add_parser("example", help="every picture, from synthetic weights")
     example.add_argument("--out", type=Path, required=True, help="folder to write into")
     example.add_argument("--seed", type=int, default=0)
+    add_overwrite_arg(example)
     example.set_defaults(run=_run_example)
 
 
 def _run_masks(args: argparse.Namespace) -> int:
+    from qkv.cli.outputs import check_outputs
     from qkv.viz import mask_grid, save_figure
 
+    check_outputs([("--out", args.out)], overwrite=args.overwrite)
     fig = mask_grid(_mask_examples(args.q_len, args.kv_len, args.window), args.q_len, args.kv_len)
     print(f"wrote {save_figure(fig, args.out)}")
     return 0
@@ -121,8 +140,11 @@ def _load_saved(path: Path) -> tuple[dict[str, Any], list[str] | None, list[str]
 
 
 def _run_page(args: argparse.Namespace) -> int:
+    from qkv.cli.outputs import check_outputs
     from qkv.viz import attention_heatmap, save_figure, write_page
 
+    outputs = [("--out", args.out)] + ([] if args.png is None else [("--png", args.png)])
+    check_outputs(outputs, inputs=[args.weights], overwrite=args.overwrite)
     layers, source, target = _load_saved(args.weights)
     path = write_page(
         args.out,
@@ -229,6 +251,7 @@ def _synthetic_self_attention(seed: int, layers: int = 4, heads: int = 8, n: int
 def _run_example(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv.cli.outputs import check_outputs
     from qkv.viz import (
         attention_heatmap,
         attention_rollout,
@@ -243,6 +266,7 @@ def _run_example(args: argparse.Namespace) -> int:
     )
 
     out: Path = args.out
+    check_outputs([("--out", out / name) for name in EXAMPLE_FILES], overwrite=args.overwrite)
     cross = _synthetic_cross_attention(args.seed)
     stack = _synthetic_self_attention(args.seed + 1)
     positions = [f"t{i}" for i in range(stack[0].shape[-1])]

@@ -205,7 +205,6 @@ def plot_scores_by_length(
     ax.legend()
     if title is not None:
         ax.set_title(title)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    return target
+    from qkv.viz import save_figure
+
+    return save_figure(fig, path, dpi=110)

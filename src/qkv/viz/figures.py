@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from qkv.viz._checks import as_weights, token_labels, write_atomically
+from qkv.viz._checks import FIGURE_METADATA, as_weights, token_labels, write_atomically
 from qkv.viz.stats import HeadStats
 
 if TYPE_CHECKING:
@@ -337,5 +337,6 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) ->
             f"path needs a suffix naming the image format (.png, .svg, ...); got {path}"
         )
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=dpi)
+    # The mark lets a later qkv command tell its own picture from a user's file of the same name.
+    fig.savefig(buffer, format=fmt, dpi=dpi, metadata=FIGURE_METADATA.get(fmt))
     return write_atomically(target, buffer.getvalue())
