@@ -145,10 +145,19 @@ def _explain(prediction: Any, *, colour: bool, quiet: bool) -> str:
 
     weights = torch.tensor(prediction.weights)
     tokens = [t.strip() or "·" for t in prediction.tokens]
+    # attention pooling weights, or (a mean-pooling classifier) the encoder's attention rollout
+    kind = getattr(prediction, "weights_kind", "attention pooling")
+    name = "attention" if kind == "attention pooling" else kind
     if colour and not quiet:
-        print("  " + shade_tokens_ansi(tokens, weights))
+        print(
+            "  "
+            + shade_tokens_ansi(tokens, weights)
+            + ("" if name == "attention" else f"  ({name})")
+        )
     elif not quiet:
         top = sorted(range(len(tokens)), key=lambda i: -float(weights[i]))[:5]
-        print("  attention: " + ", ".join(f"{tokens[i]} {float(weights[i]):.2f}" for i in top))
+        print(f"  {name}: " + ", ".join(f"{tokens[i]} {float(weights[i]):.2f}" for i in top))
     caption = f"{prediction.label} ({prediction.probabilities[prediction.label]:.3f})"
+    if name != "attention":
+        caption += f", shaded by {name}"
     return shade_tokens_html(tokens, weights, label=caption, document=False)

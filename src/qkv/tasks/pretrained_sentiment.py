@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from qkv.data.labeled import LabeledText, LabelSet
 from qkv.data.registry import Splits
@@ -342,6 +343,9 @@ class PretrainedTextClassifier:
         out = self.model(ids.to(self._device()), mask.to(self._device()))
         probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
         weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
+        kind = "attention pooling"
+        if self.model.pooling is None:
+            weights, kind = self._mean_pooling_rollout(ids, mask, weights)
         result = []
         for row, real, p, w in zip(ids, mask, probs, weights, strict=True):
             n = int(real.sum())
@@ -353,9 +357,24 @@ class PretrainedTextClassifier:
                     },
                     tokens=[self.tokenizer.id_to_token(int(i)) for i in row[:n]],
                     weights=w[:n].tolist(),
+                    weights_kind=kind,
                 )
             )
         return result
+
+    def _mean_pooling_rollout(
+        self, ids: Tensor, mask: Tensor, pooling: Tensor
+    ) -> tuple[Tensor, str]:
+        """Mean pooling weighs every real token ``1/n``: the attention that decides is the
+        encoder's. Its rollout (Abnar and Zuidema 2020) to the pooled output gives each input
+        token's share: ``pooling (B, N) @ rollout (B, N, N)``, summing to 1 over real tokens."""
+        from qkv.viz import attention_rollout
+
+        device = self._device()
+        maps = self.model.encoder.attention_maps(ids.to(device), mask.to(device))  # L x (B,H,N,N)
+        rollout = attention_rollout([m.float() for m in maps]).cpu()  # (B, N, N)
+        shares = (pooling.unsqueeze(1) @ rollout).squeeze(1)  # (B, N)
+        return shares, "attention rollout to the mean-pooled output"
 
 
 def evaluate_pretrained(

@@ -555,13 +555,16 @@ class Prediction:
         probabilities: ``{label: probability}`` for every label, in label order.
         tokens: the text's tokens as the model read them (after truncation).
         weights: the pooling weight of each token, averaged over the pooling queries
-            (sums to 1 over ``tokens``).
+            (sums to 1 over ``tokens``); for a mean-pooling classifier, whose pooling weighs
+            every token alike, the attention rollout of its encoder to the pooled output.
+        weights_kind: what ``weights`` are, in words (for captions).
     """
 
     label: str
     probabilities: dict[str, float]
     tokens: list[str]
     weights: list[float]
+    weights_kind: str = "attention pooling"
 
 
 class TextClassifier:
