@@ -71,27 +71,15 @@ def colour_wanted(stream: Any) -> bool:
 
 
 def read_texts(texts: list[str], file: Path | None) -> list[str]:
-    """The texts to classify: arguments (``-`` reads stdin, one text per line) and a file's lines.
+    """The texts to classify: arguments (``-`` reads stdin, one text per line) and a file's
+    lines, one output line each (:func:`qkv.cli.inputs.read_lines`).
 
     Raises:
-        ValueError: an empty text argument, a file that cannot be read, or nothing at all.
+        ValueError: an empty text (naming it), a file that cannot be read, or nothing at all.
     """
-    lines: list[str] = []
-    for i, text in enumerate(texts, start=1):
-        if text == "-":
-            lines.extend(line for line in sys.stdin.read().splitlines() if line.strip())
-        elif not text.strip():
-            raise ValueError(f"text argument {i} is empty: there is nothing to classify")
-        else:
-            lines.append(text)
-    if file is not None:
-        try:
-            lines.extend(t for t in file.read_text(encoding="utf-8").splitlines() if t.strip())
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--file {file}: cannot be read ({error})") from None
-    if not lines:
-        raise ValueError("nothing to classify: give texts, '-' for stdin, or --file FILE")
-    return lines
+    from qkv.cli.inputs import read_lines
+
+    return read_lines(texts, file, verb="classify")
 
 
 def _run_classify(args: argparse.Namespace) -> int:
@@ -113,9 +101,9 @@ def _run_classify(args: argparse.Namespace) -> int:
 
         inputs = [] if args.file is None else [args.file]
         check_outputs([("--html", args.html)], inputs=inputs, overwrite=args.overwrite)
+    texts = read_texts(args.text, args.file)
     classifier = get_task("sentiment").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
-    texts = read_texts(args.text, args.file)
     predictions = classifier.classify(texts)
     fragments = []
     for text, p in zip(texts, predictions, strict=True):

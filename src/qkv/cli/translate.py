@@ -37,26 +37,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def read_inputs(texts: list[str], file: Path | None) -> list[str]:
-    """The sentences to translate: arguments, ``-`` for stdin, and a file's lines.
+    """The sentences to translate: arguments, ``-`` for stdin, and a file's lines, one output
+    line each (:func:`qkv.cli.inputs.read_lines`).
 
     Raises:
-        ValueError: nothing to translate, or a file that cannot be read (naming it).
+        ValueError: an empty sentence (naming it), nothing to translate, or a file that cannot
+            be read (naming it).
     """
-    lines: list[str] = []
-    for text in texts:
-        if text == "-":
-            lines.extend(line.rstrip("\n") for line in sys.stdin)
-        else:
-            lines.append(text)
-    if file is not None:
-        try:
-            lines.extend(file.read_text(encoding="utf-8").splitlines())
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--file {file}: cannot be read ({error})") from None
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise ValueError("nothing to translate: give sentences, '-' for stdin, or --file FILE")
-    return lines
+    from qkv.cli.inputs import read_lines
+
+    return read_lines(texts, file, verb="translate")
 
 
 def _run(args: argparse.Namespace) -> int:
