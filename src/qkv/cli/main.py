@@ -339,7 +339,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    previous_threads = None
     try:
+        if hasattr(args, "threads"):  # the commands that run a model: --threads
+            import torch
+
+            from qkv.cli.threads import apply_threads
+
+            previous_threads = torch.get_num_threads()  # main() may run inside a longer process
+            _, args.threads_source = apply_threads(args.threads)
         return int(args.run(args))
     except (ValueError, TypeError) as error:  # bad arguments, data, model folders
         print(f"qkv {args.command}: error: {error}", file=sys.stderr)
@@ -347,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ImportError) as error:  # unreadable files, missing optional packages
         print(f"qkv {args.command}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
         choices=["auto", "bf16", "fp32"],
         help="auto (default): bf16 autocast on CUDA, fp32 on CPU",
     )
+    add_threads_arg(g)
     p.set_defaults(default_steps=steps)
 
 
@@ -202,6 +203,18 @@ def add_runtime_args(p: argparse.ArgumentParser, *, backend: bool = True) -> Non
     p.add_argument("--seed", type=int, default=0, help="seeds the random generators (default 0)")
     if backend:
         p.add_argument("--backend", default="auto", help="attention backend (default %(default)s)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads N``: CPU threads (default: OMP_NUM_THREADS, else half the CPUs)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else half the CPUs, "
+        "which behaves on a shared machine)",
+    )
 
 
 def training_config(
@@ -320,6 +333,20 @@ def _run(args: argparse.Namespace) -> int:
             args, defaults=None if own is None else (lambda steps: own(settings, steps))
         )
     progress = TrainProgress(quiet=args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        # the run header: said before the seconds of data and model setup
+        import torch
+
+        threads = torch.get_num_threads()
+        source = getattr(args, "threads_source", "torch's default")
+        plural = "s" if threads != 1 else ""
+        device = training.device or "auto"
+        progress.message(
+            f"qkv train {spec.name}: {'resuming ' if args.resume else ''}into {args.out}, "
+            f"device {device}, {threads} CPU thread{plural} "
+            f"({'from --threads' if source == '--threads' else source + '; --threads N to change'}); "
+            "reading the data and building the model ..."
+        )
     outcome = train_task(
         spec,
         settings,

@@ -146,6 +146,7 @@ def run_demo(
     overwrite: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
+    threads: int = 1,
 ) -> DemoResult:
     """Train on ``dates``, score the held-out test split, draw attention heat maps.
 
@@ -157,6 +158,7 @@ def run_demo(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         overwrite: replace the model of a previous demo in ``out``.
         on_step, on_eval: training progress callbacks.
+        threads: CPU threads while training (default 1, see the module's docstring).
 
     Raises:
         ValueError: ``out`` holds other files, or a previous demo's model and not
@@ -172,7 +174,9 @@ def run_demo(
         shutil.rmtree(stale, ignore_errors=True)
     translation, training = demo_configs(quick=quick, seed=seed, device=device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1; got {threads}")
+    torch.set_num_threads(threads)
     try:
         outcome = train_translation(
             translation, training, model_dir, on_step=on_step, on_eval=on_eval
