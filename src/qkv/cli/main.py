@@ -223,7 +223,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = run_sweep(
         cases,
         timeout_s=args.timeout,
-        on_result=lambda r: bar.step(f"{r.case.backend} {r.case.label()}"),
+        on_result=lambda r: bar.step(f"{r.case.backend_label} {r.case.label()}"),
     )
     rate = None
     if args.device.startswith("cuda"):  # the yardstick, measured in this run
