@@ -236,7 +236,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         plotted = write_plot(results, args.out / "bench.png")
         print(
             f"wrote {args.out / 'bench.json'}"
-            + (f" and {args.out / 'bench.png'}" if plotted else " (no plot: pip install qkv[viz])")
+            + (
+                f" and {args.out / 'bench.png'}"
+                if plotted
+                else " (no plot: pip install -e '.[viz]')"
+            )
         )
     return 0
 

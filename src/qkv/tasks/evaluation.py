@@ -23,7 +23,7 @@ __all__ = [
 
 BLEU_MAX_ORDER = 4  # BLEU's longest n-gram: shorter outputs score 0 on it
 
-SACREBLEU_INSTALL = "pip install 'sacrebleu==2.6.0'  (or: pip install 'qkv[tasks]')"
+SACREBLEU_INSTALL = "pip install 'sacrebleu==2.6.0'  (or: pip install -e '.[tasks]')"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Every function takes tensors (and token strings) and returns a ``matplotlib.figure.Figure``; none
 shows a window or prints. Figures are built with ``Figure()`` directly instead of ``pyplot``, so
 no GUI backend is touched, no global figure list grows, and they work on a machine with no screen.
-matplotlib is imported only when a function runs (``pip install qkv[viz]``).
+matplotlib is imported only when a function runs (``pip install -e '.[viz]'``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _new_figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("qkv.viz figures need matplotlib: pip install 'qkv[viz]'") from error
+        raise ImportError("qkv.viz figures need matplotlib: pip install -e '.[viz]'") from error
     return Figure(figsize=(width, height), layout="constrained")
 
 
