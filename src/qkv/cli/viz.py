@@ -2,8 +2,9 @@
 
 - ``qkv viz masks --out masks.png``: the built-in masks drawn side by side.
 - ``qkv viz page WEIGHTS.pt --out page.html [--png map.png --layer NAME --head H]``: the
-  interactive page (and a heat map) of weights saved with ``torch.save({"layers": {name:
-  (H, Nq, Nk) tensor}, "source_tokens": [...], "target_tokens": [...]}, path)``.
+  interactive page (and a heat map) of weights saved with ``torch.save``: an ``(H, Nq, Nk)``
+  tensor, a dict ``{name: (H, Nq, Nk) tensor}``, or ``{"layers": {name: tensor},
+  "source_tokens": [...], "target_tokens": [...]}`` to label the axes.
 - ``qkv viz pretrained minilm "a sentence" --out DIR [--page] [--layers 0,5]``: per-head maps,
   rollout, head statistics and a summary of a real pretrained encoder's attention (a named model
   or an HF-layout folder), with ``--page`` the interactive page too.
@@ -57,8 +58,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     page.add_argument(
         "weights",
         type=Path,
-        help="torch.save file: {'layers': {name: (H, Nq, Nk)}, "
-        "'source_tokens': [...], 'target_tokens': [...]}",
+        help="torch.save file: an (H, Nq, Nk) tensor, a dict {name: (H, Nq, Nk) tensor}, or "
+        "{'layers': {name: tensor}, 'source_tokens': [...], 'target_tokens': [...]}",
     )
     page.add_argument("--out", type=Path, required=True, help="HTML file to write")
     page.add_argument("--png", type=Path, default=None, help="also write this heat map")
@@ -127,16 +128,71 @@ def _mask_examples(nq: int, nk: int, window: int) -> dict[str, Any]:
     }
 
 
-def _load_saved(path: Path) -> tuple[dict[str, Any], list[str] | None, list[str] | None]:
+def _describe(value: Any) -> str:
+    """What a loaded object is, for an error message."""
     import torch
 
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
-        raise ValueError(
-            f"{path} must hold a dict with 'layers': {{name: (H, Nq, Nk) tensor}}; got "
-            f"{type(saved).__name__} with keys {sorted(saved) if isinstance(saved, dict) else '-'}"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"a dict with keys {sorted(map(str, value))[:8]} (values: {', '.join(kinds) or '-'})"
+    return f"a {type(value).__name__}"
+
+
+def _as_layer(name: str, weights: Any, path: Path) -> Any:
+    """``weights`` as ``(H, Nq, Nk)``: an ``(Nq, Nk)`` map gets one head, a ``(1, H, Nq, Nk)``
+    batch of one loses its batch axis; other shapes are left to the page's own checks."""
+    import torch
+
+    if not isinstance(weights, torch.Tensor):
+        raise ValueError(f"{path}: layer {name!r} must be a tensor; got {_describe(weights)}")
+    if weights.ndim == 2:
+        return weights.unsqueeze(0)  # (1, Nq, Nk)
+    if weights.ndim == 4 and weights.shape[0] == 1:
+        return weights[0]  # (H, Nq, Nk)
+    return weights
+
+
+def _load_saved(path: Path) -> tuple[dict[str, Any], list[str] | None, list[str] | None]:
+    """The layers and tokens of a ``torch.save`` file holding one of: an ``(H, Nq, Nk)`` tensor
+    (also ``(Nq, Nk)`` or ``(1, H, Nq, Nk)``), a dict ``{name: tensor}``, or a dict
+    ``{"layers": {name: tensor}, "source_tokens": [...], "target_tokens": [...]}``."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # no such file, no permission: main() reports it
+    except Exception as error:  # anything torch.load cannot read (pickle, zip, struct errors)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a file written by torch.save ({first[:200]})") from None
+    source = target = None
+    if isinstance(saved, torch.Tensor):
+        layers: Any = {"weights": saved}
+    elif isinstance(saved, dict) and "layers" in saved:
+        layers, source, target = (
+            saved["layers"],
+            saved.get("source_tokens"),
+            saved.get("target_tokens"),
         )
-    return saved["layers"], saved.get("source_tokens"), saved.get("target_tokens")
+        if isinstance(layers, torch.Tensor):
+            layers = {"weights": layers}
+    elif (
+        isinstance(saved, dict)
+        and saved
+        and all(isinstance(v, torch.Tensor) for v in saved.values())
+    ):
+        layers = saved
+    else:
+        layers = None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(
+            f"{path} must hold an (H, Nq, Nk) tensor, a dict {{name: (H, Nq, Nk) tensor}}, or "
+            "{'layers': {name: tensor}, 'source_tokens': [...], 'target_tokens': [...]}; "
+            f"got {_describe(saved)}"
+        )
+    return {str(k): _as_layer(str(k), v, path) for k, v in layers.items()}, source, target
 
 
 def _run_page(args: argparse.Namespace) -> int:
