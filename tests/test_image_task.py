@@ -117,7 +117,7 @@ def test_cli_train_resume_evaluate_classify(
     assert main(["evaluate", "--model", str(out)]) == 0
     table = capsys.readouterr().out
     assert "(test, 359 examples)" in table and "confusion (rows: gold" in table
-    assert f"accuracy {direct.metrics['accuracy']:.4f}" in table
+    assert f"accuracy {100 * direct.metrics['accuracy']:.2f}%" in table
     # A value beyond the pixel scale is named with its file and line.
     lines = csv.read_text().splitlines()
     lines[2] = lines[2].rsplit(",", 1)[0] + ",300"

@@ -927,7 +927,9 @@ def register(commands: Any) -> None:
     p = commands.add_parser(
         "approx",
         help="approximate attention vs exact: error, time and memory vs N, task accuracy",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Approximate attention (qkv.approx: linear, Performer, Nystrom, Linformer, "
+        "BigBird-style) against exact attention on this machine: error, time and memory "
+        "against N, task accuracy, and each method swapped into a trained classifier.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for tests")
     p.add_argument(

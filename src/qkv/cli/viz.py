@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,7 @@ def _synthetic_self_attention(seed: int, layers: int = 4, heads: int = 8, n: int
 def _run_example(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv.cli.classify import colour_wanted
     from qkv.cli.outputs import check_outputs
     from qkv.viz import (
         attention_heatmap,
@@ -372,7 +374,11 @@ def _run_example(args: argparse.Namespace) -> int:
     review = torch.rand(len(REVIEW), generator=torch.Generator().manual_seed(args.seed)).pow(2)
     (out / "shaded.html").write_text(shade_tokens_html(REVIEW, review, label="synthetic weights"))
     written.append(out / "shaded.html")
-    print(shade_tokens_ansi(REVIEW, review))
+    if colour_wanted(sys.stdout):
+        print(shade_tokens_ansi(REVIEW, review))
+    else:  # a pipe or NO_COLOR: no escape codes, the weights as text
+        shares = review / review.sum()
+        print("  ".join(f"{t} {float(w):.2f}" for t, w in zip(REVIEW, shares, strict=True)))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -205,6 +205,18 @@ def run_demo(
     return result
 
 
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` decimals (sacrebleu's BLEU of a perfect
+    run is 100.00000000000004: float noise, not a figure anyone should read)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def _write_results(result: DemoResult, scores: dict[str, Any]) -> None:
     document = {
         "exact_match": result.exact_match,
@@ -216,4 +228,5 @@ def _write_results(result: DemoResult, scores: dict[str, Any]) -> None:
         "samples": [list(s) for s in result.samples],
         "heatmaps": [p.name for p in result.heatmaps],
     }
-    (result.out / RESULTS_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(_rounded(document), indent=2) + "\n"
+    (result.out / RESULTS_FILE).write_text(text, encoding="utf-8")
