@@ -30,7 +30,10 @@ def test_threads_flag_is_checked_and_restored_after_the_command(
 ) -> None:
     before = torch.get_num_threads()
     out = tmp_path / "m"
-    argv = ["train", "translation", "--data", "builtin:dates", "--preset", "tiny", "--out"]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{w}\t{w[::-1]}\n" for w in ("abc", "bcd", "cde", "def") * 5))
+    argv = ["train", "translation", "--data", str(pairs), "--tokenizer", "char", "--preset",
+            "tiny", "--valid-size", "4", "--out"]  # fmt: skip
     assert main([*argv, str(out), "--steps", "1", "--threads", "0"]) == 2
     assert "--threads must be >= 1; got 0" in capsys.readouterr().err
     assert main([*argv, str(out), "--steps", "1", "--threads", "2", "--device", "cpu"]) == 0
