@@ -124,3 +124,22 @@ def test_check_outputs_rules(tmp_path: Path) -> None:
         check_outputs([("--out", tmp_path / "a-folder" / ".." / "mine.txt")], inputs=[mine])
     check_outputs([("--out", mine)], inputs=["-"], overwrite=True)  # stdin is no file
     check_outputs([("--out", tmp_path / "new.png")])  # a new file is always fine
+
+
+def test_viz_pretrained_refuses_a_users_picture_in_its_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    from test_pretrained import _random_hf_folder
+
+    folder, _ = _random_hf_folder(tmp_path / "encoder")
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "rollout.png").write_bytes(b"my own rollout picture")
+    argv = ["viz", "pretrained", str(folder), "w2 w5 w9", "--out", str(out), "--layers", "0"]
+    assert main(argv) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "rollout.png already exists" in err
+    assert (out / "rollout.png").read_bytes() == b"my own rollout picture"
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(argv) == 0  # now its own pictures: replaced without --overwrite

@@ -234,7 +234,22 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise ValueError(f"--layers must be comma-separated integers; got {text!r}") from None
 
 
+def _pretrained_outputs(
+    args: argparse.Namespace, layers: list[int] | None, num_layers: int
+) -> list[tuple[str, Path]]:
+    """The pictures and page ``qkv viz pretrained`` writes into ``--out`` (its ``summary.json``
+    is a report of its own and is replaced)."""
+    names = []
+    if not args.page_only:
+        chosen = range(num_layers) if layers is None else layers
+        names += [f"heads_layer{i}.png" for i in chosen] + ["rollout.png", "head_stats.png"]
+    if args.page or args.page_only:
+        names.append("attention.html")
+    return [("--out", args.out / name) for name in names]
+
+
 def _run_pretrained(args: argparse.Namespace) -> int:
+    from qkv.cli.outputs import check_outputs
     from qkv.models import load_pretrained
     from qkv.viz.pretrained import pretrained_pictures
 
@@ -242,6 +257,10 @@ def _run_pretrained(args: argparse.Namespace) -> int:
     if args.dpi < 1:
         raise ValueError(f"--dpi must be >= 1; got {args.dpi}")
     encoder, tokenizer = load_pretrained(args.model)
+    check_outputs(
+        _pretrained_outputs(args, layers, encoder.config.num_hidden_layers),
+        overwrite=args.overwrite,
+    )
     pictures = pretrained_pictures(
         encoder,
         tokenizer,
