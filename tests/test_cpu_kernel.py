@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,13 +283,14 @@ def test_kernel_that_cannot_be_built_says_why_and_nothing_breaks(
 
 
 def test_build_reports_a_missing_compiler_and_the_off_switch(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("QKV_CPU_KERNEL", "0")
     off = build._build()
     assert not off.ok and off.reason is not None and "QKV_CPU_KERNEL=0" in off.reason
     monkeypatch.delenv("QKV_CPU_KERNEL")
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build to load
     missing = build._build()
     assert not missing.ok and missing.reason is not None and "compiler" in missing.reason
 

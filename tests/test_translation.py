@@ -133,7 +133,7 @@ def test_cli_translate_file_stdin_and_attention(
 ) -> None:
     pytest.importorskip("matplotlib")
     folder, pairs = trained
-    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n\n{pairs[2][0]}\n")
+    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n{pairs[2][0]}\n")
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO(pairs[3][0] + "\n"))
@@ -151,6 +151,10 @@ def test_cli_translate_file_stdin_and_attention(
     out = capsys.readouterr().out.split()
     assert out == [pairs[0][1], pairs[3][1], pairs[1][1], pairs[2][1]]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one output line per input: an empty line is named, never dropped
+    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n\n{pairs[2][0]}\n")
+    assert main(argv[:3] + argv[5:]) == 2
+    assert "in.txt line 2 is empty: there is nothing to translate" in capsys.readouterr().err
 
 
 def test_cli_evaluate_json_and_plot(

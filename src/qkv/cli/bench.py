@@ -140,7 +140,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = run_sweep(
         cases,
         timeout_s=args.timeout,
-        on_result=lambda r: bar.step(f"{r.case.backend} {r.case.label()}"),
+        on_result=lambda r: bar.step(f"{r.case.backend_label} {r.case.label()}"),
     )
     rate = None
     if args.device.startswith("cuda"):  # the yardstick, measured in this run
@@ -153,7 +153,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         plotted = write_plot(results, args.out / "bench.png")
         print(
             f"wrote {args.out / 'bench.json'}"
-            + (f" and {args.out / 'bench.png'}" if plotted else " (no plot: pip install qkv[viz])")
+            + (
+                f" and {args.out / 'bench.png'}"
+                if plotted
+                else " (no plot: pip install -e '.[viz]')"
+            )
         )
     return 0
 

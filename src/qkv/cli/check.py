@@ -57,12 +57,22 @@ def _run(args: argparse.Namespace) -> int:
         f"max |backend - float64 reference| for q ({args.batch}, {args.heads}, {args.q_len}, {args.head_dim}):"
     )
     print(f"{'case':<24} {'backend':<12} {'error':>9} {'limit':>9}  verdict")
+    # A backend that serves none of the cases for one reason (triton on a CPU machine) is
+    # said once below the table, not once per case.
+    reasons: dict[str, set[str | None]] = {}
     for row in rows:
+        reasons.setdefault(row.backend, set()).add(None if row.error is not None else row.reason)
+    never = {name: next(iter(r)) for name, r in reasons.items() if len(r) == 1 and None not in r}
+    for row in rows:
+        if row.backend in never:
+            continue
         if row.error is None:
             print(f"{row.case:<24} {row.backend:<12} {'':>9} {'':>9}  not served: {row.reason}")
         else:
             verdict = "pass" if row.passed else "FAIL"
             print(f"{row.case:<24} {row.backend:<12} {row.error:9.2e} {row.limit:9.2e}  {verdict}")
+    for name, reason in never.items():
+        print(f"{name}: serves none of these cases: {reason}")
     if failed:
         names = sorted({f"{row.backend} ({row.case})" for row in failed})
         print(f"FAILED: {len(failed)} of {len(served)} served cases: {', '.join(names)}")

@@ -9,7 +9,9 @@ several images) and writes the page with every picture in it.
 ::
 
     qkv train image --data builtin:digits --out digits-vit
-    qkv classify --model digits-vit seven.png --explain --html seven.html   # -> seven.png too
+    qkv classify --model digits-vit seven.png --explain --html seven-explained.html
+    # -> seven-explained.png too; an output path that is an input, or an existing file qkv
+    #    did not write, is refused (--overwrite replaces the latter)
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def run_classify_images(args: argparse.Namespace) -> int:
         raise ValueError("--file reads texts; give an image model its image files as arguments")
     if not args.text:
         raise ValueError("nothing to classify: give image files (PNG, JPEG, ...)")
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        # Before any work: the page and its pictures never replace an input image (the
+        # picture of `--html seven.html` is seven.png) or a file qkv did not write.
+        pictures = picture_paths(args.html, len(args.text))
+        check_outputs(
+            [("--html", args.html)]
+            + [
+                (f"the attention picture of {t}", p)
+                for t, p in zip(args.text, pictures, strict=True)
+            ],
+            inputs=args.text,
+            overwrite=args.overwrite,
+        )
     classifier = get_task("image").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     predictions = classifier.classify_files(args.text, explain=args.explain)
@@ -59,7 +76,6 @@ def run_classify_images(args: argparse.Namespace) -> int:
             shown = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top(SHOWN_CLASSES))
             print(f"{p.label}\t({shown})\t{p.source}")
     if args.explain:
-        pictures = picture_paths(args.html, len(predictions))
         fragments = [_draw(p, path) for p, path in zip(predictions, pictures, strict=True)]
         from qkv.viz import html_document
 

@@ -45,13 +45,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The deepest subcommand parser that ``argv`` names (``qkv train sentiment`` -> its parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for i, token in enumerate(argv):
+                if token in action.choices:
+                    return _chosen_parser(action.choices[token], argv[i + 1 :])
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported by the subcommand it was given to, with its
+    usage and the closest flag it has (argparse reports it with the top-level usage)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    sub = _chosen_parser(parser, argv)
+    flags = [f for action in sub._actions for f in action.option_strings if f.startswith("--")]
+    hints = []
+    for token in unknown:
+        if token.startswith("-"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.7)
+            if close:
+                hints.append(f"{token.split('=', 1)[0]}: did you mean {close[0]}?")
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    sub.error(f"{message} ({'; '.join(hints)})" if hints else message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if args.command is None:
         parser.print_help()
         return 0
+    previous_threads = None
     try:
+        if hasattr(args, "threads"):  # the commands that run a model: --threads
+            import torch
+
+            from qkv.cli.threads import apply_threads
+
+            previous_threads = torch.get_num_threads()  # main() may run inside a longer process
+            _, args.threads_source = apply_threads(args.threads)
         return int(args.run(args))
     except (ValueError, TypeError) as error:  # bad arguments, data, model folders
         print(f"qkv {args.command}: error: {error}", file=sys.stderr)
@@ -59,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ImportError) as error:  # unreadable files, missing optional packages
         print(f"qkv {args.command}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":

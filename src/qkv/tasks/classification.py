@@ -98,10 +98,11 @@ def evaluation_metrics(
 
 
 def format_classification(metrics: dict[str, Any]) -> list[str]:
-    """Accuracy, macro-F1, the majority-class baseline and the confusion matrix."""
+    """Accuracy, macro-F1, the majority-class baseline (as percentages, like every rate qkv
+    prints) and the mean loss, then the confusion matrix."""
     lines = [
-        f"  accuracy {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
-        f"majority class {metrics['majority_baseline']:.4f}   loss {metrics['loss']:.4f}"
+        f"  accuracy {100 * metrics['accuracy']:.2f}%   macro-F1 {100 * metrics['macro_f1']:.2f}%   "
+        f"majority class {100 * metrics['majority_baseline']:.2f}%   loss {metrics['loss']:.4f}"
     ]
     labels = [str(label) for label in metrics["labels"]]
     width = max(8, *(len(label) for label in labels))

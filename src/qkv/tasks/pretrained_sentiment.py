@@ -336,6 +336,27 @@ class PretrainedTextClassifier(TextPredictor):
         ]
         return ids, mask, tokens
 
+    def token_weights(self, ids: Tensor, mask: Tensor, pooling: Tensor) -> tuple[Tensor, str]:
+        """Attention pooling's weights, or for mean pooling (which weighs every real token
+        alike) the encoder's rollout to the pooled output."""
+        if self.model.pooling is None:
+            return self._mean_pooling_rollout(ids, mask, pooling)
+        return pooling, "attention pooling"
+
+    def _mean_pooling_rollout(
+        self, ids: Tensor, mask: Tensor, pooling: Tensor
+    ) -> tuple[Tensor, str]:
+        """Mean pooling weighs every real token ``1/n``: the attention that decides is the
+        encoder's. Its rollout (Abnar and Zuidema 2020) to the pooled output gives each input
+        token's share: ``pooling (B, N) @ rollout (B, N, N)``, summing to 1 over real tokens."""
+        from qkv.viz import attention_rollout
+
+        device = self._device()
+        maps = self.model.encoder.attention_maps(ids.to(device), mask.to(device))  # L x (B,H,N,N)
+        rollout = attention_rollout([m.float() for m in maps]).cpu()  # (B, N, N)
+        shares = (pooling.unsqueeze(1) @ rollout).squeeze(1)  # (B, N)
+        return shares, "attention rollout to the mean-pooled output"
+
 
 def evaluate_pretrained(
     classifier: PretrainedTextClassifier,

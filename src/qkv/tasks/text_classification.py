@@ -188,13 +188,16 @@ class Prediction:
         probabilities: ``{label: probability}`` for every label, in label order.
         tokens: the text's tokens as the model read them (after truncation).
         weights: the pooling weight of each token, averaged over the pooling queries
-            (sums to 1 over ``tokens``).
+            (sums to 1 over ``tokens``); for a mean-pooling classifier, whose pooling weighs
+            every token alike, the attention rollout of its encoder to the pooled output.
+        weights_kind: what ``weights`` are, in words (for captions).
     """
 
     label: str
     probabilities: dict[str, float]
     tokens: list[str]
     weights: list[float]
+    weights_kind: str = "attention pooling"
 
 
 def check_texts(texts: Sequence[str]) -> None:
@@ -234,6 +237,11 @@ class TextPredictor:
         """``examples`` tokenized as this classifier reads them."""
         raise NotImplementedError
 
+    def token_weights(self, ids: Tensor, mask: Tensor, pooling: Tensor) -> tuple[Tensor, str]:
+        """What each token weighed in the decision ``(B, N)``, and what that is in words: the
+        pooling weights ``pooling (B, N)`` by default."""
+        return pooling, "attention pooling"
+
     @torch.no_grad()
     def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
         """Classify ``texts`` (the pooling weights say which tokens the decision read).
@@ -247,7 +255,8 @@ class TextPredictor:
             ids, mask, tokens = self.encode(texts[start : start + batch_size])
             out = self.model(ids.to(self._device()), mask.to(self._device()))
             probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
-            weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
+            pooling = out.weights.float().mean(dim=1).cpu()  # (B, N)
+            weights, kind = self.token_weights(ids, mask, pooling)
             for row, p, w in zip(tokens, probs, weights, strict=True):
                 predictions.append(
                     Prediction(
@@ -257,6 +266,7 @@ class TextPredictor:
                         },
                         tokens=row,
                         weights=w[: len(row)].tolist(),
+                        weights_kind=kind,
                     )
                 )
         return predictions

@@ -87,7 +87,7 @@ STATE_FILE = "training_state.pt"
 _STAGING_PREFIX = ".staging-"
 _COMMIT_PREFIX = ".commit-"
 LOCK_FILE = ".qkv-lock"
-_SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install 'qkv[tasks]')"
+_SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install -e '.[tasks]')"
 
 
 class ModelFolderError(ValueError):

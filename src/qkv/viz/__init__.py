@@ -3,8 +3,8 @@ statistics, shaded tokens (terminal and HTML) and an offline interactive page.
 
 Everything here takes tensors (and lists of token strings) and returns a value: a
 ``matplotlib.figure.Figure``, a tensor, a dataclass or a string. Nothing prints or shows a
-window. matplotlib is imported only by the figure functions, when called (``pip install
-qkv[viz]``); rollout, statistics, shading and the page need only torch.
+window. matplotlib is imported only by the figure functions, when called (``pip install -e
+'.[viz]'``); rollout, statistics, shading and the page need only torch.
 
 Notation: ``B`` batch, ``H`` heads, ``Nq``/``Nk`` query/key positions (``Nt``/``Ns`` target and
 source tokens for cross-attention), ``N`` when they are equal.
