@@ -11,7 +11,7 @@ from qkv import masks
 from qkv.backends.sdpa import SdpaBackend
 from qkv.request import build_request
 
-BACKENDS = ["reference", "chunked", "sdpa", "auto"]
+BACKENDS = ["reference", "chunked", "sdpa", "cpu", "auto"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,3 +130,60 @@ def test_masked_scores_never_matter(
     assert torch.equal(rows, expected.expand_as(rows)), name
     finite = ~expected
     assert torch.isfinite(out[:, :, finite]).all()
+
+
+def test_cpu_kernel_row_of_nan_scores_in_its_first_tile_is_nan() -> None:
+    # The kernel's row maximum propagates NaN: a row whose attended scores in the first visited
+    # key tile are all NaN is NaN, not an empty (zero) row.
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 6, 8, generator=g) for _ in range(3))
+    q[0, 0, 1] = float("nan")
+    out = qkv.attention(q, k, v, backend="cpu")
+    assert torch.isnan(out[0, 0, 1]).all()
+    assert torch.isfinite(out[0, 0, [0, 2, 3, 4, 5]]).all()
+    q, k, v = (torch.randn(1, 1, 300, 8, generator=g) for _ in range(3))
+    k[0, 0, :256] = float("nan")  # the whole first key tile
+    assert torch.isnan(qkv.attention(q, k, v, backend="cpu")).all()
+
+
+@pytest.mark.parametrize("where", ["first tile", "last tile", "one key"])
+def test_cpu_kernel_nan_rows_match_reference_forward_and_backward(where: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    keys = {"first tile": slice(0, 256), "last tile": slice(256, 300), "one key": slice(7, 8)}
+    k[0, 0, keys[where]] = float("nan")
+    q[0, 1, 40] = float("inf")
+    window = masks.sliding_window(20)  # rows far from the NaN keys stay finite
+    results = {}
+    for backend in ("reference", "cpu"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = qkv.attention(*leaves, mask=window, backend=backend)
+        (dv,) = torch.autograd.grad(out.sum(), leaves[2])
+        results[backend] = (out.detach(), dv)
+    out, dv = results["cpu"]
+    ref_out, ref_dv = results["reference"]
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert out.isnan().any() and (~out.isnan()).any()
+    finite = ~ref_out.isnan()
+    torch.testing.assert_close(out[finite], ref_out[finite])
+    # dV: NaN at every key a NaN row attends (where else is not specified: the reference
+    # spreads it through the masked keys of such a row, a tiled backend through the keys of the
+    # tiles it visits); keys no NaN row comes near have the reference's gradient.
+    i, j = torch.arange(300)[:, None], torch.arange(300)[None, :]
+    attended = (j <= i) & (i - j <= 20)  # (Nq, Nk)
+    nan_rows = ref_out.isnan().any(-1)  # (B, H, Nq)
+    reached = (nan_rows[..., None] & attended).any(-2)  # (B, H, Nk)
+    assert dv.isnan().all(-1)[reached].all()
+    far = dv[0, 1, 256:]  # head 1's NaN row is query 40: its tiles end before key 256
+    assert torch.isfinite(far).all()
+    torch.testing.assert_close(far, ref_dv[0, 1, 256:])
+
+
+def test_masked_out_nan_never_matters_on_the_cpu_kernel() -> None:
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 300, 8, generator=g) for _ in range(3))
+    k[0, 0, 260:] = float("nan")  # hidden by the padding, in a partly masked tile
+    out = qkv.attention(q, k, v, mask=masks.key_padding([260]), backend="cpu")
+    expected = qkv.attention(q, k, v, mask=masks.key_padding([260]), backend="reference")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected)

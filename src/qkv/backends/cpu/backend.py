@@ -8,8 +8,13 @@ and gradients), the output and gradients rounded once at the end. What it refuse
 in :meth:`CpuBackend.supports`, and ``auto`` uses the chunked backend instead.
 
 Memory: forward keeps ``q, k, v`` (float32 copies for half types), the output and the
-log-sum-exp; backward recomputes the tiles, plus a ``(threads, ...)`` accumulator for a bias
-tensor's or a relative table's gradient. Never ``O(Nq * Nk)`` besides a bias the caller gave.
+log-sum-exp; backward recomputes the tiles, plus a float64 ``(runs, ...)`` accumulator for a
+bias tensor's or a relative table's gradient (one run per thread; a fixed 8 under
+``torch.use_deterministic_algorithms(True)``, which makes forward and backward bitwise the same
+on any thread count). Never ``O(Nq * Nk)`` besides a bias the caller gave.
+
+Non-finite inputs follow :func:`qkv.attention`'s rule: the kernel's row maximum is NaN when an
+attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are NaN.
 """
 
 from __future__ import annotations
