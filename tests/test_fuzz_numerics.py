@@ -187,3 +187,71 @@ def test_masked_out_nan_never_matters_on_the_cpu_kernel() -> None:
     expected = qkv.attention(q, k, v, mask=masks.key_padding([260]), backend="reference")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_query_without_mask_makes_its_row_nan(backend: str) -> None:
+    # PyTorch's CPU SDPA zero-fills a row whose scores are all NaN; qkv's rule makes it NaN.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 6, 8, generator=g) for _ in range(3))
+    q[0, 0, 1] = float("nan")
+    out = qkv.attention(q, k, v, backend=backend)
+    assert torch.isnan(out[0, 0, 1]).all()
+    assert torch.isfinite(out[0, 0, [0, 2, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_key_under_is_causal_reaches_exactly_the_rows_that_attend_it(
+    backend: str, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g).to(dtype) for _ in range(3))
+    k[0, 0, 0] = float("nan")  # row 0 attends only key 0; every row attends it
+    k[0, 1, 3] = float("inf")  # rows 3.. of head 1
+    out = qkv.attention(q, k, v, causal=True, backend=backend)
+    rows = out.isnan().any(-1)[0]  # (H, N)
+    expected = torch.tensor([[True] * 6, [False] * 3 + [True] * 3])
+    # inf * q can be -inf for a row (an attended -inf score is exp(-inf) = 0): that row stays
+    # finite on every backend; the reference says which rows those are.
+    ref = qkv.attention(q, k, v, causal=True, backend="reference").isnan().any(-1)[0]
+    assert torch.equal(rows, ref)
+    assert torch.equal(rows[0], expected[0]) and not rows[1, :3].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("causal", [True, "bottom_right"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_zero_or_negative_scale(
+    backend: str, causal: object, scale: float, dtype: torch.dtype
+) -> None:
+    # PyTorch's CPU is_causal kernel gives NaN for N - 1 of N rows at scale 0.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = qkv.attention(q, k, v, causal=causal, scale=scale, backend="reference")
+    out = qkv.attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale, backend=backend
+    )
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_finite_check_is_one_reduction_and_sends_non_finite_calls_to_chunked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qkv.backends import sdpa
+
+    calls: list[str] = []
+    real = sdpa.chunked_attention
+    monkeypatch.setattr(sdpa, "chunked_attention", lambda r: calls.append("chunked") or real(r))
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 1, 6, 8, generator=g) for _ in range(3))
+    request = build_request(q, k, v, causal=True)
+    SdpaBackend().forward(request)
+    assert calls == []
+    k[0, 0, 2] = float("-inf")
+    SdpaBackend().forward(build_request(q, k, v, causal=True))
+    assert calls == ["chunked"]
+    # finite values whose float16 sum would overflow are summed in float32: still finite
+    assert sdpa._finite(torch.full((1, 1, 8, 2), 6e4).half(), torch.zeros(1, 1, 1, 2).half())
