@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import (
     EMPTY,
@@ -74,7 +74,7 @@ from qkv.backends.block_mask import (
     empty_tiles_of_tensor,
     hinted_status,
 )
-from qkv.backends.reference import reference_attention
+from qkv.backends.reference import reference_attention, reference_gradients
 from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
@@ -465,20 +465,27 @@ class _ChunkedAttention(torch.autograd.Function):
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
         out_sd, lse = _forward(plan)  # stats dtype; a copy in the input dtype is returned
-        ctx.save_for_backward(q, k, v, out_sd, lse)
+        ctx.save_for_backward(q, k, v, out_sd, lse, bias)  # type: ignore[arg-type]
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(lse)
         return out_sd.to(q.dtype), lse
 
     @staticmethod
-    @once_differentiable
     def backward(
         ctx: FunctionCtx, grad_out: Tensor, _grad_lse: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, v, out, lse, saved_bias = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         request = plan.request
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            inputs = (q, k, v, saved_bias, *plan.leaves)
+            live = dataclasses.replace(request, q=q, k=k, v=v, bias=saved_bias)
+            found = reference_gradients(
+                live, [t if n else None for t, n in zip(inputs, needs[1:], strict=True)],
+                grad_out, "chunked",
+            )  # fmt: skip
+            return (None, *found)
         sd = stats_dtype(q.dtype)
         bias = request.bias
         grads = _Grads(

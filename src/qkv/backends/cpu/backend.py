@@ -19,12 +19,13 @@ attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are N
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import (
     EMPTY,
@@ -36,6 +37,7 @@ from qkv.backends.block_mask import (
 )
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
+from qkv.backends.reference import reference_gradients
 from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest
 
@@ -78,6 +80,7 @@ class _Call:
     mod_int: Tensor
     fixed_tables: tuple[Tensor | None, ...]  # ALiBi slopes; None where a learnable table goes
     shape: tuple[int, int, int, int]  # (B, Hq, Nq, Nk)
+    request: AttentionRequest  # for a differentiable backward (reference_gradients)
 
     def tables(self, learnable: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
         out, it = [], iter(learnable)
@@ -117,7 +120,7 @@ class _CpuAttention(torch.autograd.Function):
             call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
             call.mod_value, call.mod_int, mod_tables,
         )  # fmt: skip
-        ctx.save_for_backward(qc, kc, vc, out, lse)
+        ctx.save_for_backward(qc, kc, vc, out, lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
         ctx.call = call  # type: ignore[attr-defined]
         ctx.bias_e = bias_e  # type: ignore[attr-defined]
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)  # type: ignore[attr-defined]
@@ -127,12 +130,19 @@ class _CpuAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        ops = load_kernel()
-        qc, kc, vc, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        qc, kc, vc, out, lse, *inputs = ctx.saved_tensors  # type: ignore[attr-defined]
         call: _Call = ctx.call  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            q, k, v, bias = inputs[:4]
+            live = dataclasses.replace(call.request, q=q, k=k, v=v, bias=bias)
+            found = reference_gradients(
+                live, [t if n else None for t, n in zip(inputs, needs[1:], strict=True)],
+                grad_out, "cpu",
+            )  # fmt: skip
+            return (None, *found)
+        ops = load_kernel()
         learnable = [fixed is None for fixed in call.fixed_tables]
         n_learn = sum(learnable)
         want_tables = torch.tensor(
@@ -193,6 +203,7 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
         fixed_tables=tuple(fixed),
         shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
+        request=request,
     )
 
 
