@@ -305,3 +305,50 @@ def test_masks_that_fit_the_call_still_work_and_match_the_reference() -> None:
 def test_zero_query_heads_give_an_empty_output(backend: str) -> None:
     q, k, v = qkv_tensors(B=2, Hq=0, Hkv=1, Nq=5, Nk=7)
     assert qkv.attention(q, k, v, backend=backend).shape == (2, 0, 5, 6)
+
+
+_TABLE = torch.tensor([True, False] * 5)  # a 10-entry lookup: fine for Nk <= 10 only
+MALFORMED_MASKS = {
+    "fixed (2, 2) tensor": lambda b, h, q, kv: torch.ones(2, 2, dtype=torch.bool),
+    "first two keys only": lambda b, h, q, kv: kv[..., :2] <= q,
+    "first three keys only": lambda b, h, q, kv: kv[..., :3] <= q,  # passes the corner
+    "10-entry table": lambda b, h, q, kv: _TABLE[kv] & (q >= 0),
+    "(Tk, Tq) layout": lambda b, h, q, kv: kv.transpose(-1, -2) <= q.transpose(-1, -2),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "chunked", "auto", "weights"])
+@pytest.mark.parametrize("n", [12, 300])
+@pytest.mark.parametrize("name", list(MALFORMED_MASKS))
+def test_malformed_mask_function_is_a_clear_error_naming_it(
+    name: str, n: int, backend: str
+) -> None:
+    # Each passes a 2 x 2 corner check; on a real tile it raised raw torch errors from inside
+    # a backend, and the (Tk, Tq) one ran without error when Nq == Nk.
+    fn = MALFORMED_MASKS[name]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
+    with pytest.raises((ValueError, TypeError), match=r"mask: the mask function <lambda>"):
+        if backend == "weights":
+            qkv.attention_weights(q, k, v, mask=fn)
+        else:
+            qkv.attention(q, k, v, mask=fn, backend=backend)
+
+
+def test_mask_function_returning_a_wrong_dtype_on_a_real_tile_is_named() -> None:
+    def sneaky(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        out = kv <= q
+        return out if q.shape[-2] <= 2 else out.float()
+
+    q, k, v = qkv_tensors(Nq=40, Nk=40)
+    with pytest.raises(
+        TypeError, match=r"sneaky must return a bool tensor; got dtype torch.float32"
+    ):
+        qkv.attention(q, k, v, mask=sneaky, backend="chunked")
+
+
+def test_corner_check_uses_unequal_sides() -> None:
+    # With Nq = Nk = 2 the corner is 2 x 1, so a (Tk, Tq) result cannot pass either.
+    q, k, v = qkv_tensors(Nq=2, Nk=2)
+    with pytest.raises(ValueError, match=r"returned shape \(1, 1, 1, 2\) on a corner"):
+        qkv.attention(q, k, v, mask=MALFORMED_MASKS["(Tk, Tq) layout"])

@@ -153,10 +153,43 @@ class AttentionRequest:
         ``(B, Hq, Tq, Tk)``, or None when everything is attended."""
         out: Tensor | None = None
         if self.mask_fn is not None:
-            out = self.mask_fn(*self.indices(q_range, kv_range))
+            out = self.evaluate_mask(*self.indices(q_range, kv_range))
         if isinstance(self.mask, Tensor):
             tile = _tile(self.mask, q_range, kv_range)
             out = tile if out is None else out & tile
+        return out
+
+    def evaluate_mask(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """``mask_fn`` on broadcastable index tensors, checked: a bool tensor broadcasting to
+        their shape, or a ``ValueError``/``TypeError`` naming the mask and the block (a mask that
+        passed the corner check can still fail on a real tile: a fixed-size tensor, a lookup
+        table too short for the call)."""
+        assert self.mask_fn is not None
+        target = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        rows, cols = q_idx.reshape(-1), kv_idx.reshape(-1)
+        block = (
+            f"queries {_span(rows)} x keys {_span(cols)} (index tensors broadcasting to "
+            f"{tuple(target)}) of (B, Hq, Nq, Nk) = "
+            f"{(self.batch, self.q_heads, self.q_len, self.kv_len)}"
+        )
+        try:
+            out = self.mask_fn(b, h, q_idx, kv_idx)
+        except (RuntimeError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"mask: the mask function {self.mask_fn!r} failed on {block}: {error}"
+            ) from error
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = f"dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"mask: the mask function {self.mask_fn!r} must return a bool tensor; got {got} "
+                f"on {block}"
+            )
+        if not broadcasts_to(tuple(out.shape), tuple(target)):
+            raise ValueError(
+                f"mask: the mask function {self.mask_fn!r} returned shape {tuple(out.shape)} on "
+                f"{block}; its result must broadcast to the index tensors' shape: compute it "
+                "from the index tensors, not a fixed-size tensor"
+            )
         return out
 
     def modify_scores(
@@ -236,6 +269,13 @@ class AttentionRequest:
         if self.return_weights:
             parts.append("return_weights")
         return ", ".join(parts)
+
+
+def _span(index: Tensor) -> str:
+    """``a..b`` for the indices of a block (contiguous ranges), for messages."""
+    if index.numel() == 0:
+        return "(none)"
+    return f"{int(index.min())}..{int(index.max())}"
 
 
 def _tile(t: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor:
