@@ -336,6 +336,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}"
         )
+    if q.device.type == "meta":
+        raise ValueError(
+            "q, k and v are on the meta device, which holds no values; attention needs "
+            "tensors with values (on cpu or cuda)"
+        )
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"q, k and v must share the batch size B (dim 0); got {shapes}")
@@ -415,6 +420,13 @@ def _check_bias(
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
         return as_4d(bias), None
     if callable(bias):
+        if isinstance(bias, torch.nn.Module):
+            for name, t in (*bias.named_parameters(), *bias.named_buffers()):
+                if t.device != device:
+                    raise ValueError(
+                        f"bias: the score function {bias!r} holds {name} on {t.device} but q is "
+                        f"on {device}; move it with .to({str(device)!r})"
+                    )
         check_score_call(bias, *target)
         return None, bias
     raise TypeError(

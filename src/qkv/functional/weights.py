@@ -134,6 +134,9 @@ def _index(selection: Selection, size: int, what: str, device: torch.device) -> 
         return torch.arange(size, device=device)
     if isinstance(selection, slice):
         selection = range(*selection.indices(size))
+    if isinstance(selection, range | list | tuple) and len(selection) == 0:
+        # An empty selection selects nothing, as indexing does (``slice(6, 2)``, ``[]``).
+        return torch.empty(0, dtype=torch.long, device=device)
     try:
         index = torch.as_tensor(selection, device=device)
     except (TypeError, ValueError, RuntimeError):
