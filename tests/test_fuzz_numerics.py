@@ -255,3 +255,35 @@ def test_finite_check_is_one_reduction_and_sends_non_finite_calls_to_chunked(
     assert calls == ["chunked"]
     # finite values whose float16 sum would overflow are summed in float32: still finite
     assert sdpa._finite(torch.full((1, 1, 8, 2), 6e4).half(), torch.zeros(1, 1, 1, 2).half())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "base"),
+    [(torch.float16, (250.0, 300.0)), (torch.bfloat16, (200.0, 215.0))],
+    ids=["float16 logits 7.5e4", "bfloat16 logits 4.3e4"],
+)
+@pytest.mark.parametrize("backend", [*BACKENDS, "weights"])
+def test_half_precision_logits_near_the_range_agree_on_every_backend(
+    backend: str, dtype: torch.dtype, base: tuple[float, float]
+) -> None:
+    # Scaled logits 75,000 + 0.25 j (float16: past 65,504) or 43,000 + 0.25 j (bfloat16: its
+    # spacing there is 256): every backend multiplies half inputs in float32, as fused kernels
+    # do, so none gives inf - inf = NaN or rounds the logits to one value.
+    N, D = 12, 8
+    q = torch.zeros(1, 1, 3, D, dtype=torch.float64)
+    q[..., 0], q[..., 1] = base[0], 1.0
+    k = torch.zeros(1, 1, N, D, dtype=torch.float64)
+    k[..., 0] = base[1]
+    k[0, 0, :, 1] = 0.25 * torch.arange(N)
+    v = torch.randn(1, 1, N, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+    expected, weights = qkv.attention(
+        qh.double(), kh.double(), vh.double(), scale=1.0, return_weights=True, backend="reference"
+    )
+    if backend == "weights":
+        got = qkv.attention_weights(qh, kh, vh, scale=1.0)
+        torch.testing.assert_close(got.double(), weights, atol=1e-2, rtol=0)
+        return
+    out = qkv.attention(qh, kh, vh, scale=1.0, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)

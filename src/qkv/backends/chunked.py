@@ -40,12 +40,14 @@ What it does, and why:
   inputs of the autograd function; backward rebuilds each modified score tile under
   ``torch.enable_grad`` and pulls ``dS`` through it with ``torch.autograd.grad``, tile by tile.
   A bias tensor's gradient is accumulated slice by slice.
-- **Numerics.** The matmuls run in the input dtype (as fused kernels do), except the forward's
-  un-normalised ``P V`` (a float16 tile of 512 keys of value 130 would overflow to ``inf``) and
-  ``dP = dO V^T`` in backward, which must agree with ``D_i`` to float32 rounding; the softmax
-  statistics, the
-  running output and the gradient accumulators are in ``stats_dtype`` (float32 for float16 and
-  bfloat16, whose mantissas would lose the small terms of long sums). A fully masked row keeps
+- **Numerics.** The backward's ``dQ``, ``dK`` and ``dV`` matmuls run in the input dtype (as
+  fused kernels do); ``q k^T`` runs in ``stats_dtype`` (float32 for half inputs, as fused
+  kernels accumulate and keep their scores: float16 logits past 65504 stay finite), and so do
+  the forward's un-normalised ``P V`` (a float16 tile of 512 keys of value 130 would overflow
+  to ``inf``) and ``dP = dO V^T`` in backward, which must agree with ``D_i`` to float32
+  rounding; the softmax statistics, the running output and the gradient accumulators are in
+  ``stats_dtype`` too (float32 for float16 and bfloat16, whose mantissas would lose the small
+  terms of long sums). A fully masked row keeps
   ``m = -inf`` and ``l = 0``: its output is 0, its log-sum-exp ``+inf``, so backward recomputes
   probabilities ``exp(s - lse) = 0`` and its gradients are exactly zero, never NaN.
 - **Dropout** is reproducible: each call draws a seed from PyTorch's default CPU generator (so
@@ -125,6 +127,7 @@ class _Plan:
     dropout_seed: int
     leaves: tuple[Tensor, ...]
     counters: TileCounters
+    k_scores: Tensor  # (B, Hkv, Nk, D) keys for q k^T, in the stats dtype (request.k if equal)
 
     @property
     def modifies(self) -> bool:
@@ -150,11 +153,12 @@ def _heads(x: Tensor, q_heads: int) -> Tensor:
 
 def _raw_scores(plan: _Plan, q_t: Tensor, kv_range: tuple[int, int]) -> Tensor:
     """Scaled scores of one tile, ``(B, Hq, Tq, Tk)`` in the statistics dtype. ``q_t`` is the
-    folded, pre-scaled query tile ``(B, Hkv, G * Tq, D)``."""
-    request = plan.request
-    k_t = request.k[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, D)
+    folded, pre-scaled query tile ``(B, Hkv, G * Tq, D)`` in the statistics dtype: half inputs
+    are multiplied in float32, as fused kernels accumulate and keep their scores, so float16
+    logits past 65504 stay finite and bfloat16 ones are not rounded to 8 bits."""
+    k_t = plan.k_scores[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, D)
     scores = q_t @ k_t.transpose(-2, -1)  # (B, Hkv, G * Tq, Tk)
-    return _heads(scores, request.q_heads).to(stats_dtype(request.dtype))
+    return _heads(scores, plan.request.q_heads)
 
 
 def _masked(
@@ -198,9 +202,11 @@ def _keep_mask(plan: _Plan, i: int, j: int, like: Tensor) -> Tensor:
 
 
 def _query_tile(plan: _Plan, x: Tensor, rows: tuple[int, int]) -> Tensor:
-    """The folded query tile ``(B, Hkv, G * Tq, D)``, pre-scaled so that ``q_t @ k^T`` is already
-    ``q k^T * scale`` (one multiply of ``Tq x D`` instead of ``Tq x Tk``)."""
-    scaled = x[:, :, rows[0] : rows[1]] * plan.request.scale  # (B, Hq, Tq, D), contiguous
+    """The folded query tile ``(B, Hkv, G * Tq, D)`` in the statistics dtype, pre-scaled so
+    that ``q_t @ k^T`` is already ``q k^T * scale`` (one multiply of ``Tq x D`` instead of
+    ``Tq x Tk``)."""
+    sd = stats_dtype(plan.request.dtype)
+    scaled = x[:, :, rows[0] : rows[1]].to(sd) * plan.request.scale  # (B, Hq, Tq, D)
     return _fold(scaled, plan.request.kv_heads, (0, rows[1] - rows[0]))  # a view
 
 
@@ -309,7 +315,8 @@ class _QueryTile:
     """One query tile's inputs and its dQ accumulator during backward (rows folded by group)."""
 
     rows: tuple[int, int]
-    q: Tensor  # (B, Hkv, G * Tq, D), pre-scaled
+    q: Tensor  # (B, Hkv, G * Tq, D), pre-scaled, stats dtype (for the scores)
+    q_in: Tensor  # the same in the input dtype (for dK)
     grad_out: Tensor  # (B, Hkv, G * Tq, Dv), input dtype
     grad_out_sd: Tensor  # the same in the stats dtype
     lse: Tensor  # (B, Hq, Tq, 1)
@@ -343,6 +350,7 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
         tile = _QueryTile(
             rows=q_range,
             q=q_t,
+            q_in=q_t.to(request.dtype),
             grad_out=do_t,
             grad_out_sd=do_t.to(sd),
             lse=lse[:, :, rows, None],
@@ -389,7 +397,7 @@ def _backward_tile(
         _add_bias_tile(grads.bias, dscores, tile.rows, kv_range)
     ds = _fold_tile(dscores.to(request.dtype), Hkv)  # (B, Hkv, G * Tq, Tk)
     tile.dq += ds @ request.k[:, :, cols]
-    grads.dk[:, :, cols] += ds.transpose(-2, -1) @ tile.q  # tile.q carries the scale
+    grads.dk[:, :, cols] += ds.transpose(-2, -1) @ tile.q_in  # tile.q_in carries the scale
 
 
 def _through_score_mod(
@@ -586,11 +594,12 @@ def chunked_attention(
         dropout_seed = int(torch.randint(0, 2**62, ()).item())
     leaves = _score_mod_leaves(request)
     bias = request.bias
+    k = request.k.detach().contiguous()  # key tiles sliced as views for the matmuls
     plan = _Plan(
         request=dataclasses.replace(
             request,
             q=request.q.detach(),
-            k=request.k.detach().contiguous(),  # key tiles sliced as views for the matmuls
+            k=k,
             v=request.v.detach().contiguous(),
             bias=None if bias is None else bias.detach(),
         ),
@@ -598,6 +607,7 @@ def chunked_attention(
         dropout_seed=dropout_seed or 0,
         leaves=leaves,
         counters=counters or TileCounters(),
+        k_scores=k.to(stats_dtype(request.dtype)),  # a copy only for half types
     )
     out, lse = _ChunkedAttention.apply(plan, request.q, request.k, request.v, bias, *leaves)
     weights = None

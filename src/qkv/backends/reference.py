@@ -54,10 +54,11 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:
     """Returns ``out (B, Hq, Nq, Dv)`` and the probabilities ``(B, Hq, Nq, Nk)`` before dropout."""
     q, k, v = request.q, request.k, request.v
-    # Scale before the matmul, as the fused kernels do: float16 q = k = 40 at D = 64 has an
-    # unscaled product of 102,400 (past 65,504, inf) but a scaled one of 12,800.
-    scores = grouped_matmul(q * request.scale, k.transpose(-2, -1))  # (B, Hq, Nq, Nk)
-    scores = scores.to(stats_dtype(q.dtype))
+    # Half inputs are multiplied in float32, as fused kernels accumulate and keep their scores:
+    # float16 logits past 65,504 stay finite, bfloat16 ones are not rounded to 8 bits, and the
+    # answer does not depend on the backend auto picks. Scaled before the matmul, as they do.
+    sd = stats_dtype(q.dtype)
+    scores = grouped_matmul(q.to(sd) * request.scale, k.to(sd).transpose(-2, -1))  # (B, Hq, Nq, Nk)
     scores = request.modify_scores(scores, request.full_q, request.full_kv)
     probs = masked_softmax(scores, request.mask_tile(request.full_q, request.full_kv))
     dropped = F.dropout(probs, request.dropout_p) if request.dropout_p > 0 else probs

@@ -78,7 +78,8 @@ class _Rows:
         """Masked, modified scaled scores ``(B, H', R, Tk)`` in the stats dtype."""
         r = self.request
         k = r.k[:, :, kv_range[0] : kv_range[1]][:, self.heads // r.group_size]  # (B, H', Tk, D)
-        s = (self.queries @ k.transpose(-2, -1)).to(stats_dtype(r.dtype)) * r.scale
+        sd = stats_dtype(r.dtype)  # half inputs multiplied in float32, as every backend does
+        s = (self.queries.to(sd) * r.scale) @ k.to(sd).transpose(-2, -1)  # (B, H', R, Tk)
         b = torch.arange(r.batch, device=r.device).view(-1, 1, 1, 1)
         h = self.heads.view(1, -1, 1, 1)
         i = self.rows.view(1, 1, -1, 1)
