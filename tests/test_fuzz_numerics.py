@@ -287,3 +287,36 @@ def test_half_precision_logits_near_the_range_agree_on_every_backend(
     out = qkv.attention(qh, kh, vh, scale=1.0, backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
+
+
+def _trained_call(backend: str, threads: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 4, 200, 16, generator=g).requires_grad_()
+    k = torch.randn(2, 2, 200, 16, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 200, 16, generator=g).requires_grad_()
+    bias = torch.randn(1, 4, 1, 200, generator=g).requires_grad_()
+    grad_out = torch.randn(2, 4, 200, 16, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = qkv.attention(q, k, v, bias=bias, causal=True, backend=backend)
+        grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v, bias))
+    finally:
+        torch.set_num_threads(previous)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu", "auto"])
+def test_deterministic_algorithms_give_the_same_bits_on_one_and_two_threads(backend: str) -> None:
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if backend == "auto":
+            q = torch.randn(1, 1, 8, 4, requires_grad=True)
+            reason = SdpaBackend().supports(build_request(q, q, q))
+            assert reason is not None and "use_deterministic_algorithms" in reason
+        one, two = _trained_call(backend, 1), _trained_call(backend, 2)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)

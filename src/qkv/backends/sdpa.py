@@ -14,6 +14,10 @@ Where PyTorch's kernel does not compute qkv's function, this backend does not se
   rule makes it NaN. Such calls run on the chunked backend. Finding them costs one reduction
   over ``q`` and one over ``k`` (a sum, which is finite exactly when every term is, barring a
   float32 overflow that only sends a call to chunked needlessly).
+- Training on the CPU under ``torch.use_deterministic_algorithms(True)``: PyTorch's CPU
+  backward gives different bits on 1 and 2 threads (PyTorch does not flag it), so
+  :meth:`supports` declines and ``auto`` picks a backend that does not (reference, chunked and
+  cpu give the same bits on any thread count there).
 - ``is_causal`` with ``scale <= 0``: PyTorch's CPU kernel scales after masking, so the masked
   ``-inf`` scores become NaN (``scale = 0``) or ``+inf``; such a call gets an explicit causal
   mask instead.
@@ -50,6 +54,15 @@ class SdpaBackend:
             return "SDPA does not return the attention probabilities (return_weights=True)"
         if request.score_mod is not None and not is_additive(request.score_mod):
             return f"score function {request.score_mod!r} is not an additive bias, and SDPA can only add one"
+        if (
+            request.device.type == "cpu"
+            and request.needs_grad
+            and torch.are_deterministic_algorithms_enabled()
+        ):
+            return (
+                "torch.use_deterministic_algorithms(True) is on, and PyTorch's CPU SDPA backward "
+                "gives different bits on different thread counts"
+            )
         if _cpu_backward_may_overflow(request):
             return (
                 "logits may exceed 2**24 in magnitude, where PyTorch's CPU SDPA backward gives "
