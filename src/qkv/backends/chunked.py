@@ -430,7 +430,11 @@ def _add_bias_tile(
     rows = slice(*q_range) if dbias.shape[-2] > 1 else slice(None)
     cols = slice(*kv_range) if dbias.shape[-1] > 1 else slice(None)
     target = dbias[..., rows, cols]
-    target += dscores.sum_to_size(target.shape).to(target.dtype)
+    dims = [d for d in range(4) if target.shape[d] == 1 and dscores.shape[d] > 1]
+    if dims:  # summed in the accumulator's dtype (float64 for a broadcast bias)
+        target += dscores.sum(dim=dims, keepdim=True, dtype=target.dtype)
+    else:
+        target += dscores.to(target.dtype)
 
 
 # --- weights on demand -----------------------------------------------------------------------------
@@ -500,7 +504,11 @@ class _ChunkedAttention(torch.autograd.Function):
             dq=torch.zeros_like(q, dtype=sd),
             dk=torch.zeros_like(k, dtype=sd),
             dv=torch.zeros_like(v, dtype=sd),
-            bias=None if bias is None or not needs[4] else _zeros_for(bias, sd),
+            bias=None
+            if bias is None or not needs[4]
+            else _zeros_for(
+                bias, sd, (request.batch, request.q_heads, request.q_len, request.kv_len)
+            ),
             leaves=[None] * len(plan.leaves),
         )
         _backward(plan, out, lse, grad_out, grads)
@@ -520,9 +528,15 @@ class _ChunkedAttention(torch.autograd.Function):
         )
 
 
-def _zeros_for(bias: Tensor, sd: torch.dtype) -> Tensor:
-    """A gradient accumulator for ``bias``, at least as precise as the statistics."""
-    return torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, sd), device=bias.device)
+def _zeros_for(bias: Tensor, sd: torch.dtype, target: tuple[int, ...]) -> Tensor:
+    """A gradient accumulator for ``bias``, at least as precise as the statistics; float64 for
+    a bias broadcast over positions, heads or batch entries (``target``, the scores' shape),
+    whose gradient adds up the tiles' sums: a scalar bias's gradient is exactly 0, and float32
+    running sums over thousands of tiles drift from it."""
+    broadcast = any(n == 1 and t > 1 for n, t in zip(bias.shape, target, strict=True))
+    wide = broadcast and bias.device.type != "mps"  # (MPS has no float64)
+    dtype = torch.float64 if wide else torch.promote_types(bias.dtype, sd)
+    return torch.zeros(bias.shape, dtype=dtype, device=bias.device)
 
 
 def _score_mod_leaves(request: AttentionRequest) -> tuple[Tensor, ...]:
