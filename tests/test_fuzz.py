@@ -37,7 +37,7 @@ from qkv.request import build_request
 
 CASES = 300
 SLOW_CASES = 1200
-BACKENDS = ["reference", "chunked", "chunked-tiles", "sdpa", "auto", "triton"]
+BACKENDS = ["reference", "chunked", "chunked-tiles", "sdpa", "cpu", "auto", "triton"]
 
 EPS = {
     torch.float64: 2.0**-52,
@@ -349,11 +349,17 @@ def oracle(case: Case) -> tuple[Tensor, Tensor]:
             s = s + table[h.expand(1, Hq, Nq, Nk), rel.expand(1, Hq, Nq, Nk)]
     if Nk == 0:  # no keys: zeros, and no probabilities
         return s @ v, s  # (B, Hq, Nq, 0) @ (B, Hq, 0, Dv): zeros, and zero gradients
-    s = s.masked_fill(~allowed, -math.inf)
-    any_key = allowed.any(-1, keepdim=True)
-    row_max = torch.where(any_key, s.amax(-1, keepdim=True), torch.zeros(()).double())
+    s = s.masked_fill(~allowed, -math.inf)  # a masked-out score never matters, NaN included
+    # An attended NaN or +inf score makes its row NaN (qkv.attention's rule for non-finite
+    # inputs); an attended -inf score has probability 0, and a row of them gives zeros.
+    poisoned = (s.isnan() | (s == math.inf)).any(-1, keepdim=True)
+    s = s.masked_fill(poisoned, -math.inf)
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros(()).double())
     e = torch.exp(s - row_max)
-    weights = e / torch.where(any_key, e.sum(-1, keepdim=True), torch.ones(()).double())
+    total = e.sum(-1, keepdim=True)
+    weights = e / torch.where(total > 0, total, torch.ones(()).double())
+    weights = weights.masked_fill(poisoned, math.nan)
     return weights @ v, weights
 
 
@@ -367,9 +373,10 @@ def tolerance(case: Case) -> float:
     if case.q.numel() == 0 or case.v.numel() == 0:
         return 0.0
     v_max = float(case.v.double().abs().max())
-    scale = case.scale if case.scale is not None else 1 / math.sqrt(case.D)
-    q_norm = float(case.q.double().norm(dim=-1).max())
-    k_norm = float(case.k.double().norm(dim=-1).max())
+    scale = abs(case.scale) if case.scale is not None else 1 / math.sqrt(case.D)
+    # Norms of the finite entries: rows with NaN or inf are compared by their NaN pattern.
+    q_norm = float(_finite_part(case.q).norm(dim=-1).max())
+    k_norm = float(_finite_part(case.k).norm(dim=-1).max())
     logit_error = 4 * eps * scale * q_norm * k_norm
     if case.bias_tensor is not None:
         logit_error += 4 * eps * float(case.bias_tensor.double().abs().max())
@@ -377,6 +384,11 @@ def tolerance(case: Case) -> float:
         logit_error += 4 * eps * (case.Nq + case.Nk + 30)  # ALiBi distances, tables, caps
     base = 1e-12 if case.dtype == torch.float64 else 8 * eps
     return (base + 2 * logit_error) * max(v_max, 1e-30) + 1e-12
+
+
+def _finite_part(t: Tensor) -> Tensor:
+    """``t`` in float64 with NaN and inf entries replaced by 0."""
+    return t.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def run_backend(case: Case, name: str) -> tuple[Tensor, Tensor | None] | str:
@@ -409,16 +421,24 @@ def compare(case: Case, name: str) -> str | None:
     expected_out, expected_weights = oracle(case)
     if out.shape != expected_out.shape or out.dtype != case.dtype:
         return f"out {tuple(out.shape)} {out.dtype}, expected {tuple(expected_out.shape)}"
-    if not torch.isfinite(out).all():
+    nan_rows = expected_out.isnan()  # whole rows: an attended NaN score
+    if not torch.equal(out.isnan(), nan_rows):
+        wrong = int((out.isnan() != nan_rows).any(-1).sum())
+        return f"NaN in {wrong} rows where the rule says otherwise ({int(nan_rows.any(-1).sum())} NaN rows expected)"
+    if not torch.isfinite(out[~nan_rows]).all():
         return "non-finite output"
     tol = tolerance(case)
-    error = float((out.double() - expected_out).abs().max()) if out.numel() else 0.0
+    error = (
+        float((out.double() - expected_out)[~nan_rows].abs().max()) if (~nan_rows).any() else 0.0
+    )
     if error > tol:
         return f"max |out - oracle| = {error:.3g} > {tol:.3g}"
     if case.return_weights and weights is not None:
         v_max = float(case.v.double().abs().max()) if case.v.numel() else 1.0
         w_tol = 8 * EPS[case.dtype] + tol / max(v_max, 1e-30)
-        w_error = float((weights.double() - expected_weights).abs().max()) if weights.numel() else 0
+        finite_rows = ~expected_weights.isnan().any(-1, keepdim=True).expand_as(expected_weights)
+        w_diff = (weights.double() - expected_weights)[finite_rows]
+        w_error = float(w_diff.abs().max()) if w_diff.numel() else 0.0
         if w_error > w_tol:
             return f"max |weights - oracle| = {w_error:.3g} > {w_tol:.3g}"
     return None
@@ -469,7 +489,7 @@ def test_fuzz_against_float64_oracle(backend: str) -> None:
     _skip_unavailable(backend)
     tally = fuzz(backend, range(CASES))
     report(backend, "default", tally)
-    assert tally.run > CASES // 2
+    assert tally.run > (CASES // 2 if backend != "cpu" else CASES // 5)
     assert not tally.failed, f"{len(tally.failed)} of {tally.run} failed:\n" + "\n".join(
         tally.failed[:10]
     )
@@ -549,7 +569,9 @@ def compare_gradients(case: Case, name: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "chunked-tiles", "sdpa", "auto"])
+@pytest.mark.parametrize(
+    "backend", ["reference", "chunked", "chunked-tiles", "sdpa", "cpu", "auto"]
+)
 def test_fuzz_gradients_against_float64_oracle(backend: str) -> None:
     tally = Tally()
     for seed in range(GRAD_CASES * 3):
@@ -569,7 +591,7 @@ def test_fuzz_gradients_against_float64_oracle(backend: str) -> None:
         if tally.run >= GRAD_CASES:
             break
     report(backend, "gradients", tally)
-    assert tally.run >= GRAD_CASES // 2
+    assert tally.run >= (GRAD_CASES // 2 if backend != "cpu" else GRAD_CASES // 5)
     assert not tally.failed, f"{len(tally.failed)} of {tally.run} failed:\n" + "\n".join(
         tally.failed[:10]
     )

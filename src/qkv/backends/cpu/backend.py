@@ -37,7 +37,7 @@ from qkv.backends.block_mask import (
 )
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
-from qkv.backends.reference import reference_gradients
+from qkv.backends.reference import reference_attention, reference_gradients
 from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest
 
@@ -283,6 +283,10 @@ def cpu_attention(
     plan = plan_request(request)
     if isinstance(plan, str):
         raise ValueError(plan)
+    if request.score_elements == 0:
+        # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
+        # or all-zero output and zero gradients, as on the chunked backend.
+        return reference_attention(request)[0]
     call = _call_of(request, plan, tile_q, tile_kv)
     learnable = tuple(
         m.table
