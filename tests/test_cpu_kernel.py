@@ -85,7 +85,11 @@ def compare(
     return got
 
 
-CASES = list(itertools.product(DTYPES, CAUSAL, [*MASKS, "query_padding", "window_and_doc"]))
+CASES = list(
+    itertools.product(
+        DTYPES, CAUSAL, [*MASKS, "query_padding", "window_and_doc", "or_and_not", "not_window"]
+    )
+)
 
 
 def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
@@ -95,6 +99,11 @@ def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
     if kind == "window_and_doc":
         ids = torch.sort(torch.randint(0, 3, (B, max(Nq, Nk)), generator=g), dim=-1).values
         return masks.sliding_window(5, 1) & masks.document(ids[:, :Nq], ids[:, :Nk])
+    if kind == "or_and_not":  # lowered to several key intervals per row
+        lengths = torch.randint(0, Nk + 1, (B,), generator=g)
+        return (masks.prefix_lm(3) | masks.sliding_window(2, 1)) & ~masks.key_padding(lengths)
+    if kind == "not_window":
+        return ~masks.sliding_window(3, 2, offset=1)
     return chunked_mask(kind, B, Nq, Nk, seed)
 
 
@@ -216,8 +225,11 @@ def test_tile_choice_narrows_for_windows_and_stays_wide_without_mask() -> None:
 UNSERVED = {
     "dropout": ({"dropout_p": 0.1}, "dropout"),
     "weights": ({"return_weights": True}, "probabilities"),
-    "own mask function": ({"mask": lambda b, h, q, kv: (q + kv) % 3 != 0}, "not one the CPU"),
-    "or of masks": ({"mask": masks.causal() | masks.key_padding([3])}, "not one the CPU"),
+    "own mask function": ({"mask": lambda b, h, q, kv: (q + kv) % 3 != 0}, "of your own"),
+    "or with documents": (
+        {"mask": masks.causal() | masks.document(torch.arange(300) // 7)},
+        "| of a document mask",
+    ),
     "own score function": ({"bias": lambda s, b, h, q, kv: s * 2}, "not one the CPU"),
 }
 

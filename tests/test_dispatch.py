@@ -150,21 +150,25 @@ def test_auto_counts_the_tiles_a_mask_tensor_hides() -> None:
     assert chosen(1, 8, 4096, 64, mask=long).chosen == "sdpa"
 
 
-def test_empty_tiles_of_a_mask_tensor_match_a_loop() -> None:
-    from qkv.backends.block_mask import empty_tiles_of_tensor
+def test_tile_states_of_a_mask_tensor_match_a_loop() -> None:
+    from qkv.backends.block_mask import tile_bounds
 
     g = torch.Generator().manual_seed(3)
     nq, nk, tq, tk = 37, 53, 8, 16
     mask = torch.rand(2, 3, nq, nk, generator=g) > 0.97
     mask[:, :, :, 40:] = False  # whole key tiles hidden
+    mask[:, :, :8, :16] = True  # one tile shown entirely
     for m in (mask, mask[:, :1, :1], mask[:1, :, :1]):
-        got = empty_tiles_of_tensor(m, nq, nk, tq, tk)
+        got = masks.dense(m).classify(tile_bounds(nq, tq), tile_bounds(nk, tk))
         full = m.expand(2, 3, nq, nk)
         for i in range(got.shape[0]):
             for j in range(got.shape[1]):
                 block = full[:, :, i * tq : (i + 1) * tq, j * tk : (j + 1) * tk]
-                assert bool(got[i, j]) == (not bool(block.any())), (i, j)
-        assert bool(got[:, -1].all())
+                want = (
+                    masks.EMPTY if not block.any() else masks.FULL if block.all() else masks.PARTIAL
+                )
+                assert int(got[i, j]) == want, (i, j)
+        assert bool((got[:, -1] == masks.EMPTY).all())
 
 
 def test_auto_takes_chunked_where_a_dense_mask_would_exceed_the_memory_limit() -> None:

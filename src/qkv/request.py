@@ -10,6 +10,7 @@ code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, TypeAlias
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from qkv import masks as M
 from qkv.masks import MaskFn, MaskFunction
-from qkv.scores import ScoreFunction, check_score_call, is_additive
+from qkv.scores import ScoreFunction, ScoreMod, check_score_call, is_additive
 
 __all__ = [
     "AttentionRequest",
@@ -139,8 +140,21 @@ class AttentionRequest:
         return M.causal(offset)
 
     @cached_property
+    def whole_mask(self) -> MaskFn | None:
+        """Everything that masks this call as one mask: the causal flag, a mask function and a
+        mask tensor (as :class:`qkv.masks.Dense`), combined with ``&``. This is the one place
+        the combination rule lives; every backend evaluates, classifies or lowers this."""
+        parts: list[MaskFn] = [] if self.causal_mask is None else [self.causal_mask]
+        if isinstance(self.mask, Tensor):
+            parts.append(M.Dense(self.mask, "mask"))
+        elif self.mask is not None:
+            parts.append(self.mask)
+        return M.and_masks(*parts) if parts else None
+
+    @cached_property
     def mask_fn(self) -> MaskFn | None:
-        """Causal and a mask function combined (a tensor mask is not included)."""
+        """Causal and a mask function combined, without a mask tensor (what a dense backend
+        has to materialize)."""
         parts = [
             m for m in (self.causal_mask, self.mask) if m is not None and not isinstance(m, Tensor)
         ]
@@ -151,44 +165,51 @@ class AttentionRequest:
     def mask_tile(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor | None:
         """The mask of queries ``q_range`` x keys ``kv_range``, broadcastable to
         ``(B, Hq, Tq, Tk)``, or None when everything is attended."""
-        out: Tensor | None = None
-        if self.mask_fn is not None:
-            out = self.evaluate_mask(*self.indices(q_range, kv_range))
-        if isinstance(self.mask, Tensor):
-            tile = _tile(self.mask, q_range, kv_range)
-            out = tile if out is None else out & tile
-        return out
+        if self.whole_mask is None:
+            return None
+        target = (self.batch, self.q_heads, q_range[1] - q_range[0], kv_range[1] - kv_range[0])
+        block = f"queries {q_range[0]}..{q_range[1] - 1} x keys {kv_range[0]}..{kv_range[1] - 1}"
+        return self._checked_mask(
+            lambda m: m.tile(self.batch, self.q_heads, q_range, kv_range, self.device),
+            target,
+            block,
+        )
 
     def evaluate_mask(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        """``mask_fn`` on broadcastable index tensors, checked: a bool tensor broadcasting to
-        their shape, or a ``ValueError``/``TypeError`` naming the mask and the block (a mask that
-        passed the corner check can still fail on a real tile: a fixed-size tensor, a lookup
-        table too short for the call)."""
-        assert self.mask_fn is not None
-        target = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
-        rows, cols = q_idx.reshape(-1), kv_idx.reshape(-1)
-        block = (
-            f"queries {_span(rows)} x keys {_span(cols)} (index tensors broadcasting to "
-            f"{tuple(target)}) of (B, Hq, Nq, Nk) = "
+        """:attr:`whole_mask` on broadcastable index tensors (any selection of batch entries,
+        heads, queries and keys), checked as :meth:`mask_tile` checks a tile."""
+        target = tuple(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
+        block = f"queries {_span(q_idx)} x keys {_span(kv_idx)}"
+        return self._checked_mask(lambda m: m(b, h, q_idx, kv_idx), target, block)
+
+    def _checked_mask(
+        self, evaluate: Callable[[MaskFn], Tensor], target: tuple[int, ...], block: str
+    ) -> Tensor:
+        """``evaluate(whole_mask)``, or a ``ValueError``/``TypeError`` naming the mask and the
+        block: a mask function that passed the corner check can still fail on a real tile (a
+        fixed-size tensor, a lookup table too short for the call, a wrong dtype)."""
+        mask = self.whole_mask
+        assert mask is not None
+        where = (
+            f"{block} (index tensors broadcasting to {target}) of (B, Hq, Nq, Nk) = "
             f"{(self.batch, self.q_heads, self.q_len, self.kv_len)}"
         )
         try:
-            out = self.mask_fn(b, h, q_idx, kv_idx)
+            out = evaluate(mask)
         except (RuntimeError, IndexError, TypeError, ValueError) as error:
             raise ValueError(
-                f"mask: the mask function {self.mask_fn!r} failed on {block}: {error}"
+                f"mask: the mask function {mask!r} failed on {where}: {error}"
             ) from error
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             got = f"dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
             raise TypeError(
-                f"mask: the mask function {self.mask_fn!r} must return a bool tensor; got {got} "
-                f"on {block}"
+                f"mask: the mask function {mask!r} must return a bool tensor; got {got} on {where}"
             )
-        if not broadcasts_to(tuple(out.shape), tuple(target)):
+        if not broadcasts_to(tuple(out.shape), target):
             raise ValueError(
-                f"mask: the mask function {self.mask_fn!r} returned shape {tuple(out.shape)} on "
-                f"{block}; its result must broadcast to the index tensors' shape: compute it "
-                "from the index tensors, not a fixed-size tensor"
+                f"mask: the mask function {mask!r} returned shape {tuple(out.shape)} on {where}; "
+                "its result must broadcast to the index tensors' shape: compute it from the "
+                "index tensors, not a fixed-size tensor"
             )
         return out
 
@@ -272,7 +293,7 @@ class AttentionRequest:
 
 
 def _span(index: Tensor) -> str:
-    """``a..b`` for the indices of a block (contiguous ranges), for messages."""
+    """``a..b``, the smallest and largest of some indices, for messages."""
     if index.numel() == 0:
         return "(none)"
     return f"{int(index.min())}..{int(index.max())}"
@@ -428,7 +449,7 @@ def _check_bias(
                         f"on {device}; move it with .to({str(device)!r})"
                     )
         check_score_call(bias, *target)
-        return None, bias
+        return None, bias.for_call(*target) if isinstance(bias, ScoreMod) else bias
     raise TypeError(
         f"bias must be a float tensor, a score function or None; got {type(bias).__name__}"
     )

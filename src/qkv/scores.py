@@ -5,6 +5,11 @@
 :mod:`qkv.masks`. A modifier that only *adds* something independent of the score (ALiBi, a
 relative-position bias) sets ``additive = True``, which lets a backend that takes a dense bias
 (PyTorch SDPA) serve it; others (``softcap``) need a backend that runs the function itself.
+
+The built-in modifiers are classes that carry their parameters (:class:`Alibi`'s slopes and
+offset, :class:`Softcap`'s cap, :class:`Chain`'s parts, :class:`RelativePositionBias`'s table),
+which is what a compiled kernel reads. A score function of your own is opaque whatever it is
+called: it is evaluated, by a backend that runs Python functions per tile.
 """
 
 from __future__ import annotations
@@ -16,10 +21,15 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from qkv.mask_core import saturate
+
 __all__ = [
+    "Alibi",
+    "Chain",
     "RelativePositionBias",
     "ScoreFunction",
     "ScoreMod",
+    "Softcap",
     "alibi",
     "alibi_slopes",
     "chain",
@@ -69,6 +79,11 @@ class ScoreMod:
         if self.check is not None:
             self.check(batch, heads, q_len, kv_len)
 
+    def for_call(self, batch: int, heads: int, q_len: int, kv_len: int) -> ScoreMod:
+        """This function as a call of these sizes uses it (itself, unless a parameter can be
+        brought to the call's scale without changing any softmax row)."""
+        return self
+
     def __call__(
         self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
     ) -> Tensor:
@@ -83,20 +98,39 @@ def is_additive(score_mod: ScoreFunction) -> bool:
     return bool(getattr(score_mod, "additive", False))
 
 
-def chain(*mods: ScoreFunction) -> ScoreMod:
-    """Apply score modifiers left to right: ``chain(alibi(8), softcap(30))``."""
+class Chain(ScoreMod):
+    """Score modifiers applied left to right (see :func:`chain`).
 
-    def chained(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        for mod in mods:
+    Attributes:
+        mods: the modifiers, in order.
+    """
+
+    def __init__(self, mods: tuple[ScoreFunction, ...]) -> None:
+        self.mods = mods
+        name = "chain(" + ", ".join(repr(m) for m in mods) + ")"
+        additive = all(is_additive(m) for m in mods)
+        super().__init__(self._apply, name, additive=additive, check=self._check)
+
+    def _apply(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        for mod in self.mods:
             score = mod(score, b, h, q, kv)
         return score
 
-    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
-        for mod in mods:
+    def _check(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        for mod in self.mods:
             check_score_call(mod, batch, heads, q_len, kv_len)
 
-    name = "chain(" + ", ".join(repr(m) for m in mods) + ")"
-    return ScoreMod(chained, name, additive=all(is_additive(m) for m in mods), check=check)
+    def for_call(self, batch: int, heads: int, q_len: int, kv_len: int) -> ScoreMod:
+        sized = tuple(
+            m.for_call(batch, heads, q_len, kv_len) if isinstance(m, ScoreMod) else m
+            for m in self.mods
+        )
+        return self if all(a is b for a, b in zip(sized, self.mods, strict=True)) else Chain(sized)
+
+
+def chain(*mods: ScoreFunction) -> Chain:
+    """Apply score modifiers left to right: ``chain(alibi(8), softcap(30))``."""
+    return Chain(tuple(mods))
 
 
 def check_score_call(
@@ -128,7 +162,43 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi(num_heads: int | Tensor, *, offset: int = 0) -> ScoreMod:
+class Alibi(ScoreMod):
+    """ALiBi's linear bias (see :func:`alibi`).
+
+    Attributes:
+        slopes: ``(H,)`` float32 slope of every query head.
+        offset: added to query positions; saturated to ``+-2**62`` for index arithmetic, which
+            changes every score of a row by the same amount and so no softmax.
+    """
+
+    def __init__(self, slopes: Tensor, offset: int) -> None:
+        self.slopes = slopes
+        self.offset = offset
+        super().__init__(
+            self._apply, f"alibi({slopes.numel()} heads)", additive=True, check=self._check
+        )
+
+    def _check(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        if self.slopes.numel() != heads:
+            raise ValueError(
+                f"alibi was built for {self.slopes.numel()} heads but the call has Hq = {heads} "
+                f"query heads: use alibi({heads})"
+            )
+
+    def for_call(self, batch: int, heads: int, q_len: int, kv_len: int) -> ScoreMod:
+        # Past Nq + Nk every key of every row lies on one side of the query, and a larger offset
+        # only shifts each row's scores by a constant: clamp it there, so that the float
+        # arithmetic of every backend sees distances of the call's own size.
+        reach = q_len + kv_len
+        offset = max(-reach, min(reach, self.offset))
+        return self if offset == self.offset else Alibi(self.slopes, offset)
+
+    def _apply(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        distance = (q - kv + saturate(self.offset)).abs().to(score.dtype)
+        return score - self.slopes.to(score.device, score.dtype)[h] * distance
+
+
+def alibi(num_heads: int | Tensor, *, offset: int = 0) -> Alibi:
     """ALiBi: subtract ``slope[h] * |i + offset - j|`` from the score of query ``i``, key ``j``.
 
     Args:
@@ -157,28 +227,31 @@ def alibi(num_heads: int | Tensor, *, offset: int = 0) -> ScoreMod:
         raise TypeError(f"alibi num_heads must be an int or a (H,) tensor; got {num_heads!r}")
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"alibi offset must be an int; got {offset!r}")
-
-    def check(batch: int, heads: int, q_len: int, kv_len: int) -> None:
-        if slopes.numel() != heads:
-            raise ValueError(
-                f"alibi was built for {slopes.numel()} heads but the call has Hq = {heads} "
-                f"query heads: use alibi({heads})"
-            )
-
-    def linear_bias(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        distance = (q + offset - kv).abs().to(score.dtype)
-        return score - slopes.to(score.device, score.dtype)[h] * distance
-
-    return ScoreMod(linear_bias, f"alibi({slopes.numel()} heads)", additive=True, check=check)
+    return Alibi(slopes, offset)
 
 
-def softcap(cap: float) -> ScoreMod:
+class Softcap(ScoreMod):
+    """``cap * tanh(score / cap)`` (see :func:`softcap`).
+
+    Attributes:
+        cap: the bound, a finite float > 0.
+    """
+
+    def __init__(self, cap: float) -> None:
+        self.cap = float(cap)
+        super().__init__(self._apply, f"softcap({cap})")
+
+    def _apply(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return self.cap * torch.tanh(score / self.cap)
+
+
+def softcap(cap: float) -> Softcap:
     """Squash scores smoothly into ``(-cap, cap)``: ``cap * tanh(score / cap)`` (Gemma 2, Grok)."""
     if isinstance(cap, bool) or not isinstance(cap, int | float):
         raise TypeError(f"softcap cap must be a Python number; got {cap!r}")
     if not (cap > 0 and math.isfinite(cap)):  # inf gives inf * tanh(s / inf) = NaN everywhere
         raise ValueError(f"softcap needs a finite cap > 0; got {cap}")
-    return ScoreMod(lambda s, b, h, q, kv: cap * torch.tanh(s / cap), f"softcap({cap})")
+    return Softcap(cap)
 
 
 class RelativePositionBias(nn.Module):
@@ -218,7 +291,11 @@ class RelativePositionBias(nn.Module):
             )
 
     def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        relative = (kv_idx - q_idx - self.offset).clamp(-self.max_distance, self.max_distance)
+        # Saturating the offset changes no bucket (all are clamped to +-max_distance) and keeps
+        # the index arithmetic inside int64.
+        relative = (kv_idx - q_idx - saturate(self.offset)).clamp(
+            -self.max_distance, self.max_distance
+        )
         return score + self.table[h, relative + self.max_distance].to(score.dtype)
 
     def extra_repr(self) -> str:

@@ -31,6 +31,7 @@ it summarises), so every backend accepts it and the chunked backend also reads i
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "causal_status",
     "default_tile_sizes",
     "hinted_status",
+    "request_status",
     "tile_bounds",
 ]
 
@@ -103,46 +105,16 @@ def causal_status(q_len: int, kv_len: int, tile_q: int, tile_kv: int, offset: in
 
 
 def hinted_status(
-    mask_fn: MaskFn | None, has_tensor: bool, q_len: int, kv_len: int, tile_q: int, tile_kv: int
+    mask: MaskFn | None, q_len: int, kv_len: int, tile_q: int, tile_kv: int
 ) -> Tensor:
-    """Tile states known without evaluating anything: the mask function's own classification
-    (:func:`qkv.masks.classify_tiles`; built-in masks and their combinations know theirs), and
-    :data:`~qkv.masks.UNKNOWN` wherever a mask tensor (``has_tensor``) or a mask function without
-    a classifier has to be looked at. ``O(number of tiles)``."""
+    """Tile states known without evaluating anything: the mask's own classification
+    (:meth:`qkv.masks.MaskFn.classify`: built-in masks, mask tensors and their combinations know
+    theirs), :data:`~qkv.masks.UNKNOWN` where a mask function of your own has to be looked at,
+    FULL everywhere without a mask."""
     q_bounds, kv_bounds = tile_bounds(q_len, tile_q), tile_bounds(kv_len, tile_kv)
-    shape = (q_bounds.numel() - 1, kv_bounds.numel() - 1)
-    status = torch.full(shape, FULL, dtype=torch.int8)
-    if mask_fn is not None:
-        status = M.classify_tiles(mask_fn, q_bounds, kv_bounds)
-    if has_tensor:  # EMPTY stays EMPTY; everything else depends on the tensor's values
-        status = torch.where(status == EMPTY, EMPTY, UNKNOWN).to(torch.int8)
-    return status
-
-
-def empty_tiles_of_tensor(
-    mask: Tensor, q_len: int, kv_len: int, tile_q: int, tile_kv: int
-) -> Tensor:
-    """``(nQ, nK)`` bool: the tiles in which a 4-d bool ``mask`` (broadcastable to
-    ``(B, H, Nq, Nk)``) attends to nothing in any batch or head. One pass over the tensor; a
-    broadcast axis stays size 1 throughout, so a padding mask is never expanded to ``Nq x Nk``."""
-    seen = mask.any(dim=1).any(dim=0)  # (Nq or 1, Nk or 1)
-    seen = _any_per_tile(_any_per_tile(seen, 1, tile_kv), 0, tile_q)  # (nQ or 1, nK or 1)
-    n_q, n_k = -(-q_len // tile_q), -(-kv_len // tile_kv)
-    return ~seen.expand(n_q, n_k).cpu()
-
-
-def _any_per_tile(x: Tensor, dim: int, tile: int) -> Tensor:
-    """``x`` reduced with ``any`` over consecutive runs of ``tile`` along ``dim`` (a size-1,
-    broadcast axis is left as it is)."""
-    size = x.shape[dim]
-    if size == 1:
-        return x
-    n = -(-size // tile)
-    if n * tile != size:
-        pad_shape = list(x.shape)
-        pad_shape[dim] = n * tile - size
-        x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    return x.unflatten(dim, (n, tile)).any(dim=dim + 1)
+    if mask is None:
+        return torch.full((q_bounds.numel() - 1, kv_bounds.numel() - 1), FULL, dtype=torch.int8)
+    return M.classify_tiles(mask, q_bounds, kv_bounds)
 
 
 TileFn = Callable[[tuple[int, int], tuple[int, int]], Tensor | None]
@@ -272,6 +244,30 @@ class BlockMask(MaskFn):
             return self.mask(b, h, q, kv)
         return (q >= 0) & (kv >= 0)  # everything visible, in the broadcast shape
 
+    def tile(
+        self,
+        batch: int,
+        heads: int,
+        q_range: tuple[int, int],
+        kv_range: tuple[int, int],
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        if self.mask is not None:
+            return self.mask.tile(batch, heads, q_range, kv_range, device)
+        return super().tile(batch, heads, q_range, kv_range, device)
+
+    def classify(self, q_bounds: Tensor, kv_bounds: Tensor) -> Tensor:
+        own = (tile_bounds(self.q_len, self.tile_q), tile_bounds(self.kv_len, self.tile_kv))
+        if torch.equal(q_bounds, own[0]) and torch.equal(kv_bounds, own[1]):
+            return self.status.clone()
+        if self.mask is None:
+            shape = (q_bounds.numel() - 1, kv_bounds.numel() - 1)
+            return torch.full(shape, FULL, dtype=torch.int8)
+        return M.classify_tiles(self.mask, q_bounds, kv_bounds)
+
+    def lower(self, batch: int, q_len: int, kv_len: int) -> M.KernelMask | str:
+        return M.KernelMask() if self.mask is None else self.mask.lower(batch, q_len, kv_len)
+
     # --- the tile grid ---------------------------------------------------------------------------
     def q_range(self, i: int) -> tuple[int, int]:
         """Query positions of tile row ``i``."""
@@ -400,12 +396,12 @@ def build_block_mask(
         parts.append(M.mask_function(mask))
     combined = None if not parts else parts[0] if len(parts) == 1 else M.and_masks(*parts)
 
-    hinted = hinted_status(combined, False, q_len, kv_len, tile_q, tile_kv)
+    hinted = hinted_status(combined, q_len, kv_len, tile_q, tile_kv)
 
     def tile_fn(q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor | None:
         if combined is None:
             return None
-        return combined(*M.index_grid(batch, heads, q_range, kv_range, device))
+        return combined.tile(batch, heads, q_range, kv_range, device)
 
     status = _summarize(tile_fn, q_len, kv_len, tile_q, tile_kv, hinted)
     return BlockMask(
@@ -430,49 +426,51 @@ def _alignment(causal: CausalArg) -> str | None:
     raise ValueError(f'causal must be False, True, "top_left" or "bottom_right"; got {causal!r}')
 
 
-def _and_status(a: Tensor, b: Tensor) -> Tensor:
-    """Tile states of the logical and of two masks (conservative: partial & partial is partial)."""
-    both_full = (a == FULL) & (b == FULL)
-    any_empty = (a == EMPTY) | (b == EMPTY)
-    out = torch.full_like(a, PARTIAL)
-    return out.masked_fill_(both_full, FULL).masked_fill_(any_empty, EMPTY)
+_STATUS: weakref.WeakKeyDictionary[AttentionRequest, dict[tuple[int, int, bool], Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def request_status(
+    request: AttentionRequest, tile_q: int, tile_kv: int, *, resolve: bool = True
+) -> Tensor:
+    """The ``(nQ, nK)`` tile states of a call's whole mask (``request.whole_mask``), computed
+    once per request and tile size and shared by pricing and execution.
+
+    With ``resolve=False`` only what is known without evaluating anything (tiles of a mask
+    function of your own stay :data:`~qkv.masks.UNKNOWN`: what ``auto`` prices); with
+    ``resolve=True`` those tiles are evaluated (what a backend runs). A :class:`BlockMask`
+    passed as the mask brings its own states at its own tile sizes.
+    """
+    per_request = _STATUS.setdefault(request, {})
+    key = (tile_q, tile_kv, resolve)
+    if (known := per_request.get(key)) is not None:
+        return known
+    hinted = per_request.get((tile_q, tile_kv, False))
+    if hinted is None:
+        hinted = hinted_status(request.whole_mask, request.q_len, request.kv_len, tile_q, tile_kv)
+        per_request[(tile_q, tile_kv, False)] = hinted
+    if resolve:
+        status = _summarize(
+            request.mask_tile, request.q_len, request.kv_len, tile_q, tile_kv, hinted
+        )
+        per_request[key] = status
+        return status
+    return hinted
 
 
 def block_mask_for(request: AttentionRequest, tile_q: int, tile_kv: int) -> BlockMask:
     """The tile summary of one call's whole mask (causal, mask function or tensor).
 
-    A :class:`BlockMask` passed as the request's mask is reused (with its own tile sizes; the
-    caller checks :meth:`BlockMask.incompatibility` first) and only combined with the call's
-    causal flag. Otherwise the causal part is summarised from arithmetic and the rest evaluated
-    through ``request.mask_tile`` on the tiles causal does not exclude, over the request's batch
-    and heads (broadcast dimensions stay size 1, so a mask that ignores them is evaluated once).
+    A :class:`BlockMask` passed as the request's mask is reused with its own tile sizes (the
+    caller checks :meth:`BlockMask.incompatibility` first) and combined with the call's causal
+    flag; otherwise :func:`request_status` at these tile sizes.
     """
-    given = request.mask if isinstance(request.mask, BlockMask) else None
-    if given is not None:
-        tile_q, tile_kv = given.tile_q, given.tile_kv
-    if given is not None:
-        causal_only = hinted_status(
-            request.causal_mask, False, request.q_len, request.kv_len, tile_q, tile_kv
-        )
-        status = _and_status(causal_only, given.status)
-    else:
-        hinted = hinted_status(
-            request.mask_fn,
-            isinstance(request.mask, Tensor),
-            request.q_len,
-            request.kv_len,
-            tile_q,
-            tile_kv,
-        )
-        status = _summarize(
-            request.mask_tile, request.q_len, request.kv_len, tile_q, tile_kv, hinted
-        )
-    whole = [] if request.mask_fn is None else [request.mask_fn]
-    if isinstance(request.mask, Tensor):
-        whole.append(M.dense(request.mask))
+    if isinstance(request.mask, BlockMask):
+        tile_q, tile_kv = request.mask.tile_q, request.mask.tile_kv
     return BlockMask(
-        status,
-        mask=None if not whole else whole[0] if len(whole) == 1 else M.and_masks(*whole),
+        request_status(request, tile_q, tile_kv),
+        mask=request.whole_mask,
         q_len=request.q_len,
         kv_len=request.kv_len,
         tile_q=tile_q,

@@ -66,18 +66,12 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import (
-    EMPTY,
-    FULL,
-    UNKNOWN,
     BlockMask,
     block_mask_for,
     build_block_mask,
     default_tile_sizes,
-    empty_tiles_of_tensor,
-    hinted_status,
 )
 from qkv.backends.reference import reference_attention, reference_gradients
-from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
@@ -666,78 +660,6 @@ class ChunkedBackend:
             return request.mask.tile_q, request.mask.tile_kv
         default_q, default_kv = default_tile_sizes(request.device, request.dtype)
         return self.tile_q or default_q, self.tile_kv or default_kv
-
-    def memory_estimate(self, request: AttentionRequest) -> int:
-        """Bytes beyond inputs and output: a few live score tiles and the per-row statistics in
-        forward; with autograd also the gradient accumulators in the stats dtype beside the
-        gradients themselves (measured peak at N=16384, B=1, H=8, D=64, float32, forward and
-        backward: 204 MiB; this gives 243); plus the weights when asked for."""
-        tile_q, tile_kv = self.tile_sizes(request)
-        sd_bytes = torch.empty((), dtype=stats_dtype(request.dtype)).element_size()
-        in_bytes = request.q.element_size()
-        rows = request.batch * request.q_heads
-        tile = rows * min(tile_q, request.q_len) * min(tile_kv, request.kv_len) * sd_bytes
-        total = 4 * tile + rows * request.q_len * sd_bytes * (2 + request.value_dim)
-        if request.needs_grad:
-            q_elements = rows * request.q_len * request.head_dim
-            kv_elements = (
-                request.batch
-                * request.kv_heads
-                * request.kv_len
-                * (request.head_dim + request.value_dim)
-            )
-            total += (q_elements + kv_elements) * (sd_bytes + in_bytes)
-        if request.return_weights:
-            total += request.score_elements * in_bytes
-        return total
-
-    def tile_census(self, request: AttentionRequest) -> tuple[int, int, int]:
-        """``(visited, masked, unknown)`` tiles of a call, known without evaluating any mask:
-        tiles computed, tiles on which the mask is evaluated, and of those the ones whose
-        state is only found by evaluating the mask (a user's mask function, a mask tensor)."""
-        tile_q, tile_kv = self.tile_sizes(request)
-        if isinstance(request.mask, BlockMask):
-            status = request.mask.status
-        elif request.q_len <= tile_q and request.kv_len <= tile_kv:  # one tile: skip the work
-            return 1, int(request.has_mask), int(request.has_mask)
-        else:
-            status = hinted_status(
-                request.mask_fn,
-                isinstance(request.mask, Tensor),
-                request.q_len,
-                request.kv_len,
-                tile_q,
-                tile_kv,
-            )
-            if isinstance(request.mask, Tensor) and request.mask.device.type == "cpu":
-                # Reading a CPU tensor is cheap next to the attention it prices (one pass, no
-                # device sync), and padding given as a tensor hides whole tiles.
-                hidden = empty_tiles_of_tensor(
-                    request.mask, request.q_len, request.kv_len, tile_q, tile_kv
-                )
-                status = torch.where(hidden, EMPTY, status).to(torch.int8)
-        visited = int((status != EMPTY).sum())
-        unknown = int((status == UNKNOWN).sum())
-        return visited, visited - int((status == FULL).sum()), unknown
-
-    def cost_estimate(self, request: AttentionRequest) -> float:
-        """Seconds, roughly: the matmuls of the visited tiles at 80% of the fused rate, about
-        eight elementwise passes over each visited score tile, a dozen tensor ops per tile (the
-        Python loop), the mask on the tiles where it is evaluated, and for tiles of unknown state
-        the summary's own evaluation. Backward counted as 2.5x forward, per-tile ops 3x."""
-        rates = device_rates(request.device)
-        tile_q, tile_kv = self.tile_sizes(request)
-        tq, tk = min(tile_q, request.q_len), min(tile_kv, request.kv_len)
-        visited, masked, unknown = self.tile_census(request)
-        pairs = request.batch * request.q_heads * tq * tk  # entries of one score tile
-        flops = 2.0 * pairs * (request.head_dim + request.value_dim) * visited
-        work = flops / (0.8 * rates.matmul_flops) + 8 * visited * pairs * rates.element_seconds
-        work += masked * tq * tk * 8 * rates.element_seconds
-        ops = (12 * visited + 4 * masked + 30) * rates.op_seconds
-        summary = unknown * (tq * tk * 8 * rates.element_seconds + 4 * rates.op_seconds)
-        if request.needs_grad:
-            work, ops = work * 3.5, ops * 3
-        return work + ops + summary
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         return chunked_attention(

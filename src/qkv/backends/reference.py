@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.backends.registry import dense_build_seconds, device_rates
 from qkv.request import AttentionRequest, stats_dtype
 
 __all__ = ["ReferenceBackend", "grouped_matmul", "masked_softmax", "reference_gradients"]
@@ -114,28 +113,6 @@ class ReferenceBackend:
 
     def supports(self, request: AttentionRequest) -> str | None:
         return None
-
-    def memory_estimate(self, request: AttentionRequest) -> int:
-        """Bytes beyond inputs and output: about three live score-sized tensors in the forward
-        pass, three and a half more kept for backward, one more for the masked copy, and the
-        mask itself with its int64 index arithmetic (measured with ``qkv bench``)."""
-        stats_bytes = torch.empty((), dtype=stats_dtype(request.dtype)).element_size()
-        live = 3.0 + (3.5 if request.needs_grad else 0.0) + (1.0 if request.has_mask else 0.0)
-        return int(request.score_elements * stats_bytes * live + request.dense_mask_elements() * 9)
-
-    def cost_estimate(self, request: AttentionRequest) -> float:
-        """Seconds, roughly: two unfused matmuls (at 80% of the fused rate), about ten
-        elementwise passes over the ``(B, Hq, Nq, Nk)`` scores (scale, cast, mask, max, exp,
-        sum, divide), building a dense mask or bias, a dozen ops. Backward counted as 2x."""
-        rates = device_rates(request.device)
-        flops = 2.0 * request.score_elements * (request.head_dim + request.value_dim)
-        seconds = (
-            flops / (0.8 * rates.matmul_flops)
-            + 10 * request.score_elements * rates.element_seconds
-            + dense_build_seconds(request, rates)
-            + 12 * rates.op_seconds
-        )
-        return seconds * (3.0 if request.needs_grad else 1.0)
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         out, probs = reference_attention(request)

@@ -13,17 +13,10 @@ estimate exceeds :data:`MEMORY_LIMIT_BYTES`. Otherwise ``auto`` takes the cheape
 among those whose expected extra memory stays within the limit (the least memory if none does);
 ties go to the earlier backend.
 
-The built-in order is triton, sdpa, chunked, reference. The triton backend gives no cost
-estimate, so wherever it serves (float16/bfloat16 CUDA tensors with triton installed) it is
-first in line and taken, unless it would need more than the memory limit (a score function it
-materializes as an ``(Hq, Nq, Nk)`` bias, a bias gradient of ``(B, Hq, Nq, Nk)``); elsewhere it
-gives its reason and the estimates decide among the rest.
-
-The estimates are coarse models built from :class:`DeviceRates` (a matmul rate, a cost per
-element of memory-bound elementwise work, a cost per tensor op) calibrated with ``qkv bench`` on
-the CPU; they only need to order the backends correctly, and they do so by wide margins: SDPA's
-fused kernel for plain and small calls, the chunked backend where a mask lets it skip most tiles
-or where a dense path would need more than the memory limit.
+The built-in order and every built-in estimate live in one room, :mod:`qkv.backends.cost`
+(triton, sdpa, cpu, chunked, reference; triton gives no time estimate, so wherever it serves it
+is first in line and taken unless over the memory limit); a backend you register gives its own
+``cost_estimate``/``memory_estimate`` methods, or none.
 """
 
 from __future__ import annotations
@@ -31,9 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
+from qkv.backends.cost import (
+    MEMORY_LIMIT_BYTES,
+    DeviceRates,
+    device_rates,
+    estimate_bytes,
+    estimate_seconds,
+)
 from qkv.request import AttentionRequest
 
 __all__ = [
@@ -67,67 +66,6 @@ class Backend(Protocol):
 _REGISTRY: dict[str, Backend] = {}
 #: Backends `auto` considers, in order of preference. `reference` is last: it always serves.
 AUTO_ORDER: list[str] = []
-
-#: Expected extra memory above which ``auto`` avoids a backend when another fits. 1 GiB: the
-#: size of a float32 score matrix for B * H = 16 at N = 4096, or of SDPA's float copy of a dense
-#: mask for B * H = 1 at N = 16384. Above it a dense path risks running out of memory on an
-#: ordinary machine and spends its time on memory traffic, while the chunked backend needs
-#: ``O(N * D)``.
-MEMORY_LIMIT_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class DeviceRates:
-    """Throughput figures the backends' cost estimates are built from.
-
-    Attributes:
-        matmul_flops: floating-point operations per second of the attention matmuls in a fused
-            kernel (SDPA); other backends scale it by their own efficiency.
-        element_seconds: seconds per element of one memory-bound elementwise pass (exp, add,
-            compare) over float32 scores.
-        op_seconds: fixed cost of launching one tensor op from Python.
-    """
-
-    matmul_flops: float
-    element_seconds: float
-    op_seconds: float
-
-    def __post_init__(self) -> None:
-        for name in ("matmul_flops", "element_seconds", "op_seconds"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0; got {value!r}")
-
-
-#: Per device type. CPU: a 2-core Xeon, float32 (SDPA at N = 4096: about 290 GFLOP/s; one
-#: elementwise pass over 8 x 256 x 256 scores about 50 us). CUDA: rough H100-class guesses, not
-#: tuned; every op there is a kernel launch.
-RATES: dict[str, DeviceRates] = {
-    "cpu": DeviceRates(matmul_flops=2.9e11, element_seconds=1e-10, op_seconds=1e-5),
-    "cuda": DeviceRates(matmul_flops=2e14, element_seconds=5e-13, op_seconds=8e-6),
-}
-
-
-def device_rates(device: torch.device) -> DeviceRates:
-    """The :class:`DeviceRates` of ``device`` (the CPU's for unknown device types)."""
-    return RATES.get(device.type, RATES["cpu"])
-
-
-#: Elementwise passes to build one entry of a dense mask or bias from index functions (int64
-#: index arithmetic, comparisons, the bool result), in units of a float32 pass.
-BUILD_PASSES = 8
-
-
-def dense_build_seconds(request: AttentionRequest, rates: DeviceRates) -> float:
-    """Time a dense backend spends materializing the request's mask function, non-plain causal
-    mask and additive score function as ``(.., Nq, Nk)`` tensors (mask tensors are given)."""
-    plane = request.q_len * request.kv_len
-    elements = request.dense_mask_elements()
-    if request.causal is not None and request.q_len != request.kv_len:
-        elements += plane
-    if request.score_mod is not None:
-        elements += request.q_heads * plane
-    return elements * BUILD_PASSES * rates.element_seconds
 
 
 def register_backend(
@@ -250,8 +188,9 @@ def select_backend(request: AttentionRequest, name: str = "auto") -> Selection:
 
 
 def _estimate(backend: Backend, what: str, request: AttentionRequest) -> float | None:
-    method = getattr(backend, what, None)
-    return None if method is None else float(method(request))
+    if what == "cost_estimate":
+        return estimate_seconds(backend, request)
+    return estimate_bytes(backend, request)
 
 
 def _cheapest(

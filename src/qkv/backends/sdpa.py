@@ -35,11 +35,10 @@ from torch import Tensor
 
 from qkv.backends.chunked import chunked_attention
 from qkv.backends.reference import reference_attention
-from qkv.backends.registry import dense_build_seconds, device_rates
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
-__all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend"]
+__all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend", "is_plain"]
 
 #: Largest bound on ``|q k^T * scale|`` for which SDPA serves a CPU call that needs gradients
 #: (float32 spacing there is 2, far from where ``exp`` of a rounding error overflows).
@@ -69,42 +68,6 @@ class SdpaBackend:
                 "NaN gradients"
             )
         return None
-
-    def memory_estimate(self, request: AttentionRequest) -> int:
-        """Bytes beyond inputs and output: the fused kernel's O(N * D) buffers (calibrated with
-        ``qkv bench`` on the CPU: about 2x the size of q forward, 18x with autograd), plus the
-        O(Nq * Nk) dense mask or bias we hand it when the call is not plain (int64 index
-        arithmetic to build a mask, a byte to keep it, four for SDPA's float copy)."""
-        linear = request.q.numel() * request.q.element_size() * (18 if request.needs_grad else 2)
-        if _is_plain(request):
-            return linear
-        mask_elements = request.dense_mask_elements()
-        if isinstance(request.mask, Tensor):
-            mask_elements += request.mask.numel()
-        if request.causal is not None and mask_elements == 0:
-            mask_elements = request.q_len * request.kv_len
-        bias_elements = 0
-        if request.bias is not None:
-            bias_elements += request.bias.numel()
-        if request.score_mod is not None:
-            bias_elements += request.q_heads * request.q_len * request.kv_len
-        return linear + mask_elements * 13 + bias_elements * 2 * request.q.element_size()
-
-    def cost_estimate(self, request: AttentionRequest) -> float:
-        """Seconds, roughly: the fused kernel's matmuls at the device's matmul rate (half of them
-        for ``is_causal``, which skips the masked half), plus, for a call that is not plain,
-        building the dense mask or bias and two passes over it inside the kernel. Backward
-        counted as 2.5x forward."""
-        rates = device_rates(request.device)
-        flops = 2.0 * request.score_elements * (request.head_dim + request.value_dim)
-        plain = _is_plain(request)
-        if plain and request.causal is not None:
-            flops /= 2
-        seconds = flops / rates.matmul_flops + 4 * rates.op_seconds
-        if not plain:
-            seconds += dense_build_seconds(request, rates)
-            seconds += 2 * request.score_elements * rates.element_seconds
-        return seconds * (3.5 if request.needs_grad else 1.0)
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         if request.score_elements == 0:  # nothing to attend: zeros (the kernel may give NaN)
@@ -150,7 +113,7 @@ def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
     return not bound <= LOGIT_LIMIT_FOR_CPU_BACKWARD  # NaN/inf inputs count as overflowing
 
 
-def _is_plain(request: AttentionRequest) -> bool:
+def is_plain(request: AttentionRequest) -> bool:
     """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``)."""
     if request.causal is None:
         plain_causal = True
@@ -164,7 +127,7 @@ def _is_plain(request: AttentionRequest) -> bool:
 
 def _sdpa_mask(request: AttentionRequest) -> tuple[Tensor | None, bool]:
     """SDPA's ``(attn_mask, is_causal)`` for the request's mask, causal flag and bias."""
-    if _is_plain(request):
+    if is_plain(request):
         return None, request.causal is not None
     bias = request.dense_bias()
     mask = request.mask_tile(request.full_q, request.full_kv)

@@ -298,6 +298,7 @@ def _rows_of(name: str, q: Tensor, k: Tensor, knob: int, keep: Tensor | None) ->
         every = keep if keep is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
         fk = approx.positive_features(k * s**0.5, w, over_keys=every[:, None, :])
     elif name in ("local", "bigbird"):
+        pattern: qkv.masks.MaskFn
         if name == "local":
             pattern = qkv.masks.sliding_window(knob, knob)
         else:

@@ -8,6 +8,7 @@ from typing import Literal, overload
 from torch import Tensor
 
 from qkv.backends import Backend, select_backend
+from qkv.backends.cost import estimate_bytes
 from qkv.backends.registry import format_ms
 from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_request
 
@@ -205,7 +206,7 @@ def explain(
 def memory_estimate(backend: Backend, request: AttentionRequest) -> int | None:
     """A backend's estimate of the extra bytes a call needs, or None if it gives none (or
     cannot serve the call)."""
-    estimate = getattr(backend, "memory_estimate", None)
-    if estimate is None or backend.supports(request) is not None:
+    if backend.supports(request) is not None:
         return None
-    return int(estimate(request))
+    estimate = estimate_bytes(backend, request)
+    return None if estimate is None else int(estimate)

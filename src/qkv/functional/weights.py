@@ -88,10 +88,7 @@ class _Rows:
             s = s + self._gather(r.bias, kv_range).to(s.dtype)
         if r.score_mod is not None:
             s = r.score_mod(s, b, h, i, j)
-        mask = None if r.mask_fn is None else r.evaluate_mask(b, h, i, j)
-        if isinstance(r.mask, Tensor):
-            tile = self._gather(r.mask, kv_range)
-            mask = tile if mask is None else mask & tile
+        mask = None if r.whole_mask is None else r.evaluate_mask(b, h, i, j)
         return s if mask is None else s.masked_fill(~mask, float("-inf"))
 
     def _gather(self, t: Tensor, kv_range: tuple[int, int]) -> Tensor:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from qkv import masks
 from qkv.functional.attention import attention
 from qkv.functional.weights import attention_weights
-from qkv.scores import ScoreMod
+from qkv.scores import ScoreMod, softcap
 
 __all__ = ["NAME", "attention_forward", "current_backend", "register", "use_backend"]
 
@@ -89,6 +89,8 @@ def _float_bias(attention_mask: Tensor | None, position_bias: Tensor | None) -> 
 def _softcapped(cap: float, bias: Tensor | None, shape: tuple[int, int, int, int]) -> ScoreMod:
     """``cap * tanh(s / cap)`` then the additive bias, as eager attention orders them (the cap
     applies to the scaled scores, the mask is added after)."""
+    if bias is None:
+        return softcap(cap)  # typed: the kernels that compute softcap read its cap
 
     def score(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         s = cap * torch.tanh(s / cap)
@@ -96,7 +98,7 @@ def _softcapped(cap: float, bias: Tensor | None, shape: tuple[int, int, int, int
             return s
         return s + bias.expand(shape)[b, h, q_idx, kv_idx].to(s.dtype)
 
-    return ScoreMod(score, f"softcap({cap})" + (" + bias" if bias is not None else ""))
+    return ScoreMod(score, f"softcap({cap}) + bias")
 
 
 def _fit_keys(t: Tensor | None, kv_len: int) -> Tensor | None:

@@ -27,18 +27,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from qkv.backends.block_mask import (
-    EMPTY,
-    UNKNOWN,
-    BlockMask,
-    block_mask_for,
-    empty_tiles_of_tensor,
-    hinted_status,
-)
+from qkv.backends.block_mask import EMPTY, UNKNOWN, BlockMask, block_mask_for, request_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
 from qkv.backends.reference import reference_attention, reference_gradients
-from qkv.backends.registry import device_rates
 from qkv.request import AttentionRequest
 
 __all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
@@ -181,7 +173,7 @@ class _CpuAttention(torch.autograd.Function):
 
 def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
     block = block_mask_for(request, tile_q, tile_kv)
-    mods = plan.modifiers
+    mask, mods = plan.mask, plan.modifiers
     fixed: list[Tensor | None] = []
     for m in mods:
         learnable = m.table is not None and m.table.requires_grad and torch.is_grad_enabled()
@@ -191,13 +183,13 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         status=block.status.contiguous(),
         tile_q=block.tile_q,
         tile_kv=block.tile_kv,
-        row_lo=_EMPTY_LONG if plan.row_lo is None else plan.row_lo,
-        row_hi=_EMPTY_LONG if plan.row_hi is None else plan.row_hi,
-        doc_q=_EMPTY_LONG if plan.doc_q is None else plan.doc_q,
-        doc_k=_EMPTY_LONG if plan.doc_k is None else plan.doc_k,
+        row_lo=_EMPTY_LONG if mask.lo is None else mask.lo,
+        row_hi=_EMPTY_LONG if mask.hi is None else mask.hi,
+        doc_q=_EMPTY_LONG if mask.doc_q is None else mask.doc_q,
+        doc_k=_EMPTY_LONG if mask.doc_k is None else mask.doc_k,
         dense=_EMPTY_BOOL
-        if plan.dense is None
-        else plan.dense.expand(request.batch, request.q_heads, request.q_len, request.kv_len),
+        if mask.dense is None
+        else mask.dense.expand(request.batch, request.q_heads, request.q_len, request.kv_len),
         mod_kind=torch.tensor([m.kind for m in mods], dtype=torch.long),
         mod_value=torch.tensor([m.value for m in mods], dtype=torch.float64),
         mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
@@ -241,18 +233,13 @@ def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
         return known
     Nq, Nk = request.q_len, request.kv_len
     tiles = -(-Nq // tile_q) * -(-Nk // choices[0])
-    if Nq * Nk <= SMALL_CALL_SCORES or (request.mask_fn is None and request.mask is None):
-        census = Census(tile_q, choices[0], tiles, tiles if isinstance(request.mask, Tensor) else 0)
+    if Nq * Nk <= SMALL_CALL_SCORES or request.whole_mask is None:
+        census = Census(tile_q, choices[0], tiles, 0)
         _CENSUS[request] = census
         return census
     best: tuple[float, Census] | None = None
     for tile_kv in choices:
-        status = hinted_status(
-            request.mask_fn, isinstance(request.mask, Tensor), Nq, Nk, tile_q, tile_kv
-        )
-        if isinstance(request.mask, Tensor):  # cheap on the CPU: one pass, no Nq x Nk copy
-            hidden = empty_tiles_of_tensor(request.mask, Nq, Nk, tile_q, tile_kv)
-            status = torch.where(hidden, EMPTY, status)
+        status = request_status(request, tile_q, tile_kv, resolve=False)
         visited = int((status != EMPTY).sum())
         unknown = int((status == UNKNOWN).sum())
         work = visited * (min(tile_q, Nq) * min(tile_kv, Nk) + TILE_OVERHEAD_SCORES)
@@ -346,44 +333,6 @@ class CpuBackend:
         census = self.census(request)
         return census.tile_q, census.tile_kv
 
-    def memory_estimate(self, request: AttentionRequest) -> int:
-        """Bytes beyond inputs and output: float32 copies of half inputs, the log-sum-exp, a few
-        tiles; with autograd the gradients in the compute dtype."""
-        cd_bytes = 8 if request.dtype == torch.float64 else 4
-        elements = request.q.numel() + request.k.numel() + request.v.numel()
-        rows = request.batch * request.q_heads * request.q_len
-        total = rows * (request.value_dim + 1) * cd_bytes
-        if request.dtype in (torch.float16, torch.bfloat16):
-            total += elements * cd_bytes
-        # Each thread's few tiles (256 KiB of float32 each) are counted once, so that the
-        # estimate does not depend on the thread count.
-        total += 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
-        if request.needs_grad:
-            total += elements * cd_bytes * 2
-        return total
-
-    def cost_estimate(self, request: AttentionRequest) -> float:
-        """Seconds, roughly: the visited tiles' matmuls at the kernel's measured efficiency, one
-        exp and a few passes per visited score, the mask tensor's summary where it decides
-        tiles, and a fixed cost for planning the call in Python. Backward as 2.5x forward."""
-        rates = device_rates(request.device)
-        census = self.census(request)
-        tq, tk = min(census.tile_q, request.q_len), min(census.tile_kv, request.kv_len)
-        pairs = request.batch * request.q_heads * tq * tk * census.visited
-        flops = 2.0 * pairs * (request.head_dim + request.value_dim)
-        seconds = flops / (KERNEL_EFFICIENCY * rates.matmul_flops)
-        seconds += pairs * 2 * rates.element_seconds + FIXED_SECONDS
-        seconds += census.unknown * tq * tk * 8 * rates.element_seconds
-        if request.needs_grad:
-            seconds *= 2.5
-        return seconds
-
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tile_q, tile_kv = self.tile_sizes(request)
         return cpu_attention(request, tile_q=tile_q, tile_kv=tile_kv), None
-
-
-#: Matmul rate of the kernel relative to SDPA's fused kernel, and its fixed per-call cost
-#: (planning, the block mask), measured with benchmarks/cpu_kernel.py.
-KERNEL_EFFICIENCY = 1.0
-FIXED_SECONDS = 3e-4

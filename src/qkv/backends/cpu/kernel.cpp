@@ -7,8 +7,9 @@
 // head h / G (grouped heads without copies). The tile grid is `status` (nQ, nK) int8:
 // 0 EMPTY (skipped), 1 PARTIAL (mask evaluated), 2 FULL (mask never evaluated).
 //
-// The mask of a PARTIAL tile: keys outside [row_lo, row_hi) of the row (causal, sliding
-// windows, padding, prefix-LM, all folded into one interval per (b, q) by the Python side),
+// The mask of a PARTIAL tile: keys outside every interval [row_lo[i], row_hi[i]) of the row
+// (causal, sliding windows, padding, prefix-LM and their &, |, ~, lowered by the Python side
+// into at most kMaxIntervals intervals per (b, q)),
 // keys of another document (doc_q[b, q] != doc_k[b, kv]), and a strided bool tensor.
 // Score modifiers, applied in order after an optional strided bias tensor: ALiBi, a learnable
 // relative-position table, softcap.
@@ -44,6 +45,7 @@ constexpr int kAlibi = 0, kRelative = 1, kSoftcap = 2;
 constexpr int8_t kEmpty = 0, kFull = 2;
 // Runs of backward tasks under torch.use_deterministic_algorithms(True) (see backward_typed).
 constexpr int64_t kDeterministicRuns = 8;
+constexpr int64_t kMaxIntervals = 8;  // qkv.mask_core.MAX_INTERVALS
 
 // Column-major C (m x n) = alpha op(A) op(B) + beta C, as BLAS.
 template <typename T>
@@ -163,9 +165,10 @@ struct Problem {
   T scale;
   const T *q, *k, *v;
   const int8_t* status;
-  // interval mask: (Bm, Nq), Bm in {1, B}; null when absent
+  // interval mask: (K, Bm, Nq), Bm in {1, B}; a key is kept if it lies in one of the K
+  // intervals of its row; null when absent
   const int64_t *row_lo = nullptr, *row_hi = nullptr;
-  int64_t interval_b = 0;
+  int64_t interval_b = 0, intervals = 0;
   // documents: (Bq, Nq) and (Bk, Nk)
   const int64_t *doc_q = nullptr, *doc_k = nullptr;
   int64_t doc_qb = 0, doc_kb = 0;
@@ -237,10 +240,24 @@ void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows
     constexpr T ninf = -std::numeric_limits<T>::infinity();
     if (P.row_lo) {
       const int64_t at = (P.interval_b > 1 ? b : 0) * P.Nq + qi;
-      const int64_t lo = std::clamp<int64_t>(P.row_lo[at] - k0, 0, cols);
-      const int64_t hi = std::clamp<int64_t>(P.row_hi[at] - k0, lo, cols);
-      for (int64_t c = 0; c < lo; ++c) row[c] = ninf;
-      for (int64_t c = hi; c < cols; ++c) row[c] = ninf;
+      const int64_t step = P.interval_b * P.Nq;  // from one interval of the row to the next
+      if (P.intervals == 1) {
+        const int64_t lo = std::clamp<int64_t>(P.row_lo[at] - k0, 0, cols);
+        const int64_t hi = std::clamp<int64_t>(P.row_hi[at] - k0, lo, cols);
+        for (int64_t c = 0; c < lo; ++c) row[c] = ninf;
+        for (int64_t c = hi; c < cols; ++c) row[c] = ninf;
+      } else {
+        int64_t lo[kMaxIntervals], hi[kMaxIntervals];
+        for (int64_t i = 0; i < P.intervals; ++i) {
+          lo[i] = std::clamp<int64_t>(P.row_lo[at + i * step] - k0, 0, cols);
+          hi[i] = std::clamp<int64_t>(P.row_hi[at + i * step] - k0, lo[i], cols);
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          bool keep = false;
+          for (int64_t i = 0; i < P.intervals; ++i) keep |= (c >= lo[i]) & (c < hi[i]);
+          if (!keep) row[c] = ninf;
+        }
+      }
     }
     if (P.doc_q) {
       const int64_t id = P.doc_q[(P.doc_qb > 1 ? b : 0) * P.Nq + qi];
@@ -283,8 +300,11 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.q = q.data_ptr<T>(); P.k = k.data_ptr<T>(); P.v = v.data_ptr<T>();
   P.status = status.data_ptr<int8_t>();
   if (row_lo.numel()) {
+    TORCH_CHECK(row_lo.dim() == 3 && row_lo.size(0) <= kMaxIntervals,
+                "row intervals must be (K, Bm, Nq) with K <= ", kMaxIntervals);
     P.row_lo = row_lo.data_ptr<int64_t>(); P.row_hi = row_hi.data_ptr<int64_t>();
-    P.interval_b = row_lo.size(0);
+    P.intervals = row_lo.size(0);
+    P.interval_b = row_lo.size(1);
   }
   if (doc_q.numel()) {
     P.doc_q = doc_q.data_ptr<int64_t>(); P.doc_k = doc_k.data_ptr<int64_t>();

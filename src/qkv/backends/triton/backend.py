@@ -6,7 +6,6 @@ from torch import Tensor
 
 from qkv.backends.triton.support import unsupported_reason
 from qkv.request import AttentionRequest
-from qkv.scores import is_additive
 
 __all__ = ["TritonBackend"]
 
@@ -27,22 +26,6 @@ class TritonBackend:
 
     def supports(self, request: AttentionRequest) -> str | None:
         return unsupported_reason(request, allow_cpu=self._allow_cpu)
-
-    def memory_estimate(self, request: AttentionRequest) -> int:
-        """Bytes beyond inputs and output: the float32 log-sum-exp per query row; an additive
-        score function materialised as a float32 ``(Hq, Nq, Nk)`` bias; with autograd also
-        ``D_i``, the float32 copies of ``dO`` and ``O`` it is computed from, and a float32
-        ``(B, Hq, Nq, Nk)`` buffer when a bias needs a gradient. Partial-tile mask bitmaps
-        (at most ``Nq * Nk`` bytes per distinct batch/head of the mask) are not counted."""
-        rows = request.batch * request.q_heads * request.q_len
-        total = 4 * rows
-        if request.score_mod is not None and is_additive(request.score_mod):
-            total += 4 * request.q_heads * request.q_len * request.kv_len
-        if request.needs_grad:
-            total += 4 * rows + 4 * rows * request.value_dim
-            if request.bias is not None and request.bias.requires_grad:
-                total += 4 * request.score_elements
-        return total
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         from qkv.backends.triton.launch import triton_attention
