@@ -1,4 +1,4 @@
-"""Settings every test module needs before anything imports Triton.
+"""Settings every test module needs before anything imports Triton or picks a backend.
 
 Triton decides at import time whether its ``@triton.jit`` functions (its own standard library
 among them) run in the interpreter. Other tests import Triton indirectly (``torch.compile`` of
@@ -14,3 +14,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# auto's choices must not depend on this machine's timings in tests (qkv.backends.measured);
+# the tests of measuring switch it back on themselves.
+os.environ["QKV_AUTO_MEASURE"] = "0"

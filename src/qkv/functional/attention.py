@@ -190,7 +190,7 @@ def explain(
     from qkv.backends import available_backends, get_backend
 
     request: AttentionRequest = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
-    selection = select_backend(request, backend)
+    selection = select_backend(request, backend, measure=False)  # decides, runs nothing
     reasons = {name: get_backend(name).supports(request) for name in available_backends()}
     memory = {name: memory_estimate(get_backend(name), request) for name in available_backends()}
     return Explanation(
