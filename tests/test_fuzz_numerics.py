@@ -146,8 +146,9 @@ def test_cpu_kernel_row_of_nan_scores_in_its_first_tile_is_nan() -> None:
     assert torch.isnan(qkv.attention(q, k, v, backend="cpu")).all()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
 @pytest.mark.parametrize("where", ["first tile", "last tile", "one key"])
-def test_cpu_kernel_nan_rows_match_reference_forward_and_backward(where: str) -> None:
+def test_tiled_nan_rows_match_reference_forward_and_backward(where: str, backend: str) -> None:
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 300, 8, generator=g, dtype=torch.float64) for _ in range(3))
     keys = {"first tile": slice(0, 256), "last tile": slice(256, 300), "one key": slice(7, 8)}
@@ -155,28 +156,25 @@ def test_cpu_kernel_nan_rows_match_reference_forward_and_backward(where: str) ->
     q[0, 1, 40] = float("inf")
     window = masks.sliding_window(20)  # rows far from the NaN keys stay finite
     results = {}
-    for backend in ("reference", "cpu"):
+    for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = qkv.attention(*leaves, mask=window, backend=backend)
+        out = qkv.attention(*leaves, mask=window, backend=name)
         (dv,) = torch.autograd.grad(out.sum(), leaves[2])
-        results[backend] = (out.detach(), dv)
-    out, dv = results["cpu"]
+        results[name] = (out.detach(), dv)
+    out, dv = results[backend]
     ref_out, ref_dv = results["reference"]
     assert torch.equal(out.isnan(), ref_out.isnan())
     assert out.isnan().any() and (~out.isnan()).any()
     finite = ~ref_out.isnan()
     torch.testing.assert_close(out[finite], ref_out[finite])
-    # dV: NaN at every key a NaN row attends (where else is not specified: the reference
-    # spreads it through the masked keys of such a row, a tiled backend through the keys of the
-    # tiles it visits); keys no NaN row comes near have the reference's gradient.
+    # dV: NaN exactly at the keys a NaN row attends; elsewhere the reference's gradient.
     i, j = torch.arange(300)[:, None], torch.arange(300)[None, :]
     attended = (j <= i) & (i - j <= 20)  # (Nq, Nk)
     nan_rows = ref_out.isnan().any(-1)  # (B, H, Nq)
-    reached = (nan_rows[..., None] & attended).any(-2)  # (B, H, Nk)
-    assert dv.isnan().all(-1)[reached].all()
-    far = dv[0, 1, 256:]  # head 1's NaN row is query 40: its tiles end before key 256
-    assert torch.isfinite(far).all()
-    torch.testing.assert_close(far, ref_dv[0, 1, 256:])
+    reached = (nan_rows[..., None] & attended[None, None]).any(-2)  # (B, H, Nk)
+    assert torch.equal(dv.isnan().any(-1), reached)
+    assert torch.equal(ref_dv.isnan().any(-1), reached)
+    torch.testing.assert_close(dv[~reached], ref_dv[~reached])
 
 
 def test_masked_out_nan_never_matters_on_the_cpu_kernel() -> None:
@@ -320,3 +318,46 @@ def test_deterministic_algorithms_give_the_same_bits_on_one_and_two_threads(back
         torch.use_deterministic_algorithms(deterministic)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
+
+
+def test_attention_weights_and_summary_follow_the_nan_rule() -> None:
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    q[0, 0, 1] = float("nan")  # row 1 of head 0 attends NaN scores
+    k[0, :, 5] = float("nan")  # key 5 is masked out for every row
+    mask = masks.key_padding([5])
+    weights = qkv.attention_weights(q, k, v, mask=mask)
+    expected = qkv.attention(q, k, v, mask=mask, return_weights=True, backend="reference")[1]
+    assert torch.equal(weights.isnan(), expected.isnan())
+    assert weights[0, 0, 1, :5].isnan().all() and weights[..., 5].eq(0).all()
+    finite = ~expected.isnan()
+    torch.testing.assert_close(weights[finite], expected[finite])
+    summary = qkv.attention_summary(q, k, v, mask=mask)
+    nan_rows = torch.zeros(1, 2, 6, dtype=torch.bool)
+    nan_rows[0, 0, 1] = True
+    assert torch.equal(summary.entropy.isnan(), nan_rows)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_nan_row_reaches_weights_and_value_gradients(backend: str) -> None:
+    # A NaN row's weights are NaN where it attends (0 where masked), as on the reference, and
+    # its value gradient is NaN at the keys it attends (a zero gradient there was silent).
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 1, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k[0, 0, 20] = float("nan")  # rows 20..24 attend it, and four finite keys each
+    mask = masks.sliding_window(4)
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    attended = (j <= i) & (i - j <= 4)
+    nan_rows = torch.zeros(40, 1, dtype=torch.bool)
+    nan_rows[20:25] = True
+    if backend == "chunked":
+        weights = qkv.attention(q, k, v, mask=mask, return_weights=True, backend=backend)[1]
+        ref = qkv.attention(q, k, v, mask=mask, return_weights=True, backend="reference")[1]
+        for w in (weights, qkv.attention_weights(q, k, v, mask=mask), ref):
+            # NaN where a NaN row attends, 0 where it does not
+            assert torch.equal(w[0, 0].isnan(), nan_rows & attended)
+            assert w[0, 0][~attended].eq(0).all()
+    v = v.requires_grad_()
+    out = qkv.attention(q, k, v, mask=mask, backend=backend)
+    (dv,) = torch.autograd.grad(out.sum(), v)
+    assert dv[0, 0, 16:25].isnan().all()

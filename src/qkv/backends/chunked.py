@@ -237,7 +237,9 @@ class _Running:
         so that backward's ``exp(s - lse)`` is 0 there)."""
         attended = self.sum > 0
         out = self.acc / torch.where(attended, self.sum, 1.0)
-        lse = torch.where(attended, self.max + torch.log(self.sum), float("inf"))
+        # A row with an attended NaN (or +inf) score has a NaN sum: its lse stays NaN, so its
+        # weights and its gradients are NaN too, as its output is.
+        lse = torch.where(attended | self.sum.isnan(), self.max + torch.log(self.sum), float("inf"))
         return out, lse.squeeze(-1)
 
 
@@ -316,6 +318,7 @@ class _QueryTile:
     lse: Tensor  # (B, Hq, Tq, 1)
     delta: Tensor  # (B, Hq, Tq, 1): D_i = rowsum(dO * O)
     dq: Tensor  # (B, Hkv, G * Tq, D), stats dtype
+    nan_rows: bool = False  # some row's lse is NaN (an attended NaN score)
 
 
 def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _Grads) -> None:
@@ -336,6 +339,7 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
     # dP = dO V^T is computed in the stats dtype: it must agree with D_i to within float32
     # rounding, or dS = P * (dP - D_i) is all rounding error wherever P is close to one-hot.
     v_sd = request.v.to(sd)  # (B, Hkv, Nk, Dv); a copy only for half types
+    any_nan = bool(lse.isnan().any())  # rows with an attended NaN score (one check per call)
     for i in range(block.status.shape[0]):
         q_range = block.q_range(i)
         rows = slice(*q_range)
@@ -350,6 +354,7 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
             lse=lse[:, :, rows, None],
             delta=delta[:, :, rows],
             dq=torch.zeros_like(q_t, dtype=sd),
+            nan_rows=any_nan and bool(lse[:, :, rows].isnan().any()),
         )
         visits = block.visits(i)
         plan.counters.backward += len(visits)
@@ -375,7 +380,11 @@ def _backward_tile(
         modified = request.modify_scores(raw, tile.rows, kv_range) if plan.modifies else raw
     scores = _masked(plan, modified.detach(), tile.rows, kv_range, full)
     # Exact probabilities (B, Hq, Tq, Tk); in place unless autograd may need the tile.
+    # A masked key's probability is 0 even in a NaN row (lse NaN): its dV stays finite.
+    hidden = scores == float("-inf") if tile.nan_rows else None
     probs = torch.exp(scores - tile.lse) if plan.modifies else scores.sub_(tile.lse).exp_()
+    if hidden is not None:
+        probs = probs.masked_fill_(hidden, 0.0)
     dprobs = _heads(tile.grad_out_sd @ v_sd[:, :, cols].transpose(-2, -1), Hq)  # dP
     kept = probs
     if request.dropout_p > 0:
@@ -450,7 +459,8 @@ def _weights(plan: _Plan, lse: Tensor) -> Tensor:
             kv_range = block.kv_range(j)
             scores = _score_tile(plan, q_t, q_range, kv_range, full)
             tile = weights[:, :, q_range[0] : q_range[1], kv_range[0] : kv_range[1]]
-            tile.copy_(torch.exp(scores - lse_t))
+            # a masked key weighs 0 even in a NaN row (lse NaN): masked scores never matter
+            tile.copy_(torch.exp(scores - lse_t).masked_fill_(scores == float("-inf"), 0.0))
     return weights
 
 

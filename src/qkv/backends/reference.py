@@ -47,7 +47,11 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(scores - row_max)
     total = exp.sum(dim=-1, keepdim=True)
-    return exp / torch.where(total > 0, total, torch.ones_like(total))
+    # A row with an attended NaN (or +inf) score has a NaN total: its attended entries are NaN
+    # and its masked ones stay exactly 0 (so a NaN row's gradient reaches only the keys it
+    # attends). exp == 0 entries are 0 whatever the total (their gradient is 0 either way).
+    probs = exp / torch.where((total > 0) | total.isnan(), total, torch.ones_like(total))
+    return torch.where(exp != 0, probs, 0.0)
 
 
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:

@@ -118,7 +118,8 @@ class _Rows:
             safe = new_max.clamp(min=torch.finfo(dtype).min)  # exp(-inf - -inf) would be NaN
             total = total * (row_max - safe).exp() + (s - safe).exp().sum(dim=-1, keepdim=True)
             row_max = new_max
-        return torch.where(total > 0, row_max + total.log(), float("inf"))
+        # +inf where nothing is attended; NaN (kept) where an attended score is NaN
+        return torch.where((total > 0) | total.isnan(), row_max + total.log(), float("inf"))
 
 
 def _index(selection: Selection, size: int, what: str, device: torch.device) -> Tensor:
@@ -204,7 +205,10 @@ def attention_weights(
     r = part.request
     out = q.new_zeros(r.batch, part.heads.numel(), part.rows.numel(), r.kv_len)
     for kv_range in part.tiles():
-        out[..., kv_range[0] : kv_range[1]] = torch.exp(part.scores(kv_range) - lse)
+        scores = part.scores(kv_range)
+        # A masked key weighs 0 even in a NaN row (lse NaN): masked scores never matter.
+        weights = torch.exp(scores - lse).masked_fill_(scores == float("-inf"), 0.0)
+        out[..., kv_range[0] : kv_range[1]] = weights
     return out
 
 
@@ -268,7 +272,7 @@ def _summarize_rows(part: _Rows, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
         columns = torch.arange(*kv_range, device=r.device).expand_as(s)
         best, picked = torch.cat([best, s], dim=-1).topk(min(top_k, best.shape[-1] + s.shape[-1]))
         where = torch.cat([where, columns], dim=-1).gather(-1, picked)
-    attended = torch.isfinite(lse.squeeze(-1))
+    attended = ~torch.isinf(lse.squeeze(-1))  # a NaN row (lse NaN) has a NaN entropy
     entropy = torch.where(attended, lse.squeeze(-1) - expected, 0.0)
     weights = torch.exp(best - lse)
     return entropy, weights, torch.where(weights > 0, where, -1)

@@ -108,8 +108,10 @@ inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 void exp_row(T* __restrict s, int n, T shift) {
+  // A masked (-inf) score is 0 even in a NaN row (shift NaN): its key gets no NaN gradient.
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int c = 0; c < n; ++c) s[c] = fast_exp(s[c] - shift);
+  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] - shift);
 }
 
 // s = exp(s - shift) in place; returns the sum of the row.
