@@ -353,13 +353,16 @@ def oracle(case: Case) -> tuple[Tensor, Tensor]:
     # An attended NaN or +inf score makes its row NaN (qkv.attention's rule for non-finite
     # inputs); an attended -inf score has probability 0, and a row of them gives zeros.
     poisoned = (s.isnan() | (s == math.inf)).any(-1, keepdim=True)
+    scored = s != -math.inf  # attended keys whose score is not -inf
     s = s.masked_fill(poisoned, -math.inf)
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros(()).double())
     e = torch.exp(s - row_max)
     total = e.sum(-1, keepdim=True)
     weights = e / torch.where(total > 0, total, torch.ones(()).double())
-    weights = weights.masked_fill(poisoned, math.nan)
+    # NaN where a poisoned row attends (a -inf score has weight 0 in any row), 0 at its masked
+    # keys: dV is NaN exactly at the keys a NaN row attends.
+    weights = torch.where(poisoned & scored, math.nan, weights)
     return weights @ v, weights
 
 

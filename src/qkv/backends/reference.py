@@ -44,14 +44,14 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
+    # An attended NaN or +inf score (row max NaN or +inf) makes the row NaN: NaN at every key
+    # whose score is not -inf, 0 at the masked ones (so its gradient reaches only those keys).
+    poisoned = row_max.isnan() | (row_max == float("inf"))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(scores - row_max)
     total = exp.sum(dim=-1, keepdim=True)
-    # A row with an attended NaN (or +inf) score has a NaN total: its attended entries are NaN
-    # and its masked ones stay exactly 0 (so a NaN row's gradient reaches only the keys it
-    # attends). exp == 0 entries are 0 whatever the total (their gradient is 0 either way).
-    probs = exp / torch.where((total > 0) | total.isnan(), total, torch.ones_like(total))
-    return torch.where(exp != 0, probs, 0.0)
+    probs = exp / torch.where((total > 0) & ~poisoned, total, torch.ones_like(total))
+    return torch.where(poisoned & (scores != float("-inf")), float("nan"), probs)
 
 
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:
