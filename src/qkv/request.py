@@ -168,48 +168,60 @@ class AttentionRequest:
         if self.whole_mask is None:
             return None
         target = (self.batch, self.q_heads, q_range[1] - q_range[0], kv_range[1] - kv_range[0])
-        block = f"queries {q_range[0]}..{q_range[1] - 1} x keys {kv_range[0]}..{kv_range[1] - 1}"
         return self._checked_mask(
             lambda m: m.tile(self.batch, self.q_heads, q_range, kv_range, self.device),
             target,
-            block,
+            lambda: (
+                f"queries {q_range[0]}..{q_range[1] - 1} x keys {kv_range[0]}..{kv_range[1] - 1}"
+            ),
         )
 
     def evaluate_mask(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         """:attr:`whole_mask` on broadcastable index tensors (any selection of batch entries,
         heads, queries and keys), checked as :meth:`mask_tile` checks a tile."""
         target = tuple(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
-        block = f"queries {_span(q_idx)} x keys {_span(kv_idx)}"
-        return self._checked_mask(lambda m: m(b, h, q_idx, kv_idx), target, block)
+        return self._checked_mask(
+            lambda m: m(b, h, q_idx, kv_idx),
+            target,
+            lambda: f"queries {_span(q_idx)} x keys {_span(kv_idx)}",
+        )
 
     def _checked_mask(
-        self, evaluate: Callable[[MaskFn], Tensor], target: tuple[int, ...], block: str
+        self,
+        evaluate: Callable[[MaskFn], Tensor],
+        target: tuple[int, ...],
+        block: Callable[[], str],
     ) -> Tensor:
         """``evaluate(whole_mask)``, or a ``ValueError``/``TypeError`` naming the mask and the
         block: a mask function that passed the corner check can still fail on a real tile (a
-        fixed-size tensor, a lookup table too short for the call, a wrong dtype)."""
+        fixed-size tensor, a lookup table too short for the call, a wrong dtype). The check
+        compares shapes and dtype only; the message is built when there is one."""
         mask = self.whole_mask
         assert mask is not None
-        where = (
-            f"{block} (index tensors broadcasting to {target}) of (B, Hq, Nq, Nk) = "
-            f"{(self.batch, self.q_heads, self.q_len, self.kv_len)}"
-        )
+
+        def where() -> str:
+            return (
+                f"{block()} (index tensors broadcasting to {target}) of (B, Hq, Nq, Nk) = "
+                f"{(self.batch, self.q_heads, self.q_len, self.kv_len)}"
+            )
+
         try:
             out = evaluate(mask)
         except (RuntimeError, IndexError, TypeError, ValueError) as error:
             raise ValueError(
-                f"mask: the mask function {mask!r} failed on {where}: {error}"
+                f"mask: the mask function {mask!r} failed on {where()}: {error}"
             ) from error
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             got = f"dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
             raise TypeError(
-                f"mask: the mask function {mask!r} must return a bool tensor; got {got} on {where}"
+                f"mask: the mask function {mask!r} must return a bool tensor; got {got} on "
+                f"{where()}"
             )
         if not broadcasts_to(tuple(out.shape), target):
             raise ValueError(
-                f"mask: the mask function {mask!r} returned shape {tuple(out.shape)} on {where}; "
-                "its result must broadcast to the index tensors' shape: compute it from the "
-                "index tensors, not a fixed-size tensor"
+                f"mask: the mask function {mask!r} returned shape {tuple(out.shape)} on "
+                f"{where()}; its result must broadcast to the index tensors' shape: compute it "
+                "from the index tensors, not a fixed-size tensor"
             )
         return out
 
