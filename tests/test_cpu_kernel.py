@@ -16,6 +16,27 @@ from torch import Tensor
 
 import qkv
 from gold import Inputs, assert_within_control, dense_mask_of, naive_attention, random_inputs
+from helpers import (
+    TILED_BIASES as BIASES,
+)
+from helpers import (
+    TILED_CAUSAL as CAUSAL,
+)
+from helpers import (
+    TILED_DTYPES as DTYPES,
+)
+from helpers import (
+    TILED_MASKS as MASKS,
+)
+from helpers import (
+    TILED_SHAPES as SHAPES,
+)
+from helpers import (
+    bias_grad,
+    cast_bias,
+    make_bias,
+    tiled_mask,
+)
 from qkv import masks, scores
 from qkv.backends import get_backend, select_backend
 from qkv.backends.block_mask import build_block_mask
@@ -23,8 +44,6 @@ from qkv.backends.cpu import CpuBackend, build, kernel_status
 from qkv.backends.cpu.backend import TILE_Q as KERNEL_TILE_Q
 from qkv.backends.cpu.backend import choose_tiles
 from qkv.request import build_request
-from test_chunked import BIASES, CAUSAL, DTYPES, MASKS, SHAPES, bias_grad, cast_bias, make_bias
-from test_chunked import make_mask as chunked_mask
 
 TILE_Q, TILE_KV = 4, 8
 
@@ -92,7 +111,7 @@ CASES = list(
 )
 
 
-def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
+def cpu_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
     g = torch.Generator().manual_seed(seed)
     if kind == "query_padding":
         return masks.query_padding(torch.randint(0, Nq + 1, (B,), generator=g))
@@ -104,7 +123,7 @@ def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
         return (masks.prefix_lm(3) | masks.sliding_window(2, 1)) & ~masks.key_padding(lengths)
     if kind == "not_window":
         return ~masks.sliding_window(3, 2, offset=1)
-    return chunked_mask(kind, B, Nq, Nk, seed)
+    return tiled_mask(kind, B, Nq, Nk, seed)
 
 
 @pytest.mark.parametrize(("dtype", "causal", "mask_kind"), CASES, ids=readable)
@@ -112,7 +131,7 @@ def test_matches_float64_reference(dtype: torch.dtype, causal: object, mask_kind
     case = CASES.index((dtype, causal, mask_kind))
     B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
     x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
-    compare(x, dtype, case, mask=make_mask(mask_kind, B, Nq, Nk, case), causal=causal)
+    compare(x, dtype, case, mask=cpu_mask(mask_kind, B, Nq, Nk, case), causal=causal)
 
 
 SERVED_BIASES = [b for b in BIASES if b != "relative_softcap"] + ["chain"]

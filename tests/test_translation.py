@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,63 +21,12 @@ from qkv.tasks.translation import (
     Translator,
     train_translation,
 )
-from qkv.train import ModelFolderError, TrainConfig
+from qkv.train import ModelFolderError
+from toys import TINY, training, write_tsv
+from toys import reversal_text_pairs as reversal_pairs
+from toys import tiny_translation_config as tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = {
-    "d_model": 32,
-    "num_heads": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "dropout": 0.0,
-}
-
-
-def reversal_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """Random lowercase words and their reversals (a task attention solves by alignment)."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(n)]
-    return [(w, w[::-1]) for w in words]
-
-
-def write_tsv(folder: Path, pairs: list[tuple[str, str]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
-    return folder
-
-
-def tiny_config(data: Path, **overrides: object) -> TranslationConfig:
-    base: dict[str, object] = {
-        "data": str(data),
-        "tokenizer": "char",
-        "model_overrides": TINY,
-        "label_smoothing": 0.0,
-        "metric": "exact_match",
-        "batch_size": 32,
-    }
-    return TranslationConfig(**{**base, **overrides})  # type: ignore[arg-type]
-
-
-def training(steps: int, **overrides: object) -> TrainConfig:
-    base: dict[str, object] = {
-        "lr": 5e-3,
-        "warmup_steps": 10,
-        "max_steps": steps,
-        "eval_every": steps,
-        "schedule": "cosine",
-        "device": "cpu",
-    }
-    return TrainConfig(**{**base, **overrides})  # type: ignore[arg-type]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +251,7 @@ def test_cli_rejects_bad_flag_values(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_translate_refuses_a_model_of_another_task(tmp_path: Path) -> None:
     from qkv.train import save_model_folder
-    from test_train import ToyModel
+    from toys import ToyModel
 
     model = ToyModel()
     save_model_folder(tmp_path, model=model, config={"task": "toy", "model": model.config})

@@ -103,7 +103,7 @@ def test_viz_pretrained_on_a_random_folder(
     pytest.importorskip("safetensors")
     from qkv.models import load_pretrained
     from qkv.models.pretrained import encode
-    from test_pretrained import _random_hf_folder
+    from toys import random_hf_folder as _random_hf_folder
 
     folder, _ = _random_hf_folder(tmp_path / "encoder")
     out = tmp_path / "pictures"
@@ -118,7 +118,7 @@ def test_viz_pretrained_on_a_random_folder(
     assert "w2 w5 w9 w3" in capsys.readouterr().out
 
     # the figures are those of the encoder's own maps
-    from qkv.viz.pretrained import pretrained_pictures
+    from qkv.interpret.pictures import pretrained_pictures
 
     encoder, tokenizer = load_pretrained(folder)
     pictures = pretrained_pictures(
@@ -139,7 +139,7 @@ def test_viz_pretrained_bad_input_is_one_line(
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
     from qkv.cli.main import main
-    from test_pretrained import _random_hf_folder
+    from toys import random_hf_folder as _random_hf_folder
 
     folder, _ = _random_hf_folder(tmp_path / "encoder")
     out = str(tmp_path / "o")

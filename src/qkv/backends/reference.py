@@ -12,46 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.numerics import grouped_matmul, masked_softmax
 from qkv.request import AttentionRequest, stats_dtype
 
 __all__ = ["ReferenceBackend", "grouped_matmul", "masked_softmax", "reference_gradients"]
-
-
-def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` where ``a`` has ``G`` times as many heads as ``b`` (grouped-query attention).
-
-    ``a (B, G * Hkv, M, K)`` x ``b (B, Hkv, K, N)`` -> ``(B, G * Hkv, M, N)``. Query head
-    ``h`` uses key/value head ``h // G``. The group is folded into the row dimension, so ``b`` is
-    broadcast by the matmul and never copied.
-    """
-    B, Ha, M, K = a.shape
-    Hb = b.shape[1]
-    G = Ha // Hb
-    folded = a.reshape(B, Hb, G * M, K)  # (B, Hkv, G*M, K)
-    return (folded @ b).view(B, Ha, M, b.shape[-1])  # (B, Hq, M, N)
-
-
-def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax over the last dim where ``mask`` is True; a row with nothing to attend gives zeros.
-
-    Masked entries become ``-inf`` before the max is taken, so they contribute exactly 0. The max is
-    detached (softmax does not depend on it) and replaced by 0 in fully masked rows, and the sum by
-    1, so those rows give zeros and no NaN reaches the gradients. With no keys at all (``Nk = 0``)
-    the empty probabilities are returned as they are, and ``P V`` is then zeros.
-    """
-    if scores.shape[-1] == 0:  # no keys at all (Nk = 0): every row is empty, as in SDPA
-        return scores
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    # An attended NaN or +inf score (row max NaN or +inf) makes the row NaN: NaN at every key
-    # whose score is not -inf, 0 at the masked ones (so its gradient reaches only those keys).
-    poisoned = row_max.isnan() | (row_max == float("inf"))
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    exp = torch.exp(scores - row_max)
-    total = exp.sum(dim=-1, keepdim=True)
-    probs = exp / torch.where((total > 0) & ~poisoned, total, torch.ones_like(total))
-    return torch.where(poisoned & (scores != float("-inf")), float("nan"), probs)
 
 
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:

@@ -7,8 +7,8 @@
     qkv classify --model rt-model "a gorgeous, witty film" --explain [--html page.html]
     qkv evaluate --model rt-model            # accuracy, macro-F1, confusion matrix
 
-A model folder of another task whose spec defines ``run_classify(args)`` (e.g. an image
-classifier) is handed this command's arguments. ``--explain`` (the same convention as
+An image model's folder is classified by :mod:`qkv.cli.image`; a folder of a task added
+from outside is handed to its spec's ``run_classify(args)``. ``--explain`` (the same convention as
 ``qkv summarize``) writes an HTML page (``--html``) and, on a terminal, shades each token by
 its attention-pooling weight; in a pipe, or with ``NO_COLOR`` set, it prints the
 most-attended tokens as plain text instead.
@@ -97,13 +97,14 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     task = str(read_config(args.model).get("task"))
+    if task == "image":
+        from qkv.cli.image import run_classify_images
+
+        return run_classify_images(args)
     if task != "sentiment":
-        # Another classifying task (e.g. images) handles the command through its spec's
-        # run_classify(args) -> exit code; the arguments are this command's.
-        run = getattr(get_task(task), "run_classify", None)
-        if run is None:
-            raise ValueError(f"--model {args.model}: a {task} model does not classify")
-        return int(run(args))
+        # A task added from outside handles the command through its spec's
+        # run_classify(args) -> exit code (by default: "does not classify").
+        return int(get_task(task).run_classify(args))
     # a classifier trained from scratch or a fine-tuned pretrained one: the spec tells them apart
     classifier = get_task("sentiment").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)

@@ -1,9 +1,8 @@
 """``qkv classify --model M IMAGE...`` for a model folder from ``qkv train image``.
 
-``qkv classify`` hands an image model's folder to the image task's spec
-(:meth:`qkv.tasks.image.ImageSpec.run_classify`), which runs this: each image file is read,
-converted and resized as the training images were, and printed with its label and
-probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
+``qkv classify`` (:mod:`qkv.cli.classify`) hands an image model's folder to this: each image
+file is read, converted and resized as the training images were, and printed with its label
+and probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
 beside the ``--html`` page (``explain.png``; ``explain-1.png``, ``explain-2.png`` ... for
 several images) and writes the page with every picture in it.
 
@@ -42,14 +41,13 @@ def picture_paths(page: Path, count: int) -> list[Path]:
 
 def run_classify_images(args: argparse.Namespace) -> int:
     """Classify ``args.text`` as image files with the image model ``args.model``."""
-    from qkv.tasks.base import set_attention_backend
-    from qkv.tasks.image import ImageClassifier
+    from qkv.tasks.base import get_task, set_attention_backend
 
     if args.file is not None:
         raise ValueError("--file reads texts; give an image model its image files as arguments")
     if not args.text:
         raise ValueError("nothing to classify: give image files (PNG, JPEG, ...)")
-    classifier = ImageClassifier.load(args.model, device=args.device)
+    classifier = get_task("image").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     predictions = classifier.classify_files(args.text, explain=args.explain)
     for p in predictions:

@@ -235,17 +235,15 @@ def training_config(
 
 def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any) -> Any:
     """``base`` with every task flag that was given applied (after the spec's
-    ``check_train_flags``, if it has one)."""
-    check = getattr(spec, "check_train_flags", None)
-    if check is not None:
-        check(
-            {
-                flag.field: getattr(args, flag.dest)
-                for flag in spec.train_flags
-                if flag.field is not None and getattr(args, flag.dest) is not None
-            },
-            base,
-        )
+    ``check_train_flags``)."""
+    spec.check_train_flags(
+        {
+            flag.field: getattr(args, flag.dest)
+            for flag in spec.train_flags
+            if flag.field is not None and getattr(args, flag.dest) is not None
+        },
+        base,
+    )
     settings = base
     if args.data is not None:
         settings = replace(settings, data=args.data)
@@ -315,9 +313,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError(f"qkv train {spec.name}: --data is required (except with --resume)")
         settings = task_settings(spec, args, spec.settings_type())
-        own = getattr(spec, "training_defaults", None)
         training = training_config(
-            args, defaults=None if own is None else (lambda steps: own(settings, steps))
+            args, defaults=lambda steps: spec.training_defaults(settings, steps)
         )
     progress = TrainProgress(quiet=args.quiet)
     outcome = train_task(

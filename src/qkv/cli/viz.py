@@ -156,8 +156,8 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 
 def _run_pretrained(args: argparse.Namespace) -> int:
+    from qkv.interpret.pictures import pretrained_pictures
     from qkv.models import load_pretrained
-    from qkv.viz.pretrained import pretrained_pictures
 
     layers = _parse_layers(args.layers)
     if args.dpi < 1:

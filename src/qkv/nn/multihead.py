@@ -198,7 +198,7 @@ class MultiHeadAttention(nn.Module):
                     )
                 self.attention_name, self.attention_impl = "exact", None
                 return
-            from qkv.approx import make_attention
+            from qkv.approx.registry import make_attention
 
             impl = make_attention(attention, head_dim=self.head_dim, **options)
             name = attention

@@ -72,10 +72,10 @@ class DemoResult:
 
 def demo_configs(*, quick: bool, seed: int = 0, device: str = "auto") -> tuple[Any, TrainConfig]:
     """The demo's translation and training settings (``quick``: seconds, for CI)."""
-    from qkv.tasks.translation import TranslationConfig
+    from qkv.tasks.translation import TranslationSettings
 
     data_options: dict[str, Any] = {"n_train": 2_000, "n_test": 100} if quick else {}
-    translation = TranslationConfig(
+    translation = TranslationSettings(
         data="builtin:dates",
         data_options=data_options,
         model="transformer",

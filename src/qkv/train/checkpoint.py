@@ -654,9 +654,13 @@ def load_training_state(
 
 
 def load_model(
-    path: str | os.PathLike[str], build: Callable[[dict[str, Any]], nn.Module]
+    path: str | os.PathLike[str],
+    build: Callable[[dict[str, Any]], nn.Module],
+    *,
+    config: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a folder: ``build(config["model"])`` then its weights.
+    """Rebuild a model from a folder: ``build(config["model"])`` then its weights
+    (``config``: the folder's ``config.json`` when the caller has read it already).
 
     Returns:
         The model (on the CPU, in eval mode) and the whole ``config.json``.
@@ -666,7 +670,7 @@ def load_model(
             without a ``"model"`` section or one ``build`` rejects, or one whose shapes do not
             match the weights (found before the model is allocated).
     """
-    config = read_config(path)
+    config = read_config(path) if config is None else config
     if not isinstance(config.get("model"), dict):
         raise ModelFolderError(f'{Path(path) / CONFIG_FILE}: no "model" section')
     check_config_against_weights(path, build, config)
