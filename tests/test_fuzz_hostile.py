@@ -1,4 +1,4 @@
-"""Hostile inputs for every CPU backend, against the float64 oracle of ``test_fuzz.py``.
+"""Hostile inputs for every CPU backend, against the float64 oracle of ``tests/fuzz_cases.py``.
 
 Five lanes, each drawn from seeded cases and counted per backend (run / not served / failed,
 printed as ``fuzz {...}`` lines and appended to ``QKV_FUZZ_REPORT`` when set):
@@ -28,22 +28,22 @@ import torch
 from torch import Tensor
 
 import qkv
-from qkv import masks
-from qkv.backends import get_backend
-from qkv.backends.chunked import chunked_attention
-from qkv.request import build_request
-from test_fuzz import (
+from fuzz_cases import (
     EPS,
     Case,
     Tally,
-    _skip_unavailable,
     compare,
     draw_case,
     oracle,
     qkv_arguments,
     report,
     run_backend,
+    skip_unavailable,
 )
+from qkv import masks
+from qkv.backends import get_backend
+from qkv.backends.chunked import chunked_attention
+from qkv.request import build_request
 
 BACKENDS = ["reference", "chunked", "chunked-tiles", "sdpa", "cpu", "auto", "triton"]
 NAN_CASES = 160
@@ -143,7 +143,7 @@ def test_nan_lane_poisons_rows_the_oracle_says() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_nan_and_inf_follow_the_rule(backend: str) -> None:
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     tally = _tally(backend, "nan", nan_cases(), compare)
     _assert_clean(tally, NAN_CASES // 5 if backend == "cpu" else NAN_CASES // 2)
 
@@ -224,7 +224,7 @@ def scale_cases() -> list[Case]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_causal_with_zero_and_negative_scales(backend: str) -> None:
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     tally = _tally(backend, "scale", scale_cases(), compare)
     _assert_clean(tally, SCALE_CASES // 5 if backend == "cpu" else SCALE_CASES // 2)
 
@@ -289,7 +289,7 @@ def check_malformed(case: Case, name: str) -> str | None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_malformed_mask_functions_are_named(backend: str) -> None:
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     tally = _tally(backend, "malformed", malformed_cases(), check_malformed)
     _assert_clean(tally, 0 if backend == "cpu" else MALFORMED_CASES // 2)
 
@@ -361,7 +361,7 @@ def check_create_graph(case: Case, name: str) -> str | None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_create_graph_is_right_or_refused(backend: str) -> None:
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     tally = _tally(backend, "create_graph", create_graph_cases(), check_create_graph)
     expected = {"sdpa": 0, "cpu": CREATE_GRAPH_CASES // 5}
     _assert_clean(tally, expected.get(backend, CREATE_GRAPH_CASES // 2))
@@ -418,6 +418,6 @@ def check_half(case: Case, name: str) -> str | None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_half_precision_logits_near_the_range(backend: str) -> None:
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     tally = _tally(backend, "half-range", half_cases(), check_half)
     _assert_clean(tally, HALF_CASES // 5 if backend == "cpu" else HALF_CASES // 2)
