@@ -11,8 +11,8 @@ one length per batch entry, each in ``0..Nk``; ``document``: ids of length ``Nq`
 ``dense``: a tensor broadcastable to ``(B, Hq, Nq, Nk)``) and :func:`qkv.attention` checks it
 when the call's sizes are known (:meth:`MaskFn.check_call`), raising a ``ValueError`` that names
 the mask and the sizes; nothing is clamped or dropped silently. A mask function of your own is
-evaluated once on a 2 x 2 corner of the index grid: it must return a bool tensor that broadcasts
-to ``(B, Hq, 2, 2)`` there.
+evaluated once on a 2 x 3 corner of the index grid: it must return a bool tensor that broadcasts
+to ``(B, Hq, 2, 3)`` there (and to ``(B, Hq, Tq, Tk)`` on every tile a backend evaluates).
 
 Masks compose with ``&``, ``|`` and ``~`` and print under readable names::
 
