@@ -516,10 +516,13 @@ def check_mask_output(
 ) -> None:
     """Evaluate ``mask`` on a small corner of a ``(B, Hq, Nq, Nk)`` index grid and raise
     ``TypeError``/``ValueError`` naming it unless it returns a bool tensor broadcasting to
-    ``(B, Hq, Tq, Tk)`` there. Nothing to check when a size is 0."""
+    ``(B, Hq, Tq, Tk)`` there. The corner is 2 x 3 (2 x 1 when ``Nk = 2``): with ``Tq != Tk`` a
+    result laid out ``(Tk, Tq)`` cannot pass. Nothing to check when a size is 0."""
     if 0 in (batch, heads, q_len, kv_len):
         return
-    tq, tk = min(2, q_len), min(2, kv_len)
+    tq, tk = min(2, q_len), min(3, kv_len)
+    if tq == tk == 2:
+        tk = 1
     corner = (batch, heads, tq, tk)
     try:
         out = mask(*index_grid(batch, heads, (0, tq), (0, tk), device))

@@ -11,8 +11,8 @@ one length per batch entry, each in ``0..Nk``; ``document``: ids of length ``Nq`
 ``dense``: a tensor broadcastable to ``(B, Hq, Nq, Nk)``) and :func:`qkv.attention` checks it
 when the call's sizes are known (:meth:`MaskFn.check_call`), raising a ``ValueError`` that names
 the mask and the sizes; nothing is clamped or dropped silently. A mask function of your own is
-evaluated once on a 2 x 2 corner of the index grid: it must return a bool tensor that broadcasts
-to ``(B, Hq, 2, 2)`` there.
+evaluated once on a 2 x 3 corner of the index grid: it must return a bool tensor that broadcasts
+to ``(B, Hq, 2, 3)`` there (and to ``(B, Hq, Tq, Tk)`` on every tile a backend evaluates).
 
 Masks compose with ``&``, ``|`` and ``~`` and print under readable names::
 
@@ -231,6 +231,8 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
     """``lengths`` as a 1-d int64 tensor of non-negative values, or an error naming ``what``."""
     if isinstance(lengths, int) and not isinstance(lengths, bool):
         lengths = [lengths]  # one length shared by the batch
+    if isinstance(lengths, list | tuple) and not lengths:
+        return torch.empty(0, dtype=torch.long)  # fits B = 0 only; the call check says so
     if isinstance(lengths, float) or (
         isinstance(lengths, list | tuple) and any(isinstance(x, float) for x in lengths)
     ):
@@ -241,6 +243,7 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
         raise TypeError(
             f"{what} must be a 1-d integer tensor of shape (B,); got {lengths!r}"
         ) from error
+    _check_has_values(lengths, what)
     if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(
             f"{what} must be a 1-d integer tensor of shape (B,); got {tuple(lengths.shape)} {lengths.dtype}"
@@ -248,6 +251,16 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"{what} must be >= 0; got {lengths.tolist()}")
     return lengths.long()
+
+
+def _check_has_values(t: Tensor, what: str) -> None:
+    """A mask's tensor is read (and moved to the call's device) when the mask is evaluated: a
+    meta tensor has no values to read."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{what} is on the meta device, which holds no values; give a tensor with values "
+            "(on any device: it is moved to q's device when the mask is evaluated)"
+        )
 
 
 def _check_batch_rows(rows: int, batch: int, what: str, shown: str) -> None:
@@ -482,6 +495,7 @@ def document(query_ids: Tensor, key_ids: Tensor | None = None) -> Document:
 
 def _as_ids(ids: Tensor, what: str) -> Tensor:
     ids = torch.as_tensor(ids)
+    _check_has_values(ids, what)
     if ids.ndim not in (1, 2) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(
             f"{what} must be an integer tensor of shape (B, N) or (N,); got {tuple(ids.shape)} {ids.dtype}"
@@ -578,6 +592,7 @@ def dense(mask: Tensor, name: str = "dense") -> Dense:
         raise TypeError(f"dense mask must be a bool tensor; got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")
+    _check_has_values(mask, f"dense mask {name!r}")
     if mask.ndim > 4:
         raise ValueError(
             f"dense mask must have at most 4 dims (B, H, Nq, Nk); got shape {tuple(mask.shape)}"

@@ -43,10 +43,14 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
+    # An attended NaN or +inf score (row max NaN or +inf) makes the row NaN: NaN at every key
+    # whose score is not -inf, 0 at the masked ones (so its gradient reaches only those keys).
+    poisoned = row_max.isnan() | (row_max == float("inf"))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(scores - row_max)
     total = exp.sum(dim=-1, keepdim=True)
-    return exp / torch.where(total > 0, total, torch.ones_like(total))
+    probs = exp / torch.where((total > 0) & ~poisoned, total, torch.ones_like(total))
+    return torch.where(poisoned & (scores != float("-inf")), float("nan"), probs)
 
 
 def masked_softmax_upcast(scores: Tensor, keep: Tensor | None) -> Tensor:

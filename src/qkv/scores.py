@@ -215,6 +215,11 @@ def alibi(num_heads: int | Tensor, *, offset: int = 0) -> Alibi:
                 f"alibi slopes must be a 1-d float tensor of shape (H,); got "
                 f"{tuple(num_heads.shape)} {num_heads.dtype}"
             )
+        if num_heads.device.type == "meta":
+            raise ValueError(
+                "alibi slopes are on the meta device, which holds no values; give a tensor "
+                "with values (on any device: they are moved to the scores' device)"
+            )
         slopes = num_heads.float()
     elif isinstance(num_heads, int) and not isinstance(num_heads, bool):
         slopes = alibi_slopes(num_heads)

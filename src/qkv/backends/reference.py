@@ -6,27 +6,69 @@ gold standard every other backend is tested against. Read it first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from qkv.numerics import grouped_matmul, masked_softmax
 from qkv.request import AttentionRequest, stats_dtype
 
-__all__ = ["ReferenceBackend", "grouped_matmul", "masked_softmax"]
+__all__ = ["ReferenceBackend", "grouped_matmul", "masked_softmax", "reference_gradients"]
 
 
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:
     """Returns ``out (B, Hq, Nq, Dv)`` and the probabilities ``(B, Hq, Nq, Nk)`` before dropout."""
     q, k, v = request.q, request.k, request.v
-    # Scale before the matmul, as the fused kernels do: float16 q = k = 40 at D = 64 has an
-    # unscaled product of 102,400 (past 65,504, inf) but a scaled one of 12,800.
-    scores = grouped_matmul(q * request.scale, k.transpose(-2, -1))  # (B, Hq, Nq, Nk)
-    scores = scores.to(stats_dtype(q.dtype))
+    # Half inputs are multiplied in float32, as fused kernels accumulate and keep their scores:
+    # float16 logits past 65,504 stay finite, bfloat16 ones are not rounded to 8 bits, and the
+    # answer does not depend on the backend auto picks. Scaled before the matmul, as they do.
+    sd = stats_dtype(q.dtype)
+    scores = grouped_matmul(q.to(sd) * request.scale, k.to(sd).transpose(-2, -1))  # (B, Hq, Nq, Nk)
     scores = request.modify_scores(scores, request.full_q, request.full_kv)
     probs = masked_softmax(scores, request.mask_tile(request.full_q, request.full_kv))
     dropped = F.dropout(probs, request.dropout_p) if request.dropout_p > 0 else probs
     out = grouped_matmul(dropped.to(v.dtype), v)  # (B, Hq, Nq, Dv)
     return out, probs
+
+
+def reference_gradients(
+    request: AttentionRequest,
+    inputs: Sequence[Tensor | None],
+    grad_out: Tensor,
+    backend: str,
+) -> list[Tensor | None]:
+    """Gradients of the formula's output with respect to ``inputs``, themselves differentiable.
+
+    The tiled backends (chunked, cpu) compute their gradients by hand; when a graph of the
+    gradients is asked for (``torch.autograd.grad(..., create_graph=True)``, e.g. a gradient
+    penalty) their backward calls this instead: it recomputes the output with the formula from
+    the request's own ``q, k, v``, bias and score function (which must be the tensors autograd
+    saved, not detached copies) and differentiates it with ``create_graph=True``. That costs the
+    reference backend's ``O(Nq * Nk)`` memory, in that case only.
+
+    Args:
+        request: the call, holding the tensors the gradients are taken with respect to.
+        inputs: the tensors to differentiate by (None, or tensors not requiring grad, get None).
+        grad_out: ``(B, Hq, Nq, Dv)``, the gradient of the output.
+        backend: the backend's name, for the error message.
+
+    Raises:
+        RuntimeError: with dropout, whose masks the formula cannot redraw as the forward did.
+    """
+    if request.dropout_p > 0:
+        raise RuntimeError(
+            f"double backward (create_graph=True) with dropout_p={request.dropout_p} is not "
+            f"supported by backend {backend!r}; use backend='reference'"
+        )
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out, _ = reference_attention(request)
+        found = torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True)
+    # A tensor passed twice (q is k) gets its whole gradient once: autograd adds the slots up.
+    by_id = {id(t): g for t, g in zip(wanted, found, strict=True)}
+    return [None if t is None else by_id.pop(id(t), None) for t in inputs]
 
 
 class ReferenceBackend:

@@ -106,11 +106,18 @@ def attention(
     Non-finite inputs, the same on every backend: **a masked-out score never matters.** A NaN or
     inf in ``q`` or ``k`` reaches only the output rows where the affected scores are attended;
     at keys a row does not attend (its mask is False) it has no effect, and a fully masked row
-    gives zeros even when its own query is NaN. An attended NaN score makes its row NaN. Values
-    ``v`` must be finite at every key: ``P V`` multiplies the zero probability of a masked key
-    by its value, so a NaN there may reach any row of its batch entry and head (a tiled backend
-    that skips the key's tile avoids it, so which rows is not specified). Gradients follow the
-    same rule for ``dV``; ``dQ`` and ``dK`` of rows with non-finite inputs are not specified.
+    gives zeros even when its own query is NaN. An attended NaN or ``+inf`` score makes its row
+    NaN (an attended ``-inf`` score just has probability 0); with ``return_weights`` such a row's
+    weights are NaN where its scores are not ``-inf`` and 0 where they are. Values ``v`` must be
+    finite at every key: ``P V`` multiplies the zero probability of a masked key by its value,
+    so a NaN there may reach any row of its batch entry and head (a tiled backend that skips the
+    key's tile avoids it, so which rows is not specified). Gradients follow the same rule for
+    ``dV`` (NaN exactly at the keys a NaN row attends); ``dQ`` and ``dK`` of rows with
+    non-finite inputs are not specified.
+
+    Second-order gradients (``create_graph=True``): reference, chunked and cpu support them
+    (chunked and cpu recompute through the reference formula then, with its ``O(Nq * Nk)``
+    memory); PyTorch's SDPA kernels raise their own error; pass ``backend="reference"``.
 
     Raises:
         TypeError, ValueError: for inputs of the wrong type, rank, dtype or shape, naming the

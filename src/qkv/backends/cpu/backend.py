@@ -8,22 +8,29 @@ and gradients), the output and gradients rounded once at the end. What it refuse
 in :meth:`CpuBackend.supports`, and ``auto`` uses the chunked backend instead.
 
 Memory: forward keeps ``q, k, v`` (float32 copies for half types), the output and the
-log-sum-exp; backward recomputes the tiles, plus a ``(threads, ...)`` accumulator for a bias
-tensor's or a relative table's gradient. Never ``O(Nq * Nk)`` besides a bias the caller gave.
+log-sum-exp; backward recomputes the tiles, plus a float64 ``(runs, ...)`` accumulator for a
+bias tensor's or a relative table's gradient (one run per thread; a fixed 8 under
+``torch.use_deterministic_algorithms(True)``, which makes forward and backward bitwise the same
+on any thread count). Never ``O(Nq * Nk)`` besides a bias the caller gave.
+
+Non-finite inputs follow :func:`qkv.attention`'s rule: the kernel's row maximum is NaN when an
+attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are NaN.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import EMPTY, UNKNOWN, BlockMask, block_mask_for, request_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
+from qkv.backends.reference import reference_attention, reference_gradients
 from qkv.request import AttentionRequest
 
 __all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
@@ -65,6 +72,7 @@ class _Call:
     mod_int: Tensor
     fixed_tables: tuple[Tensor | None, ...]  # ALiBi slopes; None where a learnable table goes
     shape: tuple[int, int, int, int]  # (B, Hq, Nq, Nk)
+    request: AttentionRequest  # for a differentiable backward (reference_gradients)
 
     def tables(self, learnable: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
         out, it = [], iter(learnable)
@@ -104,7 +112,7 @@ class _CpuAttention(torch.autograd.Function):
             call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
             call.mod_value, call.mod_int, mod_tables,
         )  # fmt: skip
-        ctx.save_for_backward(qc, kc, vc, out, lse)
+        ctx.save_for_backward(qc, kc, vc, out, lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
         ctx.call = call  # type: ignore[attr-defined]
         ctx.bias_e = bias_e  # type: ignore[attr-defined]
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)  # type: ignore[attr-defined]
@@ -114,12 +122,19 @@ class _CpuAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        ops = load_kernel()
-        qc, kc, vc, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        qc, kc, vc, out, lse, *inputs = ctx.saved_tensors  # type: ignore[attr-defined]
         call: _Call = ctx.call  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            q, k, v, bias = inputs[:4]
+            live = dataclasses.replace(call.request, q=q, k=k, v=v, bias=bias)
+            found = reference_gradients(
+                live, [t if n else None for t, n in zip(inputs, needs[1:], strict=True)],
+                grad_out, "cpu",
+            )  # fmt: skip
+            return (None, *found)
+        ops = load_kernel()
         learnable = [fixed is None for fixed in call.fixed_tables]
         n_learn = sum(learnable)
         want_tables = torch.tensor(
@@ -180,6 +195,7 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
         fixed_tables=tuple(fixed),
         shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
+        request=request,
     )
 
 
@@ -254,6 +270,10 @@ def cpu_attention(
     plan = plan_request(request)
     if isinstance(plan, str):
         raise ValueError(plan)
+    if request.score_elements == 0:
+        # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
+        # or all-zero output and zero gradients, as on the chunked backend.
+        return reference_attention(request)[0]
     call = _call_of(request, plan, tile_q, tile_kv)
     learnable = tuple(
         m.table

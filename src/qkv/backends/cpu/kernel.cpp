@@ -14,6 +14,7 @@
 // Score modifiers, applied in order after an optional strided bias tensor: ALiBi, a learnable
 // relative-position table, softcap.
 #include <ATen/core/Tensor.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -41,6 +43,8 @@ namespace {
 
 constexpr int kAlibi = 0, kRelative = 1, kSoftcap = 2;
 constexpr int8_t kEmpty = 0, kFull = 2;
+// Runs of backward tasks under torch.use_deterministic_algorithms(True) (see backward_typed).
+constexpr int64_t kDeterministicRuns = 8;
 constexpr int64_t kMaxIntervals = 8;  // qkv.mask_core.MAX_INTERVALS
 
 // Column-major C (m x n) = alpha op(A) op(B) + beta C, as BLAS.
@@ -79,8 +83,10 @@ void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, c
 }
 
 // exp for float that the compiler vectorises (Cephes-style: 2^n * p(r), |r| <= ln2 / 2, about
-// 2 ulp); -inf and anything below the float range give 0. Double uses std::exp.
+// 2 ulp); -inf and anything below the float range give 0, NaN gives NaN. Double uses std::exp.
 inline float fast_exp(float x) {
+  const bool nan = x != x;
+  const float in = x;
   const bool tiny = x < -87.0f;
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = std::nearbyint(x * 1.44269504088896341f);
@@ -96,14 +102,16 @@ inline float fast_exp(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : p * scale;
+  return nan ? in : (tiny ? 0.0f : p * scale);
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 void exp_row(T* __restrict s, int n, T shift) {
+  // A masked (-inf) score is 0 even in a NaN row (shift NaN): its key gets no NaN gradient.
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int c = 0; c < n; ++c) s[c] = fast_exp(s[c] - shift);
+  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] - shift);
 }
 
 // s = exp(s - shift) in place; returns the sum of the row.
@@ -119,13 +127,38 @@ T exp_sum_row(T* __restrict s, int n, T shift) {
   return sum;
 }
 
+// The row maximum, NaN if any entry is NaN (qkv's rule: an attended NaN makes its row NaN;
+// masked entries are -inf by now, so a masked-out NaN never reaches here).
 template <typename T>
 T max_row(const T* __restrict s, int n) {
   T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int c = 0; c < n; ++c) {
+    mx = s[c] > mx ? s[c] : mx;
+    nan |= s[c] != s[c];
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
+
+// Scratch memory aligned to a cache line: BLAS may take other code paths (and round
+// differently) for differently aligned buffers, and results must not depend on which thread's
+// allocation a tile lands in.
+template <typename T>
+struct Scratch {
+  T* data = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = ((std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(data != nullptr, "qkv cpu kernel: out of memory for a tile");
+    std::memset(data, 0, bytes);
+  }
+  ~Scratch() { std::free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch(Scratch&& o) noexcept : data(o.data) { o.data = nullptr; }
+  T* begin() { return data; }
+};
 
 // Everything a tile needs to build its modified, masked scores.
 template <typename T>
@@ -302,24 +335,38 @@ template <typename T>
 void forward_impl(const Problem<T>& P, T* out, T* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(P.tq * P.tk), acc(P.tq * P.Dv), m(P.tq), l(P.tq);
+    Scratch<T> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
+    T* const s = s_buf.data;
+    T* const acc = acc_buf.data;
+    std::vector<T> m(P.tq), l(P.tq);
     const int ld = static_cast<int>(P.tk), Dv = static_cast<int>(P.Dv);
     constexpr T ninf = -std::numeric_limits<T>::infinity();
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    constexpr T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % P.nQ, bh = task / P.nQ, b = bh / P.Hq, h = bh % P.Hq;
       const int64_t q0 = i * P.tq;
       const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc, acc + P.tq * P.Dv, T(0));
       const T* vbase = P.v + (b * P.Hkv + h / P.G) * P.Nk * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s.data(), ld, nullptr);
+        scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
         for (int r = 0; r < rows; ++r) {
-          T* row = s.data() + static_cast<int64_t>(r) * ld;
-          const T new_max = std::max(m[r], max_row(row, cols));
+          T* row = s + static_cast<int64_t>(r) * ld;
+          const T tile_max = max_row(row, cols);
+          // An attended NaN or +inf score makes the row NaN (as exp(inf - inf) does in the
+          // formula); once NaN, the row stays NaN and its tiles add nothing.
+          if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
+            m[r] = nan;
+            l[r] = nan;
+            std::fill(row, row + cols, T(0));
+            continue;
+          }
+          const T new_max = std::max(m[r], tile_max);
           if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
             std::fill(row, row + cols, T(0));
             continue;
@@ -328,16 +375,20 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
           l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
           m[r] = new_max;
           if (rescale != T(1)) {
-            T* a = acc.data() + static_cast<int64_t>(r) * Dv;
+            T* a = acc + static_cast<int64_t>(r) * Dv;
             for (int c = 0; c < Dv; ++c) a[c] *= rescale;
           }
         }
-        gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s.data(), ld, T(1),
-                acc.data(), Dv);
+        gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s, ld, T(1), acc, Dv);
       }
       T* o = out + (bh * P.Nq + q0) * P.Dv;
       T* ls = lse + bh * P.Nq + q0;
       for (int r = 0; r < rows; ++r) {
+        if (std::isnan(l[r])) {
+          std::fill(o + r * Dv, o + (r + 1) * Dv, nan);
+          ls[r] = nan;
+          continue;
+        }
         const bool seen = l[r] > 0;
         const T inv = seen ? T(1) / l[r] : T(0);
         for (int c = 0; c < Dv; ++c) o[r * Dv + c] = acc[r * Dv + c] * inv;
@@ -347,108 +398,126 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
   });
 }
 
+// Backward runs the tasks (b, hk) in `chunks` contiguous runs, each run by one thread in order;
+// a bias or relative table gradient is accumulated per run (in float64) and the runs are added
+// in order afterwards, so the result depends on the number of runs, never on the threads.
 template <typename T>
 void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
-                   T* dv, T* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<T*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
+                   T* dv, double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
+                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
+                   int64_t chunks) {
   const int64_t tasks = P.B * P.Hkv;
   const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
   int n_soft = 0;
   for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int thread = at::get_thread_num();
-    std::vector<T> s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq);
-    std::vector<std::vector<T>> deriv_store(n_soft, std::vector<T>(P.tq * P.tk));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    Scratch<T> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
+    T* const s = s_buf.data;
+    T* const dp = dp_buf.data;
+    std::vector<T> delta(P.tq);
+    std::vector<Scratch<T>> deriv_store;
     std::vector<T*> derivs;
-    for (auto& d : deriv_store) derivs.push_back(d.data());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / P.Hkv, hk = task % P.Hkv;
-      const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
-      const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
-      T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
-      T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
-      for (int64_t g = 0; g < P.G; ++g) {
-        const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
-        for (int64_t i = 0; i < P.nQ; ++i) {
-          const int64_t q0 = i * P.tq;
-          const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-          const T* qp = P.q + (bh * P.Nq + q0) * P.D;
-          const T* op = out + (bh * P.Nq + q0) * P.Dv;
-          const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
-          const T* lp = lse + bh * P.Nq + q0;
-          T* dqp = dq + (bh * P.Nq + q0) * P.D;
-          for (int r = 0; r < rows; ++r) {
-            T acc = 0;
-            for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
-            delta[r] = acc;
-          }
-          for (const auto& [j, full] : visits_of(P, i)) {
-            const int64_t k0 = j * P.tk;
-            const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-            scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s.data(), ld,
-                           n_soft ? &derivs : nullptr);
-            for (int r = 0; r < rows; ++r) exp_row(s.data() + r * ld, cols, lp[r]);
-            // dV += P^T dO ; dP = dO V^T
-            gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s.data(), ld, T(1),
-                    dvbase + k0 * P.Dv, Dv);
-            gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0),
-                    dp.data(), ld);
+    for (int n = 0; n < n_soft; ++n) {
+      deriv_store.emplace_back(P.tq * P.tk);
+      derivs.push_back(deriv_store.back().data);
+    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / P.Hkv, hk = task % P.Hkv;
+        const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
+        const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
+        T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
+        T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
+        for (int64_t g = 0; g < P.G; ++g) {
+          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          for (int64_t i = 0; i < P.nQ; ++i) {
+            const int64_t q0 = i * P.tq;
+            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
+            const T* qp = P.q + (bh * P.Nq + q0) * P.D;
+            const T* op = out + (bh * P.Nq + q0) * P.Dv;
+            const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
+            const T* lp = lse + bh * P.Nq + q0;
+            T* dqp = dq + (bh * P.Nq + q0) * P.D;
             for (int r = 0; r < rows; ++r) {
-              T* pr = s.data() + r * ld;
-              const T* dpr = dp.data() + r * ld;
-              const T dl = delta[r];
-#pragma omp simd
-              for (int c = 0; c < cols; ++c) pr[c] = pr[c] * (dpr[c] - dl);
+              T acc = 0;
+              for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
+              delta[r] = acc;
             }
-            // s now holds dS w.r.t. the modified scores; walk the modifiers back.
-            int soft = n_soft;
-            for (int64_t m = static_cast<int64_t>(P.mod_kind.size()) - 1; m >= 0; --m) {
-              const int kind = P.mod_kind[m];
-              if (kind == kSoftcap) {
-                --soft;
-                for (int r = 0; r < rows; ++r) {
-                  T* pr = s.data() + r * ld;
-                  const T* d = derivs[soft] + r * ld;
-                  for (int c = 0; c < cols; ++c) pr[c] *= d[c];
-                }
-              } else if (kind == kRelative && dtable_bufs[m]) {
-                const int64_t M = P.mod_maxd[m];
-                T* tab = dtable_bufs[m] + thread * table_numel[m] + h * (2 * M + 1);
-                for (int r = 0; r < rows; ++r) {
-                  const T* pr = s.data() + r * ld;
-                  const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
-                  const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
-                  const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
-                  T edge_lo = 0, edge_hi = 0;
-                  for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
-                  for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
-                  tab[0] += edge_lo;
-                  tab[2 * M] += edge_hi;
-                  T* run = tab + (base + M + c_lo);  // one bucket per column in this run
-#pragma omp simd
-                  for (int c = c_lo; c < c_hi; ++c) run[c - c_lo] += pr[c];
-                }
-              }
-            }
-            if (dbias_buf) {
-              T* db = dbias_buf + thread * dbias_numel;
+            for (const auto& [j, full] : visits_of(P, i)) {
+              const int64_t k0 = j * P.tk;
+              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+              scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, n_soft ? &derivs : nullptr);
+              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+              // dV += P^T dO ; dP = dO V^T
+              gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv,
+                      Dv);
+              gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp,
+                      ld);
               for (int r = 0; r < rows; ++r) {
-                const T* pr = s.data() + r * ld;
-                T* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
-                         (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
-                for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
+                T* pr = s + r * ld;
+                const T* dpr = dp + r * ld;
+                const T dl = delta[r];
+  #pragma omp simd
+                for (int c = 0; c < cols; ++c) pr[c] = pr[c] * (dpr[c] - dl);
               }
+              // s now holds dS w.r.t. the modified scores; walk the modifiers back.
+              int soft = n_soft;
+              for (int64_t m = static_cast<int64_t>(P.mod_kind.size()) - 1; m >= 0; --m) {
+                const int kind = P.mod_kind[m];
+                if (kind == kSoftcap) {
+                  --soft;
+                  for (int r = 0; r < rows; ++r) {
+                    T* pr = s + r * ld;
+                    const T* d = derivs[soft] + r * ld;
+                    for (int c = 0; c < cols; ++c) pr[c] *= d[c];
+                  }
+                } else if (kind == kRelative && dtable_bufs[m]) {
+                  const int64_t M = P.mod_maxd[m];
+                  double* tab = dtable_bufs[m] + chunk * table_numel[m] + h * (2 * M + 1);
+                  for (int r = 0; r < rows; ++r) {
+                    const T* pr = s + r * ld;
+                    const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
+                    const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
+                    const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
+                    double edge_lo = 0, edge_hi = 0;
+                    for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
+                    for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
+                    tab[0] += edge_lo;
+                    tab[2 * M] += edge_hi;
+                    double* run = tab + (base + M + c_lo);  // one bucket per column in this run
+  #pragma omp simd
+                    for (int c = c_lo; c < c_hi; ++c) run[c - c_lo] += pr[c];
+                  }
+                }
+              }
+              if (dbias_buf) {
+                double* db = dbias_buf + chunk * dbias_numel;
+                for (int r = 0; r < rows; ++r) {
+                  const T* pr = s + r * ld;
+                  double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
+                           (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
+                  for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
+                }
+              }
+              // dQ += scale dS K ; dK += scale dS^T Q
+              gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp,
+                      D);
+              gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D,
+                      D);
             }
-            // dQ += scale dS K ; dK += scale dS^T Q
-            gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s.data(), ld,
-                    T(1), dqp, D);
-            gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s.data(), ld, T(1),
-                    dkbase + k0 * P.D, D);
           }
         }
       }
     }
   });
+}
+
+// Sum of buf (chunks, ...) over its first dim, in order (bitwise the same on every run).
+at::Tensor sum_in_order(const at::Tensor& buf) {
+  at::Tensor total = buf.select(0, 0).clone();
+  for (int64_t c = 1; c < buf.size(0); ++c) total.add_(buf.select(0, c));
+  return total;
 }
 
 std::vector<at::Tensor> attention_forward(
@@ -480,7 +549,21 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        const at::Tensor& gout, const at::Tensor& bias,
                                        bool bias_grad, at::TensorList mod_tables,
                                        const at::Tensor& table_grad) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = P.B * P.Hkv;
+  bool reduces = bias_grad;
+  for (size_t m = 0; m < mod_tables.size(); ++m)
+    reduces |= P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
+  // Without a reduction every task writes its own gradients: one run per task. With one, a run
+  // per thread; under torch.use_deterministic_algorithms(True) a fixed number of runs, so that
+  // the sums are bitwise the same whatever the thread count.
+  int64_t chunks = tasks;
+  if (reduces) {
+    const int64_t runs = at::globalContext().deterministicAlgorithms()
+                             ? kDeterministicRuns
+                             : static_cast<int64_t>(at::get_num_threads());
+    chunks = std::max<int64_t>(1, std::min(tasks, runs));
+  }
+  const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   at::Tensor dbias_buf;
   int64_t strides[4] = {0, 0, 0, 0};
@@ -496,28 +579,28 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
       run *= shape[d];
     }
     numel = run;
-    std::vector<int64_t> buf_shape{threads};
+    std::vector<int64_t> buf_shape{chunks};
     buf_shape.insert(buf_shape.end(), shape.begin(), shape.end());
-    dbias_buf = at::zeros(buf_shape, q.options());
+    dbias_buf = at::zeros(buf_shape, f64);
   }
   std::vector<at::Tensor> table_bufs;
-  std::vector<T*> table_ptrs;
+  std::vector<double*> table_ptrs;
   std::vector<int64_t> table_numel;
   for (size_t m = 0; m < mod_tables.size(); ++m) {
     const bool want = P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
-    std::vector<int64_t> shape{threads};
+    std::vector<int64_t> shape{chunks};
     for (auto s : mod_tables[m].sizes()) shape.push_back(s);
-    table_bufs.push_back(want ? at::zeros(shape, q.options()) : at::Tensor());
-    table_ptrs.push_back(want ? table_bufs.back().data_ptr<T>() : nullptr);
+    table_bufs.push_back(want ? at::zeros(shape, f64) : at::Tensor());
+    table_ptrs.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
     table_numel.push_back(mod_tables[m].numel());
   }
   backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(), gout.data_ptr<T>(), dq.data_ptr<T>(),
                 dk.data_ptr<T>(), dv.data_ptr<T>(),
-                bias_grad ? dbias_buf.data_ptr<T>() : nullptr, numel, strides, table_ptrs,
-                table_numel);
+                bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
+                table_numel, chunks);
   const at::Tensor none = at::empty({0}, q.options());
-  std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? dbias_buf.sum(0) : none};
-  for (auto& t : table_bufs) result.push_back(t.defined() ? t.sum(0) : none);
+  std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? sum_in_order(dbias_buf) : none};
+  for (auto& t : table_bufs) result.push_back(t.defined() ? sum_in_order(t) : none);
   return result;
 }
 
