@@ -440,9 +440,7 @@ class _Shifted(MaskFn):
     """A block of a mask that does not describe itself (see :meth:`MaskFn.block`): the index
     tensors are shifted to the block's first query and key before the mask is evaluated."""
 
-    def __init__(
-        self, base: MaskFn, q_range: tuple[int, int], kv_range: tuple[int, int]
-    ) -> None:
+    def __init__(self, base: MaskFn, q_range: tuple[int, int], kv_range: tuple[int, int]) -> None:
         self.base = base
         self.q0, self.k0 = int(q_range[0]), int(kv_range[0])
         super().__init__(

@@ -108,11 +108,7 @@ class _Plan:
 def _needs(plan: _Plan) -> list[list[bool]]:
     return [
         [
-            any(
-                plan.state(qr, kr) != EMPTY
-                for qr in plan.q_ranges(r)
-                for kr in plan.kv_ranges(o)
-            )
+            any(plan.state(qr, kr) != EMPTY for qr in plan.q_ranges(r) for kr in plan.kv_ranges(o))
             for o in range(plan.world)
         ]
         for r in range(plan.world)
@@ -288,7 +284,9 @@ def _run_ring(
     current: Tensor | None = kv
     for s in range(1, steps + 1):
         sending, coming = (r - s + 1) % P, (r - s) % P
-        sends = [((r + 1) % P, current.detach())] if current is not None and reach[sending] >= s else []
+        sends = (
+            [((r + 1) % P, current.detach())] if current is not None and reach[sending] >= s else []
+        )
         buffer = None
         if reach[coming] >= s:
             shape = (*kv.shape[:2], plan.kv_layout.shard_length(coming), kv.shape[3])
@@ -380,9 +378,7 @@ class _ContextParallel(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(
-        ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         out, lse, q_leaf, kv_leaf, bias_leaf, blocks, leaves = ctx.graph  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         origins = [o for o, b in blocks.items() if b.requires_grad]
@@ -403,17 +399,21 @@ class _ContextParallel(torch.autograd.Function):
             back = _backward_ring if plan.method == "ring" else _backward_all_gather
             dkv = back(plan, kv_leaf, block_grads)
         leaf_grads = [
-            torch.zeros_like(leaf) if g is None else g for g, leaf in zip(found[2:], leaves)
+            torch.zeros_like(leaf) if g is None else g
+            for g, leaf in zip(found[2 : 2 + len(leaves)], leaves, strict=True)
         ]
         ctx.graph = None  # type: ignore[attr-defined]
+        dq = found[0]
+        if dq is None and q_leaf.requires_grad:  # no row attends anything (or no rows)
+            dq = torch.zeros_like(q_leaf)
         return (
             None,
-            found[0] if q_leaf.requires_grad and found[0] is not None else None,
+            dq,
             dkv,
             None,
             None,
             found[1],
-            *leaf_grads[: len(leaves)],
+            *leaf_grads,
         )
 
 
@@ -519,8 +519,8 @@ def context_parallel_attention(
         )
     else:  # inference: no graph to keep
         run = _run_ring if method == "ring" else _run_all_gather
-        local = plan if bias_tensor is None else _with_bias(plan, bias_tensor)
-        out_sd, lse, _ = run(local, q, kv, k.shape[-1], v.shape[-1])
+        with_bias = plan if bias_tensor is None else _with_bias(plan, bias_tensor)
+        out_sd, lse, _ = run(with_bias, q, kv, k.shape[-1], v.shape[-1])
         out = out_sd.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -574,7 +574,9 @@ def _whole_mask(
     elif causal == "bottom_right":
         parts.append(M.causal(kv_len - q_len))
     elif causal not in (False, None):
-        raise ValueError(f'causal must be False, True, "top_left" or "bottom_right"; got {causal!r}')
+        raise ValueError(
+            f'causal must be False, True, "top_left" or "bottom_right"; got {causal!r}'
+        )
     if isinstance(mask, Tensor):
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")

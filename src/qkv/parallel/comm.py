@@ -49,9 +49,7 @@ class CommStats:
         """Bytes this rank put on the wire: its point-to-point sends, and for a collective the
         bytes a ring implementation sends per rank (``(P - 1) / P`` of the result for an
         all-gather, twice that for an all-reduce), recorded at the call."""
-        return sum(
-            e.nbytes for e in self.events if e.kind != "recv" and phase in (None, e.phase)
-        )
+        return sum(e.nbytes for e in self.events if e.kind != "recv" and phase in (None, e.phase))
 
 
 def _nbytes(t: Tensor) -> int:

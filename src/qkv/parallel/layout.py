@@ -133,5 +133,7 @@ def unshard(shards: Sequence[Tensor], *, dim: int = 2, layout: LayoutKind = "con
         for a, b in plan.ranges(rank):
             placed.append((a, piece.narrow(dim, offset, b - a)))
             offset += b - a
+    if not placed:  # an empty sequence
+        return shards[0]
     placed.sort(key=lambda item: item[0])
     return torch.cat([t for _, t in placed], dim=dim)

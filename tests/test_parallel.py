@@ -1,0 +1,313 @@
+"""Context parallelism on the CPU: 2 and 4 gloo processes against one process.
+
+Each spawn runs many cases (process start-up dominates): for every case and rank the worker
+records the largest difference of the output and of dq, dk, dv (and a bias tensor's or a
+relative table's gradient, summed over the ranks) from single-process ``qkv.attention`` on the
+whole sequence in float64, and the messages sent; the test process asserts on the records.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import qkv
+from qkv import masks as M
+from qkv import parallel as CP
+from qkv import scores as S
+
+TOLERANCE = 1e-10
+
+
+def _doc_ids(n: int) -> torch.Tensor:
+    # Boundaries at 3, 4, 9 (and 13): never on a shard boundary for the lengths used here.
+    return torch.tensor([sum(p <= i for p in (3, 4, 9, 13)) for i in range(n)])
+
+
+def _relative(hq: int) -> S.RelativePositionBias:
+    mod = S.RelativePositionBias(hq, max_distance=3).double()  # float64 gradients to compare
+    with torch.no_grad():
+        mod.table.copy_(torch.randn(mod.table.shape, generator=torch.Generator().manual_seed(5)))
+    return mod
+
+
+def _documents_causal(n: int) -> dict[str, Any]:
+    return {"mask": M.document(_doc_ids(n)), "causal": True}
+
+
+def _own_mask() -> M.MaskFn:
+    return M.mask_function(lambda b, h, q, kv: (q + 2 * kv) % 3 != 0)
+
+
+def _window_or_prefix(hq: int) -> dict[str, Any]:
+    return {"mask": M.sliding_window(1) | M.prefix_lm(2), "bias": S.alibi(hq)}
+
+
+# name -> (B, Hq, Hkv, Nq, Nk, options builder)
+Case = tuple[int, int, int, int, int, Callable[[int, int, int], dict[str, Any]]]
+CASES: dict[str, Case] = {
+    "none": (2, 2, 2, 11, 11, lambda hq, nq, nk: {}),
+    "causal_top_left": (1, 2, 2, 11, 11, lambda hq, nq, nk: {"causal": True}),
+    "causal_bottom_right_cross": (1, 2, 1, 7, 13, lambda hq, nq, nk: {"causal": "bottom_right"}),
+    "causal_top_left_cross": (1, 2, 1, 13, 7, lambda hq, nq, nk: {"causal": "top_left"}),
+    "sliding_window": (1, 2, 2, 14, 14, lambda hq, nq, nk: {"mask": M.sliding_window(3)}),
+    "window_both_sides": (1, 2, 2, 12, 12, lambda hq, nq, nk: {"mask": M.sliding_window(2, 2)}),
+    "documents": (1, 2, 2, 15, 15, lambda hq, nq, nk: {"mask": M.document(_doc_ids(nq))}),
+    "documents_causal": (1, 2, 2, 15, 15, lambda hq, nq, nk: _documents_causal(nq)),
+    "key_padding": (2, 2, 2, 11, 11, lambda hq, nq, nk: {"mask": M.key_padding([9, 2])}),
+    "query_padding": (2, 2, 2, 11, 11, lambda hq, nq, nk: {"mask": M.query_padding([3, 10])}),
+    "prefix_lm": (2, 2, 2, 11, 11, lambda hq, nq, nk: {"mask": M.prefix_lm([4, 7])}),
+    "alibi": (1, 4, 2, 11, 11, lambda hq, nq, nk: {"bias": S.alibi(hq), "causal": True}),
+    "softcap": (1, 2, 2, 11, 11, lambda hq, nq, nk: {"bias": S.softcap(1.5)}),
+    "relative_bias": (1, 2, 2, 11, 11, lambda hq, nq, nk: {"bias": _relative(hq)}),
+    "bias_tensor": (1, 2, 1, 9, 10, lambda hq, nq, nk: {"bias": "tensor"}),
+    "gqa": (1, 4, 1, 11, 11, lambda hq, nq, nk: {"causal": True}),
+    "mask_tensor": (1, 2, 2, 10, 10, lambda hq, nq, nk: {"mask": "tensor"}),
+    "own_mask": (1, 2, 2, 11, 11, lambda hq, nq, nk: {"mask": _own_mask()}),
+    "window_or_prefix": (1, 2, 2, 12, 12, lambda hq, nq, nk: _window_or_prefix(hq)),
+    "tiny": (1, 2, 2, 3, 3, lambda hq, nq, nk: {"causal": True}),  # fewer positions than ranks
+}
+
+
+def _options(name: str, hq: int, nq: int, nk: int, batch: int) -> dict[str, Any]:
+    opts = CASES[name][5](hq, nq, nk)
+    g = torch.Generator().manual_seed(11)
+    if opts.get("bias") == "tensor":
+        opts["bias"] = torch.randn(batch, hq, nq, nk, generator=g, dtype=torch.float64)
+        opts["bias"].requires_grad_()
+    if opts.get("mask") == "tensor":
+        opts["mask"] = torch.rand(1, hq, nq, nk, generator=g) > 0.3
+    return opts
+
+
+def _replicated(opts: dict[str, Any]) -> torch.Tensor | None:
+    """The tensor every rank holds whose gradient is compared summed over ranks."""
+    bias = opts.get("bias")
+    if isinstance(bias, torch.Tensor):
+        return bias
+    if isinstance(bias, S.RelativePositionBias):
+        return bias.table
+    return None
+
+
+def _run_case(name: str, world: int, rank: int, layout: str, method: str) -> dict[str, float]:
+    batch, hq, hkv, nq, nk, _ = CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    q = torch.randn(batch, hq, nq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, hkv, nk, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, hkv, nk, 6, generator=g, dtype=torch.float64)
+    grad = torch.randn(batch, hq, nq, 6, generator=g, dtype=torch.float64)
+
+    opts = _options(name, hq, nq, nk, batch)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    gold = qkv.attention(*whole, backend="reference", **opts)
+    (gold * grad).sum().backward()
+    shared = _replicated(opts)
+    gold_shared = None if shared is None else shared.grad.clone()
+
+    opts = _options(name, hq, nq, nk, batch)  # fresh tensors and tables
+    local = [CP.shard(t, world, rank, layout=layout).requires_grad_() for t in (q, k, v)]
+    out = CP.attention(*local, layout=layout, method=method, **opts)
+    (out * CP.shard(grad, world, rank, layout=layout)).sum().backward()
+    errors = {"out": _diff(out, CP.shard(gold, world, rank, layout=layout))}
+    for label, mine, ref in zip(("dq", "dk", "dv"), local, whole, strict=True):
+        errors[label] = _diff(mine.grad, CP.shard(ref.grad, world, rank, layout=layout))
+    shared = _replicated(opts)
+    if shared is not None:
+        total = shared.grad.clone()
+        dist.all_reduce(total)
+        errors["replicated"] = _diff(total, gold_shared)
+    return errors
+
+
+def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:
+        return float("inf")
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
+
+
+class _Counting:
+    """Counts the point-to-point messages really posted (wrapping batch_isend_irecv)."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.received: list[int] = []
+        self.original = dist.batch_isend_irecv
+
+    def __call__(self, ops: list[dist.P2POp]) -> Any:
+        for op in ops:
+            (self.sent if op.op is dist.isend else self.received).append(op.peer)
+        return self.original(ops)
+
+
+def _count(world: int, rank: int, method: str, opts: dict[str, Any], n: int) -> dict[str, Any]:
+    counting = _Counting()
+    dist.batch_isend_irecv = counting  # type: ignore[assignment]
+    try:
+        stats = CP.CommStats()
+        g = torch.Generator().manual_seed(rank)
+        q = torch.randn(1, 2, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
+        k = torch.randn(1, 1, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
+        v = torch.randn(1, 1, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
+        out = CP.attention(q, k, v, method=method, stats=stats, lengths=(n, n), **opts)
+        forward_sent, forward_received = list(counting.sent), list(counting.received)
+        out.sum().backward()
+    finally:
+        dist.batch_isend_irecv = counting.original  # type: ignore[assignment]
+    return {
+        "forward_sent": forward_sent,
+        "forward_received": forward_received,
+        "backward_sent": counting.sent[len(forward_sent) :],
+        "backward_received": counting.received[len(forward_received) :],
+        "forward_bytes": stats.bytes_sent("forward"),
+        "collectives": stats.count("all_gather") + stats.count("all_reduce"),
+        "kv_block_bytes": k.numel() * 8 * 2,  # k and v of one shard, float64
+    }
+
+
+def _worker(
+    rank: int, world: int, port: int, out: str, cases: list[str], combos: list[list[str]]
+) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        records: dict[str, Any] = {}
+        for layout, method in combos:
+            for name in cases:
+                records[f"{name}/{layout}/{method}"] = _run_case(name, world, rank, layout, method)
+        n = 8 * world
+        records["count/ring/none"] = _count(world, rank, "ring", {}, n)
+        records["count/ring/window"] = _count(world, rank, "ring", {"mask": M.sliding_window(5)}, n)
+        records["count/all_gather/window"] = _count(
+            world, rank, "all_gather", {"mask": M.sliding_window(5)}, n
+        )
+        Path(out, f"rank{rank}.json").write_text(json.dumps(records))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(tmp_path: Path, world: int, cases: list[str], combos: list[list[str]]) -> list[dict]:
+    mp.spawn(
+        _worker, args=(world, _free_port(), str(tmp_path), cases, combos), nprocs=world, join=True
+    )
+    return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+ALL_COMBOS = [
+    [layout, method] for layout in ("contiguous", "zigzag") for method in ("ring", "all_gather")
+]
+
+
+def _check_matches(records: list[dict], cases: list[str], combos: list[list[str]]) -> None:
+    failures = []
+    for rank, found in enumerate(records):
+        for layout, method in combos:
+            for name in cases:
+                errors = found[f"{name}/{layout}/{method}"]
+                if max(errors.values()) > TOLERANCE:
+                    failures.append(f"rank {rank} {name}/{layout}/{method}: {errors}")
+    assert not failures, "\n".join(failures)
+
+
+def _check_counts(records: list[dict], world: int) -> None:
+    for rank, found in enumerate(records):
+        after, before = (rank + 1) % world, (rank - 1) % world
+        ring = found["count/ring/none"]
+        # No mask: every block travels P - 1 hops, one message per step to the next rank.
+        assert ring["forward_sent"] == [after] * (world - 1)
+        assert ring["forward_received"] == [before] * (world - 1)
+        assert ring["forward_bytes"] == (world - 1) * ring["kv_block_bytes"]
+        assert ring["backward_sent"] == [before] * (world - 1)
+        assert ring["collectives"] == 0
+        # A causal window of 6 keys over shards of 8 reaches one neighbour: rank r exchanges
+        # with r - 1 and r + 1 only, once, and the last rank's block goes nowhere.
+        window = found["count/ring/window"]
+        assert window["forward_sent"] == ([] if rank == world - 1 else [after])
+        assert window["forward_received"] == ([] if rank == 0 else [before])
+        assert window["backward_sent"] == window["forward_received"]
+        assert found["count/all_gather/window"]["collectives"] == 2  # gather, gradient sum
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path: Path) -> None:
+    cases = sorted(CASES)
+    records = _spawn(tmp_path, 2, cases, ALL_COMBOS)
+    _check_matches(records, cases, ALL_COMBOS)
+    _check_counts(records, 2)
+
+
+FOUR_CASES = [
+    "causal_top_left",
+    "causal_bottom_right_cross",
+    "documents_causal",
+    "sliding_window",
+    "relative_bias",
+    "gqa",
+    "prefix_lm",
+    "tiny",
+]
+
+
+@pytest.mark.slow
+def test_four_processes_match_one_process(tmp_path: Path) -> None:
+    records = _spawn(tmp_path, 4, FOUR_CASES, ALL_COMBOS)
+    _check_matches(records, FOUR_CASES, ALL_COMBOS)
+    _check_counts(records, 4)
+
+
+# --- one process: layouts, the merge, errors -------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize(("n", "world"), [(11, 2), (13, 4), (3, 4), (16, 4), (0, 2)])
+def test_shard_and_unshard_are_inverse(layout: str, n: int, world: int) -> None:
+    x = torch.randn(2, 3, n, 4)
+    shards = [CP.shard(x, world, r, layout=layout) for r in range(world)]
+    assert torch.equal(CP.unshard(shards, layout=layout), x)
+    plan = CP.SequenceLayout(n, world, layout)  # type: ignore[arg-type]
+    positions = torch.cat([plan.positions(r) for r in range(world)])
+    assert sorted(positions.tolist()) == list(range(n))
+    lengths = [s.shape[2] for s in shards]
+    assert max(lengths) - min(lengths) <= (2 if layout == "zigzag" else 1)
+
+
+def test_zigzag_gives_rank_r_chunks_r_and_2p_minus_1_minus_r() -> None:
+    plan = CP.SequenceLayout(16, 2, "zigzag")
+    assert plan.ranges(0) == [(0, 4), (12, 16)]
+    assert plan.ranges(1) == [(4, 8), (8, 12)]
+
+
+def test_unshard_names_shards_that_are_not_the_layout() -> None:
+    with pytest.raises(ValueError, match="not a contiguous layout"):
+        CP.unshard([torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 5, 1)])
+
+
+def test_merge_of_two_key_sets_is_attention_over_both() -> None:
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    mask = M.key_padding([0])  # the first set attends nothing: -inf, zero output
+    a = qkv.attention(q, k[:, :, :2], v[:, :, :2], mask=mask, return_lse=True, backend="chunked")
+    b = qkv.attention(q, k[:, :, 2:], v[:, :, 2:], return_lse=True, backend="chunked")
+    out, _ = CP.merge(*a, *b)
+    torch.testing.assert_close(out, b[0], rtol=0, atol=1e-12)
+    whole = qkv.attention(q, k, v, return_lse=True, backend="chunked")
+    both = CP.merge(*qkv.attention(q, k[:, :, :2], v[:, :, :2], return_lse=True), *b)
+    torch.testing.assert_close(both[0], whole[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(both[1], whole[1], rtol=0, atol=1e-12)
+    empty = CP.merge(a[0], a[1], a[0], a[1])
+    assert torch.equal(empty[1], a[1]) and not empty[0].any()
