@@ -23,6 +23,7 @@ import qkv
 from qkv import masks as M
 from qkv import parallel as CP
 from qkv import scores as S
+from qkv.nn import MultiHeadAttention
 
 TOLERANCE = 1e-10
 
@@ -173,6 +174,68 @@ def _count(world: int, rank: int, method: str, opts: dict[str, Any], n: int) -> 
     }
 
 
+def _tiny_model() -> torch.nn.Module:
+    """Embedding -> MultiHeadAttention (GQA, RoPE) -> vocabulary, in float64."""
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 16)
+            self.attn = MultiHeadAttention(16, 4, num_kv_heads=2, rope=True)
+            self.head = torch.nn.Linear(16, 11)
+
+        def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens)
+            y, _ = self.attn(x, key_padding_mask=padding, bias=S.alibi(4), causal=True)
+            return self.head(x + y)  # (B, n, vocabulary)
+
+    return Tiny().double()
+
+
+def _train(world: int, rank: int, layout: str, method: str) -> dict[str, Any]:
+    """Three SGD steps of a tiny model on one process and under context parallelism (the loss
+    a sum over every rank's tokens, replicated gradients summed like DDP's all-reduce)."""
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 11, (2, 13), generator=g)
+    targets = torch.randint(0, 11, (2, 13), generator=g)
+    padding = torch.arange(13)[None] < torch.tensor([[13], [9]])  # (B, N), True = real token
+    losses: dict[str, list[float]] = {"one": [], "parallel": []}
+    models = {}
+    for mode in ("one", "parallel"):
+        model = _tiny_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        if mode == "parallel":
+            model.attn.set_context_parallel(CP.ContextParallel(None, layout, method))  # type: ignore[union-attr, operator]
+            x = CP.shard(tokens, world, rank, dim=1, layout=layout)  # type: ignore[arg-type]
+            y = CP.shard(targets, world, rank, dim=1, layout=layout)  # type: ignore[arg-type]
+        else:
+            x, y = tokens, targets
+        for _ in range(3):
+            optimizer.zero_grad()
+            logits = model(x, padding)
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), y.flatten(), reduction="sum"
+                )
+                / tokens.numel()
+            )
+            loss.backward()
+            total = loss.detach().clone()
+            if mode == "parallel":
+                dist.all_reduce(total)
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+            losses[mode].append(float(total))
+            optimizer.step()
+        models[mode] = model
+    pairs = zip(models["one"].parameters(), models["parallel"].parameters(), strict=True)
+    return {
+        "losses": losses,
+        "parameters": max(_diff(a, b) for a, b in pairs),
+    }
+
+
 def _worker(
     rank: int, world: int, port: int, out: str, cases: list[str], combos: list[list[str]]
 ) -> None:
@@ -185,6 +248,8 @@ def _worker(
         for layout, method in combos:
             for name in cases:
                 records[f"{name}/{layout}/{method}"] = _run_case(name, world, rank, layout, method)
+        if world == 2:
+            records["train"] = _train(world, rank, "zigzag", "ring")
         n = 8 * world
         records["count/ring/none"] = _count(world, rank, "ring", {}, n)
         records["count/ring/window"] = _count(world, rank, "ring", {"mask": M.sliding_window(5)}, n)
@@ -250,6 +315,12 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     records = _spawn(tmp_path, 2, cases, ALL_COMBOS)
     _check_matches(records, cases, ALL_COMBOS)
     _check_counts(records, 2)
+    for found in records:  # a small model trains the same on two processes as on one
+        losses = found["train"]["losses"]
+        assert losses["one"][-1] < losses["one"][0]
+        for a, b in zip(losses["one"], losses["parallel"], strict=True):
+            assert abs(a - b) < TOLERANCE
+        assert found["train"]["parameters"] < TOLERANCE
 
 
 FOUR_CASES = [

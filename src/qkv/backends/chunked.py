@@ -583,8 +583,8 @@ def chunked_attention_lse(
         ``out (B, Hq, Nq, Dv)`` (differentiable with respect to ``q, k, v``, a bias tensor and
         the score function's learnable tensors) and, if ``request.return_weights``, the
         ``(B, Hq, Nq, Nk)`` probabilities before dropout (detached), else None; and each row's
-        log-sum-exp ``(B, Hq, Nq)`` in the stats dtype, ``-inf`` on rows with nothing to attend
-        (differentiable).
+        log-sum-exp ``(B, Hq, Nq)`` in the stats dtype, differentiable; on rows with nothing
+        to attend ``-inf`` when ``request.return_lse`` (else the kernels' ``+inf``).
 
     Raises:
         ValueError: if a block mask passed as the mask does not fit the call.
@@ -623,7 +623,9 @@ def chunked_attention_lse(
             weights = _weights(plan, lse)
     # The kernels keep +inf on empty rows (backward's exp(s - lse) is 0 there); callers get
     # -inf, the log of an empty sum, which the merge of partial results treats as no keys.
-    return out, weights, torch.where(lse == float("inf"), float("-inf"), lse)
+    if request.return_lse:  # (only then: the where() would keep its condition for backward)
+        lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, weights, lse
 
 
 class ChunkedBackend:

@@ -6,7 +6,13 @@ sequence; :func:`shard` and :func:`unshard` cut and join sequences in the contig
 layouts. See ``docs/parallel.md``.
 """
 
-from qkv.parallel.attention import Method, context_parallel_attention, merge
+from qkv.parallel.attention import (
+    ContextParallel,
+    Method,
+    context_parallel_attention,
+    global_lengths,
+    merge,
+)
 from qkv.parallel.comm import CommEvent, CommStats
 from qkv.parallel.layout import LayoutKind, SequenceLayout, shard, unshard
 
@@ -15,11 +21,13 @@ attention = context_parallel_attention
 __all__ = [
     "CommEvent",
     "CommStats",
+    "ContextParallel",
     "LayoutKind",
     "Method",
     "SequenceLayout",
     "attention",
     "context_parallel_attention",
+    "global_lengths",
     "merge",
     "shard",
     "unshard",

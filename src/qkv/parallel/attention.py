@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, overload
 
 import torch
 import torch.distributed as dist
@@ -64,10 +64,38 @@ from qkv.request import (
 )
 from qkv.scores import ScoreMod, block_score, check_score_call
 
-__all__ = ["Method", "context_parallel_attention"]
+__all__ = ["ContextParallel", "Method", "context_parallel_attention", "global_lengths", "merge"]
 
 Method: TypeAlias = Literal["ring", "all_gather"]
 Range: TypeAlias = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """How a module runs attention context-parallel (see
+    :meth:`qkv.nn.MultiHeadAttention.set_context_parallel`).
+
+    Attributes:
+        group: the process group whose ranks hold the shards (None: the world).
+        layout: ``"contiguous"`` or ``"zigzag"``.
+        method: ``"ring"`` or ``"all_gather"``.
+    """
+
+    group: dist.ProcessGroup | None = None
+    layout: LayoutKind = "contiguous"
+    method: Method = "ring"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout must be 'contiguous' or 'zigzag'; got {self.layout!r}")
+        if self.method not in ("ring", "all_gather"):
+            raise ValueError(f"method must be 'ring' or 'all_gather'; got {self.method!r}")
+
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
 
 
 # --- the plan: who holds what, who needs what --------------------------------------------------
@@ -424,6 +452,46 @@ def _with_bias(plan: _Plan, bias: Tensor) -> _Plan:
 # --- the public function -------------------------------------------------------------------------
 
 
+@overload
+def context_parallel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    group: dist.ProcessGroup | None = ...,
+    layout: LayoutKind = ...,
+    method: Method = ...,
+    lengths: tuple[int, int] | None = ...,
+    return_lse: Literal[False] = ...,
+    backend: str = ...,
+    stats: CommStats | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def context_parallel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    group: dist.ProcessGroup | None = ...,
+    layout: LayoutKind = ...,
+    method: Method = ...,
+    lengths: tuple[int, int] | None = ...,
+    return_lse: Literal[True],
+    backend: str = ...,
+    stats: CommStats | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
 def context_parallel_attention(
     q: Tensor,
     k: Tensor,
@@ -481,7 +549,9 @@ def context_parallel_attention(
         raise ValueError(f"method must be 'ring' or 'all_gather'; got {method!r}")
     _check_local(q, k, v)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    q_len, kv_len = _global_lengths(q, k, group, lengths, world, stats)
+    if lengths is None:
+        lengths = global_lengths(q.shape[2], k.shape[2], group, q.device, stats)
+    q_len, kv_len = int(lengths[0]), int(lengths[1])
     q_layout = SequenceLayout(q_len, world, layout)
     kv_layout = SequenceLayout(kv_len, world, layout)
     for name, plan_layout, local in (("q", q_layout, q), ("k", kv_layout, k)):
@@ -543,17 +613,17 @@ def _check_local(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _global_lengths(
-    q: Tensor,
-    k: Tensor,
+def global_lengths(
+    q_len: int,
+    kv_len: int,
     group: dist.ProcessGroup | None,
-    lengths: tuple[int, int] | None,
-    world: int,
-    stats: CommStats | None,
+    device: torch.device | str | None = None,
+    stats: CommStats | None = None,
 ) -> tuple[int, int]:
-    if lengths is not None:
-        return int(lengths[0]), int(lengths[1])
-    mine = torch.tensor([q.shape[2], k.shape[2]], dtype=torch.long, device=q.device)
+    """The whole sequence's ``(Nq, Nk)`` from every rank's shard lengths (one small
+    all-gather; ``device`` must be one the group's backend communicates on)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([q_len, kv_len], dtype=torch.long, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     if stats is not None:
