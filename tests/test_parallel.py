@@ -298,15 +298,24 @@ def _check_counts(records: list[dict], world: int) -> None:
         assert ring["forward_sent"] == [after] * (world - 1)
         assert ring["forward_received"] == [before] * (world - 1)
         assert ring["forward_bytes"] == (world - 1) * ring["kv_block_bytes"]
-        assert ring["backward_sent"] == [before] * (world - 1)
+        # Backward: the blocks again, each with its gradient, then the gradient home (the
+        # next rank on, where the block's P - 1 hops ended).
+        assert ring["backward_sent"] == [after] * (2 * (world - 1) + 1)
         assert ring["collectives"] == 0
         # A causal window of 6 keys over shards of 8 reaches one neighbour: rank r exchanges
-        # with r - 1 and r + 1 only, once, and the last rank's block goes nowhere.
+        # with r - 1 and r + 1 only, and the last rank's block goes nowhere.
         window = found["count/ring/window"]
         assert window["forward_sent"] == ([] if rank == world - 1 else [after])
         assert window["forward_received"] == ([] if rank == 0 else [before])
-        assert window["backward_sent"] == window["forward_received"]
-        assert found["count/all_gather/window"]["collectives"] == 2  # gather, gradient sum
+        first, last = rank == 0, rank == world - 1
+        assert window["backward_sent"] == ([] if last else [after] * 2) + (
+            [] if first else [before]
+        )
+        assert window["backward_received"] == ([] if first else [before] * 2) + (
+            [] if last else [after]
+        )
+        # gather, gather again in backward, gradient sum
+        assert found["count/all_gather/window"]["collectives"] == 3
 
 
 @pytest.mark.slow
@@ -323,22 +332,14 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert found["train"]["parameters"] < TOLERANCE
 
 
-FOUR_CASES = [
-    "causal_top_left",
-    "causal_bottom_right_cross",
-    "documents_causal",
-    "sliding_window",
-    "relative_bias",
-    "gqa",
-    "prefix_lm",
-    "tiny",
-]
+FOUR_CASES = ["causal_bottom_right_cross", "documents_causal", "relative_bias", "gqa", "tiny"]
+FOUR_COMBOS = [["contiguous", "ring"], ["zigzag", "ring"], ["zigzag", "all_gather"]]
 
 
 @pytest.mark.slow
 def test_four_processes_match_one_process(tmp_path: Path) -> None:
-    records = _spawn(tmp_path, 4, FOUR_CASES, ALL_COMBOS)
-    _check_matches(records, FOUR_CASES, ALL_COMBOS)
+    records = _spawn(tmp_path, 4, FOUR_CASES, FOUR_COMBOS)
+    _check_matches(records, FOUR_CASES, FOUR_COMBOS)
     _check_counts(records, 4)
 
 
@@ -377,7 +378,8 @@ def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     out, _ = CP.merge(*a, *b)
     torch.testing.assert_close(out, b[0], rtol=0, atol=1e-12)
     whole = qkv.attention(q, k, v, return_lse=True, backend="chunked")
-    both = CP.merge(*qkv.attention(q, k[:, :, :2], v[:, :, :2], return_lse=True), *b)
+    first = qkv.attention(q, k[:, :, :2], v[:, :, :2], return_lse=True, backend="chunked")
+    both = CP.merge(*first, *b)
     torch.testing.assert_close(both[0], whole[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(both[1], whole[1], rtol=0, atol=1e-12)
     empty = CP.merge(a[0], a[1], a[0], a[1])

@@ -261,126 +261,199 @@ def _absorb(
             offset += n
 
 
-# --- the two methods -----------------------------------------------------------------------------
+# --- forward: the two methods --------------------------------------------------------------------
 
 
-def _run_all_gather(
-    plan: _Plan, q: Tensor, kv: Tensor, head_dim: int, value_dim: int
-) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-    """Forward of ``"all_gather"``: returns ``(out, lse, blocks)`` where ``blocks[o]`` is the
-    K/V of rank ``o`` as used (leaves requiring grad when ``kv`` does)."""
+def _forward_all_gather(plan: _Plan, q: Tensor, kv: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Every rank's K/V gathered (one collective), then this rank's non-empty blocks."""
     lengths = [plan.kv_layout.shard_length(r) for r in range(plan.world)]
-    with torch.no_grad():
-        gathered = all_gather_padded(kv.detach(), lengths, plan.group, plan.stats, "forward")
+    gathered = all_gather_padded(kv, lengths, plan.group, plan.stats, "forward")
     partials = [_Partial() for _ in plan.q_ranges(plan.rank)]
-    blocks: dict[int, Tensor] = {}
     for o in range(plan.world):
-        if not plan.need[plan.rank][o]:
-            continue
-        block = kv if o == plan.rank else gathered[o].requires_grad_(kv.requires_grad)
-        blocks[o] = block
-        _absorb(plan, partials, q, block, head_dim, o)
-    out, lse = _finish(plan, partials, q, value_dim)
-    return out, lse, blocks
+        if plan.need[plan.rank][o]:
+            _absorb(plan, partials, q, kv if o == plan.rank else gathered[o], head_dim, o)
+    return _finish(plan, partials, q, kv.shape[-1] - head_dim)
 
 
-def _backward_all_gather(plan: _Plan, kv: Tensor, grads: dict[int, Tensor | None]) -> Tensor:
-    """Sum every rank's gradient for every rank's K/V; keep this rank's."""
-    lengths = [plan.kv_layout.shard_length(r) for r in range(plan.world)]
-    longest = max(lengths)
-    total = kv.new_zeros(plan.world, *kv.shape[:2], longest, kv.shape[3])
-    for o, g in grads.items():
-        if g is not None and o != plan.rank:
-            total[o, :, :, : lengths[o]] = g
-    all_reduce_sum(total, plan.group, plan.stats, "backward")
-    mine = total[plan.rank, :, :, : lengths[plan.rank]]
-    own = grads.get(plan.rank)
-    return mine if own is None else mine + own
-
-
-def _run_ring(
-    plan: _Plan, q: Tensor, kv: Tensor, head_dim: int, value_dim: int
-) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-    """Forward of ``"ring"`` (see the module docstring): step ``s`` moves the K/V of origin
-    ``r - s + 1`` from rank ``r`` to ``r + 1`` where that origin's reach allows, while the
-    block received at step ``s - 1`` is computed."""
+def _forward_ring(plan: _Plan, q: Tensor, kv: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Step ``s`` moves the K/V of origin ``r - s + 1`` from rank ``r`` to ``r + 1`` where that
+    origin's reach allows, while the block held since step ``s - 1`` is computed."""
     P, r = plan.world, plan.rank
     reach = _ring_reach(plan)
     steps = max(reach, default=0)
     partials = [_Partial() for _ in plan.q_ranges(r)]
-    blocks: dict[int, Tensor] = {}
     current: Tensor | None = kv
     for s in range(1, steps + 1):
-        sending, coming = (r - s + 1) % P, (r - s) % P
-        sends = (
-            [((r + 1) % P, current.detach())] if current is not None and reach[sending] >= s else []
-        )
-        buffer = None
-        if reach[coming] >= s:
-            shape = (*kv.shape[:2], plan.kv_layout.shard_length(coming), kv.shape[3])
-            buffer = kv.new_empty(shape)
-        recvs = [((r - 1) % P, buffer)] if buffer is not None else []
+        held, coming = (r - s + 1) % P, (r - s) % P
+        sends = [((r + 1) % P, current)] if current is not None and reach[held] >= s else []
+        buffer = _kv_buffer(plan, kv, coming) if reach[coming] >= s else None
+        recvs = [] if buffer is None else [((r - 1) % P, buffer)]
         works = exchange(sends, recvs, plan.group, plan.stats, "forward")
-        _use(plan, partials, blocks, q, current, head_dim, sending)  # overlaps the transfer
+        if current is not None and plan.need[r][held]:
+            _absorb(plan, partials, q, current, head_dim, held)  # overlaps the transfer
         for work in works:
             work.wait()
-        current = None if buffer is None else buffer.requires_grad_(kv.requires_grad)
-    _use(plan, partials, blocks, q, current, head_dim, (r - steps) % P)
-    out, lse = _finish(plan, partials, q, value_dim)
-    return out, lse, blocks
+        current = buffer
+    last = (r - steps) % P
+    if current is not None and plan.need[r][last]:
+        _absorb(plan, partials, q, current, head_dim, last)
+    return _finish(plan, partials, q, kv.shape[-1] - head_dim)
 
 
-def _use(
-    plan: _Plan,
-    partials: list[_Partial],
-    blocks: dict[int, Tensor],
-    q: Tensor,
-    block: Tensor | None,
-    head_dim: int,
-    origin: int,
-) -> None:
-    if block is None or origin in blocks:
-        return
-    blocks[origin] = block
-    if plan.need[plan.rank][origin]:
-        _absorb(plan, partials, q, block, head_dim, origin)
+def _kv_buffer(plan: _Plan, kv: Tensor, origin: int, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty ``(B, Hkv, n_origin, D + Dv)`` buffer for the K/V (or gradient) of ``origin``."""
+    shape = (*kv.shape[:2], plan.kv_layout.shard_length(origin), kv.shape[3])
+    return kv.new_empty(shape, dtype=dtype)
 
 
-def _backward_ring(plan: _Plan, kv: Tensor, grads: dict[int, Tensor | None]) -> Tensor:
-    """The forward hops in reverse: at step ``s`` (last first) rank ``r`` returns the gradient
-    accumulated for the block it received (origin ``r - s``) to ``r - 1``, and adds what
-    ``r + 1`` returns for the block it sent (origin ``r - s + 1``)."""
+# --- backward: each block recomputed, its gradients sent home ------------------------------------
+
+
+@dataclass
+class _Backward:
+    """What every block's backward reads and where its gradients go (stats dtype).
+
+    ``out``/``lse`` are the merged forward results, ``grad_out``/``grad_lse`` their gradients;
+    ``dq`` accumulates this rank's query gradient, ``leaves`` the gradients of the bias tensor
+    and the score function's learnable tensors (None until a block reads them).
+    """
+
+    plan: _Plan
+    q: Tensor
+    head_dim: int
+    out: Tensor  # (B, Hq, nq, Dv)
+    lse: Tensor  # (B, Hq, nq)
+    grad_out: Tensor
+    grad_lse: Tensor
+    dq: Tensor
+    inputs: list[Tensor]  # bias leaf (if it needs grad) and the score function's leaves
+    leaves: list[Tensor | None]
+
+    def block_grads(self, kv: Tensor, origin: int) -> Tensor | None:
+        """Gradient of the K/V block of ``origin`` (``kv``) from this rank's queries, or None
+        when no block of it is needed; ``dq`` and the leaves' gradients accumulate.
+
+        With ``w_i = exp(lse_i - lse)`` the merge gives ``dO_i = w_i dO`` and
+        ``dlse_i = w_i (rowsum(dO * (o_i - out)) + dlse)``: each block's call is rerun and
+        differentiated with those (so nothing but ``q, k, v, out, lse`` is kept from forward).
+        """
+        plan, sd = self.plan, self.out.dtype
+        if not plan.need[plan.rank][origin]:
+            return None
+        dkv = torch.zeros_like(kv, dtype=sd)
+        q_offset = 0
+        for q_range in plan.q_ranges(plan.rank):
+            rows = slice(q_offset, q_offset + q_range[1] - q_range[0])
+            q_offset = rows.stop
+            kv_offset = 0
+            for kv_range in plan.kv_ranges(origin):
+                cols = slice(kv_offset, kv_offset + kv_range[1] - kv_range[0])
+                kv_offset = cols.stop
+                if plan.state(q_range, kv_range) == EMPTY:
+                    continue
+                with torch.enable_grad():
+                    q_leaf = self.q[:, :, rows].detach().requires_grad_()
+                    kv_leaf = kv[:, :, cols].detach().requires_grad_()
+                    result = _block(plan, q_leaf, kv_leaf, self.head_dim, q_range, kv_range)
+                assert result is not None
+                grads = self._through(result, rows, [q_leaf, kv_leaf, *self.inputs])
+                self.dq[:, :, rows] += grads[0].to(sd)
+                dkv[:, :, cols] += grads[1].to(sd)
+                for n, g in enumerate(grads[2:]):
+                    total = self.leaves[n]
+                    self.leaves[n] = g if total is None else total + g
+        return dkv
+
+    def _through(
+        self, result: tuple[Tensor, Tensor], rows: slice, inputs: list[Tensor]
+    ) -> list[Tensor]:
+        out_i, lse_i = result
+        lse, out = self.lse[:, :, rows], self.out[:, :, rows]
+        safe = torch.where(torch.isfinite(lse), lse, 0.0)
+        weight = torch.exp(lse_i.detach() - safe)  # (B, Hq, n); 0 where the block sees nothing
+        grad_out = self.grad_out[:, :, rows]
+        spread = (grad_out * (out_i.detach().to(out.dtype) - out)).sum(-1)
+        grad_lse_i = weight * (spread + self.grad_lse[:, :, rows])
+        found = torch.autograd.grad(
+            (out_i, lse_i),
+            inputs,
+            (weight[..., None] * grad_out, grad_lse_i),
+            allow_unused=True,
+        )
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs, strict=True)]
+
+
+def _backward_all_gather(state: _Backward, kv: Tensor) -> Tensor:
+    """Gather the K/V again, differentiate every needed block, sum each rank's K/V gradient
+    over the ranks (one all-reduce) and keep this rank's."""
+    plan = state.plan
+    lengths = [plan.kv_layout.shard_length(r) for r in range(plan.world)]
+    gathered = all_gather_padded(kv, lengths, plan.group, plan.stats, "backward")
+    total = kv.new_zeros(
+        plan.world, *kv.shape[:2], max(lengths), kv.shape[3], dtype=state.out.dtype
+    )
+    for o in range(plan.world):
+        grad = state.block_grads(kv if o == plan.rank else gathered[o], o)
+        if grad is not None:
+            total[o, :, :, : lengths[o]] = grad
+    all_reduce_sum(total, plan.group, plan.stats, "backward")
+    return total[plan.rank, :, :, : lengths[plan.rank]]
+
+
+def _backward_ring(state: _Backward, kv: Tensor) -> Tensor:
+    """The forward's hops again, each block travelling with the gradient accumulated for it so
+    far; where a block's travel ends, its gradient goes home in one message. At step ``s``
+    rank ``r`` holds the block of origin ``r - s + 1``: it adds its own part, then passes block
+    and gradient on to ``r + 1`` (or the gradient home when the block goes no further)."""
+    plan = state.plan
     P, r = plan.world, plan.rank
     reach = _ring_reach(plan)
-    acc: dict[int, Tensor] = {}
-    for o, g in grads.items():
-        if g is not None:
-            acc[o] = g
-    for s in range(max(reach, default=0), 0, -1):
-        received, sent = (r - s) % P, (r - s + 1) % P
-        sends, recvs = [], []
-        if reach[received] >= s:
-            shape = (*kv.shape[:2], plan.kv_layout.shard_length(received), kv.shape[3])
-            sends.append(((r - 1) % P, acc.get(received, kv.new_zeros(shape))))
-        buffer = None
-        if reach[sent] >= s:
-            shape = (*kv.shape[:2], plan.kv_layout.shard_length(sent), kv.shape[3])
-            buffer = kv.new_empty(shape)
-            recvs.append(((r + 1) % P, buffer))
+    steps = max(reach, default=0)
+    sd = state.out.dtype
+    current: Tensor | None = kv
+    carried: Tensor | None = None  # the gradient travelling with the current block
+    own: Tensor | None = None  # this rank's K/V gradient, once it is home
+    for s in range(1, steps + 2):
+        held = (r - s + 1) % P
+        if current is not None:
+            grad = state.block_grads(current, held)
+            if grad is not None:
+                carried = grad if carried is None else carried + grad
+            if carried is None:
+                carried = torch.zeros_like(current, dtype=sd)
+        sends: list[tuple[int, Tensor]] = []
+        if current is not None and carried is not None:
+            if reach[held] >= s:
+                sends = [((r + 1) % P, current), ((r + 1) % P, carried)]
+            elif held != r:  # the block's travel ends here: its gradient goes home
+                sends = [(held, carried)]
+            else:  # this rank's own block, which never left
+                own = carried
+        recvs: list[tuple[int, Tensor]] = []
+        coming = (r - s) % P
+        buffer = grad_buffer = home = None
+        if s <= steps and reach[coming] >= s:
+            buffer = _kv_buffer(plan, kv, coming)
+            grad_buffer = _kv_buffer(plan, kv, coming, sd)
+            recvs += [((r - 1) % P, buffer), ((r - 1) % P, grad_buffer)]
+        if reach[r] > 0 and s == reach[r] + 1:
+            home = _kv_buffer(plan, kv, r, sd)
+            recvs.append(((r + reach[r]) % P, home))
         for work in exchange(sends, recvs, plan.group, plan.stats, "backward"):
             work.wait()
-        if buffer is not None:
-            acc[sent] = buffer if sent not in acc else acc[sent] + buffer
-    return acc.get(r, torch.zeros_like(kv))
+        if home is not None:
+            own = home
+        current, carried = buffer, grad_buffer
+    return torch.zeros_like(kv, dtype=sd) if own is None else own
 
 
 # --- autograd ------------------------------------------------------------------------------------
 
 
 class _ContextParallel(torch.autograd.Function):
-    """Forward: the method's communication and block calls, with an autograd graph of the
-    block calls and the merge kept on the side. Backward: that graph differentiated locally,
-    then the K/V gradients returned to their owners (one communication phase)."""
+    """Forward: the method's communication and block calls, keeping only ``q``, the local K/V,
+    the merged output and log-sum-exp. Backward: the blocks again (recomputed, as
+    FlashAttention recomputes its tiles), their gradients sent to the ranks that own the K/V."""
 
     @staticmethod
     def forward(
@@ -389,59 +462,59 @@ class _ContextParallel(torch.autograd.Function):
         q: Tensor,
         kv: Tensor,
         head_dim: int,
-        value_dim: int,
         bias: Tensor | None,
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        run = _run_ring if plan.method == "ring" else _run_all_gather
-        with torch.enable_grad():
-            q_leaf = q.detach().requires_grad_(q.requires_grad)
-            kv_leaf = kv.detach().requires_grad_(kv.requires_grad)
-            bias_leaf = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
-            local = plan if bias_leaf is None else _with_bias(plan, bias_leaf)
-            out, lse, blocks = run(local, q_leaf, kv_leaf, head_dim, value_dim)
-        ctx.graph = (out, lse, q_leaf, kv_leaf, bias_leaf, blocks, leaves)  # type: ignore[attr-defined]
+        run = _forward_ring if plan.method == "ring" else _forward_all_gather
+        local = plan if bias is None else _with_bias(plan, bias.detach())
+        out, lse = run(local, q.detach(), kv.detach(), head_dim)
+        ctx.save_for_backward(q, kv, out, lse)
         ctx.plan = plan  # type: ignore[attr-defined]
-        return out.detach().to(q.dtype), lse.detach()
+        ctx.head_dim = head_dim  # type: ignore[attr-defined]
+        ctx.bias = bias  # type: ignore[attr-defined]
+        ctx.leaves = leaves  # type: ignore[attr-defined]
+        return out.to(q.dtype), lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        out, lse, q_leaf, kv_leaf, bias_leaf, blocks, leaves = ctx.graph  # type: ignore[attr-defined]
+        q, kv, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
-        origins = [o for o, b in blocks.items() if b.requires_grad]
-        inputs = [q_leaf, bias_leaf, *leaves, *(blocks[o] for o in origins)]
-        wanted = [(n, t) for n, t in enumerate(inputs) if t is not None and t.requires_grad]
-        found: list[Tensor | None] = [None] * len(inputs)
-        targets = [t for t in (out, lse) if t.requires_grad]
-        if wanted and targets:
-            grads_out = [grad_out.to(out.dtype), grad_lse][: len(targets)]
-            got = torch.autograd.grad(
-                targets, [t for _, t in wanted], grads_out, allow_unused=True, retain_graph=True
-            )
-            for (n, _), g in zip(wanted, got, strict=True):
-                found[n] = g
-        block_grads = dict(zip(origins, found[2 + len(leaves) :], strict=True))
-        dkv = None
-        if kv_leaf.requires_grad:
-            back = _backward_ring if plan.method == "ring" else _backward_all_gather
-            dkv = back(plan, kv_leaf, block_grads)
-        leaf_grads = [
-            torch.zeros_like(leaf) if g is None else g
-            for g, leaf in zip(found[2 : 2 + len(leaves)], leaves, strict=True)
-        ]
-        ctx.graph = None  # type: ignore[attr-defined]
-        dq = found[0]
-        if dq is None and q_leaf.requires_grad:  # no row attends anything (or no rows)
-            dq = torch.zeros_like(q_leaf)
+        bias: Tensor | None = ctx.bias  # type: ignore[attr-defined]
+        leaves: tuple[Tensor, ...] = ctx.leaves  # type: ignore[attr-defined]
+        bias_leaf = None
+        if bias is not None:
+            bias_leaf = bias.detach().requires_grad_(bias.requires_grad)
+            plan = _with_bias(plan, bias_leaf)
+        learnable = [t for t in (bias_leaf, *leaves) if t is not None and t.requires_grad]
+        sd = out.dtype
+        state = _Backward(
+            plan=plan,
+            q=q.detach(),
+            head_dim=ctx.head_dim,  # type: ignore[attr-defined]
+            out=out,
+            lse=lse,
+            grad_out=grad_out.to(sd),
+            grad_lse=torch.where(torch.isfinite(lse), grad_lse.to(sd), 0.0),
+            dq=torch.zeros_like(q, dtype=sd),
+            inputs=learnable,
+            leaves=[None] * len(learnable),
+        )
+        back = _backward_ring if plan.method == "ring" else _backward_all_gather
+        dkv = back(state, kv.detach())
+        found = dict(zip([id(t) for t in learnable], state.leaves, strict=True))
+        bias_grad = None if bias_leaf is None else found.get(id(bias_leaf))
+        leaf_grads = [found.get(id(t)) for t in leaves]
         return (
             None,
-            dq,
-            dkv,
+            state.dq.to(q.dtype),
+            dkv.to(kv.dtype),
             None,
-            None,
-            found[1],
-            *leaf_grads,
+            None if bias_grad is None or bias is None else bias_grad.to(bias.dtype),
+            *[
+                torch.zeros_like(t) if g is None else g.to(t.dtype)
+                for g, t in zip(leaf_grads, leaves, strict=True)
+            ],
         )
 
 
@@ -584,13 +657,11 @@ def context_parallel_attention(
     leaves = _score_leaves(score_mod)
     differentiable = (q, kv, bias_tensor, *leaves)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        out, lse = _ContextParallel.apply(
-            plan, q, kv, k.shape[-1], v.shape[-1], bias_tensor, *leaves
-        )
-    else:  # inference: no graph to keep
-        run = _run_ring if method == "ring" else _run_all_gather
+        out, lse = _ContextParallel.apply(plan, q, kv, k.shape[-1], bias_tensor, *leaves)
+    else:  # inference: nothing to keep
+        run = _forward_ring if method == "ring" else _forward_all_gather
         with_bias = plan if bias_tensor is None else _with_bias(plan, bias_tensor)
-        out_sd, lse, _ = run(with_bias, q, kv, k.shape[-1], v.shape[-1])
+        out_sd, lse = run(with_bias, q, kv, k.shape[-1])
         out = out_sd.to(q.dtype)
     return (out, lse) if return_lse else out
 
