@@ -5,10 +5,10 @@
     python benchmarks/context_parallel.py --n 65536 --mask window --window 4096 --world 2
     python benchmarks/context_parallel.py --fit-mib 2048 --world 4 --mask causal
 
-Each rank reports the wall time of ``--repeat`` forward+backward passes (after one warm-up),
-its peak resident memory above what it held before the first pass (``ru_maxrss``; the process
-is fresh, so this is the attention's own peak), and the bytes it sent, beside the formula of
-``docs/parallel.md``. ``--world 1`` runs plain :func:`qkv.attention` on the whole sequence.
+Each rank reports the wall time of ``--repeat`` forward+backward passes (after a warm-up on a
+short sequence, which loads the kernel), its peak resident memory above what it held with its
+inputs in place (``ru_maxrss``: the attention's own peak, activations, gradients and buffers),
+and the bytes it sent per pass, beside the formula of ``docs/parallel.md``. ``--world 1`` runs plain :func:`qkv.attention` on the whole sequence.
 ``--fit-mib`` doubles ``N`` from ``--n`` while the peak of the most loaded rank stays within the
 budget and prints the longest ``N`` that fitted.
 
@@ -42,20 +42,14 @@ def _current_mib() -> float:
 
 
 def _inputs(args: argparse.Namespace, n: int, world: int, rank: int) -> list[torch.Tensor]:
-    from qkv import parallel as CP
+    """This rank's shards (random values; the whole sequence is never built, so it does not
+    count in the memory peak)."""
+    from qkv.parallel import SequenceLayout
 
-    g = torch.Generator().manual_seed(0)
-    shapes = [
-        (1, args.heads, n, args.dim),
-        (1, args.kv_heads, n, args.dim),
-        (1, args.kv_heads, n, args.dim),
-    ]
-    whole = [torch.randn(s, generator=g) for s in shapes]
-    if world == 1:
-        return [t.requires_grad_() for t in whole]
-    parts = [CP.shard(t, world, rank, layout=args.layout).clone() for t in whole]
-    del whole
-    return [t.requires_grad_() for t in parts]
+    length = SequenceLayout(n, world, args.layout).shard_length(rank)
+    g = torch.Generator().manual_seed(rank)
+    heads = (args.heads, args.kv_heads, args.kv_heads)
+    return [torch.randn(1, h, length, args.dim, generator=g).requires_grad_() for h in heads]
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,17 +61,16 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _formula(args: argparse.Namespace, n: int, world: int) -> int:
-    """Bytes a rank sends in forward + backward by the formulas of docs/parallel.md (no mask
-    pruning beyond the window's one hop; the causal contiguous ring's least and most loaded
-    ranks differ, this is the most loaded)."""
+    """Bytes the most loaded rank sends in forward + backward by the formulas of
+    docs/parallel.md: ``b`` is one shard's K and V (float32, so its gradient is ``b`` too)."""
     if world == 1:
         return 0
-    block = args.kv_heads * -(-n // world) * 2 * args.dim * 4  # K and V of one shard, float32
+    block = args.kv_heads * -(-n // world) * 2 * args.dim * 4
     if args.method == "all_gather":
-        return 3 * (world - 1) * block
+        return 4 * (world - 1) * block  # gather, gather again, all-reduce of P gradients
     if args.mask == "window" and args.window <= n // world:
-        return 2 * block
-    return 2 * (world - 1) * block
+        return (4 if world > 2 else 2) * block  # one hop; block + gradient, gradient home
+    return (3 * (world - 1) + 1) * block  # P - 1 hops; again with gradients; gradient home
 
 
 def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out: str) -> None:
@@ -89,26 +82,31 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-    q, k, v = _inputs(args, n, world, rank)
     opts = _options(args)
     stats = CP.CommStats()
 
-    def step() -> None:
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         if world == 1:
             o = qkv.attention(q, k, v, **opts)
         else:
             o = CP.attention(
-                q, k, v, layout=args.layout, method=args.method, lengths=(n, n), stats=stats, **opts
-            )
+                q, k, v, layout=args.layout, method=args.method, lengths=(length, length),
+                stats=stats, **opts,
+            )  # fmt: skip
         o.sum().backward()
 
+    # Warm-up on a small sequence: loads the CPU kernel and the communication buffers, so the
+    # resident-memory peak below is the attention's own.
+    small = 128 * world
+    step(*_inputs(args, small, world, rank), small)
+    stats.events.clear()
+    q, k, v = _inputs(args, n, world, rank)
     before = _current_mib()
-    step()  # warm-up (builds the CPU kernel on first use)
-    sent = stats.bytes_sent()
     start = time.perf_counter()
     for _ in range(args.repeat):
-        step()
+        step(q, k, v, n)
     seconds = (time.perf_counter() - start) / args.repeat
+    sent = stats.bytes_sent() // args.repeat
     record = {
         "rank": rank,
         "world": world,
