@@ -23,6 +23,7 @@ import qkv
 from qkv import masks as M
 from qkv import parallel as CP
 from qkv import scores as S
+from qkv.backends.block_mask import build_block_mask
 from qkv.nn import MultiHeadAttention
 
 TOLERANCE = 1e-10
@@ -384,3 +385,57 @@ def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     torch.testing.assert_close(both[1], whole[1], rtol=0, atol=1e-12)
     empty = CP.merge(a[0], a[1], a[0], a[1])
     assert torch.equal(empty[1], a[1]) and not empty[0].any()
+
+
+# --- one rank in this process: the same answers, and the errors ------------------------------------
+
+
+@pytest.fixture
+def one_rank() -> Any:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["ring", "all_gather"])
+def test_one_rank_is_plain_attention(one_rank: Any, method: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = M.document(_doc_ids(9)) & M.sliding_window(2)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    gold = qkv.attention(*whole, mask=mask, bias=S.alibi(2), backend="reference")
+    gold.sum().backward()
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = CP.attention(*local, mask=mask, bias=S.alibi(2), method=method, return_lse=True)
+    out.sum().backward()
+    torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
+    for a, b in zip(local, whole, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
+    assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
+    with torch.no_grad():  # inference keeps no graph and gives the same
+        torch.testing.assert_close(CP.attention(q, k, v, mask=mask, bias=S.alibi(2)), gold)
+
+
+def test_errors_name_the_argument(one_rank: Any) -> None:
+    q = torch.randn(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="method must be"):
+        CP.attention(q, q, q, method="tree")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="q holds 6 positions on rank 0"):
+        CP.attention(q, q, q, lengths=(8, 6))
+    with pytest.raises(ValueError, match="key_padding lengths"):
+        CP.attention(q, q, q, mask=M.key_padding([9]))
+    with pytest.raises(ValueError, match="does not broadcast to the whole sequence"):
+        CP.attention(q, q, q, mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        CP.attention(q, torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4))
+    block = build_block_mask(M.causal(), q_len=6, kv_len=6, tile_q=2, tile_kv=2)
+    with pytest.raises(TypeError, match="BlockMask"):
+        CP.attention(q, q, q, mask=block)
+    mha = MultiHeadAttention(8, 2, dropout=0.1)
+    mha.set_context_parallel(CP.ContextParallel())
+    with pytest.raises(ValueError, match="dropout"):
+        mha(torch.randn(1, 6, 8))
+    with pytest.raises(ValueError, match="need_weights"):
+        mha.eval()(torch.randn(1, 6, 8), need_weights=True)

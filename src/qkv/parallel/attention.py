@@ -460,17 +460,16 @@ class _ContextParallel(torch.autograd.Function):
         ctx: FunctionCtx,
         plan: _Plan,
         q: Tensor,
-        kv: Tensor,
-        head_dim: int,
+        k: Tensor,
+        v: Tensor,
         bias: Tensor | None,
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
         run = _forward_ring if plan.method == "ring" else _forward_all_gather
         local = plan if bias is None else _with_bias(plan, bias.detach())
-        out, lse = run(local, q.detach(), kv.detach(), head_dim)
-        ctx.save_for_backward(q, kv, out, lse)
+        out, lse = run(local, q.detach(), _packed(k, v), k.shape[-1])
+        ctx.save_for_backward(q, k, v, out, lse)  # k and v are the caller's: no copy kept
         ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.head_dim = head_dim  # type: ignore[attr-defined]
         ctx.bias = bias  # type: ignore[attr-defined]
         ctx.leaves = leaves  # type: ignore[attr-defined]
         return out.to(q.dtype), lse
@@ -478,7 +477,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        q, kv, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         bias: Tensor | None = ctx.bias  # type: ignore[attr-defined]
         leaves: tuple[Tensor, ...] = ctx.leaves  # type: ignore[attr-defined]
@@ -491,7 +490,7 @@ class _ContextParallel(torch.autograd.Function):
         state = _Backward(
             plan=plan,
             q=q.detach(),
-            head_dim=ctx.head_dim,  # type: ignore[attr-defined]
+            head_dim=k.shape[-1],
             out=out,
             lse=lse,
             grad_out=grad_out.to(sd),
@@ -501,21 +500,26 @@ class _ContextParallel(torch.autograd.Function):
             leaves=[None] * len(learnable),
         )
         back = _backward_ring if plan.method == "ring" else _backward_all_gather
-        dkv = back(state, kv.detach())
+        dkv = back(state, _packed(k, v))
         found = dict(zip([id(t) for t in learnable], state.leaves, strict=True))
         bias_grad = None if bias_leaf is None else found.get(id(bias_leaf))
         leaf_grads = [found.get(id(t)) for t in leaves]
         return (
             None,
             state.dq.to(q.dtype),
-            dkv.to(kv.dtype),
-            None,
+            dkv[..., : k.shape[-1]].to(k.dtype),
+            dkv[..., k.shape[-1] :].to(v.dtype),
             None if bias_grad is None or bias is None else bias_grad.to(bias.dtype),
             *[
                 torch.zeros_like(t) if g is None else g.to(t.dtype)
                 for g, t in zip(leaf_grads, leaves, strict=True)
             ],
         )
+
+
+def _packed(k: Tensor, v: Tensor) -> Tensor:
+    """``(B, Hkv, n, D + Dv)``: keys and values as one tensor, one message per block."""
+    return torch.cat([k.detach(), v.detach()], dim=-1)
 
 
 def _with_bias(plan: _Plan, bias: Tensor) -> _Plan:
@@ -653,15 +657,14 @@ def context_parallel_attention(
         stats=stats,
     )
     plan.need.extend(_needs(plan))
-    kv = torch.cat([k, v], dim=-1)  # (B, Hkv, nk, D + Dv): one message per block
     leaves = _score_leaves(score_mod)
-    differentiable = (q, kv, bias_tensor, *leaves)
+    differentiable = (q, k, v, bias_tensor, *leaves)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        out, lse = _ContextParallel.apply(plan, q, kv, k.shape[-1], bias_tensor, *leaves)
+        out, lse = _ContextParallel.apply(plan, q, k, v, bias_tensor, *leaves)
     else:  # inference: nothing to keep
         run = _forward_ring if method == "ring" else _forward_all_gather
         with_bias = plan if bias_tensor is None else _with_bias(plan, bias_tensor)
-        out_sd, lse = run(with_bias, q, kv, k.shape[-1])
+        out_sd, lse = run(with_bias, q, _packed(k, v), k.shape[-1])
         out = out_sd.to(q.dtype)
     return (out, lse) if return_lse else out
 
