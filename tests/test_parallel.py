@@ -130,6 +130,44 @@ def _run_case(name: str, world: int, rank: int, layout: str, method: str) -> dic
     return errors
 
 
+DTYPE_CASES = ["causal_top_left", "documents", "alibi", "window_both_sides", "gqa"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _run_dtype_case(
+    name: str, world: int, rank: int, layout: str, dtype: torch.dtype
+) -> dict[str, list[float]]:
+    """Errors against the float64 gold of the context-parallel result in ``dtype`` and of
+    single-process ``qkv.attention`` in ``dtype`` (the same-dtype control), per tensor."""
+    batch, hq, hkv, nq, nk, _ = CASES[name]
+    g = torch.Generator().manual_seed(len(name) + 1)
+    q = torch.randn(batch, hq, nq, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, hkv, nk, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, hkv, nk, 16, generator=g, dtype=torch.float64)
+    grad = torch.randn(batch, hq, nq, 16, generator=g, dtype=torch.float64)
+    results = []
+    for run_dtype, parallel in ((torch.float64, False), (dtype, False), (dtype, True)):
+        opts = _options(name, hq, nq, nk, batch)
+        tensors = [t.detach().to(run_dtype).clone() for t in (q, k, v)]
+        if parallel:
+            leaves = [CP.shard(t, world, rank, layout=layout).requires_grad_() for t in tensors]
+            out = CP.attention(*leaves, layout=layout, **opts)
+            (out * CP.shard(grad, world, rank, layout=layout).to(dtype)).sum().backward()
+            found = [out.detach(), *(t.grad for t in leaves)]
+        else:
+            leaves = [t.requires_grad_() for t in tensors]
+            out = qkv.attention(*leaves, **opts)
+            (out * grad.to(run_dtype)).sum().backward()
+            whole = [out.detach(), *(t.grad for t in leaves)]
+            found = [CP.shard(t, world, rank, layout=layout) for t in whole]
+        results.append([t.double() for t in found])
+    gold, plain, mine = results
+    return {
+        label: [_diff(m, g_), _diff(p, g_)]
+        for label, g_, p, m in zip(("out", "dq", "dk", "dv"), gold, plain, mine, strict=True)
+    }
+
+
 def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     if a is None or b is None:
         return float("inf")
@@ -251,6 +289,11 @@ def _worker(
                 records[f"{name}/{layout}/{method}"] = _run_case(name, world, rank, layout, method)
         if world == 2:
             records["train"] = _train(world, rank, "zigzag", "ring")
+            for dtype_name, dtype in DTYPES.items():
+                for name in DTYPE_CASES:
+                    for layout in ("contiguous", "zigzag"):
+                        key = f"dtype/{dtype_name}/{name}/{layout}"
+                        records[key] = _run_dtype_case(name, world, rank, layout, dtype)
         n = 8 * world
         records["count/ring/none"] = _count(world, rank, "ring", {}, n)
         records["count/ring/window"] = _count(world, rank, "ring", {"mask": M.sliding_window(5)}, n)
@@ -325,12 +368,33 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     records = _spawn(tmp_path, 2, cases, ALL_COMBOS)
     _check_matches(records, cases, ALL_COMBOS)
     _check_counts(records, 2)
+    _check_dtypes(records)
     for found in records:  # a small model trains the same on two processes as on one
         losses = found["train"]["losses"]
         assert losses["one"][-1] < losses["one"][0]
         for a, b in zip(losses["one"], losses["parallel"], strict=True):
             assert abs(a - b) < TOLERANCE
         assert found["train"]["parameters"] < TOLERANCE
+
+
+#: The suite's same-dtype rule: error against float64 within a multiple of the same-dtype
+#: single-process error (FlexAttention's tests use 10x for float32; half precision gets 3x
+#: here because each block's output is rounded once before the float32 merge), plus a floor for
+#: the rows where the control happens to be exact.
+DTYPE_RULE = {"float32": (10.0, 1e-8), "bfloat16": (3.0, 1e-4)}
+
+
+def _check_dtypes(records: list[dict]) -> None:
+    failures = []
+    for rank, found in enumerate(records):
+        for key, errors in found.items():
+            if not key.startswith("dtype/"):
+                continue
+            multiple, floor = DTYPE_RULE[key.split("/")[1]]
+            for label, (mine, plain) in errors.items():
+                if mine > multiple * plain + floor:
+                    failures.append(f"rank {rank} {key} {label}: {mine:.2e} vs control {plain:.2e}")
+    assert not failures, "\n".join(failures)
 
 
 FOUR_CASES = ["causal_bottom_right_cross", "documents_causal", "relative_bias", "gqa", "tiny"]

@@ -329,9 +329,10 @@ class _Backward:
     inputs: list[Tensor]  # bias leaf (if it needs grad) and the score function's leaves
     leaves: list[Tensor | None]
 
-    def block_grads(self, kv: Tensor, origin: int) -> Tensor | None:
-        """Gradient of the K/V block of ``origin`` (``kv``) from this rank's queries, or None
-        when no block of it is needed; ``dq`` and the leaves' gradients accumulate.
+    def block_grads(self, kv: Tensor, origin: int, into: Tensor) -> None:
+        """Add the gradient of the K/V block of ``origin`` (``kv``) from this rank's queries
+        to ``into`` (nothing when no block of it is needed); ``dq`` and the leaves' gradients
+        accumulate too.
 
         With ``w_i = exp(lse_i - lse)`` the merge gives ``dO_i = w_i dO`` and
         ``dlse_i = w_i (rowsum(dO * (o_i - out)) + dlse)``: each block's call is rerun and
@@ -339,8 +340,7 @@ class _Backward:
         """
         plan, sd = self.plan, self.out.dtype
         if not plan.need[plan.rank][origin]:
-            return None
-        dkv = torch.zeros_like(kv, dtype=sd)
+            return
         q_offset = 0
         for q_range in plan.q_ranges(plan.rank):
             rows = slice(q_offset, q_offset + q_range[1] - q_range[0])
@@ -358,11 +358,10 @@ class _Backward:
                 assert result is not None
                 grads = self._through(result, rows, [q_leaf, kv_leaf, *self.inputs])
                 self.dq[:, :, rows] += grads[0].to(sd)
-                dkv[:, :, cols] += grads[1].to(sd)
+                into[:, :, cols] += grads[1].to(sd)
                 for n, g in enumerate(grads[2:]):
                     total = self.leaves[n]
                     self.leaves[n] = g if total is None else total + g
-        return dkv
 
     def _through(
         self, result: tuple[Tensor, Tensor], rows: slice, inputs: list[Tensor]
@@ -393,9 +392,7 @@ def _backward_all_gather(state: _Backward, kv: Tensor) -> Tensor:
         plan.world, *kv.shape[:2], max(lengths), kv.shape[3], dtype=state.out.dtype
     )
     for o in range(plan.world):
-        grad = state.block_grads(kv if o == plan.rank else gathered[o], o)
-        if grad is not None:
-            total[o, :, :, : lengths[o]] = grad
+        state.block_grads(kv if o == plan.rank else gathered[o], o, total[o, :, :, : lengths[o]])
     all_reduce_sum(total, plan.group, plan.stats, "backward")
     return total[plan.rank, :, :, : lengths[plan.rank]]
 
@@ -416,11 +413,9 @@ def _backward_ring(state: _Backward, kv: Tensor) -> Tensor:
     for s in range(1, steps + 2):
         held = (r - s + 1) % P
         if current is not None:
-            grad = state.block_grads(current, held)
-            if grad is not None:
-                carried = grad if carried is None else carried + grad
             if carried is None:
                 carried = torch.zeros_like(current, dtype=sd)
+            state.block_grads(current, held, carried)  # accumulates in place
         sends: list[tuple[int, Tensor]] = []
         if current is not None and carried is not None:
             if reach[held] >= s:
