@@ -472,14 +472,15 @@ def test_one_rank_is_plain_attention(one_rank: Any, method: str) -> None:
     gold = qkv.attention(*whole, mask=mask, bias=S.alibi(2), backend="reference")
     gold.sum().backward()
     local = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = CP.attention(*local, mask=mask, bias=S.alibi(2), method=method, return_lse=True)
+    opts = {"mask": mask, "bias": S.alibi(2), "method": method, "backend": "chunked"}
+    out, lse = CP.attention(*local, return_lse=True, **opts)
     out.sum().backward()
     torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
     for a, b in zip(local, whole, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
     assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
     with torch.no_grad():  # inference keeps no graph and gives the same
-        torch.testing.assert_close(CP.attention(q, k, v, mask=mask, bias=S.alibi(2)), gold)
+        torch.testing.assert_close(CP.attention(q, k, v, **opts), gold)
 
 
 def test_errors_name_the_argument(one_rank: Any) -> None:
