@@ -157,15 +157,14 @@ def _ring_reach(plan: _Plan) -> list[int]:
 
 
 def _block(
-    plan: _Plan, q: Tensor, kv: Tensor, head_dim: int, q_range: Range, kv_range: Range
+    plan: _Plan, q: Tensor, k: Tensor, v: Tensor, q_range: Range, kv_range: Range
 ) -> tuple[Tensor, Tensor] | None:
-    """Attention of local queries ``q`` (global positions ``q_range``) over the packed K/V
-    block ``kv`` (global positions ``kv_range``): ``(out, lse)``, or None when the mask hides
+    """Attention of local queries ``q`` (global positions ``q_range``) over the keys and values
+    ``k``, ``v`` (global positions ``kv_range``): ``(out, lse)``, or None when the mask hides
     the whole block."""
     state = plan.state(q_range, kv_range)
     if state == EMPTY:
         return None
-    k, v = kv[..., :head_dim], kv[..., head_dim:]
     mask = None if plan.mask is None or state == FULL else plan.mask.block(q_range, kv_range)
     bias: BiasArg = None
     if plan.score_mod is not None:
@@ -257,7 +256,8 @@ def _absorb(
         for kv_range in plan.kv_ranges(origin):
             n = kv_range[1] - kv_range[0]
             piece = kv[:, :, offset : offset + n]
-            partial.add(_block(plan, q_piece, piece, head_dim, q_range, kv_range))
+            k, v = piece[..., :head_dim], piece[..., head_dim:]
+            partial.add(_block(plan, q_piece, k, v, q_range, kv_range))
             offset += n
 
 
@@ -351,15 +351,18 @@ class _Backward:
                 kv_offset = cols.stop
                 if plan.state(q_range, kv_range) == EMPTY:
                     continue
-                with torch.enable_grad():
+                d = self.head_dim
+                with torch.enable_grad():  # separate leaves: no (n, D + Dv) zeros per slice
                     q_leaf = self.q[:, :, rows].detach().requires_grad_()
-                    kv_leaf = kv[:, :, cols].detach().requires_grad_()
-                    result = _block(plan, q_leaf, kv_leaf, self.head_dim, q_range, kv_range)
+                    k_leaf = kv[:, :, cols, :d].detach().requires_grad_()
+                    v_leaf = kv[:, :, cols, d:].detach().requires_grad_()
+                    result = _block(plan, q_leaf, k_leaf, v_leaf, q_range, kv_range)
                 assert result is not None
-                grads = self._through(result, rows, [q_leaf, kv_leaf, *self.inputs])
+                grads = self._through(result, rows, [q_leaf, k_leaf, v_leaf, *self.inputs])
                 self.dq[:, :, rows] += grads[0].to(sd)
-                into[:, :, cols] += grads[1].to(sd)
-                for n, g in enumerate(grads[2:]):
+                into[:, :, cols, :d] += grads[1].to(sd)
+                into[:, :, cols, d:] += grads[2].to(sd)
+                for n, g in enumerate(grads[3:]):
                     total = self.leaves[n]
                     self.leaves[n] = g if total is None else total + g
 
