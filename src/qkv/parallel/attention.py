@@ -587,7 +587,9 @@ def context_parallel_attention(
     r"""Exact attention over a sequence sharded across the ranks of ``group``.
 
     Every rank calls it with its own shards; the result is this rank's shard of what
-    :func:`qkv.attention` gives on the whole sequence (forward and backward).
+    :func:`qkv.attention` gives on the whole sequence (forward and backward). Every rank must
+    pass the same mask, bias, causal, layout and method (each rank derives from them, alone,
+    which blocks are exchanged), and run backward when the others do.
 
     Args:
         q: ``(B, Hq, nq, D)`` this rank's queries: its shard (``layout``) of ``Nq`` queries.
