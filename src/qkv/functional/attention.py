@@ -133,8 +133,8 @@ def attention(
             inputs), ``-inf`` on a row with no key to attend to. It is differentiable: gradients
             flow through it as well as through the output. Partial results over disjoint key
             sets merge exactly through it (what :mod:`qkv.parallel` does). Served by the
-            backends that compute it (reference, chunked; the CPU kernel without gradients);
-            another backend named explicitly raises.
+            backends that compute it (reference, chunked, cpu); another backend named
+            explicitly raises, and `auto` passes it over.
         backend: ``"auto"`` (see :func:`explain`), or a registered name such as ``"reference"``
             or ``"sdpa"``; a named backend that cannot serve the call raises with its reason.
 
