@@ -134,7 +134,9 @@ def attention(
             flow through it as well as through the output. Partial results over disjoint key
             sets merge exactly through it (what :mod:`qkv.parallel` does). Served by the
             backends that compute it (reference, chunked, cpu); another backend named
-            explicitly raises, and `auto` passes it over.
+            explicitly raises, and ``auto`` passes it over. (An ALiBi offset beyond
+            ``Nq + Nk`` is first brought within it, which shifts each row's scores, and so its
+            log-sum-exp, by one constant: see :meth:`qkv.scores.Alibi.for_call`.)
         backend: ``"auto"`` (see :func:`explain`), or a registered name such as ``"reference"``
             or ``"sdpa"``; a named backend that cannot serve the call raises with its reason.
 
