@@ -49,6 +49,17 @@ def _own_mask() -> M.MaskFn:
     return M.mask_function(lambda b, h, q, kv: (q + 2 * kv) % 3 != 0)
 
 
+def _own_learnable(hq: int) -> dict[str, Any]:
+    """A score function of your own closing over a tensor that requires grad."""
+    slope = torch.randn(hq, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    slope.requires_grad_()
+
+    def fn(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor):
+        return s + slope[h] * torch.tanh((q - kv).to(s.dtype) / 3)
+
+    return {"bias": S.ScoreMod(fn, "own_learnable", additive=True), "learnable": slope}
+
+
 def _window_or_prefix(hq: int) -> dict[str, Any]:
     return {"mask": M.sliding_window(1) | M.prefix_lm(2), "bias": S.alibi(hq)}
 
@@ -75,6 +86,7 @@ CASES: dict[str, Case] = {
     "mask_tensor": (1, 2, 2, 10, 10, lambda hq, nq, nk: {"mask": "tensor"}),
     "own_mask": (1, 2, 2, 11, 11, lambda hq, nq, nk: {"mask": _own_mask()}),
     "window_or_prefix": (1, 2, 2, 12, 12, lambda hq, nq, nk: _window_or_prefix(hq)),
+    "own_learnable_bias": (1, 2, 2, 11, 11, lambda hq, nq, nk: _own_learnable(hq)),
     "tiny": (1, 2, 2, 3, 3, lambda hq, nq, nk: {"causal": True}),  # fewer positions than ranks
 }
 
@@ -91,7 +103,10 @@ def _options(name: str, hq: int, nq: int, nk: int, batch: int) -> dict[str, Any]
 
 
 def _replicated(opts: dict[str, Any]) -> torch.Tensor | None:
-    """The tensor every rank holds whose gradient is compared summed over ranks."""
+    """The tensor every rank holds whose gradient is compared summed over ranks (taken out of
+    ``opts`` when it is only named there)."""
+    if "learnable" in opts:
+        return opts.pop("learnable")
     bias = opts.get("bias")
     if isinstance(bias, torch.Tensor):
         return bias
@@ -109,20 +124,20 @@ def _run_case(name: str, world: int, rank: int, layout: str, method: str) -> dic
     grad = torch.randn(batch, hq, nq, 6, generator=g, dtype=torch.float64)
 
     opts = _options(name, hq, nq, nk, batch)
+    shared = _replicated(opts)
     whole = [t.clone().requires_grad_() for t in (q, k, v)]
     gold = qkv.attention(*whole, backend="reference", **opts)
     (gold * grad).sum().backward()
-    shared = _replicated(opts)
     gold_shared = None if shared is None else shared.grad.clone()
 
     opts = _options(name, hq, nq, nk, batch)  # fresh tensors and tables
+    shared = _replicated(opts)
     local = [CP.shard(t, world, rank, layout=layout).requires_grad_() for t in (q, k, v)]
     out = CP.attention(*local, layout=layout, method=method, **opts)
     (out * CP.shard(grad, world, rank, layout=layout)).sum().backward()
     errors = {"out": _diff(out, CP.shard(gold, world, rank, layout=layout))}
     for label, mine, ref in zip(("dq", "dk", "dv"), local, whole, strict=True):
         errors[label] = _diff(mine.grad, CP.shard(ref.grad, world, rank, layout=layout))
-    shared = _replicated(opts)
     if shared is not None:
         total = shared.grad.clone()
         dist.all_reduce(total)
@@ -148,6 +163,7 @@ def _run_dtype_case(
     results = []
     for run_dtype, parallel in ((torch.float64, False), (dtype, False), (dtype, True)):
         opts = _options(name, hq, nq, nk, batch)
+        _replicated(opts)
         tensors = [t.detach().to(run_dtype).clone() for t in (q, k, v)]
         if parallel:
             leaves = [CP.shard(t, world, rank, layout=layout).requires_grad_() for t in tensors]
