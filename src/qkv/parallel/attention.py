@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, TypeAlias, overload
 
 import torch
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from qkv import masks as M
+from qkv.backends.block_mask import BlockMask
 from qkv.functional.attention import attention as attention_call
 from qkv.mask_core import EMPTY, FULL, MaskFn, classify_tiles
 from qkv.parallel.comm import CommStats, all_gather_padded, all_reduce_sum, exchange
@@ -117,7 +118,7 @@ class _Plan:
     backend: str
     method: Method
     stats: CommStats | None
-    need: list[list[bool]] = field(default_factory=list)  # need[r][o]: r reads o's K/V
+    need: tuple[tuple[bool, ...], ...] = ()  # need[r][o]: rank r reads the K/V of rank o
 
     def q_ranges(self, rank: int) -> list[Range]:
         return self.q_layout.ranges(rank)
@@ -133,14 +134,16 @@ class _Plan:
         return int(classify_tiles(self.mask, *bounds)[0, 0])
 
 
-def _needs(plan: _Plan) -> list[list[bool]]:
-    return [
-        [
+def _needs(plan: _Plan) -> tuple[tuple[bool, ...], ...]:
+    """Whether rank ``r``'s queries see any key of rank ``o``, for every pair: the same on
+    every rank, since it is worked out from the whole mask and the layouts alone."""
+    return tuple(
+        tuple(
             any(plan.state(qr, kr) != EMPTY for qr in plan.q_ranges(r) for kr in plan.kv_ranges(o))
             for o in range(plan.world)
-        ]
+        )
         for r in range(plan.world)
-    ]
+    )
 
 
 def _ring_reach(plan: _Plan) -> list[int]:
@@ -656,8 +659,8 @@ def context_parallel_attention(
         method=method,
         stats=stats,
     )
-    plan.need.extend(_needs(plan))
-    leaves = _score_leaves(score_mod)
+    plan = dataclasses.replace(plan, need=_needs(plan))
+    leaves = _score_leaves(score_mod, q.device)
     differentiable = (q, k, v, bias_tensor, *leaves)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
         out, lse = _ContextParallel.apply(plan, q, k, v, bias_tensor, *leaves)
@@ -734,19 +737,13 @@ def _whole_mask(
         if not callable(mask):
             raise TypeError(f"mask must be a bool tensor, a mask function or None; got {mask!r}")
         fn = M.mask_function(mask)
-        if isinstance(fn, _block_mask_type()):
+        if isinstance(fn, BlockMask):
             raise TypeError(
                 "mask: a BlockMask is built for one call's tiles; pass the mask it summarises"
             )
         fn.check_call(batch, heads, q_len, kv_len, device)
         parts.append(fn)
     return M.and_masks(*parts) if parts else None
-
-
-def _block_mask_type() -> type:
-    from qkv.backends.block_mask import BlockMask
-
-    return BlockMask
 
 
 def _global_bias(
@@ -770,7 +767,9 @@ def _global_bias(
     raise TypeError(f"bias must be a float tensor, a score function or None; got {bias!r}")
 
 
-def _score_leaves(score_mod: Callable[..., Tensor] | None) -> tuple[Tensor, ...]:
+def _score_leaves(
+    score_mod: Callable[..., Tensor] | None, device: torch.device
+) -> tuple[Tensor, ...]:
     """Tensors requiring grad that the score function reads (a table's parameter, a tensor it
     closes over): found by running it on one score and walking the graph to its leaves."""
     if score_mod is None or not torch.is_grad_enabled():
@@ -778,9 +777,8 @@ def _score_leaves(score_mod: Callable[..., Tensor] | None) -> tuple[Tensor, ...]
     found: dict[int, Tensor] = {}
     if isinstance(score_mod, nn.Module):
         found.update((id(p), p) for p in score_mod.parameters() if p.requires_grad)
-    zero = torch.zeros((), dtype=torch.long)
-    index = (zero.view(1, 1, 1, 1),) * 4
-    probe = score_mod(torch.zeros(1, 1, 1, 1), *index)
+    index = (torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),) * 4
+    probe = score_mod(torch.zeros(1, 1, 1, 1, device=device), *index)
     stack = [probe.grad_fn] if isinstance(probe, Tensor) and probe.requires_grad else []
     while stack:
         node = stack.pop()
