@@ -291,6 +291,32 @@ def _train(world: int, rank: int, layout: str, method: str) -> dict[str, Any]:
     }
 
 
+def _mesh(world: int, rank: int) -> dict[str, Any]:
+    """A 2 x 2 data x context mesh: ranks {0, 1} and {2, 3} each shard one sequence of their
+    own over a subgroup (whose ranks are not the world's), and match one process on it."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank builds both
+    group, data = groups[rank // 2], rank // 2
+    local_rank = rank % 2
+    found: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(100 + data)  # another sequence per data-parallel row
+    q, k, v = (torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = M.document(_doc_ids(9))
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    gold = qkv.attention(*whole, mask=mask, causal=True, backend="reference")
+    gold.sum().backward()
+    for method in ("ring", "all_gather"):
+        local = [CP.shard(t, 2, local_rank, layout="zigzag").requires_grad_() for t in (q, k, v)]
+        out = CP.attention(
+            *local, mask=mask, causal=True, group=group, layout="zigzag", method=method
+        )
+        out.sum().backward()
+        errors = {"out": _diff(out, CP.shard(gold, 2, local_rank, layout="zigzag"))}
+        for label, mine, ref in zip(("dq", "dk", "dv"), local, whole, strict=True):
+            errors[label] = _diff(mine.grad, CP.shard(ref.grad, 2, local_rank, layout="zigzag"))
+        found[method] = errors
+    return found
+
+
 def _worker(
     rank: int, world: int, port: int, out: str, cases: list[str], combos: list[list[str]]
 ) -> None:
@@ -303,6 +329,8 @@ def _worker(
         for layout, method in combos:
             for name in cases:
                 records[f"{name}/{layout}/{method}"] = _run_case(name, world, rank, layout, method)
+        if world == 4:
+            records["mesh"] = _mesh(world, rank)
         if world == 2:
             records["train"] = _train(world, rank, "zigzag", "ring")
             for dtype_name, dtype in DTYPES.items():
@@ -421,6 +449,9 @@ FOUR_COMBOS = [["contiguous", "ring"], ["zigzag", "ring"], ["zigzag", "all_gathe
 def test_four_processes_match_one_process(tmp_path: Path) -> None:
     records = _spawn(tmp_path, 4, FOUR_CASES, FOUR_COMBOS)
     _check_matches(records, FOUR_CASES, FOUR_COMBOS)
+    for rank, found in enumerate(records):  # context parallel over subgroups of a mesh
+        for method, errors in found["mesh"].items():
+            assert max(errors.values()) < TOLERANCE, (rank, method, errors)
     _check_counts(records, 4)
 
 
