@@ -63,6 +63,7 @@ from qkv.mask_core import (
     MaskFn,
     MaskFunction,
     and_masks,
+    block_name,
     broadcasts,
     check_mask_output,
     classify_tiles,
@@ -164,6 +165,13 @@ class Band(MaskFn):
         lo = q + self.low if self.low is not None else torch.zeros_like(q)
         hi = q + self.high if self.high is not None else torch.full_like(q, kv_len)
         return KernelMask.interval(lo, hi, q_len, kv_len)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Band:
+        # kv - q = (j + k0) - (i + q0): the band of the block is this one moved by q0 - k0.
+        shift = q_range[0] - kv_range[0]
+        low = None if self.low is None else self.low + shift
+        high = None if self.high is None else self.high + shift
+        return Band(low, high, block_name(self.name, q_range, kv_range))
 
 
 def causal(offset: int = 0) -> Band:
@@ -321,6 +329,11 @@ class KeyPadding(MaskFn):
     def lower(self, batch: int, q_len: int, kv_len: int) -> KernelMask:
         return KernelMask.interval(torch.zeros(1, 1), _per_row(self.lengths, batch), q_len, kv_len)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> KeyPadding:
+        # Clamping to the block's keys changes no answer inside it.
+        local = (self.lengths - kv_range[0]).clamp(0, kv_range[1] - kv_range[0])
+        return KeyPadding(local)
+
 
 class QueryPadding(MaskFn):
     """Queries ``i >= lengths[b]`` are padding (see :func:`query_padding`)."""
@@ -345,6 +358,9 @@ class QueryPadding(MaskFn):
         valid = torch.arange(q_len).view(1, q_len) < _per_row(self.lengths, batch)  # (B, Nq)
         return KernelMask.interval(torch.zeros(1, 1), torch.where(valid, kv_len, 0), q_len, kv_len)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> QueryPadding:
+        return QueryPadding((self.lengths - q_range[0]).clamp(0, q_range[1] - q_range[0]))
+
 
 class PrefixLM(MaskFn):
     """Keys ``j < lengths[b]`` are seen by every query; after them, causal (see
@@ -365,6 +381,13 @@ class PrefixLM(MaskFn):
         return KernelMask.interval(
             torch.zeros(1, 1), torch.maximum(q + 1, _per_row(self.lengths, batch)), q_len, kv_len
         )
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        # kv < length, or kv <= q: the block's keys below length - k0, or a causal band moved
+        # by q0 - k0.
+        prefix = KeyPadding((self.lengths - kv_range[0]).clamp(0, kv_range[1] - kv_range[0]))
+        shift = q_range[0] - kv_range[0]
+        return or_masks(prefix, Band(None, shift + 1, block_name("causal()", q_range, kv_range)))
 
 
 def key_padding(lengths: Tensor | list[int]) -> KeyPadding:
@@ -476,6 +499,13 @@ class Document(MaskFn):
             doc_k=self.k_ids[:, :kv_len].cpu().contiguous(),
         )
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Document:
+        return Document(
+            self.q_ids[:, q_range[0] : q_range[1]],
+            self.k_ids[:, kv_range[0] : kv_range[1]],
+            self_attention=False,
+        )
+
 
 def document(query_ids: Tensor, key_ids: Tensor | None = None) -> Document:
     """Packed sequences: a query attends only to keys of the same document.
@@ -582,6 +612,12 @@ class Dense(MaskFn):
 
     def lower(self, batch: int, q_len: int, kv_len: int) -> KernelMask:
         return KernelMask(dense=self.tensor)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Dense:
+        t = self.tensor
+        rows = slice(*q_range) if t.shape[-2] > 1 else slice(None)
+        cols = slice(*kv_range) if t.shape[-1] > 1 else slice(None)
+        return Dense(t[..., rows, cols], self.label)
 
 
 def dense(mask: Tensor, name: str = "dense") -> Dense:

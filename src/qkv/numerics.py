@@ -13,7 +13,7 @@ from torch import Tensor
 
 from qkv.request import stats_dtype
 
-__all__ = ["grouped_matmul", "masked_softmax", "masked_softmax_upcast"]
+__all__ = ["grouped_matmul", "masked_logsumexp", "masked_softmax", "masked_softmax_upcast"]
 
 
 def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -58,3 +58,23 @@ def masked_softmax_upcast(scores: Tensor, keep: Tensor | None) -> Tensor:
     inputs, the input dtype otherwise) and returned in ``scores``' dtype; ``keep`` (True =
     attend) broadcasts against ``scores``."""
     return masked_softmax(scores.to(stats_dtype(scores.dtype)), keep).to(scores.dtype)
+
+
+def masked_logsumexp(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """``log sum exp`` over the last dim where ``mask`` is True: ``(..., N)`` -> ``(...)``.
+
+    ``-inf`` on a row with nothing to attend (with zero, never NaN, gradients there); NaN on a
+    row whose attended scores hold a NaN or ``+inf``, the rule of :func:`masked_softmax`.
+    """
+    if scores.shape[-1] == 0:
+        return scores.new_full(scores.shape[:-1], float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    poisoned = row_max.isnan() | (row_max == float("inf"))
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    total = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
+    attended = (total > 0) & ~poisoned
+    lse = row_max + torch.log(torch.where(attended, total, torch.ones_like(total)))
+    lse = torch.where(attended, lse, float("-inf"))
+    return torch.where(poisoned, float("nan"), lse).squeeze(-1)

@@ -66,6 +66,8 @@ class AttentionRequest:
         scale: multiplies ``q k^T``.
         dropout_p: probability of zeroing an attention weight.
         return_weights: whether the caller wants the ``(B, Hq, Nq, Nk)`` probabilities.
+        return_lse: whether the caller wants each row's log-sum-exp ``(B, Hq, Nq)`` (a backend
+            serves it through ``forward_lse``; see :mod:`qkv.backends.registry`).
     """
 
     q: Tensor
@@ -78,6 +80,7 @@ class AttentionRequest:
     scale: float
     dropout_p: float
     return_weights: bool
+    return_lse: bool = False
 
     # --- sizes ------------------------------------------------------------------------------
     @property
@@ -301,6 +304,8 @@ class AttentionRequest:
             parts.append(f"dropout_p={self.dropout_p}")
         if self.return_weights:
             parts.append("return_weights")
+        if self.return_lse:
+            parts.append("return_lse")
         return ", ".join(parts)
 
 
@@ -332,6 +337,7 @@ def build_request(
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    return_lse: bool = False,
 ) -> AttentionRequest:
     """Validate the arguments of :func:`qkv.attention` and bundle them. Raises ``TypeError`` or
     ``ValueError`` naming the argument and the shapes or values involved."""
@@ -350,6 +356,7 @@ def build_request(
         scale=_check_scale(scale, q.shape[-1]),
         dropout_p=_check_dropout(dropout_p),
         return_weights=bool(return_weights),
+        return_lse=bool(return_lse),
     )
 
 

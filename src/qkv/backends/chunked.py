@@ -71,7 +71,7 @@ from qkv.backends.block_mask import (
     build_block_mask,
     default_tile_sizes,
 )
-from qkv.backends.reference import reference_attention, reference_gradients
+from qkv.backends.reference import reference_attention_lse, reference_gradients
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
@@ -81,6 +81,7 @@ __all__ = [
     "TileCounters",
     "build_block_mask",
     "chunked_attention",
+    "chunked_attention_lse",
     "default_tile_sizes",
 ]
 
@@ -321,7 +322,14 @@ class _QueryTile:
     nan_rows: bool = False  # some row's lse is NaN (an attended NaN score)
 
 
-def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _Grads) -> None:
+def _backward(
+    plan: _Plan,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    grads: _Grads,
+    grad_lse: Tensor | None = None,
+) -> None:
     """Recompute every visited tile and accumulate gradients (FlashAttention-2, Algorithm 2).
 
     With ``P = exp(S - lse)`` recomputed from the saved log-sum-exp::
@@ -332,10 +340,15 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
     The loop runs over query tiles outside and key tiles inside (FlashAttention-2 runs key tiles
     outside to avoid atomic adds on a GPU; sequential PyTorch ops have no such race, and this
     order folds each query tile once).
+
+    A gradient ``g`` of the log-sum-exp itself adds ``g_i * P_ij`` to ``dS`` (since
+    ``d lse_i / d s_ij = P_ij``), which is ``D_i`` replaced by ``D_i - g_i``.
     """
     request, block = plan.request, plan.block
     sd = stats_dtype(request.dtype)
     delta = (grad_out.to(sd) * out.to(sd)).sum(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
+    if grad_lse is not None:  # rows with nothing attended (lse = +inf here) take no gradient
+        delta = delta - torch.where(torch.isfinite(lse), grad_lse.to(sd), 0.0)[..., None]
     # dP = dO V^T is computed in the stats dtype: it must agree with D_i to within float32
     # rounding, or dS = P * (dP - D_i) is all rounding error wherever P is close to one-hot.
     v_sd = request.v.to(sd)  # (B, Hkv, Nk, Dv); a copy only for half types
@@ -483,18 +496,22 @@ class _ChunkedAttention(torch.autograd.Function):
         out_sd, lse = _forward(plan)  # stats dtype; a copy in the input dtype is returned
         ctx.save_for_backward(q, k, v, out_sd, lse, bias)  # type: ignore[arg-type]
         ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(lse)
-        return out_sd.to(q.dtype), lse
+        return out_sd.to(q.dtype), lse  # lse is differentiable (return_lse=True)
 
     @staticmethod
     def backward(
-        ctx: FunctionCtx, grad_out: Tensor, _grad_lse: Tensor | None
+        ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, saved_bias = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         request = plan.request
         if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            if grad_lse is not None and bool(grad_lse.any()):
+                raise RuntimeError(
+                    "double backward (create_graph=True) through return_lse is not supported by "
+                    "backend 'chunked'; use backend='reference'"
+                )
             inputs = (q, k, v, saved_bias, *plan.leaves)
             live = dataclasses.replace(request, q=q, k=k, v=v, bias=saved_bias)
             found = reference_gradients(
@@ -515,7 +532,7 @@ class _ChunkedAttention(torch.autograd.Function):
             ),
             leaves=[None] * len(plan.leaves),
         )
-        _backward(plan, out, lse, grad_out, grads)
+        _backward(plan, out, lse, grad_out, grads, grad_lse)
         # A learnable tensor no visited tile reads (everything masked) gets zeros, as autograd
         # through the reference formula would give.
         leaf_grads = [
@@ -579,6 +596,22 @@ def chunked_attention(
     dropout_seed: int | None = None,
     counters: TileCounters | None = None,
 ) -> tuple[Tensor, Tensor | None]:
+    """Run one validated call on the chunked path: :func:`chunked_attention_lse` without the
+    log-sum-exp."""
+    out, weights, _ = chunked_attention_lse(
+        request, tile_q=tile_q, tile_kv=tile_kv, dropout_seed=dropout_seed, counters=counters
+    )
+    return out, weights
+
+
+def chunked_attention_lse(
+    request: AttentionRequest,
+    *,
+    tile_q: int | None = None,
+    tile_kv: int | None = None,
+    dropout_seed: int | None = None,
+    counters: TileCounters | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Run one validated call on the chunked path.
 
     Args:
@@ -593,7 +626,9 @@ def chunked_attention(
     Returns:
         ``out (B, Hq, Nq, Dv)`` (differentiable with respect to ``q, k, v``, a bias tensor and
         the score function's learnable tensors) and, if ``request.return_weights``, the
-        ``(B, Hq, Nq, Nk)`` probabilities before dropout (detached), else None.
+        ``(B, Hq, Nq, Nk)`` probabilities before dropout (detached), else None; and each row's
+        log-sum-exp ``(B, Hq, Nq)`` in the stats dtype, differentiable; on rows with nothing
+        to attend ``-inf`` when ``request.return_lse`` (else the kernels' ``+inf``).
 
     Raises:
         ValueError: if a block mask passed as the mask does not fit the call.
@@ -601,8 +636,8 @@ def chunked_attention(
     if request.score_elements == 0:
         # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
         # or all-zero output, and zero gradients, with no per-tile arithmetic to divide by 0.
-        out, probs = reference_attention(request)
-        return out, (probs.to(request.dtype) if request.return_weights else None)
+        out, probs, lse = reference_attention_lse(request)
+        return out, (probs.to(request.dtype) if request.return_weights else None), lse
     given = request.mask if isinstance(request.mask, BlockMask) else None
     if given is not None and (reason := given.incompatibility(request)) is not None:
         raise ValueError(reason)
@@ -632,7 +667,11 @@ def chunked_attention(
     if request.return_weights:
         with torch.no_grad():  # detached: the score function builds no graph for them
             weights = _weights(plan, lse)
-    return out, weights
+    # The kernels keep +inf on empty rows (backward's exp(s - lse) is 0 there); callers get
+    # -inf, the log of an empty sum, which the merge of partial results treats as no keys.
+    if request.return_lse:  # (only then: the where() would keep its condition for backward)
+        lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, weights, lse
 
 
 class ChunkedBackend:
@@ -673,5 +712,10 @@ class ChunkedBackend:
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         return chunked_attention(
+            request, tile_q=self.tile_q, tile_kv=self.tile_kv, counters=self.counters
+        )
+
+    def forward_lse(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
+        return chunked_attention_lse(
             request, tile_q=self.tile_q, tile_kv=self.tile_kv, counters=self.counters
         )

@@ -12,14 +12,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.numerics import grouped_matmul, masked_softmax
+from qkv.numerics import grouped_matmul, masked_logsumexp, masked_softmax
 from qkv.request import AttentionRequest, stats_dtype
 
-__all__ = ["ReferenceBackend", "grouped_matmul", "masked_softmax", "reference_gradients"]
+__all__ = [
+    "ReferenceBackend",
+    "grouped_matmul",
+    "masked_logsumexp",
+    "masked_softmax",
+    "reference_gradients",
+]
 
 
 def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:
     """Returns ``out (B, Hq, Nq, Dv)`` and the probabilities ``(B, Hq, Nq, Nk)`` before dropout."""
+    out, probs, _ = _reference(request, with_lse=False)
+    return out, probs
+
+
+def reference_attention_lse(request: AttentionRequest) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`reference_attention` and each row's log-sum-exp ``(B, Hq, Nq)`` in the stats
+    dtype (``-inf`` on rows with nothing to attend), differentiable by autograd."""
+    out, probs, lse = _reference(request, with_lse=True)
+    assert lse is not None
+    return out, probs, lse
+
+
+def _reference(request: AttentionRequest, with_lse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     q, k, v = request.q, request.k, request.v
     # Half inputs are multiplied in float32, as fused kernels accumulate and keep their scores:
     # float16 logits past 65,504 stay finite, bfloat16 ones are not rounded to 8 bits, and the
@@ -27,10 +46,12 @@ def reference_attention(request: AttentionRequest) -> tuple[Tensor, Tensor]:
     sd = stats_dtype(q.dtype)
     scores = grouped_matmul(q.to(sd) * request.scale, k.to(sd).transpose(-2, -1))  # (B, Hq, Nq, Nk)
     scores = request.modify_scores(scores, request.full_q, request.full_kv)
-    probs = masked_softmax(scores, request.mask_tile(request.full_q, request.full_kv))
+    mask = request.mask_tile(request.full_q, request.full_kv)
+    probs = masked_softmax(scores, mask)
+    lse = masked_logsumexp(scores, mask) if with_lse else None
     dropped = F.dropout(probs, request.dropout_p) if request.dropout_p > 0 else probs
     out = grouped_matmul(dropped.to(v.dtype), v)  # (B, Hq, Nq, Dv)
-    return out, probs
+    return out, probs, lse
 
 
 def reference_gradients(
@@ -85,3 +106,7 @@ class ReferenceBackend:
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         out, probs = reference_attention(request)
         return out, (probs.to(request.dtype) if request.return_weights else None)
+
+    def forward_lse(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
+        out, probs, lse = reference_attention_lse(request)
+        return out, (probs.to(request.dtype) if request.return_weights else None), lse

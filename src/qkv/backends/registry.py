@@ -3,7 +3,9 @@
 A backend is any object with a ``name``, ``supports(request) -> str | None`` (None when it can
 serve the request, otherwise the reason it cannot, in words a user can act on) and
 ``forward(request) -> (out, weights | None)``. A backend named explicitly raises its reason
-instead of falling back silently.
+instead of falling back silently. A backend that can return each row's log-sum-exp
+(``return_lse=True``) also has ``forward_lse(request) -> (out, weights | None, lse)``; one
+without it is never given such a call (:func:`serve_reason`).
 
 How ``auto`` picks (:func:`select_backend`): it walks :data:`AUTO_ORDER` and keeps the backends
 that can serve the call. A backend may also give ``cost_estimate(request) -> seconds`` and
@@ -50,6 +52,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "select_backend",
+    "serve_reason",
     "unregister_backend",
 ]
 
@@ -64,6 +67,14 @@ class Backend(Protocol):
     def supports(self, request: AttentionRequest) -> str | None: ...
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]: ...
+
+
+def serve_reason(backend: Backend, request: AttentionRequest) -> str | None:
+    """Why ``backend`` cannot serve ``request`` (None when it can): its own ``supports``, and
+    for ``return_lse=True`` whether it has ``forward_lse`` at all."""
+    if request.return_lse and not callable(getattr(backend, "forward_lse", None)):
+        return "it does not return the log-sum-exp (return_lse=True)"
+    return backend.supports(request)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -180,7 +191,7 @@ def select_backend(
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.supports(request)
+        reason = serve_reason(backend, request)
         if reason is not None:
             raise ValueError(
                 f"backend {name!r} cannot serve this call: {reason} ({request.describe()})"
@@ -190,7 +201,7 @@ def select_backend(
     able: list[Backend] = []
     for candidate in AUTO_ORDER:
         backend = _REGISTRY[candidate]
-        reason = backend.supports(request)
+        reason = serve_reason(backend, request)
         if reason is None:
             able.append(backend)
         else:

@@ -30,10 +30,10 @@ from torch.autograd.function import FunctionCtx
 from qkv.backends.block_mask import EMPTY, UNKNOWN, BlockMask, block_mask_for, request_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
-from qkv.backends.reference import reference_attention, reference_gradients
+from qkv.backends.reference import reference_attention_lse, reference_gradients
 from qkv.request import AttentionRequest
 
-__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
+__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention", "cpu_attention_lse"]
 
 #: Default tile sizes of the kernel: a (TILE_Q, TILE_KV) float32 score tile and its K/V tiles
 #: stay in a core's L2 cache. Chosen by measurement (benchmarks/cpu_kernel.py).
@@ -101,7 +101,7 @@ class _CpuAttention(torch.autograd.Function):
         v: Tensor,
         bias: Tensor | None,
         *tables: Tensor,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         ops = load_kernel()
         cd = compute_dtype(q.dtype)
         qc, kc, vc = (t.detach().to(cd).contiguous() for t in (q, k, v))
@@ -119,14 +119,23 @@ class _CpuAttention(torch.autograd.Function):
         ctx.mod_tables = mod_tables  # type: ignore[attr-defined]
         ctx.table_dtypes = [t.dtype for t in tables]  # type: ignore[attr-defined]
         ctx.in_dtype = q.dtype  # type: ignore[attr-defined]
-        return out.to(q.dtype)
+        return out.to(q.dtype), lse  # lse: (B, Hq, Nq), +inf on rows attending nothing
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None = None
+    ) -> tuple[Tensor | None, ...]:
         qc, kc, vc, out, lse, *inputs = ctx.saved_tensors  # type: ignore[attr-defined]
+        value_dim = vc.shape[-1]
+        with_lse = grad_lse is not None and bool(grad_lse.any())
         call: _Call = ctx.call  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            if with_lse:
+                raise RuntimeError(
+                    "double backward (create_graph=True) through return_lse is not supported by "
+                    "backend 'cpu'; use backend='reference'"
+                )
             q, k, v, bias = inputs[:4]
             live = dataclasses.replace(call.request, q=q, k=k, v=v, bias=bias)
             found = reference_gradients(
@@ -134,6 +143,9 @@ class _CpuAttention(torch.autograd.Function):
                 grad_out, "cpu",
             )  # fmt: skip
             return (None, *found)
+        if with_lse:
+            assert grad_lse is not None
+            vc, out, grad_out = _with_lse_gradient(vc, out, grad_out, grad_lse, lse)
         ops = load_kernel()
         learnable = [fixed is None for fixed in call.fixed_tables]
         n_learn = sum(learnable)
@@ -149,6 +161,7 @@ class _CpuAttention(torch.autograd.Function):
             call.mod_int, ctx.mod_tables, want_tables,  # type: ignore[attr-defined]
         )  # fmt: skip
         dq, dk, dv, dbias = grads[:4]
+        dv = dv[..., :value_dim]  # (the lse gradient's extra column, if any, dropped)
         dtype = ctx.in_dtype  # type: ignore[attr-defined]
         bias_out = None
         if bias_grad:
@@ -169,6 +182,22 @@ class _CpuAttention(torch.autograd.Function):
             bias_out,
             *table_out,
         )
+
+
+def _with_lse_gradient(
+    v: Tensor, out: Tensor, grad_out: Tensor, grad_lse: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``v``, ``out`` and ``dO`` with one more value column that carries the gradient ``g`` of
+    the log-sum-exp into the kernel's backward: ``d lse_i / d s_ij = P_ij`` adds ``g_i P_ij``
+    to ``dS = P * (dP - D_i)``. A column of ones in ``V`` and ``g`` in ``dO`` add ``g_i`` to
+    every ``dP_ij``; a column of zeros in ``O`` leaves ``D_i = rowsum(dO * O)`` as it was. The
+    extra column of ``dV`` is dropped. Rows attending nothing (``lse = +inf``) take none."""
+    g = torch.where(torch.isfinite(lse), grad_lse.to(out.dtype), 0.0)[..., None]
+    ones = v.new_ones(*v.shape[:3], 1)
+    v = torch.cat([v, ones], dim=-1).contiguous()  # (B, Hkv, Nk, Dv + 1)
+    out = torch.cat([out, torch.zeros_like(g)], dim=-1).contiguous()  # (B, Hq, Nq, Dv + 1)
+    grad_out = torch.cat([grad_out.to(out.dtype), g], dim=-1)  # (B, Hq, Nq, Dv + 1)
+    return v, out, grad_out
 
 
 def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
@@ -250,9 +279,9 @@ def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
     return best[1]
 
 
-def cpu_attention(
+def cpu_attention_lse(
     request: AttentionRequest, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Run one validated call on the compiled kernel.
 
     Args:
@@ -262,7 +291,9 @@ def cpu_attention(
 
     Returns:
         ``out (B, Hq, Nq, Dv)``, differentiable with respect to ``q, k, v``, a bias tensor and a
-        :class:`~qkv.scores.RelativePositionBias` table.
+        :class:`~qkv.scores.RelativePositionBias` table; and the log-sum-exp ``(B, Hq, Nq)`` in
+        the compute dtype, differentiable too (``-inf`` on empty rows when
+        ``request.return_lse``).
 
     Raises:
         ValueError: if the request is one the kernel cannot serve.
@@ -273,17 +304,25 @@ def cpu_attention(
     if request.score_elements == 0:
         # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
         # or all-zero output and zero gradients, as on the chunked backend.
-        return reference_attention(request)[0]
+        out, _, lse = reference_attention_lse(request)
+        return out, lse
     call = _call_of(request, plan, tile_q, tile_kv)
     learnable = tuple(
         m.table
         for m, fixed in zip(plan.modifiers, call.fixed_tables, strict=True)
         if fixed is None and m.table is not None
     )
-    out: Tensor = _CpuAttention.apply(
-        call, request.q, request.k, request.v, request.bias, *learnable
-    )
-    return out
+    out, lse = _CpuAttention.apply(call, request.q, request.k, request.v, request.bias, *learnable)
+    if request.return_lse:  # the kernel keeps +inf on rows attending nothing; callers get -inf
+        lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, lse
+
+
+def cpu_attention(
+    request: AttentionRequest, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV
+) -> Tensor:
+    """:func:`cpu_attention_lse` without the log-sum-exp: ``out (B, Hq, Nq, Dv)``."""
+    return cpu_attention_lse(request, tile_q=tile_q, tile_kv=tile_kv)[0]
 
 
 class CpuBackend:
@@ -336,3 +375,8 @@ class CpuBackend:
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tile_q, tile_kv = self.tile_sizes(request)
         return cpu_attention(request, tile_q=tile_q, tile_kv=tile_kv), None
+
+    def forward_lse(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
+        tile_q, tile_kv = self.tile_sizes(request)
+        out, lse = cpu_attention_lse(request, tile_q=tile_q, tile_kv=tile_kv)
+        return out, None, lse
