@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.summarize",
     "qkv.cli.viz",
     "qkv.cli.interpret",
+    "qkv.cli.generate",
 )
 
 
