@@ -62,9 +62,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     page.set_defaults(run=_run_page)
 
     pretrained = actions.add_parser(
-        "pretrained", help="per-head maps, rollout and head statistics of a pretrained encoder"
+        "pretrained",
+        help="per-head maps, rollout and head statistics of a pretrained encoder or decoder",
     )
-    pretrained.add_argument("model", help="a named model ('minilm') or an HF-layout folder")
+    pretrained.add_argument(
+        "model", help="a named model ('minilm', 'smollm2'), an HF-layout folder or a .gguf file"
+    )
     pretrained.add_argument("text", help="the sentence to look at")
     pretrained.add_argument("--out", type=Path, required=True, help="folder to write into")
     pretrained.add_argument(
@@ -75,6 +78,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--page-only", action="store_true", help="only the page and summary (no matplotlib)"
     )
     pretrained.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    pretrained.add_argument(
+        "--heads",
+        action="store_true",
+        help="decoders: also score every head (previous-token, induction, sink) on probes",
+    )
     pretrained.set_defaults(run=_run_pretrained)
 
     example = actions.add_parser("example", help="every picture, from synthetic weights")
@@ -157,9 +165,14 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 def _run_pretrained(args: argparse.Namespace) -> int:
     from qkv.models import load_pretrained
+    from qkv.models.pretrained.decoder import is_decoder
     from qkv.viz.pretrained import pretrained_pictures
 
     layers = _parse_layers(args.layers)
+    if is_decoder(args.model):
+        from qkv.cli.decoder_viz import run_decoder_pictures
+
+        return run_decoder_pictures(args, layers)
     if args.dpi < 1:
         raise ValueError(f"--dpi must be >= 1; got {args.dpi}")
     encoder, tokenizer = load_pretrained(args.model)
