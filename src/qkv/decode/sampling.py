@@ -173,11 +173,12 @@ def generate_steps(
             yield token
             if bool(finished.all()) or step == max_new_tokens - 1:
                 return
-            seen = torch.cat((seen, token[:, None]), dim=1)  # (B, N + step + 1)
-            seen_mask = torch.cat((seen_mask, torch.ones_like(token, dtype=torch.bool)[:, None]), 1)
-            if caches is not None:
+            real = torch.ones_like(token, dtype=torch.bool)[:, None]
+            seen_mask = torch.cat((seen_mask, real), dim=1)  # (B, N + step + 1)
+            if caches is not None:  # the newest token against the cache
                 logits = model(token[:, None], seen_mask, caches)[:, -1]
-            else:
+            else:  # the whole prefix again
+                seen = torch.cat((seen, token[:, None]), dim=1)  # (B, N + step + 1)
                 logits = model(seen, seen_mask, None)[:, -1]
 
 

@@ -257,8 +257,8 @@ class LlamaLayer(nn.Module):
         attn = self.attention
         h = self.attention_norm(x)
         q = attn.q_proj(h).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B, Hq, N, D)
-        assert attn.rope is not None
-        q = attn.rope.rotate(q)
+        if attn.rope is not None:  # always, as built here; rotated as the forward does
+            q = attn.rope.rotate(q)
         k, v = attn.project_kv(h)  # (B, Hkv, N, D), rotated
         key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N)
         return attention_weights(q, k, v, mask=key_mask, causal=True)
