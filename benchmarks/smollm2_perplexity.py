@@ -31,6 +31,7 @@ METHODS = [
     ("local, window 256", "local", {"window": 256}),
     ("local, window 64", "local", {"window": 64}),
     ("bigbird (blocks of 64: 3 local, 1 global, 2 random)", "bigbird", {}),
+    ("bigbird without random blocks", "bigbird", {"random_blocks": 0}),
     ("performer (256 features)", "performer", {"num_features": 256}),
     ("linear (elu + 1)", "linear", {}),
 ]
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="rows whose label starts with one of these"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, tokenizer = load_pretrained("smollm2")
@@ -77,6 +81,8 @@ def main() -> None:
     windows = torch.tensor(ids[:need]).view(args.chunks, args.length)
     rows = []
     for label, name, options in METHODS:
+        if args.only and not any(label.startswith(prefix) for prefix in args.only):
+            continue
         model.set_attention(name, **options)
         start = time.perf_counter()
         value = perplexity(model, windows)
