@@ -71,7 +71,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pretrained.add_argument("text", help="the sentence to look at")
     pretrained.add_argument("--out", type=Path, required=True, help="folder to write into")
     pretrained.add_argument(
-        "--layers", default=None, help="layers drawn head by head, e.g. 0,2,5 (default all)"
+        "--layers",
+        default=None,
+        help="layers drawn head by head, e.g. 0,2,5 (default: all for an encoder, none for a decoder)",
     )
     pretrained.add_argument("--page", action="store_true", help="also the interactive page")
     pretrained.add_argument(
