@@ -198,9 +198,9 @@ def test_foreign_tensor_is_named(tmp_path):
 def test_unknown_architecture(tmp_path):
     folder, _ = _random_hf_folder(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(PretrainedError, match=r"model_type 'llama'.*LlamaForCausalLM"):
+    with pytest.raises(PretrainedError, match=r"model_type 'gpt2'.*GPT2LMHeadModel"):
         load_pretrained(folder)
 
 
@@ -209,7 +209,9 @@ def test_missing_file_and_unknown_name(tmp_path):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(PretrainedError, match=r"no tokenizer\.json"):
         load_pretrained(folder)
-    with pytest.raises(PretrainedError, match=r"not a named pretrained model \(known: minilm\)"):
+    with pytest.raises(
+        PretrainedError, match=r"not a named pretrained model \(known: minilm, smollm2\)"
+    ):
         load_pretrained("no-such-model")
 
 

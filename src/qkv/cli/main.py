@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.summarize",
     "qkv.cli.viz",
     "qkv.cli.interpret",
+    "qkv.cli.generate",
 )
 
 

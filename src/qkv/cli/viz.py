@@ -79,13 +79,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     page.set_defaults(run=_run_page)
 
     pretrained = actions.add_parser(
-        "pretrained", help="per-head maps, rollout and head statistics of a pretrained encoder"
+        "pretrained",
+        help="per-head maps, rollout and head statistics of a pretrained encoder or decoder",
     )
-    pretrained.add_argument("model", help="a named model ('minilm') or an HF-layout folder")
+    pretrained.add_argument(
+        "model", help="a named model ('minilm', 'smollm2'), an HF-layout folder or a .gguf file"
+    )
     pretrained.add_argument("text", help="the sentence to look at")
     pretrained.add_argument("--out", type=Path, required=True, help="folder to write into")
     pretrained.add_argument(
-        "--layers", default=None, help="layers drawn head by head, e.g. 0,2,5 (default all)"
+        "--layers",
+        default=None,
+        help="layers drawn head by head, e.g. 0,2,5 (default: all for an encoder, none for a decoder)",
     )
     pretrained.add_argument("--page", action="store_true", help="also the interactive page")
     pretrained.add_argument(
@@ -93,6 +98,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     pretrained.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     add_overwrite_arg(pretrained)
+    pretrained.add_argument(
+        "--heads",
+        action="store_true",
+        help="decoders: also score every head (previous-token, induction, sink) on probes",
+    )
     pretrained.set_defaults(run=_run_pretrained)
 
     example = actions.add_parser("example", help="every picture, from synthetic weights")
@@ -252,8 +262,13 @@ def _run_pretrained(args: argparse.Namespace) -> int:
     from qkv.cli.outputs import check_outputs
     from qkv.interpret.pictures import pretrained_pictures
     from qkv.models import load_pretrained
+    from qkv.models.pretrained.decoder import is_decoder
 
     layers = _parse_layers(args.layers)
+    if is_decoder(args.model):
+        from qkv.cli.decoder_viz import run_decoder_pictures
+
+        return run_decoder_pictures(args, layers)
     if args.dpi < 1:
         raise ValueError(f"--dpi must be >= 1; got {args.dpi}")
     encoder, tokenizer = load_pretrained(args.model)
