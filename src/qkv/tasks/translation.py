@@ -451,18 +451,42 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
         self, predictor: Translator, examples: Sequence[Pair], options: EvalOptions
     ) -> dict[str, Any]:
         from qkv.tasks.evaluation import score_translations
+        from qkv.tasks.translation_baselines import translation_baselines
 
         sources = [p.source for p in examples]
+        references = [p.target for p in examples]
         hypotheses = predictor.translate(sources, beam_size=options.beam_size)
         scores = score_translations(
-            hypotheses, [p.target for p in examples], sources, num_buckets=options.num_buckets
+            hypotheses, references, sources, num_buckets=options.num_buckets
+        ).to_dict()
+        train_pairs, note = self._training_pairs(predictor.config)
+        scores["baselines"] = translation_baselines(
+            sources, references, train_pairs, num_buckets=options.num_buckets
         )
-        return scores.to_dict()
+        scores["baselines_note"] = note
+        return scores
+
+    def _training_pairs(
+        self, settings: TranslationConfig
+    ) -> tuple[list[tuple[str, str]] | None, str | None]:
+        """The pairs the model was trained on (what retrieval searches), or ``None`` and why
+        not (the training data moved or cannot be read)."""
+        from qkv.data import DataError
+
+        try:
+            train = self.load_splits(settings.data, dict(settings.data_options)).train
+        except (OSError, DataError, ValueError) as error:
+            return None, f"no retrieval baseline: the training data cannot be read ({error})"
+        return [(p.source, p.target) for p in train], None
 
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         from qkv.tasks.evaluation import format_translation_scores
+        from qkv.tasks.translation_baselines import format_baselines
 
-        return format_translation_scores(evaluation.metrics)
+        return [
+            *format_translation_scores(evaluation.metrics),
+            *format_baselines(evaluation.metrics),
+        ]
 
 
 # --------------------------------------------------------------------------------------------
