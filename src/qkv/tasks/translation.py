@@ -95,6 +95,9 @@ class TranslationConfig(Settings):
         copy_unknown_rate: with ``copy``, the probability that training hides a copyable
             source token as ``<unk>`` and asks the model to copy it from its position (so that
             it learns to copy words it has never seen).
+        size_defaults: below 10,000 training pairs, size the choices left open (BPE
+            vocabulary, dropout) to the corpus and say why
+            (:mod:`qkv.tasks.translation_defaults`).
         model_overrides: fields of the model config to change, e.g. ``{"dropout": 0.0}``.
         tokenizer: ``"char"``, ``"bpe"``, or ``"auto"`` (characters for ``dates`` and
             ``numbers``, byte-level BPE otherwise).
@@ -120,6 +123,7 @@ class TranslationConfig(Settings):
     preset: str = "tiny"
     copy: bool = False
     copy_unknown_rate: float = 0.1
+    size_defaults: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: Literal["auto", "char", "bpe"] = "auto"
     vocab_size: int | None = None
@@ -375,6 +379,10 @@ def _set_max_length(settings: TranslationConfig, value: int) -> TranslationConfi
     return replace(settings, max_source_length=value, max_target_length=value)
 
 
+def _no_size_defaults(settings: TranslationConfig, value: bool) -> TranslationConfig:
+    return replace(settings, size_defaults=not value)
+
+
 def _set_separate_vocab(settings: TranslationConfig, value: bool) -> TranslationConfig:
     return replace(settings, shared_vocab=not value)
 
@@ -422,6 +430,13 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
             switch=True,
             apply=_set_separate_vocab,
         ),
+        Flag(
+            "--no-size-defaults",
+            None,
+            "keep vocabulary size and dropout at their defaults on a small corpus",
+            switch=True,
+            apply=_no_size_defaults,
+        ),
         Flag("--label-smoothing", "label_smoothing", "of the cross-entropy", float),
         Flag(
             "--metric",
@@ -462,6 +477,12 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
     def prepare(
         self, settings: TranslationConfig, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
+        notes: list[str] = []
+        sized: dict[str, Any] = {}
+        if folder is None:  # a resumed run keeps the settings and model it saved
+            from qkv.tasks.translation_defaults import size_to_data
+
+            settings, sized, notes = size_to_data(settings, len(splits.train))
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
@@ -474,7 +495,10 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
             model_config = read_config(folder)["model"]
             model = _build_from_dict(model_config)
         else:
-            model, model_config = build_translation_model(settings, tokenizer)
+            overrides = {**sized, **settings.model_overrides}
+            model, model_config = build_translation_model(
+                replace(settings, model_overrides=overrides), tokenizer
+            )
         validation = (splits.validation or splits.train)[: settings.valid_size]
         train_set = PairDataset.from_pairs(
             splits.train,
@@ -500,6 +524,7 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
             batch_size=settings.batch_size,
             max_tokens=settings.max_tokens,
             tokenizer=tokenizer,
+            notes=notes,
         )
 
     def load(self, folder: Path, *, device: str = "auto") -> Translator:
