@@ -264,3 +264,75 @@ def test_copy_loss_matches_cross_entropy_without_copies() -> None:
     )
     got = copy_loss(logits.log_softmax(-1), labels, 0.1, vocab_size=9)
     torch.testing.assert_close(got.double(), want)
+
+
+# --- DDP: two processes take the steps one process takes on the same global batches ------------
+
+DDP_STEPS = 3
+
+
+def _ddp_settings(data: Path) -> TranslationConfig:
+    return TranslationConfig(
+        data=str(data),
+        tokenizer="char",
+        model_overrides=TINY,  # no dropout: its streams differ per process
+        copy=True,
+        copy_unknown_rate=0.0,  # so are the hidden-<unk> draws
+        batch_size=4,
+        valid_size=4,
+    )
+
+
+def _ddp_training() -> TrainConfig:
+    return TrainConfig(lr=1e-2, warmup_steps=0, max_steps=DDP_STEPS, eval_every=100, device="cpu")
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from qkv.tasks import train_task
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        train_task("translation", _ddp_settings(Path(data)), _ddp_training(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_copy_model_under_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from qkv.tasks import get_task
+    from qkv.train import DistributedContext, Trainer, seed_everything
+    from test_ddp import GlobalBatches, _free_port
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.tsv").write_text("".join(f"{w}\t{w}\n" for w in words(32, 9)))
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(out)), nprocs=2, join=True)
+    spec = get_task("translation")
+    settings = _ddp_settings(data)
+    seed_everything(0)  # as train_task does before building the model
+    prepared = spec.prepare(settings, spec.load_splits(str(data), {}), folder=None)
+    single = prepared.model
+    initial = {k: v.clone() for k, v in single.state_dict().items()}
+    Trainer(
+        single,
+        prepared.objective,
+        GlobalBatches(prepared, seed=0),
+        _ddp_training(),
+        distributed=DistributedContext(),
+    ).fit()
+    ddp = Translator.load(out, device="cpu").model
+    for name, value in single.state_dict().items():
+        # A key bias adds the same q.b to every score of a row, which the softmax removes: its
+        # gradient is zero up to rounding, and Adam scales that rounding noise to full steps.
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(initial[n], v) for n, v in single.state_dict().items())
