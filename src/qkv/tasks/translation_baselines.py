@@ -177,16 +177,16 @@ def format_baselines(metrics: dict[str, Any]) -> list[str]:
     baselines = metrics.get("baselines")
     if not baselines:
         return []
-    lines = [f"  {'':>14} {'BLEU':>7} {'chrF':>7} {'exact':>8}"]
+    lines = [f"  {'':>18} {'BLEU':>7} {'chrF':>7} {'exact':>8}"]
     lines.append(
-        f"  {'model':>14} {metrics['bleu']:7.2f} {metrics['chrf']:7.2f} "
+        f"  {'model':>18} {metrics['bleu']:7.2f} {metrics['chrf']:7.2f} "
         f"{100 * metrics['exact_match']:7.2f}%"
     )
     for name in BASELINES:
         if name in baselines:
             b = baselines[name]
             lines.append(
-                f"  {name + ' baseline':>14} {b['bleu']:7.2f} {b['chrf']:7.2f} "
+                f"  {name + ' baseline':>18} {b['bleu']:7.2f} {b['chrf']:7.2f} "
                 f"{100 * b['exact_match']:7.2f}%"
             )
     if "retrieval" not in baselines and metrics.get("baselines_note"):
