@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from qkv.decode import beam_search, greedy_decode
-from qkv.models import CopyTransformer, CopyTransformerConfig, build_model
+from qkv.models import (
+    CopyRNN,
+    CopyRNNConfig,
+    CopyTransformer,
+    CopyTransformerConfig,
+    build_model,
+)
 from qkv.models.copy import copy_mixture, extended_source
 from qkv.tasks.translation import TranslationConfig, Translator, train_translation
 from qkv.tasks.translation_copy import copy_loss, decode_copied, simulate_unknowns
@@ -100,9 +106,28 @@ def tiny_copy_model(shared: bool, seed: int = 0) -> CopyTransformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_incremental_steps_match_teacher_forcing(shared: bool) -> None:
-    model = tiny_copy_model(shared)
+def tiny_copy_rnn(attention: str, seed: int = 0) -> CopyRNN:
+    torch.manual_seed(seed)
+    config = CopyRNNConfig.from_name(
+        "tiny",
+        src_vocab_size=12,
+        tgt_vocab_size=9,
+        embed_dim=8,
+        hidden_dim=16,
+        attention=attention,
+        dropout=0.0,
+    )
+    model = build_model(config.to_dict())
+    assert isinstance(model, CopyRNN)
+    model.set_source_to_target(torch.tensor([0, 1, 2, -1, 4, 5, 6, 7, -1, -1, -1, 8]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate", "rnn-bahdanau", "rnn-luong"])
+def test_incremental_steps_match_teacher_forcing(kind: str) -> None:
+    shared = kind == "shared"
+    model: CopyTransformer | CopyRNN
+    model = tiny_copy_rnn(kind.split("-")[1]) if kind.startswith("rnn") else tiny_copy_model(shared)
     source = torch.tensor([[4, 9, 10, 9, UNK, 2], [5, 11, 2, 0, 0, 0]])
     target_in = torch.tensor([[1, 4, 5, 6], [1, 7, 4, 5]])
     with torch.no_grad():
@@ -125,8 +150,10 @@ def test_bad_mapping_and_state_are_refused() -> None:
         model.set_source_to_target(torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"values must be in \[-1, 9\); got min -1, max 9"):
         model.set_source_to_target(torch.tensor([0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 1, 1]))
-    with pytest.raises(ValueError, match=r"copy=True .* model='transformer'; got model='rnn'"):
-        TranslationConfig(model="rnn", copy=True)
+    with pytest.raises(ValueError, match='attention must be "bahdanau" or "luong", got "none"'):
+        CopyRNNConfig(src_vocab_size=8, tgt_vocab_size=8, attention="none")
+    with pytest.raises(ValueError, match="an RNN with attention='none' has none to copy with"):
+        TranslationConfig(model="rnn", attention="none", copy=True)
     with pytest.raises(ValueError, match=r"copy_unknown_rate must be in \[0, 1\), got 1.0"):
         TranslationConfig(copy=True, copy_unknown_rate=1.0)
 
@@ -163,7 +190,12 @@ def template(word: str) -> tuple[str, str]:
 
 
 def train_model(
-    tmp_path: Path, pairs: list[tuple[str, str]], *, copy: bool, steps: int = 200
+    tmp_path: Path,
+    pairs: list[tuple[str, str]],
+    *,
+    copy: bool,
+    steps: int = 200,
+    model: str = "transformer",
 ) -> Translator:
     data = tmp_path / f"data-{copy}"
     data.mkdir(parents=True, exist_ok=True)
@@ -172,7 +204,8 @@ def train_model(
     config = TranslationConfig(
         data=str(data),
         tokenizer="char",
-        model_overrides=TINY,
+        model=model,  # type: ignore[arg-type]
+        model_overrides=TINY if model == "transformer" else {"dropout": 0.0},
         copy=copy,
         label_smoothing=0.0,
         metric="exact_match",
@@ -232,6 +265,19 @@ def test_copy_beats_the_plain_model_with_the_same_budget(
     without = train_model(tmp_path / "rewrite", train, copy=False)
     assert exact(with_copy, test) >= 0.8
     assert exact(without, test) <= 0.3
+
+
+@pytest.mark.slow
+def test_copy_rnn_copies_new_words_and_unknown_letters(tmp_path: Path) -> None:
+    rnn = train_model(tmp_path, [(w, w) for w in words(200, 1)], copy=True, model="rnn")
+    assert rnn.model.config.kind == "copy_rnn"
+    assert exact(rnn, [(w, w) for w in words(50, 3)]) >= 0.9
+    unseen = [(w, w) for w in with_unseen_letter(words(50, 2), seed=5)]
+    assert exact(rnn, unseen) >= 0.9
+    beams = rnn.translate([s for s, _ in unseen], beam_size=3)  # on the extended vocabulary
+    assert sum(h == t for h, (_, t) in zip(beams, unseen, strict=True)) >= 45
+    p_copy, labels = rnn.copy_probabilities("abcdef")
+    assert p_copy.shape == (len(labels),)
 
 
 def test_copy_model_resumes_on_the_same_loss_curve(tmp_path: Path) -> None:

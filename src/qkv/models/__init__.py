@@ -33,6 +33,7 @@ from qkv.models.base import (
     Seq2SeqModel,
 )
 from qkv.models.copy import CopyTransformer, CopyTransformerConfig
+from qkv.models.copy_rnn import CopyRNN, CopyRNNConfig
 from qkv.models.pretrained import BertEncoder, PretrainedClassifier, load_pretrained
 from qkv.models.rnn import RNNConfig, RNNDecoderState, RNNSeq2Seq
 from qkv.models.transformer import Seq2SeqTransformer, TransformerConfig, TransformerDecoderState
@@ -42,6 +43,8 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "BertEncoder",
+    "CopyRNN",
+    "CopyRNNConfig",
     "CopyTransformer",
     "CopyTransformerConfig",
     "DecoderState",
@@ -64,6 +67,7 @@ _KINDS: dict[str, tuple[Any, Any]] = {
     "transformer": (TransformerConfig, Seq2SeqTransformer),
     "rnn": (RNNConfig, RNNSeq2Seq),
     "copy_transformer": (CopyTransformerConfig, CopyTransformer),
+    "copy_rnn": (CopyRNNConfig, CopyRNN),
 }
 
 
@@ -82,7 +86,7 @@ def config_from_dict(
 
 def build_model(config: Mapping[str, Any] | TransformerConfig | RNNConfig) -> nn.Module:
     """A freshly initialized model from a config or its ``to_dict()`` (e.g. a checkpoint's
-    ``config.json``), dispatching on ``"kind"`` (``"transformer"``, ``"copy_transformer"`` or ``"rnn"``); load the
+    ``config.json``), dispatching on ``"kind"`` (``"transformer"``, ``"rnn"``, or ``"copy_transformer"`` / ``"copy_rnn"``); load the
     weights with ``load_state_dict`` afterwards.
 
     Raises:

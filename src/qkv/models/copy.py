@@ -48,7 +48,10 @@ __all__ = [
     "CopyTransformer",
     "CopyTransformerConfig",
     "CopyTransformerState",
+    "check_source_to_target",
     "copy_mixture",
+    "count_extended",
+    "default_source_to_target",
     "extended_source",
 ]
 
@@ -118,6 +121,44 @@ def extended_source(
                 positions[b].append(i)
             source_ext[b, i] = target_vocab_size + slot_of[key]
     return source_ext, positions
+
+
+def default_source_to_target(src_vocab_size: int, tgt_vocab_size: int, *, shared: bool) -> Tensor:
+    """The map a copy model starts with (until the task sets the real one): the identity for
+    one shared vocabulary, else only ``<pad> <bos> <eos>``. ``<unk>`` never maps: an unknown
+    source word is copied as its own text (an extended token), not as ``"<unk>"``."""
+    if shared:
+        mapping = torch.arange(src_vocab_size)
+    else:
+        mapping = torch.full((src_vocab_size,), -1, dtype=torch.long)
+        specials = min(UNK_ID, src_vocab_size, tgt_vocab_size)
+        mapping[:specials] = torch.arange(specials)
+    if src_vocab_size > UNK_ID:
+        mapping[UNK_ID] = -1
+    return mapping
+
+
+def check_source_to_target(mapping: object, src_vocab_size: int, tgt_vocab_size: int) -> None:
+    """Raise ``ValueError`` unless ``mapping`` is ``(Vs,)`` int64 with values in ``[-1, V)``."""
+    if (
+        not isinstance(mapping, Tensor)
+        or mapping.dtype != torch.int64
+        or tuple(mapping.shape) != (src_vocab_size,)
+    ):
+        shape = tuple(mapping.shape) if isinstance(mapping, Tensor) else type(mapping).__name__
+        raise ValueError(
+            f"mapping must be an int64 tensor of shape ({src_vocab_size},); got {shape}"
+        )
+    if int(mapping.min()) < -1 or int(mapping.max()) >= tgt_vocab_size:
+        raise ValueError(
+            f"mapping values must be in [-1, {tgt_vocab_size}); got min "
+            f"{int(mapping.min())}, max {int(mapping.max())}"
+        )
+
+
+def count_extended(source_ext: Tensor, vocab_size: int) -> int:
+    """``X``: how many extended ids ``source_ext`` may hold (its largest minus ``V``, plus 1)."""
+    return max(0, int(source_ext.max()) - vocab_size + 1) if source_ext.numel() else 0
 
 
 @dataclass(frozen=True)
@@ -197,17 +238,9 @@ class CopyTransformer(Seq2SeqTransformer):
         self.copy_query = nn.Linear(E, E, bias=False)
         self.copy_key = nn.Linear(E, E, bias=False)
         self.switch = nn.Linear(3 * E, 1)  # p_gen from [state; copy context; input embedding]
-        # Until set_source_to_target: the identity for one shared vocabulary (tied "all"),
-        # else only <pad> <bos> <eos>. <unk> never maps: an unknown source word is copied as
-        # its own text (an extended token), not as "<unk>".
-        if config.tie_embeddings == "all":
-            mapping = torch.arange(config.src_vocab_size)
-        else:
-            mapping = torch.full((config.src_vocab_size,), -1, dtype=torch.long)
-            specials = min(UNK_ID, config.src_vocab_size, config.tgt_vocab_size)
-            mapping[:specials] = torch.arange(specials)
-        if config.src_vocab_size > UNK_ID:
-            mapping[UNK_ID] = -1
+        mapping = default_source_to_target(
+            config.src_vocab_size, config.tgt_vocab_size, shared=config.tie_embeddings == "all"
+        )
         self.register_buffer("source_to_target", mapping)
 
     def set_source_to_target(self, mapping: Tensor) -> None:
@@ -217,21 +250,7 @@ class CopyTransformer(Seq2SeqTransformer):
         Raises:
             ValueError: ``mapping`` is not ``(Vs,)`` int64 with values in ``[-1, V)``.
         """
-        c = self.config
-        if (
-            not isinstance(mapping, Tensor)
-            or mapping.dtype != torch.int64
-            or tuple(mapping.shape) != (c.src_vocab_size,)
-        ):
-            shape = tuple(mapping.shape) if isinstance(mapping, Tensor) else type(mapping).__name__
-            raise ValueError(
-                f"mapping must be an int64 tensor of shape ({c.src_vocab_size},); got {shape}"
-            )
-        if int(mapping.min()) < -1 or int(mapping.max()) >= c.tgt_vocab_size:
-            raise ValueError(
-                f"mapping values must be in [-1, {c.tgt_vocab_size}); got min "
-                f"{int(mapping.min())}, max {int(mapping.max())}"
-            )
+        check_source_to_target(mapping, self.config.src_vocab_size, self.config.tgt_vocab_size)
         with torch.no_grad():
             self.source_to_target.copy_(mapping)
 
@@ -293,9 +312,8 @@ class CopyTransformer(Seq2SeqTransformer):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``log_probs (B, Nt, V + X)``, ``p_gen (B, Nt)`` and the copy attention
         ``(B, Nt, Ns)`` from decoder states ``y (B, Nt, E)``."""
-        V = self.config.tgt_vocab_size
         if num_oov is None:
-            num_oov = max(0, int(source_ext.max()) - V + 1) if source_ext.numel() else 0
+            num_oov = count_extended(source_ext, self.config.tgt_vocab_size)
         q = self.copy_query(y).unsqueeze(1)  # (B, 1, Nt, E)
         context, weights = attention(
             q,
@@ -316,9 +334,7 @@ class CopyTransformer(Seq2SeqTransformer):
         self, encoded: EncoderOutput, *, beam_size: int = 1, max_len: int
     ) -> CopyTransformerState:
         base = super().start_decoding(encoded, beam_size=beam_size, max_len=max_len)
-        source_ext = encoded.extras["source_ext"]
-        V = self.config.tgt_vocab_size
-        num_oov = max(0, int(source_ext.max()) - V + 1) if source_ext.numel() else 0
+        num_oov = count_extended(encoded.extras["source_ext"], self.config.tgt_vocab_size)
         rows = encoded.repeat_rows(beam_size)
         return CopyTransformerState(
             base,

@@ -91,7 +91,7 @@ class TranslationConfig(Settings):
         preset: ``"tiny"``, ``"small"`` or ``"base"`` (see :mod:`qkv.models`).
         copy: copy attention (a pointer-generator switch, :mod:`qkv.models.copy`): the model
             can copy source tokens into its output, even ones its target vocabulary lacks
-            (Transformer only).
+            (Transformer, or an RNN with attention).
         copy_unknown_rate: with ``copy``, the probability that training hides a copyable
             source token as ``<unk>`` and asks the model to copy it from its position (so that
             it learns to copy words it has never seen).
@@ -141,10 +141,10 @@ class TranslationConfig(Settings):
         _check_choice("model", self.model, ("transformer", "rnn"))
         _check_choice("tokenizer", self.tokenizer, ("auto", "char", "bpe"))
         _check_choice("metric", self.metric, ("exact_match", "chrf", "bleu", "loss"))
-        if self.copy and self.model != "transformer":
+        if self.copy and self.model == "rnn" and self.attention == "none":
             raise ValueError(
-                f"copy=True (copy attention) is built for model='transformer'; got "
-                f"model={self.model!r}"
+                "copy=True copies through the attention: an RNN with attention='none' has "
+                "none to copy with"
             )
         if self.model == "rnn":
             _check_choice("attention", self.attention, ("bahdanau", "luong", "none", None))
@@ -188,7 +188,13 @@ def build_translation_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh model for ``config`` sized to ``tokenizer``; returns it and its config dict
     (what :func:`qkv.models.build_model` rebuilds it from)."""
-    from qkv.models import CopyTransformerConfig, RNNConfig, TransformerConfig, build_model
+    from qkv.models import (
+        CopyRNNConfig,
+        CopyTransformerConfig,
+        RNNConfig,
+        TransformerConfig,
+        build_model,
+    )
 
     sizes = {
         "src_vocab_size": tokenizer.source.vocab_size,
@@ -202,7 +208,8 @@ def build_translation_model(
         model_config = kind.from_name(config.preset, **sizes, **options)
     else:
         options = {"attention": config.attention or "bahdanau", **config.model_overrides}
-        model_config = RNNConfig.from_name(config.preset, **sizes, **options)
+        rnn_kind = CopyRNNConfig if config.copy else RNNConfig
+        model_config = rnn_kind.from_name(config.preset, **sizes, **options)
     as_dict = model_config.to_dict()
     model = build_model(as_dict)
     if config.copy:

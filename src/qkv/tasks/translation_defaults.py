@@ -78,7 +78,7 @@ def size_to_data(
             "  one shared vocabulary with tied source, target and output embeddings: every "
             "table learns from both sides (--separate-vocab turns this off)"
         )
-    if not settings.copy and settings.model == "transformer":
+    if not settings.copy:
         notes.append(
             "  consider --copy (copy attention) when targets repeat names, numbers or terms "
             "of their sources"
