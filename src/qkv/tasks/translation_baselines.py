@@ -17,6 +17,7 @@ scored on, and :func:`baseline_verdict` says in one line when the model does not
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -90,7 +91,9 @@ def _shortlists(queries: Sequence[str], sources: Sequence[str], k: int) -> list[
         if train_t is not None:
             scores = torch.sparse.mm(chunk, train_t)  # (C, N)
         else:  # a large corpus: sparse x sparse, then dense (C, N)
-            scores = torch.sparse.mm(chunk, train.t()).to_dense()
+            with warnings.catch_warnings():  # torch calls its sparse CSR result "beta"
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+                scores = torch.sparse.mm(chunk, train.t()).to_dense()
         out += scores.topk(min(k, len(sources)), dim=1).indices.tolist()
     return out
 
