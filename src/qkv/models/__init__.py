@@ -32,6 +32,8 @@ from qkv.models.base import (
     ModelConfig,
     Seq2SeqModel,
 )
+from qkv.models.copy import CopyTransformer, CopyTransformerConfig
+from qkv.models.copy_rnn import CopyRNN, CopyRNNConfig
 from qkv.models.pretrained import BertEncoder, PretrainedClassifier, load_pretrained
 from qkv.models.rnn import RNNConfig, RNNDecoderState, RNNSeq2Seq
 from qkv.models.transformer import Seq2SeqTransformer, TransformerConfig, TransformerDecoderState
@@ -41,6 +43,10 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "BertEncoder",
+    "CopyRNN",
+    "CopyRNNConfig",
+    "CopyTransformer",
+    "CopyTransformerConfig",
     "DecoderState",
     "EncoderOutput",
     "ModelConfig",
@@ -60,10 +66,14 @@ __all__ = [
 _KINDS: dict[str, tuple[Any, Any]] = {
     "transformer": (TransformerConfig, Seq2SeqTransformer),
     "rnn": (RNNConfig, RNNSeq2Seq),
+    "copy_transformer": (CopyTransformerConfig, CopyTransformer),
+    "copy_rnn": (CopyRNNConfig, CopyRNN),
 }
 
 
-def config_from_dict(data: Mapping[str, Any]) -> TransformerConfig | RNNConfig:
+def config_from_dict(
+    data: Mapping[str, Any],
+) -> TransformerConfig | RNNConfig:
     """The config that ``config.to_dict()`` wrote, chosen by its ``"kind"`` key."""
     if not isinstance(data, Mapping):
         raise TypeError(f"config must be a mapping (a config.json); got {type(data).__name__}")
@@ -76,7 +86,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TransformerConfig | RNNConfig:
 
 def build_model(config: Mapping[str, Any] | TransformerConfig | RNNConfig) -> nn.Module:
     """A freshly initialized model from a config or its ``to_dict()`` (e.g. a checkpoint's
-    ``config.json``), dispatching on ``"kind"`` (``"transformer"`` or ``"rnn"``); load the
+    ``config.json``), dispatching on ``"kind"`` (``"transformer"``, ``"rnn"``, or ``"copy_transformer"`` / ``"copy_rnn"``); load the
     weights with ``load_state_dict`` afterwards.
 
     Raises:

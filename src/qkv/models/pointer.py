@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from qkv.functional.attention import attention
 from qkv.models.classifier import PaddedBiGRU
+from qkv.models.copy import copy_mixture
 
 __all__ = [
     "POINTER_PRESETS",
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 PAD_ID, UNK_ID = 0, 3  # qkv.data's ids; repeated so that models do not import the data layer
-_TINY = 1e-12  # floor of a probability before its log: a copied-only word can have P_vocab = 0
 
 
 @dataclass(frozen=True)
@@ -300,13 +300,8 @@ class PointerGenerator(nn.Module):
         vocab = torch.softmax(self.output(self.drop(hidden)).float(), dim=-1)  # (B, Nt, V)
         switch_in = torch.cat([context, states, embedded], dim=-1)  # (B, Nt, 2H + H + M)
         p_gen = torch.sigmoid(self.switch(switch_in).float()).squeeze(-1)  # (B, Nt)
-        B, Nt, _ = vocab.shape
-        extra = vocab.new_zeros(B, Nt, encoding.num_oov)  # (B, Nt, X)
-        mixed = torch.cat([p_gen.unsqueeze(-1) * vocab, extra], dim=-1)  # (B, Nt, V + X)
-        copy = (1.0 - p_gen).unsqueeze(-1) * weights.float()  # (B, Nt, Ns)
-        index = encoding.source_ext.unsqueeze(1).expand(B, Nt, -1)  # (B, Nt, Ns)
-        mixed = mixed.scatter_add(2, index, copy)
-        return torch.log(mixed.clamp_min(_TINY)), p_gen
+        mixed = copy_mixture(vocab, p_gen, weights, encoding.source_ext, encoding.num_oov)
+        return mixed, p_gen  # (B, Nt, V + X), (B, Nt)
 
     # -- incremental decoding ----------------------------------------------------------------
 

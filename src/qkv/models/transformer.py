@@ -420,12 +420,16 @@ class Seq2SeqTransformer(nn.Module):
     def decode_step(self, state: TransformerDecoderState, tokens: Tensor) -> Tensor:
         """``tokens (B,)`` int64 -> ``logits (B, V)``; appends to the KV caches."""
         tokens = check_step_tokens(tokens, state.batch_size)  # (B, 1)
+        return self.output(self._step_states(state, tokens)).squeeze(1)  # (B, V)
+
+    def _step_states(self, state: TransformerDecoderState, tokens: Tensor) -> Tensor:
+        """One cached step: ``tokens (B, 1)`` -> normalized decoder states ``(B, 1, E)``."""
         y = self._embed(self.tgt_embed, tokens, offset=state.length)  # (B, 1, E)
         for layer, cache, kv in zip(
             self.decoder_layers, state.caches, state.memory_kv, strict=True
         ):
             y, _ = layer(y, kv, state.source_mask, kv_cache=cache)
-        return self.output(self.decoder_norm(y)).squeeze(1)  # (B, V)
+        return self.decoder_norm(y)
 
     def cross_attention(
         self,

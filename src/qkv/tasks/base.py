@@ -182,6 +182,8 @@ class Prepared:
         max_tokens: also cap the padded tokens of a batch (``None``: no cap).
         tokenizer: saved into the folder (``None``: nothing to save).
         extra: more ``config.json`` keys (e.g. the labels of a classifier).
+        notes: lines for the user about choices the task made (shown once, by the main
+            process).
     """
 
     settings: Any
@@ -194,6 +196,7 @@ class Prepared:
     max_tokens: int | None = None
     tokenizer: SavesToFolder | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -620,6 +623,8 @@ def _train_in_folder(
     seed_everything(training.seed)  # the model's initial weights
     prepared = spec.prepare(settings, splits, folder=folder if resume else None)
     set_attention_backend(prepared.model, backend)
+    for note in prepared.notes if context.is_main else []:
+        say(note)
     state, resumed_from = None, None
     if resume:
         resumed_from = load_weights(prepared.model, folder)

@@ -90,6 +90,15 @@ class TranslationSettings(Settings):
         attention: the RNN's attention, ``"bahdanau"``, ``"luong"`` or ``"none"`` (the
             Transformer always uses scaled dot-product attention: leave this ``None``).
         preset: ``"tiny"``, ``"small"`` or ``"base"`` (see :mod:`qkv.models`).
+        copy: copy attention (a pointer-generator switch, :mod:`qkv.models.copy`): the model
+            can copy source tokens into its output, even ones its target vocabulary lacks
+            (Transformer, or an RNN with attention).
+        copy_unknown_rate: with ``copy``, the probability that training hides a copyable
+            source token as ``<unk>`` and asks the model to copy it from its position (so that
+            it learns to copy words it has never seen).
+        size_defaults: below 10,000 training pairs, size the choices left open (BPE
+            vocabulary, dropout) to the corpus and say why
+            (:mod:`qkv.tasks.translation_defaults`).
         model_overrides: fields of the model config to change, e.g. ``{"dropout": 0.0}``.
         tokenizer: ``"char"``, ``"bpe"``, or ``"auto"`` (characters for ``dates`` and
             ``numbers``, byte-level BPE otherwise).
@@ -113,6 +122,9 @@ class TranslationSettings(Settings):
     model: ModelKind = "transformer"
     attention: AttentionKind | None = None
     preset: str = "tiny"
+    copy: bool = False
+    copy_unknown_rate: float = 0.1
+    size_defaults: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: Literal["auto", "char", "bpe"] = "auto"
     vocab_size: int | None = None
@@ -130,6 +142,11 @@ class TranslationSettings(Settings):
         _check_choice("model", self.model, ("transformer", "rnn"))
         _check_choice("tokenizer", self.tokenizer, ("auto", "char", "bpe"))
         _check_choice("metric", self.metric, ("exact_match", "chrf", "bleu", "loss"))
+        if self.copy and self.model == "rnn" and self.attention == "none":
+            raise ValueError(
+                "copy=True copies through the attention: an RNN with attention='none' has "
+                "none to copy with"
+            )
         if self.model == "rnn":
             _check_choice("attention", self.attention, ("bahdanau", "luong", "none", None))
         elif self.attention is not None:
@@ -144,6 +161,8 @@ class TranslationSettings(Settings):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.copy_unknown_rate < 1.0:
+            raise ValueError(f"copy_unknown_rate must be in [0, 1), got {self.copy_unknown_rate}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -174,7 +193,13 @@ def build_translation_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh model for ``config`` sized to ``tokenizer``; returns it and its config dict
     (what :func:`qkv.models.build_model` rebuilds it from)."""
-    from qkv.models import RNNConfig, TransformerConfig, build_model
+    from qkv.models import (
+        CopyRNNConfig,
+        CopyTransformerConfig,
+        RNNConfig,
+        TransformerConfig,
+        build_model,
+    )
 
     sizes = {
         "src_vocab_size": tokenizer.source.vocab_size,
@@ -184,12 +209,19 @@ def build_translation_model(
     if config.model == "transformer":
         tie = "all" if tokenizer.shared else "decoder"
         options = {"tie_embeddings": tie, **config.model_overrides}
-        model_config = TransformerConfig.from_name(config.preset, **sizes, **options)
+        kind = CopyTransformerConfig if config.copy else TransformerConfig
+        model_config = kind.from_name(config.preset, **sizes, **options)
     else:
         options = {"attention": config.attention or "bahdanau", **config.model_overrides}
-        model_config = RNNConfig.from_name(config.preset, **sizes, **options)
+        rnn_kind = CopyRNNConfig if config.copy else RNNConfig
+        model_config = rnn_kind.from_name(config.preset, **sizes, **options)
     as_dict = model_config.to_dict()
-    return build_model(as_dict), as_dict
+    model = build_model(as_dict)
+    if config.copy:
+        from qkv.tasks.translation_copy import source_to_target_ids
+
+        model.set_source_to_target(source_to_target_ids(tokenizer))  # type: ignore[operator]
+    return model, as_dict
 
 
 def _build_from_dict(model_config: dict[str, Any]) -> nn.Module:
@@ -200,6 +232,11 @@ def _build_from_dict(model_config: dict[str, Any]) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------
 # The task the trainer runs
+
+
+def _unwrap(model: nn.Module) -> Any:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 def split_target(target: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,6 +266,8 @@ class TranslationTask:
 
     def loss(self, model: nn.Module, batch: PairBatch) -> LossOutput:
         target_in, labels = split_target(batch.target)
+        if self.config.copy:
+            return self._copy_loss(model, batch, target_in, labels)
         logits = model(batch.source, target_in)  # (B, Nt, V)
         total = nn.functional.cross_entropy(
             logits.float().flatten(0, 1),
@@ -237,6 +276,24 @@ class TranslationTask:
             reduction="sum",
             label_smoothing=self.config.label_smoothing,
         )
+        return LossOutput(total=total, count=int((labels != 0).sum()), tokens=batch.num_tokens)
+
+    def _copy_loss(
+        self, model: nn.Module, batch: PairBatch, target_in: Tensor, labels: Tensor
+    ) -> LossOutput:
+        """The copy model's loss: extended log probabilities, and (training only) some source
+        tokens hidden as ``<unk>`` so that copying unknown words is learned."""
+        from qkv.tasks.translation_copy import copy_loss, simulate_unknowns
+
+        vocab = self.tokenizer.target.vocab_size
+        source = batch.source
+        if model.training and self.config.copy_unknown_rate > 0:
+            mapping = _unwrap(model).source_to_target
+            source, labels = simulate_unknowns(
+                source, labels, mapping, vocab, self.config.copy_unknown_rate
+            )
+        log_probs = model(source, target_in)  # (B, Nt, V + X)
+        total = copy_loss(log_probs, labels, self.config.label_smoothing, vocab)
         return LossOutput(total=total, count=int((labels != 0).sum()), tokens=batch.num_tokens)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -334,6 +391,10 @@ def _set_max_length(settings: TranslationSettings, value: int) -> TranslationSet
     return replace(settings, max_source_length=value, max_target_length=value)
 
 
+def _no_size_defaults(settings: TranslationSettings, value: bool) -> TranslationSettings:
+    return replace(settings, size_defaults=not value)
+
+
 def _set_separate_vocab(settings: TranslationSettings, value: bool) -> TranslationSettings:
     return replace(settings, shared_vocab=not value)
 
@@ -354,6 +415,18 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             choices=("bahdanau", "luong", "none"),
         ),
         Flag("--preset", "preset", "model size", choices=("tiny", "small", "base")),
+        Flag(
+            "--copy",
+            "copy",
+            "copy attention: the model may copy source tokens (names, numbers) into its output",
+            switch=True,
+        ),
+        Flag(
+            "--copy-unknown-rate",
+            "copy_unknown_rate",
+            "with --copy: how often training hides a source token as <unk> to be copied",
+            float,
+        ),
         Flag("--dropout", "model_overrides.dropout", "override the preset's dropout", float),
         Flag(
             "--tokenizer",
@@ -368,6 +441,13 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             "separate source and target vocabularies",
             switch=True,
             apply=_set_separate_vocab,
+        ),
+        Flag(
+            "--no-size-defaults",
+            None,
+            "keep vocabulary size and dropout at their defaults on a small corpus",
+            switch=True,
+            apply=_no_size_defaults,
         ),
         Flag("--label-smoothing", "label_smoothing", "of the cross-entropy", float),
         Flag(
@@ -409,6 +489,12 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
     def prepare(
         self, settings: TranslationSettings, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
+        notes: list[str] = []
+        sized: dict[str, Any] = {}
+        if folder is None:  # a resumed run keeps the settings and model it saved
+            from qkv.tasks.translation_defaults import size_to_data
+
+            settings, sized, notes = size_to_data(settings, len(splits.train))
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
@@ -421,7 +507,10 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             model_config = read_config(folder)["model"]
             model = _build_from_dict(model_config)
         else:
-            model, model_config = build_translation_model(settings, tokenizer)
+            overrides = {**sized, **settings.model_overrides}
+            model, model_config = build_translation_model(
+                replace(settings, model_overrides=overrides), tokenizer
+            )
         validation = (splits.validation or splits.train)[: settings.valid_size]
         train_set = PairDataset.from_pairs(
             splits.train,
@@ -447,6 +536,7 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             batch_size=settings.batch_size,
             max_tokens=settings.max_tokens,
             tokenizer=tokenizer,
+            notes=notes,
         )
 
     def load(self, folder: Path, *, device: str = "auto") -> Translator:
@@ -456,18 +546,42 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
         self, predictor: Translator, examples: Sequence[Pair], options: EvalOptions
     ) -> dict[str, Any]:
         from qkv.tasks.evaluation import score_translations
+        from qkv.tasks.translation_baselines import translation_baselines
 
         sources = [p.source for p in examples]
+        references = [p.target for p in examples]
         hypotheses = predictor.translate(sources, beam_size=options.beam_size)
         scores = score_translations(
-            hypotheses, [p.target for p in examples], sources, num_buckets=options.num_buckets
+            hypotheses, references, sources, num_buckets=options.num_buckets
+        ).to_dict()
+        train_pairs, note = self._training_pairs(predictor.config)
+        scores["baselines"] = translation_baselines(
+            sources, references, train_pairs, num_buckets=options.num_buckets
         )
-        return scores.to_dict()
+        scores["baselines_note"] = note
+        return scores
+
+    def _training_pairs(
+        self, settings: TranslationSettings
+    ) -> tuple[list[tuple[str, str]] | None, str | None]:
+        """The pairs the model was trained on (what retrieval searches), or ``None`` and why
+        not (the training data moved or cannot be read)."""
+        from qkv.data import DataError
+
+        try:
+            train = self.load_splits(settings.data, dict(settings.data_options)).train
+        except (OSError, DataError, ValueError) as error:
+            return None, f"no retrieval baseline: the training data cannot be read ({error})"
+        return [(p.source, p.target) for p in train], None
 
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         from qkv.tasks.evaluation import format_translation_scores
+        from qkv.tasks.translation_baselines import format_baselines
 
-        return format_translation_scores(evaluation.metrics)
+        return [
+            *format_translation_scores(evaluation.metrics),
+            *format_baselines(evaluation.metrics),
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,9 +666,50 @@ class Translator:
                     length_penalty=length_penalty,
                     max_len=self.max_length,
                 )
-            for i, row in zip(chunk, ids, strict=True):
-                results[i] = self.tokenizer.target.decode(row)
+            texts_of_chunk = [texts[i] for i in chunk]
+            for i, text in zip(chunk, self._decode_rows(texts_of_chunk, source, ids), strict=True):
+                results[i] = text
         return results
+
+    def _decode_rows(
+        self, texts: Sequence[str], source: Tensor, ids: Sequence[Sequence[int]]
+    ) -> list[str]:
+        """Texts of generated ``ids``; with copy attention, ids past the target vocabulary are
+        copied source tokens, written as the source has them."""
+        target = self.tokenizer.target
+        if not self.config.copy:
+            return [target.decode(row) for row in ids]
+        from qkv.tasks.translation_copy import decode_copied, source_pieces
+
+        positions = self.model.extended_positions(source)  # type: ignore[operator]
+        return [
+            decode_copied(target, row, source_pieces(self.tokenizer.source, text), where)
+            for text, row, where in zip(texts, ids, positions, strict=True)
+        ]
+
+    def copy_probabilities(
+        self, text: str, translation: str | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """How much of each target token was copied: ``1 - p_gen`` per step ``(Nt,)`` on the
+        CPU, and the target token labels (``</s>`` last), for a picture of which tokens the
+        model copied rather than generated.
+
+        Raises:
+            ValueError: the model has no copy attention (trained without ``--copy``).
+        """
+        if not self.config.copy:
+            raise ValueError(
+                "copy_probabilities needs a model trained with copy attention (--copy)"
+            )
+        if translation is None:
+            translation = self.translate([text])[0]
+        source = self._encode_sources([text]).to(self.device)  # (1, Ns)
+        target_ids = self.tokenizer.target.encode(translation, add_bos=True, add_eos=True)
+        target_in = torch.tensor([target_ids[:-1]], device=self.device)  # (1, Nt)
+        with torch.no_grad():
+            out = self.model.copy_forward(source, target_in)  # type: ignore[operator]
+        labels = [*self.tokenizer.target.tokens(translation), "</s>"]
+        return (1.0 - out.p_gen[0]).float().cpu(), labels
 
     def attention(
         self, text: str, translation: str | None = None
