@@ -20,8 +20,9 @@ from qkv import masks, scores
 from qkv.backends import get_backend, select_backend
 from qkv.backends.block_mask import build_block_mask
 from qkv.backends.cpu import CpuBackend, build, kernel_status
+from qkv.backends.cpu import backend as cpu_backend
 from qkv.backends.cpu.backend import TILE_Q as KERNEL_TILE_Q
-from qkv.backends.cpu.backend import choose_tiles
+from qkv.backends.cpu.backend import choose_tiles, half_gemm_reason, precision_note, uses_half_gemm
 from qkv.request import build_request
 from test_chunked import BIASES, CAUSAL, DTYPES, MASKS, SHAPES, bias_grad, cast_bias, make_bias
 from test_chunked import make_mask as chunked_mask
@@ -306,3 +307,73 @@ def test_grouped_heads_in_threads_match_one_thread() -> None:
         torch.set_num_threads(threads)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+BF16_GEMM = half_gemm_reason(torch.bfloat16)
+needs_bf16_gemm = pytest.mark.skipif(
+    BF16_GEMM is not None, reason=f"no bfloat16 GEMM on this CPU: {BF16_GEMM}"
+)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((1, 4, 2, 67, 300, 64, 64), {"causal": "bottom_right", "mask": masks.sliding_window(100)}),
+        ((2, 2, 1, 33, 45, 7, 5), {}),  # odd head dims and lengths: zero padding to even
+        ((1, 2, 2, 70, 70, 16, 16), {"bias": "alibi", "causal": True}),
+    ],
+    ids=["window_gqa", "odd_dims", "alibi"],
+)
+def test_bfloat16_on_the_half_gemms_with_shipped_tiles(
+    small_tiles: CpuBackend, shape: tuple[int, ...], options: dict[str, object]
+) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None  # the shipped sizes (64 x 256/128/64)
+    x = random_inputs(*shape, seed=11)
+    options = dict(options)
+    bias = scores.alibi(shape[1]) if options.pop("bias", None) == "alibi" else None
+    y = x.to(torch.bfloat16, requires_grad=False)
+    request = build_request(y.q, y.k, y.v, **options)  # type: ignore[arg-type]
+    assert uses_half_gemm(torch.bfloat16, *small_tiles.tile_sizes(request))
+    compare(x, torch.bfloat16, 11, bias=bias, **options)
+
+
+@needs_bf16_gemm
+def test_bfloat16_runs_on_the_half_gemms_and_explain_says_so(
+    small_tiles: CpuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = random_inputs(1, 2, 1, 20, 24, 8, seed=12).to(torch.bfloat16, requires_grad=False)
+    note = str(qkv.explain(x.q, x.k, x.v, backend="cpu", causal=True))
+    assert "bfloat16 GEMMs with float32 accumulation" in note
+    on_gemms = qkv.attention(x.q, x.k, x.v, backend="cpu", causal=True)
+    monkeypatch.setitem(cpu_backend._half_reasons, torch.bfloat16, "switched off")
+    in_float32 = qkv.attention(x.q, x.k, x.v, backend="cpu", causal=True)
+    # P rounded to bfloat16 before P V: not the float32 computation, bit for bit
+    assert not torch.equal(on_gemms, in_float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_without_its_gemm_computes_in_float32_and_says_why(
+    small_tiles: CpuBackend, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setitem(cpu_backend._half_reasons, dtype, "no such unit (test)")
+    x = random_inputs(1, 2, 1, 21, 30, 8, seed=13)
+    compare(x, dtype, 13, causal=True)
+    y = x.to(dtype, requires_grad=False)
+    note = str(qkv.explain(y.q, y.k, y.v, backend="cpu", causal=True))
+    assert "computed in float32 BLAS" in note and "no such unit (test)" in note
+
+
+@needs_bf16_gemm
+def test_odd_tiles_compute_bfloat16_in_float32(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q, small_tiles.tile_kv = 3, 8  # VNNI pairs rows: odd tiles cannot
+    x = random_inputs(1, 2, 2, 17, 19, 8, seed=14)
+    compare(x, torch.bfloat16, 14, mask=masks.sliding_window(4))
+    y = x.to(torch.bfloat16, requires_grad=False)
+    note = str(qkv.explain(y.q, y.k, y.v, backend="cpu"))
+    assert "odd tile sizes (3, 8)" in note
+
+
+def test_float_dtypes_have_no_precision_note() -> None:
+    assert precision_note(torch.float32, 64, 256) is None
+    assert half_gemm_reason(torch.float32) == "torch.float32 is not a half-precision type"
