@@ -13,8 +13,13 @@ stated in. Contestants:
 - ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask built
   before the timed calls (forward only: FlexAttention has no backward on the CPU).
 
+Each row also gives the cpu kernel's useful-work throughput (4 D flops per attended query-key
+pair and head forward, 3.5 times that forward+backward) as a fraction of the matmul peak of the
+dtype measured in the same process (a square ``torch.matmul`` in that dtype on the same threads).
+
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py            # the full table
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --quick    # N=4096 cases only
+    OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --dtype bfloat16 --sizes 4096
 """
 
 from __future__ import annotations
@@ -36,13 +41,47 @@ from qkv.backends import select_backend
 from qkv.request import build_request
 
 B, H, D = 1, 8, 64
+DTYPE = torch.float32  # --dtype
 
 
 def inputs(n: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     return tuple(  # type: ignore[return-value]
-        torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)
+        torch.randn(B, H, n, D, generator=g).to(DTYPE).requires_grad_(grad) for _ in range(3)
     )
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, rounds: int = 3) -> float:
+    """FLOP/s of the best of ``rounds`` square ``n x n`` matmuls in ``dtype`` on these threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up (oneDNN builds its kernel)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def attended_pairs(kind: str, n: int) -> int:
+    """Query-key pairs the case's mask keeps, per head."""
+    if kind == "causal":
+        return n * (n + 1) // 2
+    if kind in ("window", "documents"):
+        x = torch.empty(1, 1, n, 1)
+        request = build_request(x, x, x, **case_kwargs(kind, n))
+        total = 0
+        for lo in range(0, n, 1024):
+            tile = request.mask_tile((lo, min(lo + 1024, n)), request.full_kv)
+            assert tile is not None
+            total += int(tile.sum())
+        return total
+    return n * n
+
+
+def useful_flops(kind: str, n: int, mode: str) -> float:
+    forward = 4.0 * D * B * H * attended_pairs(kind, n)
+    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def case_kwargs(kind: str, n: int) -> dict[str, Any]:
@@ -70,7 +109,7 @@ def dense_of(q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
     request = build_request(q.detach(), k.detach(), k.detach(), **kwargs)
     n = q.shape[2]
     if request.score_mod is not None:
-        out = torch.empty(1, H, n, n)
+        out = torch.empty(1, H, n, n, dtype=DTYPE)
         with torch.no_grad():
             for lo in range(0, n, 512):
                 rows = (lo, min(lo + 512, n))
@@ -162,6 +201,8 @@ CASES: list[tuple[str, int, str, list[str]]] = [
     ("documents", 16384, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
     ("causal", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
     ("none", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
+    ("causal", 4096, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
+    ("none", 4096, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("window", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("documents", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("alibi", 4096, "fwd", ["cpu", "sdpa", "flex", "auto"]),
@@ -175,28 +216,47 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="only the N=4096 cases")
     parser.add_argument("--only", nargs="*", help="case kinds to run (window, documents, ...)")
+    parser.add_argument("--sizes", nargs="*", type=int, help="sequence lengths to run")
+    parser.add_argument("--skip", nargs="*", default=[], help="contestants to leave out")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     load = os.getloadavg()[0]
     threads = torch.get_num_threads()
-    print(f"load average {load:.2f}, torch threads {threads}, rounds {args.rounds}")
+    print(f"load average {load:.2f}, torch threads {threads}, rounds {args.rounds}, {args.dtype}")
     from qkv.backends.cpu import kernel_status
+    from qkv.backends.cpu.backend import precision_note
 
     status = kernel_status()
     print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
+    if (note := precision_note(DTYPE, 64, 256)) is not None:
+        print(f"cpu kernel computes: {note}")
+    peak = matmul_peak(DTYPE)
+    print(f"{args.dtype} matmul peak (2048^3, best of 3): {peak / 1e9:,.0f} GFLOP/s", flush=True)
     rows = []
     for kind, n, mode, names in CASES:
         if (args.quick and n > 4096) or (args.only and kind not in args.only):
             continue
+        if args.sizes and n not in args.sizes:
+            continue
+        names = [name for name in names if name not in args.skip]
         print(f"{kind} N={n} {mode}", flush=True)
         med = interleaved(contestants(kind, n, mode, names), args.rounds)
         cells = "  ".join(f"{name} {sec * 1e3:,.1f} ms" for name, sec in med.items())
+        rate = useful_flops(kind, n, mode) / med["cpu"]
+        cells += f"\n    cpu useful work {rate / 1e9:,.1f} GFLOP/s = {rate / peak:.0%} of the peak"
         ratios = []
         if "flex" in med:
             ratios.append(f"cpu/flex {med['cpu'] / med['flex']:.2f}x")
-        ratios.append(f"sdpa/cpu {med['sdpa'] / med['cpu']:.1f}x")
-        ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
+        if "sdpa" in med:
+            ratios.append(f"cpu/sdpa {med['cpu'] / med['sdpa']:.2f}x")
+            if "auto" in med:
+                ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
         print(f"    {cells}\n    {'  '.join(ratios)}", flush=True)
         rows.append((kind, n, mode, med))
+    peak_end = matmul_peak(DTYPE)
+    print(f"{args.dtype} matmul peak at the end: {peak_end / 1e9:,.0f} GFLOP/s")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
