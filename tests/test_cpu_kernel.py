@@ -377,3 +377,30 @@ def test_odd_tiles_compute_bfloat16_in_float32(small_tiles: CpuBackend) -> None:
 def test_float_dtypes_have_no_precision_note() -> None:
     assert precision_note(torch.float32, 64, 256) is None
     assert half_gemm_reason(torch.float32) == "torch.float32 is not a half-precision type"
+
+
+DECODE_MASKS = {
+    "none": {},
+    "causal": {"causal": "bottom_right"},
+    "window": {"causal": "bottom_right", "mask": masks.sliding_window(40)},
+    "key_padding": {"mask": masks.key_padding(torch.tensor([301, 97]))},
+    "nothing_to_attend": {"mask": masks.key_padding(torch.tensor([0, 150]))},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q", [1, 3])
+@pytest.mark.parametrize("mask_kind", list(DECODE_MASKS))
+def test_decoding_splits_keys_and_reads_each_group_once(
+    dtype: torch.dtype, n_q: int, mask_kind: str
+) -> None:
+    # one query tile against 38 key tiles: the decoding path, its keys in several chunks, the
+    # 4 query heads of each kv head stacked; the lse it returns feeds the backward
+    x = random_inputs(2, 8, 2, n_q, 301, 8, 6, seed=15)
+    compare(x, dtype, 15, **DECODE_MASKS[mask_kind])
+
+
+def test_decoding_with_the_shipped_tiles(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None
+    x = random_inputs(1, 8, 2, 2, 3000, 32, seed=16)
+    compare(x, torch.float32, 16, causal="bottom_right")

@@ -611,22 +611,22 @@ void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out
 
 // Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
 // l of each row, rescales its accumulator row, and leaves exp(s - m) in s.
-inline void online_softmax_tile(float* s, int ld, int rows, int cols, float* m, float* l,
-                                float* acc, int Dv) {
-  constexpr float ninf = -std::numeric_limits<float>::infinity();
-  for (int r = 0; r < rows; ++r) {
-    float* row = s + static_cast<int64_t>(r) * ld;
-    const float new_max = std::max(m[r], max_row(row, cols));
+template <typename T>
+void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    const T new_max = std::max(m[r], max_row(row, cols));
     if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-      std::fill(row, row + cols, 0.0f);
+      std::fill(row, row + cols, T(0));
       continue;
     }
-    const float rescale = m[r] == ninf ? 0.0f : fast_exp(m[r] - new_max);
+    const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
     l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
     m[r] = new_max;
-    if (rescale != 1.0f) {
-      float* a = acc + static_cast<int64_t>(r) * Dv;
-      for (int c = 0; c < Dv; ++c) a[c] *= rescale;
+    if (rescale != T(1)) {
+      T* a = acc + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) a[c] *= rescale;
     }
   }
 }
@@ -733,6 +733,108 @@ void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const floa
       }
     }
     at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding: a few queries (one query tile) against a long key/value cache.
+//
+// The query rows of all G heads of a key/value group are stacked into one (G Nq) x D block, so
+// each K/V tile is read once per group rather than once per query head, and the visited key
+// tiles are split into chunks run as separate tasks, so that a call with few (batch, kv head)
+// pairs still spreads over the threads. Each chunk leaves its running max, sum and unnormalised
+// output; a last pass merges the chunks of every row (log-sum-exp weights). Inputs of another
+// type than the compute type T (bfloat16, float16) are converted tile by tile in cache, so K and
+// V are read from memory once, in their own width.
+
+// Decoding applies when the call has a single query tile of at most this many rows.
+constexpr int64_t kDecodeRows = 16;
+// Tasks the key chunks aim at (independent of the thread count, so results do not depend on it).
+constexpr int64_t kDecodeTasks = 64;
+
+// A tile of `rows` rows of width `width` (row stride `width` in the source) as T: the source
+// itself when it already is T, else converted into buf.
+template <typename T, typename In>
+const T* as_compute(const In* src, int64_t rows, int64_t width, std::vector<T>& buf) {
+  if constexpr (std::is_same_v<T, In>) {
+    return src;
+  } else {
+    const int64_t n = rows * width;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(src[i]);
+    return buf.data();
+  }
+}
+
+template <typename T, typename In>
+void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, T* out, T* lse) {
+  std::vector<std::pair<int64_t, bool>> visits = visits_of(P, 0);
+  const int64_t groups = P.B * P.Hkv, n_visits = static_cast<int64_t>(visits.size());
+  const int64_t want = std::max<int64_t>(1, (kDecodeTasks + groups - 1) / groups);
+  const int64_t per_chunk = std::max<int64_t>(2, (n_visits + want - 1) / want);
+  const int64_t chunks = std::max<int64_t>(1, (n_visits + per_chunk - 1) / per_chunk);
+  const int64_t rows = P.G * P.Nq, D = P.D, Dv = P.Dv;
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
+  std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
+  std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    const int ld = static_cast<int>(P.tk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / chunks, c = task % chunks, b = grp / P.Hkv, hk = grp % P.Hkv;
+      T* m = part_m.data() + task * rows;
+      T* l = part_l.data() + task * rows;
+      T* acc = part_acc.data() + task * rows * Dv;
+      // the G heads of the group are consecutive: one (G Nq) x D block of q
+      const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf);
+      const In* kbase = k + grp * P.Nk * D;
+      const In* vbase = v + grp * P.Nk * Dv;
+      const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
+      for (int64_t t = c * per_chunk; t < last; ++t) {
+        const auto [j, full] = visits[t];
+        const int64_t k0 = j * P.tk;
+        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf);
+        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf);
+        gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
+                static_cast<int>(D), qg, static_cast<int>(D), T(0), s.data(), ld);
+        for (int64_t g = 0; g < P.G; ++g)
+          finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
+                           s.data() + g * P.Nq * ld, ld, nullptr);
+        online_softmax_tile(s.data(), ld, rows, cols, m, l, acc, Dv);
+        gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
+                static_cast<int>(Dv), s.data(), ld, T(1), acc, static_cast<int>(Dv));
+      }
+    }
+  });
+  // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max
+  at::parallel_for(0, groups * rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> o(Dv);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t grp = idx / rows, r = idx % rows;
+      T M = ninf;
+      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, part_m[(grp * chunks + c) * rows + r]);
+      T L = 0;
+      std::fill(o.begin(), o.end(), T(0));
+      if (M != ninf) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (grp * chunks + c) * rows + r;
+          if (part_m[at] == ninf) continue;
+          const T w = fast_exp(part_m[at] - M);
+          L += part_l[at] * w;
+          const T* a = part_acc.data() + at * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] += a[d] * w;
+        }
+      }
+      // row r of the group is query row r % Nq of head hk G + r / Nq: out is (B, Hq, Nq, Dv)
+      // and the group's heads are consecutive, so the group's rows are consecutive too
+      const int64_t row = grp * rows + r;
+      const bool seen = L > 0;
+      const T inv = seen ? T(1) / L : T(0);
+      for (int64_t d = 0; d < Dv; ++d) out[row * Dv + d] = o[d] * inv;
+      lse[row] = seen ? M + std::log(L) : std::numeric_limits<T>::infinity();
+    }
   });
 }
 
@@ -893,12 +995,55 @@ bool is_half(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
+// Decoding entry: q, k, v in their own type (float, double, bfloat16, float16), computed in
+// float (double for double); out and lse in the compute type.
+std::vector<at::Tensor> decode_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
+    const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
+    const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+  const bool dbl = q.scalar_type() == at::kDouble;
+  const auto opts = q.options().dtype(dbl ? at::kDouble : at::kFloat);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, opts);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
+  if (dbl) {
+    auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                                  doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+    forward_decode<double, double>(P, q.data_ptr<double>(), k.data_ptr<double>(),
+                                   v.data_ptr<double>(), out.data_ptr<double>(),
+                                   lse.data_ptr<double>());
+    return {out, lse};
+  }
+  auto P = make_problem<float>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                               doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+  float* o = out.data_ptr<float>();
+  float* ls = lse.data_ptr<float>();
+  if (q.scalar_type() == at::kBFloat16) {
+    forward_decode<float, at::BFloat16>(P, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
+                                        v.data_ptr<at::BFloat16>(), o, ls);
+  } else if (q.scalar_type() == at::kHalf) {
+    forward_decode<float, at::Half>(P, q.data_ptr<at::Half>(), k.data_ptr<at::Half>(),
+                                    v.data_ptr<at::Half>(), o, ls);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "qkv cpu kernel: unsupported dtype ",
+                q.scalar_type());
+    forward_decode<float, float>(P, q.data_ptr<float>(), k.data_ptr<float>(),
+                                 v.data_ptr<float>(), o, ls);
+  }
+  return {out, lse};
+}
+
 std::vector<at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
     const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
     const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
     const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
     const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+  if (status.size(0) == 1 && q.size(2) <= kDecodeRows) {
+    return decode_forward(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k,
+                          dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+  }
   if (is_half(q)) {
     auto run = q.scalar_type() == at::kBFloat16 ? forward_half_typed<at::BFloat16>
                                                 : forward_half_typed<at::Half>;
