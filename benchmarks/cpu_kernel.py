@@ -20,6 +20,7 @@ dtype measured in the same process (a square ``torch.matmul`` in that dtype on t
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py            # the full table
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --quick    # N=4096 cases only
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --dtype bfloat16 --sizes 4096
+    OMP_NUM_THREADS=2 python benchmarks/cpu_kernel.py --decode     # decoding, GB/s of K/V
 """
 
 from __future__ import annotations
@@ -211,6 +212,56 @@ CASES: list[tuple[str, int, str, list[str]]] = [
 ]
 
 
+def memory_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
+    """Bytes/s of the best of ``rounds`` sums over a float32 tensor of ``megabytes``."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+#: Decoding: (B, Nq, Nk) with GQA 32/8 and D = 128.
+DECODE_CASES = [(1, 1, 4096), (1, 8, 4096), (8, 1, 4096), (1, 1, 32768), (1, 8, 32768)]
+
+
+def decode_calls(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """The new queries see every cached key and each other causally (bottom-right aligned)."""
+    nq, nk = q.shape[2], k.shape[2]
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)  # SDPA's is_causal is top-left
+    sdpa_mask = None if nq == 1 else keep
+    return {
+        "cpu": lambda: qkv.attention(q, k, v, backend="cpu", causal="bottom_right"),
+        "sdpa": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask, enable_gqa=True
+        ),
+    }
+
+
+def decode_table(rounds: int) -> None:
+    """Few queries against a long K/V cache: cpu against SDPA (``enable_gqa``), as the bytes of
+    K and V read per second and their fraction of the measured memory bandwidth."""
+    bandwidth = memory_bandwidth()
+    print(f"memory read bandwidth (sum over 256 MB, best of 5): {bandwidth / 1e9:.1f} GB/s")
+    hq, hkv, d = 32, 8, 128
+    for b, nq, nk in DECODE_CASES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(b, hq, nq, d, generator=g).to(DTYPE)
+        k, v = (torch.randn(b, hkv, nk, d, generator=g).to(DTYPE) for _ in range(2))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        calls = decode_calls(q, k, v)
+        med = interleaved(calls, rounds)
+        cells = "  ".join(
+            f"{name} {sec * 1e3:,.2f} ms = {kv_bytes / sec / 1e9:.1f} GB/s "
+            f"({kv_bytes / sec / bandwidth:.0%})"
+            for name, sec in med.items()
+        )
+        print(f"decode B={b} Nq={nq} Nk={nk}: {cells}  sdpa/cpu {med['sdpa'] / med['cpu']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -219,6 +270,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", type=int, help="sequence lengths to run")
     parser.add_argument("--skip", nargs="*", default=[], help="contestants to leave out")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--decode", action="store_true", help="only the decoding table")
     args = parser.parse_args()
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
@@ -232,6 +284,10 @@ def main() -> None:
     print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
     if (note := precision_note(DTYPE, 64, 256)) is not None:
         print(f"cpu kernel computes: {note}")
+    if args.decode:
+        decode_table(args.rounds)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        return
     peak = matmul_peak(DTYPE)
     print(f"{args.dtype} matmul peak (2048^3, best of 3): {peak / 1e9:,.0f} GFLOP/s", flush=True)
     rows = []
