@@ -766,6 +766,42 @@ const T* as_compute(const In* src, int64_t rows, int64_t width, std::vector<T>& 
   }
 }
 
+// Up to this many stacked query rows the decoding products run as the loops below rather
+// than BLAS calls: with so few rows a GEMM is a matrix-vector product, which the BLAS libraries
+// run far below memory speed; the loops read each key and value row once, for all rows.
+constexpr int64_t kFewRows = 8;
+
+// s[r, c] = scale * q[r] . k[c] for rows x cols (row stride ld), q (rows x D), k (cols x D).
+template <typename T>
+void scores_few_rows(const T* q, const T* k, int64_t rows, int cols, int64_t D, T scale, T* s,
+                     int ld) {
+  for (int c = 0; c < cols; ++c) {
+    const T* kc = k + c * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* qr = q + r * D;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kc[d];
+      s[r * ld + c] = scale * acc;
+    }
+  }
+}
+
+// acc[r] += sum_c p[r, c] v[c] for rows x cols (row stride ld), v (cols x Dv).
+template <typename T>
+void pv_few_rows(const T* p, int ld, const T* v, int64_t rows, int cols, int64_t Dv, T* acc) {
+  for (int c = 0; c < cols; ++c) {
+    const T* vc = v + c * Dv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T w = p[r * ld + c];
+      if (w == T(0)) continue;
+      T* a = acc + r * Dv;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) a[d] += w * vc[d];
+    }
+  }
+}
+
 template <typename T, typename In>
 void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, T* out, T* lse) {
   std::vector<std::pair<int64_t, bool>> visits = visits_of(P, 0);
@@ -797,14 +833,20 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
         const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf);
         const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf);
-        gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
-                static_cast<int>(D), qg, static_cast<int>(D), T(0), s.data(), ld);
+        if (rows <= kFewRows)
+          scores_few_rows(qg, kt, rows, cols, D, P.scale, s.data(), ld);
+        else
+          gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
+                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s.data(), ld);
         for (int64_t g = 0; g < P.G; ++g)
           finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
                            s.data() + g * P.Nq * ld, ld, nullptr);
         online_softmax_tile(s.data(), ld, rows, cols, m, l, acc, Dv);
-        gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
-                static_cast<int>(Dv), s.data(), ld, T(1), acc, static_cast<int>(Dv));
+        if (rows <= kFewRows)
+          pv_few_rows(s.data(), ld, vt, rows, cols, Dv, acc);
+        else
+          gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
+                  static_cast<int>(Dv), s.data(), ld, T(1), acc, static_cast<int>(Dv));
       }
     }
   });
