@@ -404,3 +404,14 @@ def test_decoding_with_the_shipped_tiles(small_tiles: CpuBackend) -> None:
     small_tiles.tile_q = small_tiles.tile_kv = None
     x = random_inputs(1, 8, 2, 2, 3000, 32, seed=16)
     compare(x, torch.float32, 16, causal="bottom_right")
+
+
+def test_auto_takes_the_kernel_for_grouped_decoding() -> None:
+    # a few queries against a long cache are priced by the bytes of K and V they read: SDPA
+    # reads them once per query head, the kernel once per group of heads
+    q = torch.randn(1, 32, 1, 64)
+    k = torch.randn(1, 8, 16384, 64)
+    request = build_request(q, k, k, causal="bottom_right")
+    selection = select_backend(request)
+    assert selection.backend.name == "cpu"
+    assert selection.costs["sdpa"] > 1.5 * selection.costs["cpu"]
