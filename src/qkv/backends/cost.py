@@ -226,10 +226,9 @@ def chunked_seconds(backend: ChunkedBackend, request: AttentionRequest) -> float
     flops = 2.0 * pairs * (request.head_dim + request.value_dim) * visited
     work = flops / (0.8 * rates.matmul_flops) + 8 * visited * pairs * rates.element_seconds
     work += masked * tq * tk * 8 * rates.element_seconds
-    # K and V read once per query tile and query head (the decoding floor)
-    n_q_tiles = -(-request.q_len // tile_q)
-    groups = request.q_heads // request.kv_heads
-    work = max(work, kv_read_seconds(request, rates, n_q_tiles * groups))
+    if request.q_len <= tile_q:  # decoding: K and V read once per query head
+        groups = request.q_heads // request.kv_heads
+        work = max(work, kv_read_seconds(request, rates, groups))
     ops = (12 * visited + 4 * masked + 30) * rates.op_seconds
     summary = unknown * (tq * tk * 8 * rates.element_seconds + 4 * rates.op_seconds)
     if request.needs_grad:
@@ -273,6 +272,8 @@ FIXED_SECONDS = 3e-4
 #: 230 against 414 ms forward, 783 against 1172 ms forward+backward; SDPA took 415 and 969 ms
 #: in bfloat16, the same as in float32).
 HALF_GEMM_SPEEDUP = 1.6
+#: Query rows up to which the kernel decodes (one query tile; kDecodeRows in kernel.cpp).
+DECODE_ROWS = 16
 
 
 def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
@@ -288,10 +289,10 @@ def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     seconds += pairs * 2 * rates.element_seconds
     if uses_half_gemm(request.dtype, census.tile_q, census.tile_kv):
         seconds /= HALF_GEMM_SPEEDUP
-    # K and V read once per query tile and group of query heads (decoding: once), at about
-    # half the memory rate (measured: 44-51% of it on one thread with one query)
-    n_q_tiles = -(-request.q_len // census.tile_q)
-    seconds = max(seconds, kv_read_seconds(request, rates, 2.0 * n_q_tiles))
+    if request.q_len <= min(DECODE_ROWS, census.tile_q):
+        # decoding reads K and V once per group of query heads, at about half the memory
+        # rate (measured: 44-51% of it on one thread with one query)
+        seconds = max(seconds, kv_read_seconds(request, rates, 2.0))
     seconds += FIXED_SECONDS
     seconds += census.unknown * tq * tk * 8 * rates.element_seconds
     return seconds * (CPU_KERNEL_TRAINING_FACTOR if request.needs_grad else 1.0)
