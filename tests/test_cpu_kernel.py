@@ -292,14 +292,15 @@ def test_auto_takes_the_kernel_for_a_long_sliding_window(small_tiles: CpuBackend
     assert select_backend(request).backend.name == "cpu"
 
 
-def test_grouped_heads_in_threads_match_one_thread() -> None:
-    x = random_inputs(2, 6, 2, 40, 50, 8, seed=9).to(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_heads_in_threads_match_one_thread(dtype: torch.dtype) -> None:
+    x = random_inputs(2, 6, 2, 40, 50, 8, seed=9).to(dtype)
     outs = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y = x.to(torch.float32)
+            y = x.to(dtype)
             out = qkv.attention(y.q, y.k, y.v, backend="cpu", causal=True)
             out.sum().backward()
             outs.append([out.detach(), y.q.grad, y.k.grad, y.v.grad])
