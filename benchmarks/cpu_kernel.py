@@ -54,18 +54,6 @@ def inputs(n: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, rounds: int = 3) -> float:
-    """FLOP/s of the best of ``rounds`` square ``n x n`` matmuls in ``dtype`` on these threads."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up (oneDNN builds its kernel)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def attended_pairs(kind: str, n: int) -> int:
     """Query-key pairs the case's mask keeps, per head."""
     if kind == "causal":
@@ -290,8 +278,6 @@ def main() -> None:
         decode_table(args.rounds)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
         return
-    peak = matmul_peak(DTYPE)
-    print(f"{args.dtype} matmul peak (2048^3, best of 3): {peak / 1e9:,.0f} GFLOP/s", flush=True)
     rows = []
     for kind, n, mode, names in CASES:
         if (args.quick and n > 4096) or (args.only and kind not in args.only):
@@ -320,8 +306,6 @@ def main() -> None:
                 ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
         print(f"    {cells}\n    {'  '.join(ratios)}", flush=True)
         rows.append((kind, n, mode, med))
-    peak_end = matmul_peak(DTYPE)
-    print(f"{args.dtype} matmul peak at the end: {peak_end / 1e9:,.0f} GFLOP/s")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
