@@ -3,7 +3,8 @@
 // (FlashAttention-2, Algorithms 1 and 2). Compiled on first use by qkv/backends/cpu/build.py.
 //
 // Layout: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all contiguous, in the
-// compute type (float or double; half inputs arrive as float). Query head h reads key/value
+// compute type (float or double), or in bfloat16 / float16 for the half-precision GEMM path and
+// decoding (both below; everything besides q, k, v and the output gradient then is float). Query head h reads key/value
 // head h / G (grouped heads without copies). The tile grid is `status` (nQ, nK) int8:
 // 0 EMPTY (skipped), 1 PARTIAL (mask evaluated), 2 FULL (mask never evaluated).
 //
