@@ -64,6 +64,7 @@ def test_bench_smoke_writes_table_json_and_plot(
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "x sdpa" in captured.out and "4/4" in captured.err
+    assert "float32 matmul, same run:" in captured.out and "% mm" in captured.out
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert len(rows) == 4 and all(r["error"] is None and r["seconds"] > 0 for r in rows)
     assert {r["ratio_to_sdpa"] for r in rows if r["backend"] == "sdpa"} == {1.0}

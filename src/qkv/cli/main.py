@@ -228,13 +228,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         on_result=lambda r: bar.step(f"{r.case.backend} {r.case.label()}"),
     )
     # the yardstick, measured in this run: bf16 on CUDA; on the CPU the run's own dtype on the
-    # same threads (2048^3: seconds, not minutes, on one core)
+    # same threads (1024^3: about a second on one core)
     if args.device.startswith("cuda"):
         rate = matmul_tflops(args.device)
         fill_matmul_share(results, rate)
         print(format_table(results, rate))
     else:
-        rate = matmul_tflops(args.device, dtype=getattr(torch, args.dtype), n=2048)
+        rate = matmul_tflops(args.device, dtype=getattr(torch, args.dtype), n=1024)
         fill_matmul_share(results, rate)
         print(format_table(results, rate, matmul_dtype=args.dtype, tera=False))
     if args.out is not None:
