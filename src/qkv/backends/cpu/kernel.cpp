@@ -748,8 +748,7 @@ void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const floa
 // type than the compute type T (bfloat16, float16) are converted tile by tile in cache, so K and
 // V are read from memory once, in their own width.
 
-// Decoding applies when the call has a single query tile of at most this many rows (half inputs:
-// when the stacked rows of a group take the loops below; more run on the half GEMMs).
+// Decoding applies when the call has a single query tile of at most this many rows.
 constexpr int64_t kDecodeRows = 16;
 // Tasks the key chunks aim at (independent of the thread count, so results do not depend on it).
 constexpr int64_t kDecodeTasks = 64;
@@ -1084,9 +1083,8 @@ std::vector<at::Tensor> attention_forward(
     const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
     const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
     const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
-  // half inputs with more stacked rows than the decoding loops take run on the half GEMMs
-  const int64_t stacked = q.size(2) * (q.size(1) / k.size(1));
-  if (status.size(0) == 1 && q.size(2) <= kDecodeRows && (!is_half(q) || stacked <= kFewRows)) {
+  // decoding in every dtype: the half GEMM path would repack all of K and V for a few rows
+  if (status.size(0) == 1 && q.size(2) <= kDecodeRows) {
     return decode_forward(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k,
                           dense, bias, mod_kind, mod_value, mod_int, mod_tables);
   }
