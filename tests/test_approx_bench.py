@@ -1,34 +1,31 @@
-"""`qkv bench approx`: the lab in --quick mode, the crossover rule and the command line."""
+"""`qkv bench approx` and benchmarks/approx_lab.py: the lab in --quick mode, the crossover rule
+and the command line."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
-import torch
 
-from qkv.bench.approx import (
-    EXACT,
-    SPEED_METHODS,
-    TASK_METHODS,
-    LabSizes,
-    crossovers,
-    format_tables,
-    run_lab,
-)
+from helpers import load_benchmark, torch_threads
+from qkv.bench.approx import EXACT, SPEED_METHODS, crossovers
 from qkv.cli.main import build_parser, main
+
+lab = load_benchmark("approx_lab")
+TASK_METHODS, LabSizes, format_tables, run_lab = (
+    lab.TASK_METHODS,
+    lab.LabSizes,
+    lab.format_tables,
+    lab.run_lab,
+)
 
 
 @pytest.fixture(scope="module")
 def quick_lab():
     # One thread: the lab's tiny calls only lose to thread start-up, and on a shared machine
     # a second thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return run_lab(replace(LabSizes.quick(), speed_ns=(64,)))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

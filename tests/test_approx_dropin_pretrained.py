@@ -12,8 +12,7 @@ import torch
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from qkv.bench.approx import LabSizes, dropin_accuracy, format_tables, pretrained_dropin, run_lab
-from qkv.cli.main import main
+from helpers import load_benchmark
 from qkv.data.labeled import LabeledText, LabelSet
 from qkv.models.pretrained import (
     PretrainedClassifier,
@@ -23,7 +22,16 @@ from qkv.models.pretrained import (
 )
 from qkv.nn.multihead import MultiHeadAttention
 from qkv.tasks.pretrained_sentiment import PretrainedTextClassifier
-from test_pretrained import _random_hf_folder
+from toys import random_hf_folder as _random_hf_folder
+
+lab = load_benchmark("approx_lab")
+LabSizes, dropin_accuracy, format_tables, pretrained_dropin, run_lab = (
+    lab.LabSizes,
+    lab.dropin_accuracy,
+    lab.format_tables,
+    lab.pretrained_dropin,
+    lab.run_lab,
+)
 
 
 @pytest.fixture()
@@ -100,8 +108,6 @@ def test_pretrained_dropin_reports_accuracy_and_change(tiny):
 def test_lab_table_of_a_pretrained_model_folder(tiny, tmp_path, monkeypatch):
     """``run_lab(model_folder=FOLDER)`` reads the folder and Rotten Tomatoes test; both replaced here by
     the tiny classifier and its texts, so what is checked is the plumbing and the table."""
-    import qkv.bench.approx as lab
-
     classifier, examples = tiny
 
     def rows(folder, limit, say):
@@ -118,9 +124,9 @@ def test_lab_table_of_a_pretrained_model_folder(tiny, tmp_path, monkeypatch):
 
 
 def test_command_line_refuses_a_missing_model_folder(tmp_path, capsys):
-    code = main(["bench", "approx", "--parts", "dropin", "--model", str(tmp_path / "nope")])
+    code = lab.main(["--parts", "dropin", "--model", str(tmp_path / "nope")])
     assert code != 0
     err = capsys.readouterr().err
     assert "--model" in err and "is not a folder" in err and "Traceback" not in err
-    assert main(["bench", "approx", "--parts", "dropin", "--limit", "0"]) != 0
+    assert lab.main(["--parts", "dropin", "--limit", "0"]) != 0
     assert "--limit must be >= 1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import qkv
 from qkv import approx
 from qkv.models import Seq2SeqTransformer, TransformerConfig
 from qkv.models.classifier import AttentionClassifier, ClassifierConfig
-from qkv.nn import MultiHeadAttention
+from qkv.nn import MultiHeadAttention, swap_attention
 
 F64 = torch.float64
 
@@ -200,21 +200,21 @@ def test_trained_exact_model_evaluates_with_a_swapped_approximation(name, option
     model.eval()
     with torch.no_grad():
         exact = model(_ids()).logits
-        assert approx.swap_attention(model, name, **options) == 2
+        assert swap_attention(model, name, **options) == 2
         swapped = model(_ids()).logits
         assert torch.isfinite(swapped).all()
         assert not torch.equal(swapped, exact)
-        approx.swap_attention(model, "exact")
+        swap_attention(model, "exact")
         torch.testing.assert_close(model(_ids()).logits, exact, rtol=0, atol=0)
 
 
 def test_swap_attention_selects_modules_and_refuses_models_without_attention():
     config = TransformerConfig.from_name("tiny", src_vocab_size=30, tgt_vocab_size=20)
     model = Seq2SeqTransformer(config)
-    changed = approx.swap_attention(model, "nystrom", where=lambda n, m: "encoder" in n)
+    changed = swap_attention(model, "nystrom", where=lambda n, m: "encoder" in n)
     assert changed == 2
     assert model.decoder_layers[0].self_attn.attention_name == "exact"
     model.eval()
     assert torch.isfinite(model(torch.randint(3, 30, (2, 7)), torch.randint(3, 20, (2, 5)))).all()
     with pytest.raises(ValueError, match="holds no qkv MultiHeadAttention"):
-        approx.swap_attention(torch.nn.Linear(2, 2), "linear")
+        swap_attention(torch.nn.Linear(2, 2), "linear")

@@ -111,10 +111,19 @@ def test_bench_prebuilds_dense_masks_for_sdpa_and_block_masks_for_chunked(tmp_pa
 # --- what is timed: registered backends that serve, and PyTorch's kernels as peers on CUDA ------
 
 
+def triton_reason_on_cpu() -> str:
+    """The triton backend's own reason for a float16 CPU call: that it runs on CUDA only, or,
+    where triton is not installed, that it is not."""
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
+    reason = qkv.explain(q, q, q).reasons["triton"]
+    assert reason is not None and ("CUDA" in reason or "triton is not installed" in reason)
+    return reason
+
+
 def test_default_backends_leave_out_those_that_refuse_with_their_reason() -> None:
     chosen, left_out = choose_backends("cpu", "float16", peers=True)
     assert chosen[:3] == ["sdpa", "reference", "chunked"] and chosen[-1] == "flex"
-    assert "CUDA" in left_out["triton"]
+    assert left_out["triton"] == triton_reason_on_cpu()
     assert "CUDA only" in left_out["--peers"] and "FlexAttention" in left_out["--peers"]
     chosen, left_out = choose_backends("cpu", "float32")
     assert "triton" not in chosen and "--peers" not in left_out
@@ -137,7 +146,7 @@ def test_bench_cli_notes_what_it_does_not_time(
     out = capsys.readouterr().out
     served = [b for b in timed if b != "flex"]  # the registered backends that serve bfloat16
     assert served[:3] == ["sdpa", "reference", "chunked"] and timed[-1] == "flex"
-    assert "not timed: triton: runs on CUDA tensors only" in out
+    assert f"not timed: triton: {triton_reason_on_cpu()}" in out
     assert "not timed: --peers: PyTorch's forced SDPA kernels" in out
     del timed[:]
     assert main([*argv, "--backends", "sdpa,flex", "--peers"]) == 0  # peers can be named anywhere

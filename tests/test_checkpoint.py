@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,12 @@ from qkv.train import (
     save_model_folder,
 )
 from qkv.train.checkpoint import lock_file_of
-from test_train import ToyModel, build_toy
+from toys import ToyModel, build_toy, killable_run
 
 pytest.importorskip("safetensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _saved_toy(folder: Path, step: int = 3, **config: object) -> ToyModel:
@@ -192,7 +185,7 @@ class _PoisonedTask:
 
 def _poisoned_trainer(bad_steps: set[int], **kwargs: object):  # type: ignore[no-untyped-def]
     from qkv.train import Trainer
-    from test_train import ToyTask, fast_config, toy_data, toy_source
+    from toys import ToyTask, fast_config, toy_data, toy_source
 
     torch.manual_seed(0)
     x, y = toy_data()
@@ -213,7 +206,7 @@ def test_a_few_nan_losses_are_skipped_with_a_warning(caplog: pytest.LogCaptureFi
 
 def test_infinite_gradients_are_skipped_too(caplog: pytest.LogCaptureFixture) -> None:
     from qkv.train import Trainer
-    from test_train import ToyTask, fast_config, toy_data, toy_source
+    from toys import ToyTask, fast_config, toy_data, toy_source
 
     torch.manual_seed(0)
     x, y = toy_data()
@@ -401,7 +394,9 @@ def test_a_config_that_does_not_fit_is_refused_before_allocating(tmp_path: Path)
 @pytest.fixture(scope="module")
 def translation_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qkv.tasks.translation import train_translation
-    from test_translation import reversal_pairs, tiny_config, training, write_tsv
+    from toys import reversal_text_pairs as reversal_pairs
+    from toys import tiny_translation_config as tiny_config
+    from toys import training, write_tsv
 
     root = tmp_path_factory.mktemp("cli-files")
     data = write_tsv(root / "data", reversal_pairs(16, seed=0))
@@ -452,7 +447,7 @@ import torch
 torch.set_num_threads(1)
 import qkv.train.checkpoint as checkpoint
 from qkv.train import Trainer, save_model_folder
-from test_checkpoint import killable_run
+from toys import killable_run
 
 folder, kill_step, phase = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 real_write, real_replace = checkpoint._write_weights, os.replace
@@ -481,17 +476,6 @@ if phase == "replacing":
     os.replace = replace
 killable_run(save).fit()
 """
-
-
-def killable_run(save: object = None) -> object:
-    """The run the SIGKILL test interrupts (also imported by its child process)."""
-    from qkv.train import Trainer
-    from test_train import ToyTask, fast_config, toy_data, toy_source
-
-    torch.manual_seed(0)
-    x, y = toy_data()
-    config = fast_config(max_steps=9, eval_every=3, checkpoint_every=3, lr=3e-3)
-    return Trainer(ToyModel(dropout=0.0), ToyTask(x, y), toy_source(x, y), config, save=save)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

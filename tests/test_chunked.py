@@ -25,6 +25,27 @@ from gold import (
     naive_attention,
     random_inputs,
 )
+from helpers import (
+    TILED_BIASES as BIASES,
+)
+from helpers import (
+    TILED_CAUSAL as CAUSAL,
+)
+from helpers import (
+    TILED_DTYPES as DTYPES,
+)
+from helpers import (
+    TILED_MASKS as MASKS,
+)
+from helpers import (
+    TILED_SHAPES as SHAPES,
+)
+from helpers import (
+    bias_grad,
+    cast_bias,
+    make_bias,
+    tiled_mask,
+)
 from qkv import masks, scores
 from qkv.backends import get_backend
 from qkv.backends.block_mask import EMPTY, FULL, PARTIAL, TILE_SIZES, BlockMask
@@ -38,22 +59,6 @@ from qkv.backends.chunked import (
 from qkv.request import build_request
 
 TILE_Q, TILE_KV = 4, 8
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-CAUSAL = [False, "top_left", "bottom_right"]
-MASKS = ["none", "sliding_window", "document", "padding", "prefix_lm", "dense"]
-BIASES = ["tensor", "alibi", "softcap", "relative", "relative_softcap"]
-# (B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous): GQA ratios 1, 2, 3, 4; Nq < Nk and Nq > Nk;
-# lengths 1, tile - 1, tile, tile + 1 for both tile sizes, and primes.
-SHAPES = [
-    (2, 4, 4, 13, 13, 8, 8, False),
-    (1, 4, 2, 1, 9, 8, 8, True),
-    (2, 4, 1, 5, 7, 8, 4, False),
-    (1, 6, 2, 8, 16, 16, 8, True),
-    (2, 2, 2, 17, 3, 4, 4, False),
-    (1, 4, 2, 31, 29, 8, 8, True),
-    (1, 2, 1, 3, 8, 8, 8, False),
-    (2, 4, 2, 9, 24, 8, 12, False),
-]
 
 
 @pytest.fixture(autouse=True)
@@ -69,75 +74,6 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChunkedBackend]:
 
 def readable(value: object) -> str:
     return str(value).removeprefix("torch.")
-
-
-def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> Tensor | masks.MaskFn | None:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "none":
-        return None
-    if kind == "sliding_window":
-        return masks.sliding_window(3)
-    if kind == "document":
-        ids = torch.sort(torch.randint(0, 3, (B, max(Nq, Nk)), generator=g), dim=-1).values
-        return masks.document(ids[:, :Nq], ids[:, :Nk])
-    if kind == "padding":  # batch 0 may lose every key: fully masked rows
-        return masks.key_padding(torch.randint(0, Nk + 1, (B,), generator=g))
-    if kind == "prefix_lm":
-        return masks.prefix_lm(2)
-    if kind == "dense":
-        dense = torch.rand(B, 1, Nq, Nk, generator=g) < 0.7
-        dense[..., ::5, :] = False  # some fully masked rows
-        return dense
-    raise AssertionError(kind)
-
-
-def make_bias(kind: str, Hq: int, Nq: int, Nk: int, seed: int) -> object:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "tensor":
-        return torch.randn(1, Hq, Nq, Nk, generator=g, dtype=torch.float64)
-    if kind == "alibi":
-        return scores.alibi(Hq)
-    if kind == "softcap":
-        return scores.softcap(2.0)
-    rel = scores.RelativePositionBias(Hq, max_distance=5)
-    with torch.no_grad():
-        rel.table.copy_(torch.randn(rel.table.shape, generator=g))
-    if kind == "relative":
-        return rel
-    if kind == "relative_softcap":
-        return CappedRelative(rel, 3.0)
-    raise AssertionError(kind)
-
-
-class CappedRelative(torch.nn.Module):
-    """A learnable score function that is *not* additive: dS must go back through the tanh."""
-
-    def __init__(self, rel: scores.RelativePositionBias, cap: float) -> None:
-        super().__init__()
-        self.rel = rel
-        self.cap = cap
-
-    def forward(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return self.cap * torch.tanh(self.rel(score, b, h, q, kv) / self.cap)
-
-
-def cast_bias(bias: object, dtype: torch.dtype) -> object:
-    """A per-run copy: tensors in ``dtype`` requiring grad, learnable modules deep-copied (their
-    float32 tables in float64 for the float64 runs, so the gold gradient is float64 too)."""
-    if isinstance(bias, Tensor):
-        return bias.detach().to(dtype).requires_grad_(True)
-    if isinstance(bias, torch.nn.Module):
-        copied = copy.deepcopy(bias)
-        return copied.double() if dtype == torch.float64 else copied
-    return bias
-
-
-def bias_grad(bias: object) -> Tensor | None:
-    if isinstance(bias, Tensor):
-        return bias.grad
-    if isinstance(bias, CappedRelative):
-        return bias.rel.table.grad
-    return bias.table.grad if isinstance(bias, scores.RelativePositionBias) else None
 
 
 def compare(
@@ -200,7 +136,7 @@ def test_matches_float64_reference(dtype: torch.dtype, causal: object, mask_kind
     case = CASES.index((dtype, causal, mask_kind))
     B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
     x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
-    compare(x, dtype, case, mask=make_mask(mask_kind, B, Nq, Nk, case), causal=causal)
+    compare(x, dtype, case, mask=tiled_mask(mask_kind, B, Nq, Nk, case), causal=causal)
 
 
 BIAS_CASES = list(itertools.product(DTYPES, BIASES, ["none", "window"]))
@@ -391,7 +327,7 @@ def test_block_mask_is_evaluated_once_per_call_and_shared_across_batch_and_heads
     # A mask that ignores b and h is evaluated with those dims broadcast (size 1), never
     # expanded to B x H.
     assert all(shape[:2] == (1, 1) for shape in seen)
-    assert seen[0][-2:] == (2, 2)  # the call check: a bool tensor of the broadcast shape
+    assert seen[0][-2:] == (2, 3)  # the call check: a bool tensor of the broadcast shape
     assert seen[1][-2:] == (1, 1)  # the probe that learns that b and h are not read
     seen = seen[2:]
     # The summary: one strip of 4 query rows per query tile, over the key tiles causal leaves
@@ -421,8 +357,8 @@ def test_block_mask_built_once_and_reused() -> None:
     out = qkv.attention(x.q, x.k, x.v, mask=bm, backend="chunked")
     # One evaluation per PARTIAL tile, and none of a whole strip: the summary was not rebuilt.
     # (The 2 x 2 calls check that the mask ignores b and h, as a summary built for batch=1
-    # assumes.)
-    assert [s for s in seen if s != (2, 2)] == [(TILE_Q, TILE_KV)] * bm.partial_tiles
+    # assumes; the 2 x 3 one is the call check.)
+    assert [s for s in seen if s not in ((2, 2), (2, 3))] == [(TILE_Q, TILE_KV)] * bm.partial_tiles
     # A BlockMask is a mask function: every backend accepts it and agrees.
     want = qkv.attention(x.q, x.k, x.v, mask=bm, backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
@@ -565,7 +501,7 @@ def test_dropout_is_reproducible_and_changes_with_the_seed() -> None:
 def test_weights_equal_the_reference_weights(causal: object, mask_kind: str) -> None:
     B, Hq, Hkv, Nq, Nk = 2, 4, 2, 11, 19
     x = random_inputs(B, Hq, Hkv, Nq, Nk, 8, seed=12).to(torch.float64, requires_grad=False)
-    options = {"causal": causal, "mask": make_mask(mask_kind, B, Nq, Nk, 3)}
+    options = {"causal": causal, "mask": tiled_mask(mask_kind, B, Nq, Nk, 3)}
     bias = scores.alibi(Hq)
     out, weights = qkv.attention(
         x.q, x.k, x.v, bias=bias, return_weights=True, backend="chunked", **options

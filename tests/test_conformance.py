@@ -8,7 +8,6 @@ the full cross product.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ from gold import (
     random_inputs,
     skip_unless_served,
 )
+from helpers import cast_bias, make_bias, make_mask
 from qkv import masks, scores
 from qkv.backends import available_backends, get_backend
 from qkv.request import build_request
@@ -53,63 +53,6 @@ SHAPES = [
 ]
 
 
-def make_mask(
-    kind: str, B: int, Hq: int, Nq: int, Nk: int, seed: int
-) -> Tensor | masks.MaskFn | None:
-    g = torch.Generator().manual_seed(seed + 1)
-    if kind == "none":
-        return None
-    if kind == "key_padding":
-        return masks.key_padding(torch.randint(1, Nk + 1, (B,), generator=g))
-    if kind == "sliding_window":
-        return masks.sliding_window(3)
-    if kind == "document":
-        n = max(Nq, Nk)
-        ids = torch.sort(torch.randint(0, 3, (B, n), generator=g), dim=-1).values
-        return masks.document(ids[:, :Nq], ids[:, :Nk])
-    if kind == "prefix_lm":
-        return masks.prefix_lm(2)
-    if kind == "dense":
-        return torch.rand(B, 1, Nq, Nk, generator=g) < 0.7
-    if kind == "fully_masked_rows":
-        dense = torch.rand(B, Hq, Nq, Nk, generator=g) < 0.7
-        dense[:, :, ::3] = False
-        return dense
-    raise AssertionError(kind)
-
-
-def make_bias(
-    kind: str, Hq: int, Nq: int, Nk: int, seed: int
-) -> Tensor | scores.ScoreFunction | None:
-    g = torch.Generator().manual_seed(seed + 2)
-    if kind == "none":
-        return None
-    if kind == "tensor":
-        return torch.randn(1, Hq, Nq, Nk, generator=g, dtype=torch.float64)
-    if kind == "alibi":
-        return scores.alibi(Hq)
-    if kind == "softcap":
-        return scores.softcap(2.0)
-    if kind == "relative":
-        rel = scores.RelativePositionBias(Hq, max_distance=4)
-        with torch.no_grad():
-            rel.table.copy_(torch.randn(rel.table.shape, generator=g))
-        return rel
-    raise AssertionError(kind)
-
-
-def cast_bias(bias: object, dtype: torch.dtype) -> object:
-    """A per-run copy of the bias: tensors in ``dtype`` and requiring grad, modules deep-copied."""
-    if isinstance(bias, Tensor):
-        return bias.detach().to(dtype).requires_grad_(True)
-    if isinstance(bias, torch.nn.Module):
-        # In float64 runs the module's table is float64 too, so that the gold is float64 through
-        # and through (a float32 table would round its gradient, summed in float32, in the gold).
-        module = copy.deepcopy(bias)
-        return module.to(dtype) if dtype == torch.float64 else module
-    return bias
-
-
 def bias_grad(bias: object) -> Tensor | None:
     if isinstance(bias, Tensor):
         return bias.grad
@@ -133,6 +76,16 @@ def readable(value: object) -> str:
 CASES = list(itertools.product(BACKENDS, DTYPES, CAUSAL, MASKS, BIASES))
 
 
+def conformance_mask(
+    kind: str, B: int, Hq: int, Nq: int, Nk: int, seed: int
+) -> Tensor | masks.MaskFn | None:
+    """This suite's masks: ``fully_masked_rows`` is a per-head dense mask with every third
+    query row empty."""
+    if kind == "fully_masked_rows":
+        return make_mask("dense", B, Nq, Nk, seed + 1, heads=Hq, empty_every=3)
+    return make_mask(kind, B, Nq, Nk, seed + 1)
+
+
 @pytest.mark.parametrize(
     ("backend", "dtype", "causal", "mask_kind", "bias_kind"), CASES, ids=readable
 )
@@ -142,8 +95,8 @@ def test_matches_float64_reference(
     case = CASES.index((backend, dtype, causal, mask_kind, bias_kind))
     B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
     x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
-    mask = make_mask(mask_kind, B, Hq, Nq, Nk, case)
-    bias0 = make_bias(bias_kind, Hq, Nq, Nk, case)
+    mask = conformance_mask(mask_kind, B, Hq, Nq, Nk, case)
+    bias0 = make_bias(bias_kind, Hq, Nq, Nk, case + 2, max_distance=4)
     kwargs = {"mask": mask, "causal": causal}
 
     request = build_request(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,27 @@ from torch import Tensor
 
 import qkv
 from gold import Inputs, assert_within_control, dense_mask_of, naive_attention, random_inputs
+from helpers import (
+    TILED_BIASES as BIASES,
+)
+from helpers import (
+    TILED_CAUSAL as CAUSAL,
+)
+from helpers import (
+    TILED_DTYPES as DTYPES,
+)
+from helpers import (
+    TILED_MASKS as MASKS,
+)
+from helpers import (
+    TILED_SHAPES as SHAPES,
+)
+from helpers import (
+    bias_grad,
+    cast_bias,
+    make_bias,
+    tiled_mask,
+)
 from qkv import masks, scores
 from qkv.backends import get_backend, select_backend
 from qkv.backends.block_mask import build_block_mask
@@ -24,8 +46,6 @@ from qkv.backends.cpu import backend as cpu_backend
 from qkv.backends.cpu.backend import TILE_Q as KERNEL_TILE_Q
 from qkv.backends.cpu.backend import choose_tiles, half_gemm_reason, precision_note, uses_half_gemm
 from qkv.request import build_request
-from test_chunked import BIASES, CAUSAL, DTYPES, MASKS, SHAPES, bias_grad, cast_bias, make_bias
-from test_chunked import make_mask as chunked_mask
 
 TILE_Q, TILE_KV = 4, 8
 
@@ -93,7 +113,7 @@ CASES = list(
 )
 
 
-def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
+def cpu_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
     g = torch.Generator().manual_seed(seed)
     if kind == "query_padding":
         return masks.query_padding(torch.randint(0, Nq + 1, (B,), generator=g))
@@ -105,7 +125,7 @@ def make_mask(kind: str, B: int, Nq: int, Nk: int, seed: int) -> object:
         return (masks.prefix_lm(3) | masks.sliding_window(2, 1)) & ~masks.key_padding(lengths)
     if kind == "not_window":
         return ~masks.sliding_window(3, 2, offset=1)
-    return chunked_mask(kind, B, Nq, Nk, seed)
+    return tiled_mask(kind, B, Nq, Nk, seed)
 
 
 @pytest.mark.parametrize(("dtype", "causal", "mask_kind"), CASES, ids=readable)
@@ -113,7 +133,7 @@ def test_matches_float64_reference(dtype: torch.dtype, causal: object, mask_kind
     case = CASES.index((dtype, causal, mask_kind))
     B, Hq, Hkv, Nq, Nk, D, Dv, non_contiguous = SHAPES[case % len(SHAPES)]
     x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=case, non_contiguous=non_contiguous)
-    compare(x, dtype, case, mask=make_mask(mask_kind, B, Nq, Nk, case), causal=causal)
+    compare(x, dtype, case, mask=cpu_mask(mask_kind, B, Nq, Nk, case), causal=causal)
 
 
 SERVED_BIASES = [b for b in BIASES if b != "relative_softcap"] + ["chain"]
@@ -264,13 +284,14 @@ def test_kernel_that_cannot_be_built_says_why_and_nothing_breaks(
 
 
 def test_build_reports_a_missing_compiler_and_the_off_switch(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("QKV_CPU_KERNEL", "0")
     off = build._build()
     assert not off.ok and off.reason is not None and "QKV_CPU_KERNEL=0" in off.reason
     monkeypatch.delenv("QKV_CPU_KERNEL")
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build to load
     missing = build._build()
     assert not missing.ok and missing.reason is not None and "compiler" in missing.reason
 
@@ -416,3 +437,187 @@ def test_auto_takes_the_kernel_for_grouped_decoding() -> None:
     selection = select_backend(request)
     assert selection.backend.name == "cpu"
     assert selection.costs["sdpa"] > 1.5 * selection.costs["cpu"]
+
+
+def _bias_call_with_threads(threads: int) -> list[Tensor]:
+    """Forward and every gradient (a broadcast bias and a relative table included) of one call
+    run with ``threads`` threads and the default tile sizes."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 300, 16, generator=g).requires_grad_()
+    k = torch.randn(2, 2, 300, 16, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 300, 16, generator=g).requires_grad_()
+    bias = torch.randn(1, 4, 1, 300, generator=g).requires_grad_()
+    rel = scores.RelativePositionBias(4, 8)
+    with torch.no_grad():
+        rel.table.normal_(generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = qkv.attention(q, k, v, bias=bias, mask=masks.sliding_window(70), backend="cpu")
+        out2 = qkv.attention(q, k, v, bias=rel, causal=True, backend="cpu")
+        grad_out = torch.randn(out.shape, generator=g)
+        loss = (out * grad_out).sum() + (out2 * grad_out).sum()
+        grads = torch.autograd.grad(loss, (q, k, v, bias, rel.table))
+    finally:
+        torch.set_num_threads(previous)
+    return [out.detach(), out2.detach(), *grads]
+
+
+def test_deterministic_algorithms_give_the_same_bits_on_any_thread_count(
+    small_tiles: CpuBackend,
+) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        one, two, three = (_bias_call_with_threads(n) for n in (1, 2, 3))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b, c in zip(one, two, three, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_broadcast_bias_gradient_is_accumulated_in_float64(small_tiles: CpuBackend) -> None:
+    # A scalar bias shifts every score of a row alike: softmax ignores it, its gradient is 0.
+    # Summed over 2048 x 2048 scores in float32 one after another it came out 1.1e-4; in
+    # float64 only the rounding of each dS remains, as on the reference backend.
+    small_tiles.tile_q = small_tiles.tile_kv = None
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 1, 2048, 16, generator=g) for _ in range(3))
+    grad_out = torch.randn(1, 1, 2048, 16, generator=g)
+    found = {}
+    for backend in ("cpu", "reference"):
+        bias = torch.zeros(1, requires_grad=True)
+        out = qkv.attention(q, k, v, bias=bias, backend=backend)
+        (found[backend],) = torch.autograd.grad((out * grad_out).sum(), bias)
+    assert abs(float(found["cpu"])) < max(2 * abs(float(found["reference"])), 2e-5)
+
+
+# --- the merged kernel's routes: NaN rule, log-sum-exp and determinism on each ------------------
+
+ROUTES = {
+    # (dtype, Nq): one query tile of at most 16 rows decodes; more rows tile
+    "float32_tiled": (torch.float32, 24),
+    "float32_decode": (torch.float32, 3),
+    "bfloat16_tiled": (torch.bfloat16, 24),
+    "bfloat16_decode": (torch.bfloat16, 3),
+}
+
+
+def _route_inputs(dtype: torch.dtype, n_q: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, n_q, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 301, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 301, 8, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _skip_without_half_gemm(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and half_gemm_reason(dtype) is not None:
+        pytest.skip(f"no bfloat16 GEMM on this CPU: {half_gemm_reason(dtype)}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_attended_nan_or_inf_makes_its_row_nan_on_every_route(
+    small_tiles: CpuBackend, route: str, value: float
+) -> None:
+    # key 299 of kv head 0 poisoned: attended by the last rows only (causal bottom-right), in
+    # the last key chunk of the decoding split, whose merge must keep the NaN; key 40 of kv head
+    # 1: in an early chunk, attended by every row of query heads 2 and 3
+    small_tiles.tile_q = 16  # decoding rows (G * Nq = 6) and tiled rows (24) alike
+    dtype, n_q = ROUTES[route]
+    _skip_without_half_gemm(dtype)
+    q, k, v = _route_inputs(dtype, n_q, 31)
+    k[0, 0, 299] = value
+    k[0, 1, 40] = value
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    kwargs: dict[str, object] = {"causal": "bottom_right"}
+    request = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
+    if dtype == torch.bfloat16:
+        assert uses_half_gemm(dtype, *small_tiles.tile_sizes(request))
+    out, lse = qkv.attention(q, k, v, backend="cpu", return_lse=True, **kwargs)  # type: ignore[arg-type]
+    ref_out, ref_lse = qkv.attention(
+        *(t.detach().double() for t in (q, k, v)), backend="reference", return_lse=True, **kwargs
+    )  # type: ignore[arg-type]
+    nan_rows = ref_out.isnan().any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(out.isnan().any(-1), nan_rows)
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+    finite = ~nan_rows
+    assert torch.allclose(
+        out[finite].double(), ref_out[finite], atol=3e-2 if dtype == torch.bfloat16 else 1e-5
+    )
+    # dV: NaN exactly at the keys a NaN row attends (masked keys of a NaN row get none)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(32))
+    (dv,) = torch.autograd.grad(out, v, grad_out.to(dtype))
+    ref_v = v.detach().double().requires_grad_()
+    ref = qkv.attention(
+        q.detach().double(), k.detach().double(), ref_v, backend="reference", **kwargs
+    )  # type: ignore[arg-type]
+    (ref_dv,) = torch.autograd.grad(ref, ref_v, grad_out.double())
+    assert torch.equal(dv.isnan().any(-1), ref_dv.isnan().any(-1))
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_log_sum_exp_and_its_gradient_on_every_route(small_tiles: CpuBackend, route: str) -> None:
+    small_tiles.tile_q = 16
+    dtype, n_q = ROUTES[route]
+    _skip_without_half_gemm(dtype)
+    q, k, v = (t.requires_grad_() for t in _route_inputs(dtype, n_q, 33))
+    kwargs: dict[str, object] = {"causal": "bottom_right", "mask": masks.sliding_window(90)}
+    request = build_request(q, k, v, return_lse=True, **kwargs)  # type: ignore[arg-type]
+    out, _, lse = get_backend("cpu").forward_lse(request)  # type: ignore[attr-defined]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = qkv.attention(*leaves, backend="reference", return_lse=True, **kwargs)  # type: ignore[arg-type]
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.double(), ref_out.detach(), atol=tol)
+    assert torch.allclose(lse.double(), ref_lse.detach(), atol=tol)
+    g = torch.Generator().manual_seed(34)
+    w_out, w_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((out.float() * w_out).sum() + (lse.float() * w_lse).sum(), (q, k, v))
+    want = torch.autograd.grad(
+        (ref_out * w_out.double()).sum() + (ref_lse * w_lse.double()).sum(), leaves
+    )
+    for name, a, b in zip("qkv", got, want, strict=True):
+        error = float((a.double() - b).abs().max())
+        assert error <= (0.1 if dtype == torch.bfloat16 else 1e-4) * float(b.abs().max()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_and_table_gradients_are_bitwise_the_same_on_any_thread_count(
+    small_tiles: CpuBackend, dtype: torch.dtype
+) -> None:
+    # the float64 per-run accumulators on the float and half-precision backward alike
+    _skip_without_half_gemm(dtype)
+    small_tiles.tile_q, small_tiles.tile_kv = 8, 16
+    g = torch.Generator().manual_seed(35)
+    q = torch.randn(2, 4, 40, 8, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 40, 8, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    bias = torch.randn(1, 4, 1, 40, generator=g).requires_grad_()
+    rel = scores.RelativePositionBias(4, 6)
+    with torch.no_grad():
+        rel.table.normal_(generator=g)
+    grad_out = torch.randn(2, 4, 40, 8, generator=g).to(dtype)
+
+    def run(threads: int) -> list[Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = qkv.attention(q, k, v, bias=bias, causal=True, backend="cpu")
+            out2 = qkv.attention(q, k, v, bias=rel, causal=True, backend="cpu")
+            loss = (out * grad_out).sum() + (out2 * grad_out).sum()
+            grads = torch.autograd.grad(loss, (q, k, v, bias, rel.table))
+        finally:
+            torch.set_num_threads(previous)
+        return [out.detach(), out2.detach(), *grads]
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        one, two, three = run(1), run(2), run(3)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b, c in zip(one, two, three, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)

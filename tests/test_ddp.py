@@ -3,7 +3,6 @@ same global batches."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qkv.train import DistributedContext, TrainConfig, Trainer
-from test_train import ToyBatch, ToyModel, ToyTask, toy_data
+from toys import GlobalBatches, ToyBatch, ToyModel, ToyTask, toy_data
+from toys import free_port as _free_port
 
 pytest.importorskip("safetensors")
 
@@ -71,12 +71,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -128,38 +122,6 @@ def _sentiment_worker(rank: int, world: int, port: int, data: str, out: str) -> 
         train_task("sentiment", _sentiment_settings(Path(data)), _sentiment_training(), out)
     finally:
         dist.destroy_process_group()
-
-
-class GlobalBatches:
-    """One process's view of the DDP job: step k's batch is the union of the batches that
-    ranks 0 and 1 take at step k (each rank takes every 2nd batch of the same order)."""
-
-    def __init__(self, prepared: Any, seed: int) -> None:
-        from qkv.data import BucketBatchSampler
-
-        self.prepared = prepared
-        self.samplers = [
-            BucketBatchSampler(
-                prepared.train_set.lengths(),
-                batch_size=prepared.batch_size,
-                seed=seed,
-                num_replicas=2,
-                rank=rank,
-            )
-            for rank in range(2)
-        ]
-
-    def num_batches(self, epoch: int) -> int:
-        self.samplers[0].set_epoch(epoch)
-        return len(self.samplers[0].batches())
-
-    def iter_from(self, epoch: int, start: int) -> Iterator[Any]:
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
-        pairs = zip(self.samplers[0].batches(), self.samplers[1].batches(), strict=True)
-        for first, second in list(pairs)[start:]:
-            items = [self.prepared.train_set[i] for i in [*first, *second]]
-            yield self.prepared.collate(items)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,8 @@ from qkv.decode import (
     length_penalty,
 )
 from qkv.models import RNNConfig, TransformerConfig, build_model
-from test_models import OVERFIT, reversal_pairs
+from toys import OVERFIT
+from toys import reversal_id_pairs as reversal_pairs
 
 SRC_V, TGT_V = 19, 11  # a small target vocabulary, so that eos comes up now and then
 
@@ -42,14 +42,7 @@ NAMES = sorted(CONFIGS)
 SEEDS = {"transformer": 3, "rnn-bahdanau": 0, "rnn-luong-feeding-lstm": 0, "rnn-none": 2}
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models on one intra-op thread: on a busy 2-core machine two threads spin against
-    other processes (30x slower, measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def make_model(name: str, seed: int | None = None) -> Any:

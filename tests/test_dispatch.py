@@ -226,6 +226,7 @@ def test_triton_is_registered_first_in_auto_and_gives_its_reason_off_cuda() -> N
     assert "triton" in qkv.available_backends()
     assert backends.AUTO_ORDER[0] == "triton"
     assert isinstance(backends.get_backend("triton"), backends.TritonBackend)
+    pytest.importorskip("triton")  # without it, its reason is that (the test below)
     explanation = qkv.explain(*half_inputs())
     assert explanation.chosen == "sdpa"
     reason = explanation.reasons["triton"]
@@ -238,6 +239,7 @@ def test_triton_is_registered_first_in_auto_and_gives_its_reason_off_cuda() -> N
 def test_auto_takes_triton_first_wherever_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     # What happens on CUDA, played on the CPU by letting the backend accept CPU tensors (only
     # the decision is computed here; tests/test_triton.py runs the kernels through auto).
+    pytest.importorskip("triton")
     monkeypatch.setattr(backends.get_backend("triton"), "_allow_cpu", True)
     for dtype in (torch.float16, torch.bfloat16):
         explanation = qkv.explain(*half_inputs(dtype), causal=True)

@@ -305,3 +305,120 @@ def test_masks_that_fit_the_call_still_work_and_match_the_reference() -> None:
 def test_zero_query_heads_give_an_empty_output(backend: str) -> None:
     q, k, v = qkv_tensors(B=2, Hq=0, Hkv=1, Nq=5, Nk=7)
     assert qkv.attention(q, k, v, backend=backend).shape == (2, 0, 5, 6)
+
+
+_TABLE = torch.tensor([True, False] * 5)  # a 10-entry lookup: fine for Nk <= 10 only
+MALFORMED_MASKS = {
+    "fixed (2, 2) tensor": lambda b, h, q, kv: torch.ones(2, 2, dtype=torch.bool),
+    "first two keys only": lambda b, h, q, kv: kv[..., :2] <= q,
+    "first three keys only": lambda b, h, q, kv: kv[..., :3] <= q,  # passes the corner
+    "10-entry table": lambda b, h, q, kv: _TABLE[kv] & (q >= 0),
+    "(Tk, Tq) layout": lambda b, h, q, kv: kv.transpose(-1, -2) <= q.transpose(-1, -2),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "chunked", "auto", "weights"])
+@pytest.mark.parametrize("n", [12, 300])
+@pytest.mark.parametrize("name", list(MALFORMED_MASKS))
+def test_malformed_mask_function_is_a_clear_error_naming_it(
+    name: str, n: int, backend: str
+) -> None:
+    # Each passes a 2 x 2 corner check; on a real tile it raised raw torch errors from inside
+    # a backend, and the (Tk, Tq) one ran without error when Nq == Nk.
+    fn = MALFORMED_MASKS[name]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
+    with pytest.raises((ValueError, TypeError), match=r"mask: the mask function <lambda>"):
+        if backend == "weights":
+            qkv.attention_weights(q, k, v, mask=fn)
+        else:
+            qkv.attention(q, k, v, mask=fn, backend=backend)
+
+
+def test_mask_function_returning_a_wrong_dtype_on_a_real_tile_is_named() -> None:
+    def sneaky(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        out = kv <= q
+        return out if q.shape[-2] <= 2 else out.float()
+
+    q, k, v = qkv_tensors(Nq=40, Nk=40)
+    with pytest.raises(
+        TypeError, match=r"sneaky must return a bool tensor; got dtype torch.float32"
+    ):
+        qkv.attention(q, k, v, mask=sneaky, backend="chunked")
+
+
+def test_corner_check_uses_unequal_sides() -> None:
+    # With Nq = Nk = 2 the corner is 2 x 1, so a (Tk, Tq) result cannot pass either.
+    q, k, v = qkv_tensors(Nq=2, Nk=2)
+    with pytest.raises(ValueError, match=r"returned shape \(1, 1, 1, 2\) on a corner"):
+        qkv.attention(q, k, v, mask=MALFORMED_MASKS["(Tk, Tq) layout"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [masks.key_padding, masks.query_padding, masks.prefix_lm],
+    ids=["key_padding", "query_padding", "prefix_lm"],
+)
+def test_empty_lengths_say_how_many_the_call_needs(make) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = qkv_tensors()
+    with pytest.raises(
+        ValueError, match=r"has 0 entries \(\[\]\) but the call has batch size B = 2"
+    ):
+        qkv.attention(q, k, v, mask=make([]))
+    # With no batch entries at all, no lengths is exactly right.
+    out = qkv.attention(q[:0], k[:0], v[:0], mask=make([]))
+    assert out.shape == (0, 4, 5, 6)
+
+
+def test_empty_selections_select_nothing_as_indexing_does() -> None:
+    q, k, v = qkv_tensors()
+    full = qkv.attention(q, k, v, return_weights=True, backend="reference")[1]
+    for heads, rows in (([], None), (None, []), (slice(6, 2), None), (None, range(3, 3))):
+        got = qkv.attention_weights(q, k, v, heads=heads, rows=rows)
+        expected = full[:, heads if heads is not None else slice(None)]
+        expected = expected[:, :, rows if rows is not None else slice(None)]
+        assert got.shape == expected.shape
+        summary = qkv.attention_summary(q, k, v, heads=heads, rows=rows)
+        assert summary.entropy.shape == expected.shape[:3]
+
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: {"mask": masks.dense(torch.ones(5, 7, dtype=torch.bool, device=META))},
+            r"dense mask 'dense' is on the meta device",
+        ),
+        (
+            lambda: {"mask": masks.key_padding(torch.tensor([3, 4], device=META))},
+            r"key_padding lengths is on the meta device",
+        ),
+        (
+            lambda: {"mask": masks.document(torch.zeros(2, 5, dtype=torch.long, device=META))},
+            r"document query_ids is on the meta device",
+        ),
+        (
+            lambda: {"bias": scores.alibi(torch.ones(4, device=META))},
+            r"alibi slopes are on the meta device",
+        ),
+        (
+            lambda: {"bias": scores.RelativePositionBias(4, 3).to(META)},
+            r"RelativePositionBias\(.*\) holds table on meta but q is on cpu; move it",
+        ),
+    ],
+    ids=["dense", "key_padding", "document", "alibi", "relative"],
+)
+def test_helpers_given_tensors_without_values_say_so(build, match: str) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = qkv_tensors()
+    with pytest.raises(ValueError, match=match):
+        qkv.attention(q, k, v, **build())
+
+
+def test_qkv_on_the_meta_device_is_refused() -> None:
+    q, k, v = (t.to(META) for t in qkv_tensors())
+    for backend in ("auto", "reference", "chunked"):
+        with pytest.raises(ValueError, match=r"q, k and v are on the meta device"):
+            qkv.attention(q, k, v, backend=backend)

@@ -117,7 +117,7 @@ def test_cli_train_resume_evaluate_classify(
     assert main(["evaluate", "--model", str(out)]) == 0
     table = capsys.readouterr().out
     assert "(test, 359 examples)" in table and "confusion (rows: gold" in table
-    assert f"accuracy {direct.metrics['accuracy']:.4f}" in table
+    assert f"accuracy {100 * direct.metrics['accuracy']:.2f}%" in table
     # A value beyond the pixel scale is named with its file and line.
     lines = csv.read_text().splitlines()
     lines[2] = lines[2].rsplit(",", 1)[0] + ",300"
@@ -144,6 +144,12 @@ def test_cli_train_resume_evaluate_classify(
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"attention picture: {picture}" in captured.err
     assert page.read_text().count("data:image/png;base64,") == 2
+    # The picture of `--html digit.html` would be digit.png, the input: refused, input intact.
+    before = png.read_bytes()
+    explain = ["--explain", "--html", str(tmp_path / "digit.html")]
+    assert main(["classify", "--model", str(out), str(png), *explain]) == 2
+    assert f"{png} is an input of this command" in capsys.readouterr().err
+    assert png.read_bytes() == before
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
     assert main(["classify", "--model", str(out), str(png), str(bad)]) == 2

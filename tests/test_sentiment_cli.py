@@ -56,7 +56,7 @@ def test_train_classify_explain_evaluate(
     assert sum(map(sum, report["metrics"]["confusion"])) == report["examples"] == 16
     assert main(evaluate) == 0
     table = capsys.readouterr().out
-    assert "accuracy 1.0000   macro-F1 1.0000" in table and "(all, 16 examples)" in table
+    assert "accuracy 100.00%   macro-F1 100.00%" in table and "(all, 16 examples)" in table
 
 
 def test_empty_text_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +80,7 @@ def test_evaluate_prints_a_readable_confusion_matrix(capsys: pytest.CaptureFixtu
     print(Evaluation("sentiment", "m", "d.csv", "test", 7, metrics).table())
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "m on d.csv (test, 7 examples)"
-    assert "accuracy 0.5714   macro-F1 0.5500   majority class 0.4286" in lines[1]
+    assert "accuracy 57.14%   macro-F1 55.00%   majority class 42.86%" in lines[1]
     assert lines[3].split() == ["negative", "positive", "x"]
     assert lines[4].split() == ["negative", "2", "1", "0"]
     assert lines[6].split() == ["x", "0", "1", "1"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from qkv.train import (
-    LossOutput,
-    SamplerBatches,
     TrainConfig,
     Trainer,
     load_training_state,
@@ -26,117 +22,29 @@ from qkv.train import (
     read_config,
     save_model_folder,
 )
+from toys import (
+    ToyBatch,
+    ToyModel,
+    ToyTask,
+    fast_config,
+    toy_data,
+    toy_source,
+)
 
 pytest.importorskip("safetensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 # --------------------------------------------------------------------------------------------
 # A toy task every training test shares (also imported by test_checkpoint and test_ddp).
 
 
-@dataclass(frozen=True)
-class ToyBatch:
-    x: Tensor  # (B, F)
-    y: Tensor  # (B,)
-
-    def to(self, device: torch.device | str) -> ToyBatch:
-        return ToyBatch(self.x.to(device), self.y.to(device))
-
-
-class ToyModel(nn.Module):
-    def __init__(self, features: int = 8, classes: int = 4, hidden: int = 32, dropout: float = 0.1):
-        super().__init__()
-        self.config = {
-            "features": features,
-            "classes": classes,
-            "hidden": hidden,
-            "dropout": dropout,
-        }
-        self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, classes)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # (B, classes)
-
-
-def build_toy(config: dict[str, Any]) -> ToyModel:
-    return ToyModel(**config)
-
-
-class ToyTask:
-    name = "toy"
-    metric = "accuracy"
-    higher_is_better = True
-
-    def __init__(self, x: Tensor, y: Tensor) -> None:
-        self.x, self.y = x, y
-
-    def loss(self, model: nn.Module, batch: ToyBatch) -> LossOutput:
-        logits = model(batch.x)
-        total = nn.functional.cross_entropy(logits, batch.y, reduction="sum")
-        return LossOutput(total=total, count=len(batch.y), tokens=len(batch.y))
-
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        accuracy = (model(self.x).argmax(-1) == self.y).float().mean()
-        return {"accuracy": float(accuracy)}
-
-
-class ShuffledBatches:
-    """Seeded per-epoch permutation cut into batches (the BatchSampler protocol)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0) -> None:
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        order = list(range(self.n))
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
-        return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-
-
-def collate_toy(items: list[tuple[Tensor, Tensor]]) -> ToyBatch:
-    return ToyBatch(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
-
-
-def toy_data(n: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-
-def toy_source(x: Tensor, y: Tensor, batch_size: int = 8) -> SamplerBatches:
-    return SamplerBatches(
-        list(zip(x, y, strict=True)), ShuffledBatches(len(y), batch_size), collate_toy
-    )
-
-
 def toy_trainer(config: TrainConfig, *, dropout: float = 0.1, **kwargs: Any) -> Trainer:
     torch.manual_seed(config.seed)
     x, y = toy_data()
     return Trainer(ToyModel(dropout=dropout), ToyTask(x, y), toy_source(x, y), config, **kwargs)
-
-
-def fast_config(**overrides: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "lr": 1e-2,
-        "warmup_steps": 5,
-        "max_steps": 20,
-        "eval_every": 5,
-        "log_every": 5,
-        "device": "cpu",
-    }
-    return TrainConfig(**{**base, **overrides})
 
 
 # --------------------------------------------------------------------------------------------

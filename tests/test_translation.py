@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,63 +21,12 @@ from qkv.tasks.translation import (
     Translator,
     train_translation,
 )
-from qkv.train import ModelFolderError, TrainConfig
+from qkv.train import ModelFolderError
+from toys import TINY, training, write_tsv
+from toys import reversal_text_pairs as reversal_pairs
+from toys import tiny_translation_config as tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on busy shared cores run far faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = {
-    "d_model": 32,
-    "num_heads": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "dropout": 0.0,
-}
-
-
-def reversal_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """Random lowercase words and their reversals (a task attention solves by alignment)."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(n)]
-    return [(w, w[::-1]) for w in words]
-
-
-def write_tsv(folder: Path, pairs: list[tuple[str, str]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
-    return folder
-
-
-def tiny_config(data: Path, **overrides: object) -> TranslationConfig:
-    base: dict[str, object] = {
-        "data": str(data),
-        "tokenizer": "char",
-        "model_overrides": TINY,
-        "label_smoothing": 0.0,
-        "metric": "exact_match",
-        "batch_size": 32,
-    }
-    return TranslationConfig(**{**base, **overrides})  # type: ignore[arg-type]
-
-
-def training(steps: int, **overrides: object) -> TrainConfig:
-    base: dict[str, object] = {
-        "lr": 5e-3,
-        "warmup_steps": 10,
-        "max_steps": steps,
-        "eval_every": steps,
-        "schedule": "cosine",
-        "device": "cpu",
-    }
-    return TrainConfig(**{**base, **overrides})  # type: ignore[arg-type]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +133,7 @@ def test_cli_translate_file_stdin_and_attention(
 ) -> None:
     pytest.importorskip("matplotlib")
     folder, pairs = trained
-    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n\n{pairs[2][0]}\n")
+    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n{pairs[2][0]}\n")
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO(pairs[3][0] + "\n"))
@@ -204,6 +151,10 @@ def test_cli_translate_file_stdin_and_attention(
     out = capsys.readouterr().out.split()
     assert out == [pairs[0][1], pairs[3][1], pairs[1][1], pairs[2][1]]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one output line per input: an empty line is named, never dropped
+    (tmp_path / "in.txt").write_text(f"{pairs[1][0]}\n\n{pairs[2][0]}\n")
+    assert main(argv[:3] + argv[5:]) == 2
+    assert "in.txt line 2 is empty: there is nothing to translate" in capsys.readouterr().err
 
 
 def test_cli_evaluate_json_and_plot(
@@ -304,7 +255,7 @@ def test_cli_rejects_bad_flag_values(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_translate_refuses_a_model_of_another_task(tmp_path: Path) -> None:
     from qkv.train import save_model_folder
-    from test_train import ToyModel
+    from toys import ToyModel
 
     model = ToyModel()
     save_model_folder(tmp_path, model=model, config={"task": "toy", "model": model.config})

@@ -10,7 +10,6 @@ bound: a small multiple of a plain same-dtype implementation's error.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -24,6 +23,7 @@ pytest.importorskip("triton")
 
 import qkv  # noqa: E402
 from gold import assert_within_control, naive_attention, random_inputs  # noqa: E402
+from helpers import bias_grad, cast_bias, make_bias, make_mask  # noqa: E402
 from qkv import masks, scores  # noqa: E402
 from qkv.backends.block_mask import build_block_mask  # noqa: E402
 from qkv.backends.triton import TritonBackend  # noqa: E402
@@ -39,60 +39,27 @@ needs_gpu = pytest.mark.skipif(
 DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 
 
-def make_mask(kind: str, B: int, Hq: int, Nq: int, Nk: int, seed: int) -> object:
-    g = torch.Generator().manual_seed(seed + 1)
-    if kind == "none":
-        return None
-    if kind == "sliding_window":
-        return masks.sliding_window(max(3, Nk // 8))
-    if kind == "key_padding":
-        return masks.key_padding(torch.randint(1, Nk + 1, (B,), generator=g))
-    if kind == "document":
-        n = max(Nq, Nk)
-        ids = torch.sort(torch.randint(0, 4, (B, n), generator=g), dim=-1).values
-        return masks.document(ids[:, :Nq], ids[:, :Nk])
-    if kind == "prefix_lm":
-        return masks.prefix_lm(max(1, Nk // 5))
+def triton_mask(kind: str, B: int, Hq: int, Nq: int, Nk: int, seed: int) -> object:
+    """This suite's masks, sized to the sequence (a window of an eighth, a fifth as prefix)."""
     if kind == "dense_empty_rows":  # a bool tensor with some rows that see nothing
-        dense = torch.rand(B, Hq, Nq, Nk, generator=g) < 0.6
-        dense[:, :, ::4] = False
-        return dense.to(DEVICE)
-    raise AssertionError(kind)
+        return make_mask(
+            "dense", B, Nq, Nk, seed + 1, heads=Hq, dense_p=0.6, empty_every=4, device=DEVICE
+        )
+    return make_mask(
+        kind, B, Nq, Nk, seed + 1, window=max(3, Nk // 8), documents=4, prefix=max(1, Nk // 5)
+    )
 
 
-def make_bias(kind: str, Hq: int, Nq: int, Nk: int, seed: int, dtype: torch.dtype) -> object:
-    g = torch.Generator().manual_seed(seed + 2)
-    if kind == "none":
-        return None
-    if kind == "tensor":  # broadcast over the batch: its gradient is summed over it
-        t = torch.randn(1, Hq, Nq, Nk, generator=g, dtype=torch.float64)
-        return t.to(DEVICE, dtype).requires_grad_(True)
-    if kind == "alibi":
-        return scores.alibi(Hq)
-    if kind == "softcap":
-        return scores.softcap(2.0)
-    if kind == "relative":
-        rel = scores.RelativePositionBias(Hq, max_distance=8)
-        with torch.no_grad():
-            rel.table.copy_(torch.randn(rel.table.shape, generator=g))
-        return rel.to(DEVICE)
-    raise AssertionError(kind)
+def triton_bias(kind: str, Hq: int, Nq: int, Nk: int, seed: int, dtype: torch.dtype) -> object:
+    """This suite's biases, on :data:`DEVICE` (a tensor in ``dtype``, requiring grad)."""
+    bias = make_bias(kind, Hq, Nq, Nk, seed + 2, max_distance=8)
+    if isinstance(bias, Tensor):  # broadcast over the batch: its gradient is summed over it
+        return bias.to(DEVICE, dtype).requires_grad_(True)
+    return bias.to(DEVICE) if isinstance(bias, torch.nn.Module) else bias
 
 
 def per_run(bias: object, dtype: torch.dtype) -> object:
-    if isinstance(bias, Tensor):
-        return bias.detach().to(dtype).requires_grad_(True)
-    if isinstance(bias, torch.nn.Module):
-        return copy.deepcopy(bias)
-    return bias
-
-
-def bias_grad(bias: object) -> Tensor | None:
-    if isinstance(bias, Tensor):
-        return bias.grad
-    if isinstance(bias, scores.RelativePositionBias):
-        return bias.table.grad
-    return None
+    return cast_bias(bias, dtype, tables_in_float64=False)
 
 
 def check(
@@ -111,8 +78,8 @@ def check(
     B, Hq, Hkv, Nq, Nk, D, Dv = shape
     x = random_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=seed, non_contiguous=non_contiguous)
     x.q, x.k, x.v = (t.to(DEVICE) for t in (x.q, x.k, x.v))
-    mask_value = make_mask(mask, B, Hq, Nq, Nk, seed)
-    bias0 = make_bias(bias, Hq, Nq, Nk, seed, torch.float64)
+    mask_value = triton_mask(mask, B, Hq, Nq, Nk, seed)
+    bias0 = triton_bias(bias, Hq, Nq, Nk, seed, torch.float64)
     options = {"mask": mask_value, "causal": causal}
     grad_out = torch.randn(B, Hq, Nq, Dv, generator=torch.Generator().manual_seed(seed))
     grad_out = grad_out.to(DEVICE, torch.float64)

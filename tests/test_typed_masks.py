@@ -327,3 +327,60 @@ def test_every_builtin_factory_returns_a_described_mask() -> None:
         assert type(mask).classify is not masks.MaskFn.classify, mask
         assert not isinstance(mask.lower(B, N, N), str), mask
     assert inspect.getsource(masks).count("__qualname__") == 0
+
+
+def _random_interval_mask(rng: torch.Generator, depth: int) -> masks.MaskFn:
+    """A random &, |, ~ tree over the masks that lower to key intervals."""
+    pick = int(torch.randint(0, 7 if depth > 0 else 4, (), generator=rng))
+    small = lambda hi: int(torch.randint(0, hi, (), generator=rng))  # noqa: E731
+    if pick == 0:
+        return masks.causal(small(9) - 4)
+    if pick == 1:
+        return masks.sliding_window(small(5), small(5), offset=small(7) - 3)
+    if pick == 2:
+        return masks.key_padding([small(N + 1), small(N + 1)])
+    if pick == 3:
+        return masks.prefix_lm([small(N + 1), small(N + 1)])
+    if pick == 4:
+        return ~_random_interval_mask(rng, depth - 1)
+    a, b = _random_interval_mask(rng, depth - 1), _random_interval_mask(rng, depth - 1)
+    return a & b if pick == 5 else a | b
+
+
+def test_random_combinations_lower_to_what_they_evaluate() -> None:
+    # Every lowered form keeps exactly the evaluated keys, or says why it cannot be lowered
+    # (more than MAX_INTERVALS intervals per row).
+    rng = torch.Generator().manual_seed(11)
+    b, h, qi, ki = _grid()
+    kv = torch.arange(N).view(1, 1, 1, N)
+    lowered_count = 0
+    for _ in range(300):
+        mask = _random_interval_mask(rng, 3)
+        lowered = mask.lower(B, N, N)
+        if isinstance(lowered, str):
+            assert "intervals per query row" in lowered, (mask, lowered)
+            continue
+        lowered_count += 1
+        want = mask(b, h, qi, ki).expand(B, H, N, N)[:, 0]
+        if lowered.lo is None or lowered.hi is None:
+            assert bool(want.all()), mask
+            continue
+        kept = ((kv >= lowered.lo[..., None]) & (kv < lowered.hi[..., None])).any(0)
+        assert torch.equal(kept.reshape(-1, N, N).expand(B, N, N), want), mask
+    assert lowered_count > 200
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the cpu kernel is not available")
+def test_cpu_kernel_runs_random_combinations_exactly() -> None:
+    rng = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(5)
+    b, h, qi, ki = _grid()
+    ran = 0
+    while ran < 12:
+        mask = _random_interval_mask(rng, 2)
+        if isinstance(mask.lower(B, N, N), str):
+            continue
+        want = _oracle(q, k, v, mask(b, h, qi, ki).expand(B, H, N, N), None)
+        got = qkv.attention(q, k, v, mask=mask, backend="cpu")
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+        ran += 1

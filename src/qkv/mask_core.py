@@ -14,6 +14,8 @@ asks, without any kernel knowing their kind:
   reason it has none.
 - :meth:`MaskFn.tile`: the mask of one block of the ``(Nq, Nk)`` matrix, as a tensor.
 - :meth:`MaskFn.check_call`: whether it fits a call of given sizes.
+- :meth:`MaskFn.block`: the same mask on one block of the ``(Nq, Nk)`` matrix, in the block's
+  own coordinates, as a mask of the same kind (context parallelism runs each block as a call).
 
 ``&``, ``|`` and ``~`` build :class:`AndMask`, :class:`OrMask` and :class:`NotMask`, which answer
 the same questions from their parts. So a new mask kind is one class in :mod:`qkv.masks`: every
@@ -48,6 +50,7 @@ __all__ = [
     "NotMask",
     "OrMask",
     "and_masks",
+    "block_name",
     "check_mask_output",
     "classify_tiles",
     "index_grid",
@@ -274,6 +277,21 @@ class MaskFn:
         if not self.verified:
             check_mask_output(self, batch, heads, q_len, kv_len, device)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        """This mask restricted to queries ``q_range`` x keys ``kv_range`` of a call, as a mask
+        of its own for a call of ``(q_range[1] - q_range[0], kv_range[1] - kv_range[0])``
+        positions: entry ``(b, h, i, j)`` of the block mask is entry
+        ``(b, h, q_range[0] + i, kv_range[0] + j)`` of this one.
+
+        A described mask returns a mask of its own kind with shifted or sliced parameters, so a
+        block stays on the kernels that lower it; a function of your own is wrapped to add the
+        offsets to the index tensors (and stays opaque). Its tile states are the ones this mask
+        gives for the same positions.
+        """
+        if q_range[0] == 0 and kv_range[0] == 0 and self.check is None:
+            return self
+        return _Shifted(self, q_range, kv_range)
+
     def __and__(self, other: MaskFunction) -> MaskFn:
         return and_masks(self, other)
 
@@ -333,6 +351,9 @@ class _Combination(MaskFn):
     def classify(self, q_bounds: Tensor, kv_bounds: Tensor) -> Tensor:
         states = [classify_tiles(m, q_bounds, kv_bounds) for m in self.parts]
         return _combine(states, absorbing=self.absorbing, neutral=self.neutral)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        return type(self)(tuple(m.block(q_range, kv_range) for m in self.parts))
 
 
 class AndMask(_Combination):
@@ -410,6 +431,49 @@ class NotMask(MaskFn):
         if isinstance(lowered, str):
             return lowered
         return lowered.complement(batch, q_len, kv_len)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        return NotMask(self.part.block(q_range, kv_range))
+
+
+class _Shifted(MaskFn):
+    """A block of a mask that does not describe itself (see :meth:`MaskFn.block`): the index
+    tensors are shifted to the block's first query and key before the mask is evaluated."""
+
+    def __init__(self, base: MaskFn, q_range: tuple[int, int], kv_range: tuple[int, int]) -> None:
+        self.base = base
+        self.q0, self.k0 = int(q_range[0]), int(kv_range[0])
+        super().__init__(
+            self._evaluate, block_name(base.name, q_range, kv_range), verified=base.verified
+        )
+
+    def _evaluate(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return self.base(b, h, q + self.q0, kv + self.k0)
+
+    def classify(self, q_bounds: Tensor, kv_bounds: Tensor) -> Tensor:
+        return classify_tiles(self.base, q_bounds + self.q0, kv_bounds + self.k0)
+
+    def tile(
+        self,
+        batch: int,
+        heads: int,
+        q_range: tuple[int, int],
+        kv_range: tuple[int, int],
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        shifted_q = (q_range[0] + self.q0, q_range[1] + self.q0)
+        shifted_kv = (kv_range[0] + self.k0, kv_range[1] + self.k0)
+        return self.base.tile(batch, heads, shifted_q, shifted_kv, device)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        q_abs = (q_range[0] + self.q0, q_range[1] + self.q0)
+        kv_abs = (kv_range[0] + self.k0, kv_range[1] + self.k0)
+        return _Shifted(self.base, q_abs, kv_abs)
+
+
+def block_name(name: str, q_range: tuple[int, int], kv_range: tuple[int, int]) -> str:
+    """How the block of a mask or score function prints: ``name[q 4:8, kv 0:4]``."""
+    return f"{name}[q {q_range[0]}:{q_range[1]}, kv {kv_range[0]}:{kv_range[1]}]"
 
 
 def _flatten(kind: type[_Combination], masks: tuple[MaskFunction, ...]) -> tuple[MaskFn, ...]:
@@ -516,10 +580,13 @@ def check_mask_output(
 ) -> None:
     """Evaluate ``mask`` on a small corner of a ``(B, Hq, Nq, Nk)`` index grid and raise
     ``TypeError``/``ValueError`` naming it unless it returns a bool tensor broadcasting to
-    ``(B, Hq, Tq, Tk)`` there. Nothing to check when a size is 0."""
+    ``(B, Hq, Tq, Tk)`` there. The corner is 2 x 3 (2 x 1 when ``Nk = 2``): with ``Tq != Tk`` a
+    result laid out ``(Tk, Tq)`` cannot pass. Nothing to check when a size is 0."""
     if 0 in (batch, heads, q_len, kv_len):
         return
-    tq, tk = min(2, q_len), min(2, kv_len)
+    tq, tk = min(2, q_len), min(3, kv_len)
+    if tq == tk == 2:
+        tk = 1
     corner = (batch, heads, tq, tk)
     try:
         out = mask(*index_grid(batch, heads, (0, tq), (0, tk), device))

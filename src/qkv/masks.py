@@ -11,8 +11,8 @@ one length per batch entry, each in ``0..Nk``; ``document``: ids of length ``Nq`
 ``dense``: a tensor broadcastable to ``(B, Hq, Nq, Nk)``) and :func:`qkv.attention` checks it
 when the call's sizes are known (:meth:`MaskFn.check_call`), raising a ``ValueError`` that names
 the mask and the sizes; nothing is clamped or dropped silently. A mask function of your own is
-evaluated once on a 2 x 2 corner of the index grid: it must return a bool tensor that broadcasts
-to ``(B, Hq, 2, 2)`` there.
+evaluated once on a 2 x 3 corner of the index grid: it must return a bool tensor that broadcasts
+to ``(B, Hq, 2, 3)`` there (and to ``(B, Hq, Tq, Tk)`` on every tile a backend evaluates).
 
 Masks compose with ``&``, ``|`` and ``~`` and print under readable names::
 
@@ -63,6 +63,7 @@ from qkv.mask_core import (
     MaskFn,
     MaskFunction,
     and_masks,
+    block_name,
     broadcasts,
     check_mask_output,
     classify_tiles,
@@ -165,6 +166,13 @@ class Band(MaskFn):
         hi = q + self.high if self.high is not None else torch.full_like(q, kv_len)
         return KernelMask.interval(lo, hi, q_len, kv_len)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Band:
+        # kv - q = (j + k0) - (i + q0): the band of the block is this one moved by q0 - k0.
+        shift = q_range[0] - kv_range[0]
+        low = None if self.low is None else self.low + shift
+        high = None if self.high is None else self.high + shift
+        return Band(low, high, block_name(self.name, q_range, kv_range))
+
 
 def causal(offset: int = 0) -> Band:
     """Query ``i`` attends to keys ``j <= i + offset``.
@@ -231,6 +239,8 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
     """``lengths`` as a 1-d int64 tensor of non-negative values, or an error naming ``what``."""
     if isinstance(lengths, int) and not isinstance(lengths, bool):
         lengths = [lengths]  # one length shared by the batch
+    if isinstance(lengths, list | tuple) and not lengths:
+        return torch.empty(0, dtype=torch.long)  # fits B = 0 only; the call check says so
     if isinstance(lengths, float) or (
         isinstance(lengths, list | tuple) and any(isinstance(x, float) for x in lengths)
     ):
@@ -241,6 +251,7 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
         raise TypeError(
             f"{what} must be a 1-d integer tensor of shape (B,); got {lengths!r}"
         ) from error
+    _check_has_values(lengths, what)
     if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(
             f"{what} must be a 1-d integer tensor of shape (B,); got {tuple(lengths.shape)} {lengths.dtype}"
@@ -248,6 +259,16 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"{what} must be >= 0; got {lengths.tolist()}")
     return lengths.long()
+
+
+def _check_has_values(t: Tensor, what: str) -> None:
+    """A mask's tensor is read (and moved to the call's device) when the mask is evaluated: a
+    meta tensor has no values to read."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{what} is on the meta device, which holds no values; give a tensor with values "
+            "(on any device: it is moved to q's device when the mask is evaluated)"
+        )
 
 
 def _check_batch_rows(rows: int, batch: int, what: str, shown: str) -> None:
@@ -308,6 +329,11 @@ class KeyPadding(MaskFn):
     def lower(self, batch: int, q_len: int, kv_len: int) -> KernelMask:
         return KernelMask.interval(torch.zeros(1, 1), _per_row(self.lengths, batch), q_len, kv_len)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> KeyPadding:
+        # Clamping to the block's keys changes no answer inside it.
+        local = (self.lengths - kv_range[0]).clamp(0, kv_range[1] - kv_range[0])
+        return KeyPadding(local)
+
 
 class QueryPadding(MaskFn):
     """Queries ``i >= lengths[b]`` are padding (see :func:`query_padding`)."""
@@ -332,6 +358,9 @@ class QueryPadding(MaskFn):
         valid = torch.arange(q_len).view(1, q_len) < _per_row(self.lengths, batch)  # (B, Nq)
         return KernelMask.interval(torch.zeros(1, 1), torch.where(valid, kv_len, 0), q_len, kv_len)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> QueryPadding:
+        return QueryPadding((self.lengths - q_range[0]).clamp(0, q_range[1] - q_range[0]))
+
 
 class PrefixLM(MaskFn):
     """Keys ``j < lengths[b]`` are seen by every query; after them, causal (see
@@ -352,6 +381,13 @@ class PrefixLM(MaskFn):
         return KernelMask.interval(
             torch.zeros(1, 1), torch.maximum(q + 1, _per_row(self.lengths, batch)), q_len, kv_len
         )
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> MaskFn:
+        # kv < length, or kv <= q: the block's keys below length - k0, or a causal band moved
+        # by q0 - k0.
+        prefix = KeyPadding((self.lengths - kv_range[0]).clamp(0, kv_range[1] - kv_range[0]))
+        shift = q_range[0] - kv_range[0]
+        return or_masks(prefix, Band(None, shift + 1, block_name("causal()", q_range, kv_range)))
 
 
 def key_padding(lengths: Tensor | list[int]) -> KeyPadding:
@@ -463,6 +499,13 @@ class Document(MaskFn):
             doc_k=self.k_ids[:, :kv_len].cpu().contiguous(),
         )
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Document:
+        return Document(
+            self.q_ids[:, q_range[0] : q_range[1]],
+            self.k_ids[:, kv_range[0] : kv_range[1]],
+            self_attention=False,
+        )
+
 
 def document(query_ids: Tensor, key_ids: Tensor | None = None) -> Document:
     """Packed sequences: a query attends only to keys of the same document.
@@ -482,6 +525,7 @@ def document(query_ids: Tensor, key_ids: Tensor | None = None) -> Document:
 
 def _as_ids(ids: Tensor, what: str) -> Tensor:
     ids = torch.as_tensor(ids)
+    _check_has_values(ids, what)
     if ids.ndim not in (1, 2) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(
             f"{what} must be an integer tensor of shape (B, N) or (N,); got {tuple(ids.shape)} {ids.dtype}"
@@ -569,6 +613,12 @@ class Dense(MaskFn):
     def lower(self, batch: int, q_len: int, kv_len: int) -> KernelMask:
         return KernelMask(dense=self.tensor)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Dense:
+        t = self.tensor
+        rows = slice(*q_range) if t.shape[-2] > 1 else slice(None)
+        cols = slice(*kv_range) if t.shape[-1] > 1 else slice(None)
+        return Dense(t[..., rows, cols], self.label)
+
 
 def dense(mask: Tensor, name: str = "dense") -> Dense:
     """A bool tensor broadcastable to ``(B, H, Nq, Nk)`` as a mask function, to compose it.
@@ -578,6 +628,7 @@ def dense(mask: Tensor, name: str = "dense") -> Dense:
         raise TypeError(f"dense mask must be a bool tensor; got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend); got dtype {mask.dtype}")
+    _check_has_values(mask, f"dense mask {name!r}")
     if mask.ndim > 4:
         raise ValueError(
             f"dense mask must have at most 4 dims (B, H, Nq, Nk); got shape {tuple(mask.shape)}"

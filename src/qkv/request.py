@@ -10,6 +10,7 @@ code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, TypeAlias
@@ -65,6 +66,8 @@ class AttentionRequest:
         scale: multiplies ``q k^T``.
         dropout_p: probability of zeroing an attention weight.
         return_weights: whether the caller wants the ``(B, Hq, Nq, Nk)`` probabilities.
+        return_lse: whether the caller wants each row's log-sum-exp ``(B, Hq, Nq)`` (a backend
+            serves it through ``forward_lse``; see :mod:`qkv.backends.registry`).
     """
 
     q: Tensor
@@ -77,6 +80,7 @@ class AttentionRequest:
     scale: float
     dropout_p: float
     return_weights: bool
+    return_lse: bool = False
 
     # --- sizes ------------------------------------------------------------------------------
     @property
@@ -166,7 +170,63 @@ class AttentionRequest:
         ``(B, Hq, Tq, Tk)``, or None when everything is attended."""
         if self.whole_mask is None:
             return None
-        return self.whole_mask.tile(self.batch, self.q_heads, q_range, kv_range, self.device)
+        target = (self.batch, self.q_heads, q_range[1] - q_range[0], kv_range[1] - kv_range[0])
+        return self._checked_mask(
+            lambda m: m.tile(self.batch, self.q_heads, q_range, kv_range, self.device),
+            target,
+            lambda: (
+                f"queries {q_range[0]}..{q_range[1] - 1} x keys {kv_range[0]}..{kv_range[1] - 1}"
+            ),
+        )
+
+    def evaluate_mask(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """:attr:`whole_mask` on broadcastable index tensors (any selection of batch entries,
+        heads, queries and keys), checked as :meth:`mask_tile` checks a tile."""
+        target = tuple(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
+        return self._checked_mask(
+            lambda m: m(b, h, q_idx, kv_idx),
+            target,
+            lambda: f"queries {_span(q_idx)} x keys {_span(kv_idx)}",
+        )
+
+    def _checked_mask(
+        self,
+        evaluate: Callable[[MaskFn], Tensor],
+        target: tuple[int, ...],
+        block: Callable[[], str],
+    ) -> Tensor:
+        """``evaluate(whole_mask)``, or a ``ValueError``/``TypeError`` naming the mask and the
+        block: a mask function that passed the corner check can still fail on a real tile (a
+        fixed-size tensor, a lookup table too short for the call, a wrong dtype). The check
+        compares shapes and dtype only; the message is built when there is one."""
+        mask = self.whole_mask
+        assert mask is not None
+
+        def where() -> str:
+            return (
+                f"{block()} (index tensors broadcasting to {target}) of (B, Hq, Nq, Nk) = "
+                f"{(self.batch, self.q_heads, self.q_len, self.kv_len)}"
+            )
+
+        try:
+            out = evaluate(mask)
+        except (RuntimeError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"mask: the mask function {mask!r} failed on {where()}: {error}"
+            ) from error
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = f"dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"mask: the mask function {mask!r} must return a bool tensor; got {got} on "
+                f"{where()}"
+            )
+        if not broadcasts_to(tuple(out.shape), target):
+            raise ValueError(
+                f"mask: the mask function {mask!r} returned shape {tuple(out.shape)} on "
+                f"{where()}; its result must broadcast to the index tensors' shape: compute it "
+                "from the index tensors, not a fixed-size tensor"
+            )
+        return out
 
     def modify_scores(
         self, scores: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]
@@ -244,7 +304,16 @@ class AttentionRequest:
             parts.append(f"dropout_p={self.dropout_p}")
         if self.return_weights:
             parts.append("return_weights")
+        if self.return_lse:
+            parts.append("return_lse")
         return ", ".join(parts)
+
+
+def _span(index: Tensor) -> str:
+    """``a..b``, the smallest and largest of some indices, for messages."""
+    if index.numel() == 0:
+        return "(none)"
+    return f"{int(index.min())}..{int(index.max())}"
 
 
 def _tile(t: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor:
@@ -268,6 +337,7 @@ def build_request(
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    return_lse: bool = False,
 ) -> AttentionRequest:
     """Validate the arguments of :func:`qkv.attention` and bundle them. Raises ``TypeError`` or
     ``ValueError`` naming the argument and the shapes or values involved."""
@@ -286,6 +356,7 @@ def build_request(
         scale=_check_scale(scale, q.shape[-1]),
         dropout_p=_check_dropout(dropout_p),
         return_weights=bool(return_weights),
+        return_lse=bool(return_lse),
     )
 
 
@@ -304,6 +375,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}"
+        )
+    if q.device.type == "meta":
+        raise ValueError(
+            "q, k and v are on the meta device, which holds no values; attention needs "
+            "tensors with values (on cpu or cuda)"
         )
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
@@ -384,6 +460,13 @@ def _check_bias(
             raise ValueError(f"bias is on {bias.device} but q is on {device}")
         return as_4d(bias), None
     if callable(bias):
+        if isinstance(bias, torch.nn.Module):
+            for name, t in (*bias.named_parameters(), *bias.named_buffers()):
+                if t.device != device:
+                    raise ValueError(
+                        f"bias: the score function {bias!r} holds {name} on {t.device} but q is "
+                        f"on {device}; move it with .to({str(device)!r})"
+                    )
         check_score_call(bias, *target)
         return None, bias.for_call(*target) if isinstance(bias, ScoreMod) else bias
     raise TypeError(

@@ -10,6 +10,10 @@ The built-in modifiers are classes that carry their parameters (:class:`Alibi`'s
 offset, :class:`Softcap`'s cap, :class:`Chain`'s parts, :class:`RelativePositionBias`'s table),
 which is what a compiled kernel reads. A score function of your own is opaque whatever it is
 called: it is evaluated, by a backend that runs Python functions per tile.
+
+:func:`block_score` gives a modifier on one block of the ``(Nq, Nk)`` matrix in the block's own
+coordinates (context parallelism runs each block as a call): the built-ins shift their offsets
+and keep their type; anything else is wrapped to add the offsets to the index tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from qkv.mask_core import saturate
+from qkv.mask_core import block_name, saturate
 
 __all__ = [
     "Alibi",
@@ -32,6 +36,7 @@ __all__ = [
     "Softcap",
     "alibi",
     "alibi_slopes",
+    "block_score",
     "chain",
     "check_score_call",
     "is_additive",
@@ -89,8 +94,36 @@ class ScoreMod:
     ) -> Tensor:
         return self.fn(score, b, h, q_idx, kv_idx)
 
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> ScoreMod:
+        """This function on queries ``q_range`` x keys ``kv_range`` of a call, for a call of the
+        block's size: index ``(i, j)`` of the block is ``(q_range[0] + i, kv_range[0] + j)``
+        here. Opaque here: the index tensors are shifted before the function sees them."""
+        return _shifted(self, q_range, kv_range)
+
     def __repr__(self) -> str:
         return self.name
+
+
+def _shifted(fn: ScoreFunction, q_range: tuple[int, int], kv_range: tuple[int, int]) -> ScoreMod:
+    q0, k0 = int(q_range[0]), int(kv_range[0])
+
+    def shifted(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return fn(score, b, h, q + q0, kv + k0)
+
+    name = block_name(repr(fn), q_range, kv_range)
+    return ScoreMod(shifted, name, additive=is_additive(fn))
+
+
+def block_score(
+    fn: ScoreFunction, q_range: tuple[int, int], kv_range: tuple[int, int]
+) -> ScoreFunction:
+    """``fn`` on queries ``q_range`` x keys ``kv_range`` of a call, in the block's coordinates
+    (see :meth:`ScoreMod.block`): a built-in keeps its type, anything else is wrapped."""
+    block = getattr(fn, "block", None)
+    if isinstance(fn, ScoreMod | RelativePositionBias) and callable(block):
+        result: ScoreFunction = block(q_range, kv_range)
+        return result
+    return _shifted(fn, q_range, kv_range)
 
 
 def is_additive(score_mod: ScoreFunction) -> bool:
@@ -126,6 +159,9 @@ class Chain(ScoreMod):
             for m in self.mods
         )
         return self if all(a is b for a, b in zip(sized, self.mods, strict=True)) else Chain(sized)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Chain:
+        return Chain(tuple(block_score(m, q_range, kv_range) for m in self.mods))
 
 
 def chain(*mods: ScoreFunction) -> Chain:
@@ -171,9 +207,12 @@ class Alibi(ScoreMod):
             changes every score of a row by the same amount and so no softmax.
     """
 
-    def __init__(self, slopes: Tensor, offset: int) -> None:
+    def __init__(self, slopes: Tensor, offset: int, *, keep_offset: bool = False) -> None:
         self.slopes = slopes
         self.offset = offset
+        # A block of a larger call (see block()) keeps its offset: the rows of a block are
+        # parts of longer rows, whose softmax a per-block shift would change.
+        self.keep_offset = keep_offset
         super().__init__(
             self._apply, f"alibi({slopes.numel()} heads)", additive=True, check=self._check
         )
@@ -189,9 +228,16 @@ class Alibi(ScoreMod):
         # Past Nq + Nk every key of every row lies on one side of the query, and a larger offset
         # only shifts each row's scores by a constant: clamp it there, so that the float
         # arithmetic of every backend sees distances of the call's own size.
+        if self.keep_offset:
+            return self
         reach = q_len + kv_len
         offset = max(-reach, min(reach, self.offset))
         return self if offset == self.offset else Alibi(self.slopes, offset)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Alibi:
+        # |q - kv + offset| with q = i + q0, kv = j + k0 is |i - j + offset + q0 - k0|.
+        offset = self.offset + q_range[0] - kv_range[0]
+        return Alibi(self.slopes, offset, keep_offset=True)
 
     def _apply(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         distance = (q - kv + saturate(self.offset)).abs().to(score.dtype)
@@ -214,6 +260,11 @@ def alibi(num_heads: int | Tensor, *, offset: int = 0) -> Alibi:
             raise ValueError(
                 f"alibi slopes must be a 1-d float tensor of shape (H,); got "
                 f"{tuple(num_heads.shape)} {num_heads.dtype}"
+            )
+        if num_heads.device.type == "meta":
+            raise ValueError(
+                "alibi slopes are on the meta device, which holds no values; give a tensor "
+                "with values (on any device: they are moved to the scores' device)"
             )
         slopes = num_heads.float()
     elif isinstance(num_heads, int) and not isinstance(num_heads, bool):
@@ -238,6 +289,9 @@ class Softcap(ScoreMod):
 
     def _apply(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return self.cap * torch.tanh(score / self.cap)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Softcap:
+        return self  # reads no position
 
 
 def softcap(cap: float) -> Softcap:
@@ -292,6 +346,16 @@ class RelativePositionBias(nn.Module):
             -self.max_distance, self.max_distance
         )
         return score + self.table[h, relative + self.max_distance].to(score.dtype)
+
+    def block(self, q_range: tuple[int, int], kv_range: tuple[int, int]) -> RelativePositionBias:
+        """The bias on a block of a call (see :func:`block_score`), sharing this table (its
+        gradient lands on the same parameter): ``kv - q - offset`` with ``q = i + q0`` and
+        ``kv = j + k0`` is ``j - i - (offset + q0 - k0)``."""
+        shifted = RelativePositionBias(
+            self.num_heads, self.max_distance, offset=self.offset + q_range[0] - kv_range[0]
+        )
+        shifted.table = self.table
+        return shifted
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_distance={self.max_distance}"

@@ -116,17 +116,3 @@ def resolve_scale(method: str, scale: float | None, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
         raise ValueError(f"{method}: scale must be a positive number; got scale={scale!r}")
     return float(scale)
-
-
-def masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
-    """Softmax over the last dim, in float32 at least, with ``keep`` (True = attend,
-    broadcastable) applied; a row with nothing to attend is all zeros, never NaN."""
-    work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    if keep is not None:
-        work = work.masked_fill(~keep, float("-inf"))
-    top = work.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
-    e = torch.exp(work - top)
-    total = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(total > 0, total, torch.ones_like(total))
-    return p.to(scores.dtype)

@@ -24,7 +24,15 @@ from qkv.functional.attention import attention
 from qkv.masks import MaskFn
 from qkv.request import CausalArg
 
-__all__ = ["bigbird_attention", "bigbird_blocks", "bigbird_mask", "local_attention"]
+__all__ = [
+    "bigbird_attention",
+    "bigbird_blocks",
+    "bigbird_mask",
+    "bigbird_rows",
+    "local_attention",
+    "local_rows",
+    "pattern_rows",
+]
 
 
 def bigbird_blocks(
@@ -209,3 +217,26 @@ def local_attention(
     return attention(
         q, k, v, mask=_with_user_mask(pattern, mask), causal=causal, scale=scale, backend=backend
     )
+
+
+def pattern_rows(pattern: MaskFn, q: Tensor, k: Tensor, keep: Tensor | None) -> Tensor:
+    """Exact softmax rows ``(B, H, Nq, Nk)`` over the pairs ``pattern`` allows (and ``keep
+    (B, Nk)``, True = real key): what ``local`` and ``bigbird`` compute."""
+    s = q.shape[-1] ** -0.5
+    b, h, qi, ki = masks.index_grid(1, 1, (0, q.shape[2]), (0, k.shape[2]))
+    allowed = pattern(b, h, qi, ki)
+    if keep is not None:
+        allowed = allowed & keep[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) * s).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1)
+
+
+def local_rows(q: Tensor, k: Tensor, knob: int, keep: Tensor | None) -> Tensor:
+    """The rows of ``local`` with ``window=knob``."""
+    return pattern_rows(masks.sliding_window(knob, knob), q, k, keep)
+
+
+def bigbird_rows(q: Tensor, k: Tensor, knob: int, keep: Tensor | None) -> Tensor:
+    """The rows of ``bigbird`` with ``block_size=knob``."""
+    pattern = bigbird_mask(max(q.shape[2], k.shape[2]), block_size=knob)
+    return pattern_rows(pattern, q, k, keep)

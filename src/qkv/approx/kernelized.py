@@ -83,3 +83,12 @@ def _causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, offset: int, chunk_size: in
             denominator = denominator + local.sum(dim=-1, keepdim=True)
         outs.append(_normalise(numerator, denominator))
     return torch.cat(outs, dim=-2)  # (B, Hkv, G, Nq, Dv)
+
+
+def kernel_rows(fq: Tensor, fk: Tensor, keep: Tensor | None) -> Tensor:
+    """The attention rows ``(B, H, Nq, Nk)`` a feature-map method implies: ``phi(q_i) .
+    phi(k_j)`` normalised over ``j``, with ``keep (B, Nk)`` (True = real key) applied."""
+    if keep is not None:
+        fk = fk * keep[:, None, :, None]
+    w_ij = fq @ fk.transpose(-1, -2)
+    return w_ij / w_ij.sum(-1, keepdim=True)

@@ -23,10 +23,14 @@ from qkv.approx._common import (
     key_padding,
     ungroup,
 )
-from qkv.approx.kernelized import kernel_attention
+from qkv.approx.kernelized import kernel_attention, kernel_rows
 from qkv.request import CausalArg
 
-__all__ = ["elu_feature_map", "linear_attention"]
+__all__ = [
+    "elu_feature_map",
+    "linear_attention",
+    "linear_rows",
+]
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -69,3 +73,8 @@ def linear_attention(
         phi_q, phi_k, v.unsqueeze(2), keep=keep, offset=offset, chunk_size=chunk_size
     )
     return ungroup(out)  # (B, Hq, Nq, Dv)
+
+
+def linear_rows(q: Tensor, k: Tensor, knob: int, keep: Tensor | None) -> Tensor:
+    """The rows ``(B, H, Nq, Nk)`` linear attention implies (``knob`` unused: no knob)."""
+    return kernel_rows(elu_feature_map(q), elu_feature_map(k), keep)

@@ -21,10 +21,10 @@ from qkv.approx._common import (
     check_qkv,
     group_queries,
     key_padding,
-    masked_softmax,
     resolve_scale,
     ungroup,
 )
+from qkv.numerics import masked_softmax_upcast
 from qkv.request import CausalArg
 
 __all__ = ["LinformerAttention", "linformer_attention"]
@@ -79,7 +79,7 @@ def linformer_attention(
     v_low = value_projection[:, :Nk].to(v.dtype) @ v  # (B, Hkv, r, Dv)
     qg = group_queries(q, k.shape[1])  # (B, Hkv, G, Nq, D)
     scores = qg @ k_low.unsqueeze(2).transpose(-1, -2) * s  # (B, Hkv, G, Nq, r)
-    weights = masked_softmax(scores, None)  # float32 at least, float64 kept
+    weights = masked_softmax_upcast(scores, None)  # float32 at least, float64 kept
     return ungroup(weights @ v_low.unsqueeze(2))  # (B, Hq, Nq, Dv)
 
 

@@ -25,10 +25,10 @@ from qkv.approx._common import (
     check_qkv,
     group_queries,
     key_padding,
-    masked_softmax,
     resolve_scale,
     ungroup,
 )
+from qkv.numerics import masked_softmax_upcast
 from qkv.request import CausalArg
 
 __all__ = ["iterative_pinv", "nystrom_attention", "segment_means"]
@@ -121,9 +121,9 @@ def nystrom_attention(
     k_land, valid = segment_means(kg, m, keep)  # (B, Hkv, 1, m, D), (B | 1, 1, 1, m)
     keep5 = None if keep is None else keep[:, None, None, None, :]  # (B, 1, 1, 1, Nk)
     valid5 = valid[:, :, :, None, :]  # (B | 1, 1, 1, 1, m)
-    f = masked_softmax(qg @ k_land.transpose(-1, -2) * s, valid5)  # (B, Hkv, G, Nq, m)
-    a = masked_softmax(q_land @ k_land.transpose(-1, -2) * s, valid5)  # (B, Hkv, G, m, m)
-    c = masked_softmax(q_land @ kg.transpose(-1, -2) * s, keep5)  # (B, Hkv, G, m, Nk)
+    f = masked_softmax_upcast(qg @ k_land.transpose(-1, -2) * s, valid5)  # (B, Hkv, G, Nq, m)
+    a = masked_softmax_upcast(q_land @ k_land.transpose(-1, -2) * s, valid5)  # (B, Hkv, G, m, m)
+    c = masked_softmax_upcast(q_land @ kg.transpose(-1, -2) * s, keep5)  # (B, Hkv, G, m, Nk)
     work = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
     inverse = (
         torch.linalg.pinv(work)

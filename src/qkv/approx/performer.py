@@ -32,13 +32,14 @@ from qkv.approx._common import (
     resolve_scale,
     ungroup,
 )
-from qkv.approx.kernelized import kernel_attention
+from qkv.approx.kernelized import kernel_attention, kernel_rows
 from qkv.request import CausalArg
 
 __all__ = [
     "PerformerAttention",
     "orthogonal_features",
     "performer_attention",
+    "performer_rows",
     "positive_features",
 ]
 
@@ -211,3 +212,16 @@ class PerformerAttention(nn.Module):
             f"head_dim={self.head_dim}, num_features={self.num_features}, "
             f"redraw_interval={self.redraw_interval}"
         )
+
+
+def performer_rows(q: Tensor, k: Tensor, knob: int, keep: Tensor | None) -> Tensor:
+    """The rows ``(B, H, Nq, Nk)`` FAVOR+ implies with ``knob`` orthogonal random features
+    (seed 0, as ``performer`` with ``seed=0`` draws them)."""
+    s = q.shape[-1] ** -0.5
+    w = orthogonal_features(
+        knob, q.shape[-1], generator=torch.Generator().manual_seed(0), dtype=q.dtype
+    )
+    fq = positive_features(q * s**0.5, w)
+    every = keep if keep is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
+    fk = positive_features(k * s**0.5, w, over_keys=every[:, None, :])
+    return kernel_rows(fq, fk, keep)

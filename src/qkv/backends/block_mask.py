@@ -137,6 +137,7 @@ def _summarize(
         return status
     corner = tile_fn((0, 1), (0, 1))  # learns which of B and H the mask really spans
     spanned = 1 if corner is None or corner.ndim < 3 else math.prod(corner.shape[:-2])
+    spanned = max(spanned, 1)  # a call with B or Hq = 0 has a corner that spans nothing
     run_tiles = max(1, SUMMARY_BUDGET // (spanned * tile_q * tile_kv))
     for i in unknown.any(1).nonzero().flatten().tolist():
         q_range = (i * tile_q, min((i + 1) * tile_q, q_len))

@@ -40,12 +40,14 @@ What it does, and why:
   inputs of the autograd function; backward rebuilds each modified score tile under
   ``torch.enable_grad`` and pulls ``dS`` through it with ``torch.autograd.grad``, tile by tile.
   A bias tensor's gradient is accumulated slice by slice.
-- **Numerics.** The matmuls run in the input dtype (as fused kernels do), except the forward's
-  un-normalised ``P V`` (a float16 tile of 512 keys of value 130 would overflow to ``inf``) and
-  ``dP = dO V^T`` in backward, which must agree with ``D_i`` to float32 rounding; the softmax
-  statistics, the
-  running output and the gradient accumulators are in ``stats_dtype`` (float32 for float16 and
-  bfloat16, whose mantissas would lose the small terms of long sums). A fully masked row keeps
+- **Numerics.** The backward's ``dQ``, ``dK`` and ``dV`` matmuls run in the input dtype (as
+  fused kernels do); ``q k^T`` runs in ``stats_dtype`` (float32 for half inputs, as fused
+  kernels accumulate and keep their scores: float16 logits past 65504 stay finite), and so do
+  the forward's un-normalised ``P V`` (a float16 tile of 512 keys of value 130 would overflow
+  to ``inf``) and ``dP = dO V^T`` in backward, which must agree with ``D_i`` to float32
+  rounding; the softmax statistics, the running output and the gradient accumulators are in
+  ``stats_dtype`` too (float32 for float16 and bfloat16, whose mantissas would lose the small
+  terms of long sums). A fully masked row keeps
   ``m = -inf`` and ``l = 0``: its output is 0, its log-sum-exp ``+inf``, so backward recomputes
   probabilities ``exp(s - lse) = 0`` and its gradients are exactly zero, never NaN.
 - **Dropout** is reproducible: each call draws a seed from PyTorch's default CPU generator (so
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import (
     BlockMask,
@@ -69,7 +71,7 @@ from qkv.backends.block_mask import (
     build_block_mask,
     default_tile_sizes,
 )
-from qkv.backends.reference import reference_attention
+from qkv.backends.reference import reference_attention_lse, reference_gradients
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
@@ -79,6 +81,7 @@ __all__ = [
     "TileCounters",
     "build_block_mask",
     "chunked_attention",
+    "chunked_attention_lse",
     "default_tile_sizes",
 ]
 
@@ -119,6 +122,7 @@ class _Plan:
     dropout_seed: int
     leaves: tuple[Tensor, ...]
     counters: TileCounters
+    k_scores: Tensor  # (B, Hkv, Nk, D) keys for q k^T, in the stats dtype (request.k if equal)
 
     @property
     def modifies(self) -> bool:
@@ -144,11 +148,12 @@ def _heads(x: Tensor, q_heads: int) -> Tensor:
 
 def _raw_scores(plan: _Plan, q_t: Tensor, kv_range: tuple[int, int]) -> Tensor:
     """Scaled scores of one tile, ``(B, Hq, Tq, Tk)`` in the statistics dtype. ``q_t`` is the
-    folded, pre-scaled query tile ``(B, Hkv, G * Tq, D)``."""
-    request = plan.request
-    k_t = request.k[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, D)
+    folded, pre-scaled query tile ``(B, Hkv, G * Tq, D)`` in the statistics dtype: half inputs
+    are multiplied in float32, as fused kernels accumulate and keep their scores, so float16
+    logits past 65504 stay finite and bfloat16 ones are not rounded to 8 bits."""
+    k_t = plan.k_scores[:, :, kv_range[0] : kv_range[1]]  # (B, Hkv, Tk, D)
     scores = q_t @ k_t.transpose(-2, -1)  # (B, Hkv, G * Tq, Tk)
-    return _heads(scores, request.q_heads).to(stats_dtype(request.dtype))
+    return _heads(scores, plan.request.q_heads)
 
 
 def _masked(
@@ -192,9 +197,11 @@ def _keep_mask(plan: _Plan, i: int, j: int, like: Tensor) -> Tensor:
 
 
 def _query_tile(plan: _Plan, x: Tensor, rows: tuple[int, int]) -> Tensor:
-    """The folded query tile ``(B, Hkv, G * Tq, D)``, pre-scaled so that ``q_t @ k^T`` is already
-    ``q k^T * scale`` (one multiply of ``Tq x D`` instead of ``Tq x Tk``)."""
-    scaled = x[:, :, rows[0] : rows[1]] * plan.request.scale  # (B, Hq, Tq, D), contiguous
+    """The folded query tile ``(B, Hkv, G * Tq, D)`` in the statistics dtype, pre-scaled so
+    that ``q_t @ k^T`` is already ``q k^T * scale`` (one multiply of ``Tq x D`` instead of
+    ``Tq x Tk``)."""
+    sd = stats_dtype(plan.request.dtype)
+    scaled = x[:, :, rows[0] : rows[1]].to(sd) * plan.request.scale  # (B, Hq, Tq, D)
     return _fold(scaled, plan.request.kv_heads, (0, rows[1] - rows[0]))  # a view
 
 
@@ -231,7 +238,9 @@ class _Running:
         so that backward's ``exp(s - lse)`` is 0 there)."""
         attended = self.sum > 0
         out = self.acc / torch.where(attended, self.sum, 1.0)
-        lse = torch.where(attended, self.max + torch.log(self.sum), float("inf"))
+        # A row with an attended NaN (or +inf) score has a NaN sum: its lse stays NaN, so its
+        # weights and its gradients are NaN too, as its output is.
+        lse = torch.where(attended | self.sum.isnan(), self.max + torch.log(self.sum), float("inf"))
         return out, lse.squeeze(-1)
 
 
@@ -303,15 +312,24 @@ class _QueryTile:
     """One query tile's inputs and its dQ accumulator during backward (rows folded by group)."""
 
     rows: tuple[int, int]
-    q: Tensor  # (B, Hkv, G * Tq, D), pre-scaled
+    q: Tensor  # (B, Hkv, G * Tq, D), pre-scaled, stats dtype (for the scores)
+    q_in: Tensor  # the same in the input dtype (for dK)
     grad_out: Tensor  # (B, Hkv, G * Tq, Dv), input dtype
     grad_out_sd: Tensor  # the same in the stats dtype
     lse: Tensor  # (B, Hq, Tq, 1)
     delta: Tensor  # (B, Hq, Tq, 1): D_i = rowsum(dO * O)
     dq: Tensor  # (B, Hkv, G * Tq, D), stats dtype
+    nan_rows: bool = False  # some row's lse is NaN (an attended NaN score)
 
 
-def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _Grads) -> None:
+def _backward(
+    plan: _Plan,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    grads: _Grads,
+    grad_lse: Tensor | None = None,
+) -> None:
     """Recompute every visited tile and accumulate gradients (FlashAttention-2, Algorithm 2).
 
     With ``P = exp(S - lse)`` recomputed from the saved log-sum-exp::
@@ -322,13 +340,19 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
     The loop runs over query tiles outside and key tiles inside (FlashAttention-2 runs key tiles
     outside to avoid atomic adds on a GPU; sequential PyTorch ops have no such race, and this
     order folds each query tile once).
+
+    A gradient ``g`` of the log-sum-exp itself adds ``g_i * P_ij`` to ``dS`` (since
+    ``d lse_i / d s_ij = P_ij``), which is ``D_i`` replaced by ``D_i - g_i``.
     """
     request, block = plan.request, plan.block
     sd = stats_dtype(request.dtype)
     delta = (grad_out.to(sd) * out.to(sd)).sum(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
+    if grad_lse is not None:  # rows with nothing attended (lse = +inf here) take no gradient
+        delta = delta - torch.where(torch.isfinite(lse), grad_lse.to(sd), 0.0)[..., None]
     # dP = dO V^T is computed in the stats dtype: it must agree with D_i to within float32
     # rounding, or dS = P * (dP - D_i) is all rounding error wherever P is close to one-hot.
     v_sd = request.v.to(sd)  # (B, Hkv, Nk, Dv); a copy only for half types
+    any_nan = bool(lse.isnan().any())  # rows with an attended NaN score (one check per call)
     for i in range(block.status.shape[0]):
         q_range = block.q_range(i)
         rows = slice(*q_range)
@@ -337,11 +361,13 @@ def _backward(plan: _Plan, out: Tensor, lse: Tensor, grad_out: Tensor, grads: _G
         tile = _QueryTile(
             rows=q_range,
             q=q_t,
+            q_in=q_t.to(request.dtype),
             grad_out=do_t,
             grad_out_sd=do_t.to(sd),
             lse=lse[:, :, rows, None],
             delta=delta[:, :, rows],
             dq=torch.zeros_like(q_t, dtype=sd),
+            nan_rows=any_nan and bool(lse[:, :, rows].isnan().any()),
         )
         visits = block.visits(i)
         plan.counters.backward += len(visits)
@@ -367,7 +393,11 @@ def _backward_tile(
         modified = request.modify_scores(raw, tile.rows, kv_range) if plan.modifies else raw
     scores = _masked(plan, modified.detach(), tile.rows, kv_range, full)
     # Exact probabilities (B, Hq, Tq, Tk); in place unless autograd may need the tile.
+    # A masked key's probability is 0 even in a NaN row (lse NaN): its dV stays finite.
+    hidden = scores == float("-inf") if tile.nan_rows else None
     probs = torch.exp(scores - tile.lse) if plan.modifies else scores.sub_(tile.lse).exp_()
+    if hidden is not None:
+        probs = probs.masked_fill_(hidden, 0.0)
     dprobs = _heads(tile.grad_out_sd @ v_sd[:, :, cols].transpose(-2, -1), Hq)  # dP
     kept = probs
     if request.dropout_p > 0:
@@ -383,7 +413,7 @@ def _backward_tile(
         _add_bias_tile(grads.bias, dscores, tile.rows, kv_range)
     ds = _fold_tile(dscores.to(request.dtype), Hkv)  # (B, Hkv, G * Tq, Tk)
     tile.dq += ds @ request.k[:, :, cols]
-    grads.dk[:, :, cols] += ds.transpose(-2, -1) @ tile.q  # tile.q carries the scale
+    grads.dk[:, :, cols] += ds.transpose(-2, -1) @ tile.q_in  # tile.q_in carries the scale
 
 
 def _through_score_mod(
@@ -416,7 +446,11 @@ def _add_bias_tile(
     rows = slice(*q_range) if dbias.shape[-2] > 1 else slice(None)
     cols = slice(*kv_range) if dbias.shape[-1] > 1 else slice(None)
     target = dbias[..., rows, cols]
-    target += dscores.sum_to_size(target.shape).to(target.dtype)
+    dims = [d for d in range(4) if target.shape[d] == 1 and dscores.shape[d] > 1]
+    if dims:  # summed in the accumulator's dtype (float64 for a broadcast bias)
+        target += dscores.sum(dim=dims, keepdim=True, dtype=target.dtype)
+    else:
+        target += dscores.to(target.dtype)
 
 
 # --- weights on demand -----------------------------------------------------------------------------
@@ -438,7 +472,8 @@ def _weights(plan: _Plan, lse: Tensor) -> Tensor:
             kv_range = block.kv_range(j)
             scores = _score_tile(plan, q_t, q_range, kv_range, full)
             tile = weights[:, :, q_range[0] : q_range[1], kv_range[0] : kv_range[1]]
-            tile.copy_(torch.exp(scores - lse_t))
+            # a masked key weighs 0 even in a NaN row (lse NaN): masked scores never matter
+            tile.copy_(torch.exp(scores - lse_t).masked_fill_(scores == float("-inf"), 0.0))
     return weights
 
 
@@ -459,30 +494,45 @@ class _ChunkedAttention(torch.autograd.Function):
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
         out_sd, lse = _forward(plan)  # stats dtype; a copy in the input dtype is returned
-        ctx.save_for_backward(q, k, v, out_sd, lse)
+        ctx.save_for_backward(q, k, v, out_sd, lse, bias)  # type: ignore[arg-type]
         ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(lse)
-        return out_sd.to(q.dtype), lse
+        return out_sd.to(q.dtype), lse  # lse is differentiable (return_lse=True)
 
     @staticmethod
-    @once_differentiable
     def backward(
-        ctx: FunctionCtx, grad_out: Tensor, _grad_lse: Tensor | None
+        ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, v, out, lse, saved_bias = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         request = plan.request
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            if grad_lse is not None and bool(grad_lse.any()):
+                raise RuntimeError(
+                    "double backward (create_graph=True) through return_lse is not supported by "
+                    "backend 'chunked'; use backend='reference'"
+                )
+            inputs = (q, k, v, saved_bias, *plan.leaves)
+            live = dataclasses.replace(request, q=q, k=k, v=v, bias=saved_bias)
+            found = reference_gradients(
+                live, [t if n else None for t, n in zip(inputs, needs[1:], strict=True)],
+                grad_out, "chunked",
+            )  # fmt: skip
+            return (None, *found)
         sd = stats_dtype(q.dtype)
         bias = request.bias
         grads = _Grads(
             dq=torch.zeros_like(q, dtype=sd),
             dk=torch.zeros_like(k, dtype=sd),
             dv=torch.zeros_like(v, dtype=sd),
-            bias=None if bias is None or not needs[4] else _zeros_for(bias, sd),
+            bias=None
+            if bias is None or not needs[4]
+            else _zeros_for(
+                bias, sd, (request.batch, request.q_heads, request.q_len, request.kv_len)
+            ),
             leaves=[None] * len(plan.leaves),
         )
-        _backward(plan, out, lse, grad_out, grads)
+        _backward(plan, out, lse, grad_out, grads, grad_lse)
         # A learnable tensor no visited tile reads (everything masked) gets zeros, as autograd
         # through the reference formula would give.
         leaf_grads = [
@@ -499,9 +549,15 @@ class _ChunkedAttention(torch.autograd.Function):
         )
 
 
-def _zeros_for(bias: Tensor, sd: torch.dtype) -> Tensor:
-    """A gradient accumulator for ``bias``, at least as precise as the statistics."""
-    return torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, sd), device=bias.device)
+def _zeros_for(bias: Tensor, sd: torch.dtype, target: tuple[int, ...]) -> Tensor:
+    """A gradient accumulator for ``bias``, at least as precise as the statistics; float64 for
+    a bias broadcast over positions, heads or batch entries (``target``, the scores' shape),
+    whose gradient adds up the tiles' sums: a scalar bias's gradient is exactly 0, and float32
+    running sums over thousands of tiles drift from it."""
+    broadcast = any(n == 1 and t > 1 for n, t in zip(bias.shape, target, strict=True))
+    wide = broadcast and bias.device.type != "mps"  # (MPS has no float64)
+    dtype = torch.float64 if wide else torch.promote_types(bias.dtype, sd)
+    return torch.zeros(bias.shape, dtype=dtype, device=bias.device)
 
 
 def _score_mod_leaves(request: AttentionRequest) -> tuple[Tensor, ...]:
@@ -540,6 +596,22 @@ def chunked_attention(
     dropout_seed: int | None = None,
     counters: TileCounters | None = None,
 ) -> tuple[Tensor, Tensor | None]:
+    """Run one validated call on the chunked path: :func:`chunked_attention_lse` without the
+    log-sum-exp."""
+    out, weights, _ = chunked_attention_lse(
+        request, tile_q=tile_q, tile_kv=tile_kv, dropout_seed=dropout_seed, counters=counters
+    )
+    return out, weights
+
+
+def chunked_attention_lse(
+    request: AttentionRequest,
+    *,
+    tile_q: int | None = None,
+    tile_kv: int | None = None,
+    dropout_seed: int | None = None,
+    counters: TileCounters | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Run one validated call on the chunked path.
 
     Args:
@@ -554,7 +626,9 @@ def chunked_attention(
     Returns:
         ``out (B, Hq, Nq, Dv)`` (differentiable with respect to ``q, k, v``, a bias tensor and
         the score function's learnable tensors) and, if ``request.return_weights``, the
-        ``(B, Hq, Nq, Nk)`` probabilities before dropout (detached), else None.
+        ``(B, Hq, Nq, Nk)`` probabilities before dropout (detached), else None; and each row's
+        log-sum-exp ``(B, Hq, Nq)`` in the stats dtype, differentiable; on rows with nothing
+        to attend ``-inf`` when ``request.return_lse`` (else the kernels' ``+inf``).
 
     Raises:
         ValueError: if a block mask passed as the mask does not fit the call.
@@ -562,8 +636,8 @@ def chunked_attention(
     if request.score_elements == 0:
         # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
         # or all-zero output, and zero gradients, with no per-tile arithmetic to divide by 0.
-        out, probs = reference_attention(request)
-        return out, (probs.to(request.dtype) if request.return_weights else None)
+        out, probs, lse = reference_attention_lse(request)
+        return out, (probs.to(request.dtype) if request.return_weights else None), lse
     given = request.mask if isinstance(request.mask, BlockMask) else None
     if given is not None and (reason := given.incompatibility(request)) is not None:
         raise ValueError(reason)
@@ -573,11 +647,12 @@ def chunked_attention(
         dropout_seed = int(torch.randint(0, 2**62, ()).item())
     leaves = _score_mod_leaves(request)
     bias = request.bias
+    k = request.k.detach().contiguous()  # key tiles sliced as views for the matmuls
     plan = _Plan(
         request=dataclasses.replace(
             request,
             q=request.q.detach(),
-            k=request.k.detach().contiguous(),  # key tiles sliced as views for the matmuls
+            k=k,
             v=request.v.detach().contiguous(),
             bias=None if bias is None else bias.detach(),
         ),
@@ -585,13 +660,18 @@ def chunked_attention(
         dropout_seed=dropout_seed or 0,
         leaves=leaves,
         counters=counters or TileCounters(),
+        k_scores=k.to(stats_dtype(request.dtype)),  # a copy only for half types
     )
     out, lse = _ChunkedAttention.apply(plan, request.q, request.k, request.v, bias, *leaves)
     weights = None
     if request.return_weights:
         with torch.no_grad():  # detached: the score function builds no graph for them
             weights = _weights(plan, lse)
-    return out, weights
+    # The kernels keep +inf on empty rows (backward's exp(s - lse) is 0 there); callers get
+    # -inf, the log of an empty sum, which the merge of partial results treats as no keys.
+    if request.return_lse:  # (only then: the where() would keep its condition for backward)
+        lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, weights, lse
 
 
 class ChunkedBackend:
@@ -632,5 +712,10 @@ class ChunkedBackend:
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         return chunked_attention(
+            request, tile_q=self.tile_q, tile_kv=self.tile_kv, counters=self.counters
+        )
+
+    def forward_lse(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
+        return chunked_attention_lse(
             request, tile_q=self.tile_q, tile_kv=self.tile_kv, counters=self.counters
         )

@@ -3,7 +3,9 @@
 A backend is any object with a ``name``, ``supports(request) -> str | None`` (None when it can
 serve the request, otherwise the reason it cannot, in words a user can act on) and
 ``forward(request) -> (out, weights | None)``. A backend named explicitly raises its reason
-instead of falling back silently.
+instead of falling back silently. A backend that can return each row's log-sum-exp
+(``return_lse=True``) also has ``forward_lse(request) -> (out, weights | None, lse)``; one
+without it is never given such a call (:func:`serve_reason`).
 
 How ``auto`` picks (:func:`select_backend`): it walks :data:`AUTO_ORDER` and keeps the backends
 that can serve the call. A backend may also give ``cost_estimate(request) -> seconds`` and
@@ -11,7 +13,9 @@ that can serve the call. A backend may also give ``cost_estimate(request) -> sec
 estimate, it is taken (a backend a user registers in front keeps its place) unless its memory
 estimate exceeds :data:`MEMORY_LIMIT_BYTES`. Otherwise ``auto`` takes the cheapest estimate
 among those whose expected extra memory stays within the limit (the least memory if none does);
-ties go to the earlier backend.
+ties go to the earlier backend. Where the cheapest estimates are too close to trust on a large
+call, the close candidates are timed once per shape class on this machine and the winner is
+remembered (:mod:`qkv.backends.measured`; ``QKV_AUTO_MEASURE=0`` turns it off).
 
 The built-in order and every built-in estimate live in one room, :mod:`qkv.backends.cost`
 (triton, sdpa, cpu, chunked, reference; triton gives no time estimate, so wherever it serves it
@@ -26,6 +30,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from qkv.backends import measured
 from qkv.backends.cost import (
     MEMORY_LIMIT_BYTES,
     DeviceRates,
@@ -47,6 +52,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "select_backend",
+    "serve_reason",
     "unregister_backend",
 ]
 
@@ -61,6 +67,14 @@ class Backend(Protocol):
     def supports(self, request: AttentionRequest) -> str | None: ...
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]: ...
+
+
+def serve_reason(backend: Backend, request: AttentionRequest) -> str | None:
+    """Why ``backend`` cannot serve ``request`` (None when it can): its own ``supports``, and
+    for ``return_lse=True`` whether it has ``forward_lse`` at all."""
+    if request.return_lse and not callable(getattr(backend, "forward_lse", None)):
+        return "it does not return the log-sum-exp (return_lse=True)"
+    return backend.supports(request)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -127,6 +141,8 @@ class Selection:
         able: names of the backends that could serve, in auto order (empty for a named call).
         costs: cost estimates (seconds) of the backends that could serve and give one.
         memory: expected extra memory (bytes) of those ``auto`` had to look at.
+        measured_class: the choice was timed on this machine for the call's shape class, not
+            taken from the estimates (:mod:`qkv.backends.measured`).
     """
 
     backend: Backend
@@ -134,6 +150,7 @@ class Selection:
     able: tuple[str, ...] = ()
     costs: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    measured_class: bool = False
 
     def passed_over(self) -> dict[str, str]:
         """Why each backend that could serve was not chosen, in words."""
@@ -149,6 +166,11 @@ class Selection:
                     f"could serve, but needs {self.memory[name] / 2**30:.1f} GiB, over auto's "
                     f"{MEMORY_LIMIT_BYTES / 2**30:.0f} GiB limit"
                 )
+            elif self.measured_class and name in self.costs:
+                notes[name] = (
+                    f"could serve, estimated {format_ms(self.costs[name])}; {chosen} was chosen "
+                    "by timing the closest estimates on this machine for calls of this shape"
+                )
             elif name not in self.costs or chosen not in self.costs:
                 notes[name] = "could serve, but gives no cost estimate and is not first in line"
             else:
@@ -159,14 +181,17 @@ class Selection:
         return notes
 
 
-def select_backend(request: AttentionRequest, name: str = "auto") -> Selection:
+def select_backend(
+    request: AttentionRequest, name: str = "auto", *, measure: bool = True
+) -> Selection:
     """Pick the backend for ``request``: the named one (raising its reason if it cannot serve),
-    or for ``"auto"`` the policy in this module's docstring."""
+    or for ``"auto"`` the policy in this module's docstring. ``measure=False`` never times
+    backends (:mod:`qkv.backends.measured`), but still uses a choice measured before."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.supports(request)
+        reason = serve_reason(backend, request)
         if reason is not None:
             raise ValueError(
                 f"backend {name!r} cannot serve this call: {reason} ({request.describe()})"
@@ -176,7 +201,7 @@ def select_backend(request: AttentionRequest, name: str = "auto") -> Selection:
     able: list[Backend] = []
     for candidate in AUTO_ORDER:
         backend = _REGISTRY[candidate]
-        reason = backend.supports(request)
+        reason = serve_reason(backend, request)
         if reason is None:
             able.append(backend)
         else:
@@ -184,7 +209,7 @@ def select_backend(request: AttentionRequest, name: str = "auto") -> Selection:
     if not able:
         details = "; ".join(f"{n}: {r}" for n, r in rejected.items())
         raise ValueError(f"no backend can serve this call ({request.describe()}): {details}")
-    return _cheapest(able, request, rejected)
+    return _cheapest(able, request, rejected, measure)
 
 
 def _estimate(backend: Backend, what: str, request: AttentionRequest) -> float | None:
@@ -194,7 +219,7 @@ def _estimate(backend: Backend, what: str, request: AttentionRequest) -> float |
 
 
 def _cheapest(
-    able: list[Backend], request: AttentionRequest, rejected: dict[str, str]
+    able: list[Backend], request: AttentionRequest, rejected: dict[str, str], measure: bool
 ) -> Selection:
     """The policy: see the module docstring. ``able`` is in :data:`AUTO_ORDER` order."""
     names = tuple(b.name for b in able)
@@ -210,10 +235,19 @@ def _cheapest(
     ranked = sorted((b for b in able if b.name in costs), key=lambda b: costs[b.name])
     for backend in ranked:
         memory[backend.name] = _estimate(backend, "memory_estimate", request) or 0.0
-        if memory[backend.name] <= MEMORY_LIMIT_BYTES:
-            return Selection(backend, rejected, names, costs, memory)
-    least = min((b for b in able if b.name in memory), key=lambda b: memory[b.name])
-    return Selection(least, rejected, names, costs, memory)
+    fits = [b for b in ranked if memory[b.name] <= MEMORY_LIMIT_BYTES]
+    if not fits:
+        least = min((b for b in able if b.name in memory), key=lambda b: memory[b.name])
+        return Selection(least, rejected, names, costs, memory)
+    by_name = {b.name: b for b in fits}
+    known = measured.known_choice(request, list(by_name))
+    if known is not None:
+        return Selection(by_name[known], rejected, names, costs, memory, measured_class=True)
+    close = measured.worth_measuring(request, {b.name: costs[b.name] for b in fits})
+    if close and measure:
+        winner = measured.measure_choice(request, [by_name[n] for n in close])
+        return Selection(by_name[winner], rejected, names, costs, memory, measured_class=True)
+    return Selection(fits[0], rejected, names, costs, memory)
 
 
 def format_ms(seconds: float) -> str:

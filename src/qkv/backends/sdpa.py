@@ -7,10 +7,20 @@ Where PyTorch's kernel does not compute qkv's function, this backend does not se
 
 - ``Nk = 0`` (or any empty dim): the formula on empty scores (zeros); the CPU kernel gives NaN
   for float16 queries of magnitude >= 3e4.
-- A mask with non-finite values in ``q`` or ``k``: the kernel adds the mask as ``-inf``, so a
-  NaN score at a masked-out key (or in a fully masked row) poisons the whole row, where qkv's
-  rule (see :func:`qkv.attention`) is that masked scores never matter. Such calls run on the
-  chunked backend (one pass over ``q`` and ``k`` finds them; only calls with a mask pay it).
+- Non-finite values in ``q`` or ``k``: with a mask the kernel adds it as ``-inf``, so a NaN
+  score at a masked-out key (or in a fully masked row) poisons the whole row, where qkv's rule
+  (see :func:`qkv.attention`) is that masked scores never matter; without one (and with
+  ``is_causal``) PyTorch's CPU kernel zero-fills a row whose attended scores are NaN, where the
+  rule makes it NaN. Such calls run on the chunked backend. Finding them costs one reduction
+  over ``q`` and one over ``k`` (a sum, which is finite exactly when every term is, barring a
+  float32 overflow that only sends a call to chunked needlessly).
+- Training on the CPU under ``torch.use_deterministic_algorithms(True)``: PyTorch's CPU
+  backward gives different bits on 1 and 2 threads (PyTorch does not flag it), so
+  :meth:`supports` declines and ``auto`` picks a backend that does not (reference, chunked and
+  cpu give the same bits on any thread count there).
+- ``is_causal`` with ``scale <= 0``: PyTorch's CPU kernel scales after masking, so the masked
+  ``-inf`` scores become NaN (``scale = 0``) or ``+inf``; such a call gets an explicit causal
+  mask instead.
 - Training on the CPU with logits that may exceed ``2**24`` in magnitude (bounded by
   ``scale * max |q_i| * max |k_j|``): the CPU flash backward gives NaN gradients from about
   ``7e8`` on (float32 rounding of ``s - lse`` overflows ``exp``), so :meth:`supports` declines
@@ -25,7 +35,7 @@ from torch import Tensor
 
 from qkv.backends.chunked import chunked_attention
 from qkv.backends.reference import reference_attention
-from qkv.request import AttentionRequest
+from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
 __all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend", "is_plain"]
@@ -43,6 +53,15 @@ class SdpaBackend:
             return "SDPA does not return the attention probabilities (return_weights=True)"
         if request.score_mod is not None and not is_additive(request.score_mod):
             return f"score function {request.score_mod!r} is not an additive bias, and SDPA can only add one"
+        if (
+            request.device.type == "cpu"
+            and request.needs_grad
+            and torch.are_deterministic_algorithms_enabled()
+        ):
+            return (
+                "torch.use_deterministic_algorithms(True) is on, and PyTorch's CPU SDPA backward "
+                "gives different bits on different thread counts"
+            )
         if _cpu_backward_may_overflow(request):
             return (
                 "logits may exceed 2**24 in magnitude, where PyTorch's CPU SDPA backward gives "
@@ -53,10 +72,11 @@ class SdpaBackend:
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         if request.score_elements == 0:  # nothing to attend: zeros (the kernel may give NaN)
             return reference_attention(request)[0], None
-        attn_mask, is_causal = _sdpa_mask(request)
-        if attn_mask is not None and not _finite(request.q, request.k):
-            # Masked NaN scores must not matter (qkv.attention's rule); SDPA adds them to -inf.
+        if not _finite(request.q, request.k):
+            # qkv.attention's rule for NaN and inf (masked scores never matter, attended NaN
+            # makes the row NaN) is not SDPA's: see the module docstring.
             return chunked_attention(request)[0], None
+        attn_mask, is_causal = _sdpa_mask(request)
         out = F.scaled_dot_product_attention(
             request.q,
             request.k,
@@ -70,8 +90,13 @@ class SdpaBackend:
         return out, None
 
 
-def _finite(*tensors: Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _finite(q: Tensor, k: Tensor) -> bool:
+    """Whether every entry of ``q`` and ``k`` is finite: one sum over each, in the statistics
+    dtype (inf or NaN anywhere makes it non-finite; no boolean copy is made)."""
+    with torch.no_grad():
+        sd = stats_dtype(q.dtype)
+        total = q.sum(dtype=sd) + k.sum(dtype=sd)
+        return bool(torch.isfinite(total))
 
 
 def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
@@ -89,8 +114,12 @@ def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
 
 
 def is_plain(request: AttentionRequest) -> bool:
-    """No mask and no bias beyond what ``is_causal`` expresses."""
-    plain_causal = request.causal in (None, "top_left") or request.q_len == request.kv_len
+    """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``)."""
+    if request.causal is None:
+        plain_causal = True
+    else:
+        aligned = request.causal == "top_left" or request.q_len == request.kv_len
+        plain_causal = aligned and request.scale > 0
     return (
         request.mask is None and request.bias is None and request.score_mod is None and plain_causal
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from qkv.bench.run import BenchResult
 
@@ -61,21 +62,23 @@ def write_json(results: list[BenchResult], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_plot(results: list[BenchResult], path: Path) -> bool:
-    """Time and peak memory against N, one panel pair per mask kind. Returns False when
-    matplotlib is not installed (``pip install qkv[viz]``)."""
-    try:
-        import matplotlib
+def backend_colours(results: list[BenchResult]) -> dict[str, str]:
+    """One colour per backend label for the whole chart (so ``cpu`` is the same colour in every
+    panel, whichever backends a panel has), in the order the labels first appear."""
+    labels = list(dict.fromkeys(r.case.backend_label for r in results))
+    palette = [f"C{i}" for i in range(10)] + ["black", "grey", "olive", "navy", "teal"]
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def bench_figure(results: list[BenchResult]) -> Any:
+    """The chart: time and peak memory against N, one panel pair per mask kind and mode."""
+    from matplotlib.figure import Figure
+
     kinds = list(dict.fromkeys(r.case.mask_kind for r in results))
     modes = list(dict.fromkeys(r.case.mode for r in results))
-    fig, axes = plt.subplots(
-        2, len(kinds) * len(modes), figsize=(4 * len(kinds) * len(modes), 7), squeeze=False
-    )
+    colours = backend_colours(results)
+    fig = Figure(figsize=(4 * len(kinds) * len(modes), 7))
+    axes = fig.subplots(2, len(kinds) * len(modes), squeeze=False)
     for col, (kind, mode) in enumerate((k, m) for k in kinds for m in modes):
         chosen = [
             r
@@ -88,10 +91,9 @@ def write_plot(results: list[BenchResult], path: Path) -> bool:
                 key=lambda r: r.case.seq_len,
             )
             n = [r.case.seq_len for r in rows]
-            axes[0][col].plot(n, [r.seconds for r in rows], marker="o", label=backend)
-            axes[1][col].plot(
-                n, [(r.peak_extra_bytes or 0) / 2**20 for r in rows], marker="o", label=backend
-            )
+            style = {"marker": "o", "label": backend, "color": colours[backend]}
+            axes[0][col].plot(n, [r.seconds for r in rows], **style)
+            axes[1][col].plot(n, [(r.peak_extra_bytes or 0) / 2**20 for r in rows], **style)
         axes[0][col].set_title(f"{kind}, {mode}")
         for row, ylabel in ((0, "seconds"), (1, "peak extra MiB")):
             ax = axes[row][col]
@@ -102,6 +104,17 @@ def write_plot(results: list[BenchResult], path: Path) -> bool:
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def write_plot(results: list[BenchResult], path: Path) -> bool:
+    """Write :func:`bench_figure` to ``path``. Returns False when matplotlib is not installed
+    (``pip install -e ".[viz]"``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    from qkv.viz import save_figure
+
+    save_figure(bench_figure(results), path)
     return True

@@ -7,8 +7,8 @@
     qkv classify --model rt-model "a gorgeous, witty film" --explain [--html page.html]
     qkv evaluate --model rt-model            # accuracy, macro-F1, confusion matrix
 
-A model folder of another task whose spec defines ``run_classify(args)`` (e.g. an image
-classifier) is handed this command's arguments. ``--explain`` (the same convention as
+An image model's folder is classified by :mod:`qkv.cli.image`; a folder of a task added
+from outside is handed to its spec's ``run_classify(args)``. ``--explain`` (the same convention as
 ``qkv summarize``) writes an HTML page (``--html``) and, on a terminal, shades each token by
 its attention-pooling weight; in a pipe, or with ``NO_COLOR`` set, it prints the
 most-attended tokens as plain text instead.
@@ -59,6 +59,9 @@ def add_explain_args(p: argparse.ArgumentParser, *, what: str) -> None:
         default=Path("explain.html"),
         help="where --explain writes its page (default %(default)s)",
     )
+    from qkv.cli.outputs import add_overwrite_arg
+
+    add_overwrite_arg(p)
 
 
 def colour_wanted(stream: Any) -> bool:
@@ -68,27 +71,15 @@ def colour_wanted(stream: Any) -> bool:
 
 
 def read_texts(texts: list[str], file: Path | None) -> list[str]:
-    """The texts to classify: arguments (``-`` reads stdin, one text per line) and a file's lines.
+    """The texts to classify: arguments (``-`` reads stdin, one text per line) and a file's
+    lines, one output line each (:func:`qkv.cli.inputs.read_lines`).
 
     Raises:
-        ValueError: an empty text argument, a file that cannot be read, or nothing at all.
+        ValueError: an empty text (naming it), a file that cannot be read, or nothing at all.
     """
-    lines: list[str] = []
-    for i, text in enumerate(texts, start=1):
-        if text == "-":
-            lines.extend(line for line in sys.stdin.read().splitlines() if line.strip())
-        elif not text.strip():
-            raise ValueError(f"text argument {i} is empty: there is nothing to classify")
-        else:
-            lines.append(text)
-    if file is not None:
-        try:
-            lines.extend(t for t in file.read_text(encoding="utf-8").splitlines() if t.strip())
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--file {file}: cannot be read ({error})") from None
-    if not lines:
-        raise ValueError("nothing to classify: give texts, '-' for stdin, or --file FILE")
-    return lines
+    from qkv.cli.inputs import read_lines
+
+    return read_lines(texts, file, verb="classify")
 
 
 def _run_classify(args: argparse.Namespace) -> int:
@@ -97,17 +88,23 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     task = str(read_config(args.model).get("task"))
+    if task == "image":
+        from qkv.cli.image import run_classify_images
+
+        return run_classify_images(args)
     if task != "sentiment":
-        # Another classifying task (e.g. images) handles the command through its spec's
-        # run_classify(args) -> exit code; the arguments are this command's.
-        run = getattr(get_task(task), "run_classify", None)
-        if run is None:
-            raise ValueError(f"--model {args.model}: a {task} model does not classify")
-        return int(run(args))
+        # A task added from outside handles the command through its spec's
+        # run_classify(args) -> exit code (by default: "does not classify").
+        return int(get_task(task).run_classify(args))
     # a classifier trained from scratch or a fine-tuned pretrained one: the spec tells them apart
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        inputs = [] if args.file is None else [args.file]
+        check_outputs([("--html", args.html)], inputs=inputs, overwrite=args.overwrite)
+    texts = read_texts(args.text, args.file)
     classifier = get_task("sentiment").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
-    texts = read_texts(args.text, args.file)
     predictions = classifier.classify(texts)
     fragments = []
     for text, p in zip(texts, predictions, strict=True):
@@ -137,10 +134,19 @@ def _explain(prediction: Any, *, colour: bool, quiet: bool) -> str:
 
     weights = torch.tensor(prediction.weights)
     tokens = [t.strip() or "·" for t in prediction.tokens]
+    # attention pooling weights, or (a mean-pooling classifier) the encoder's attention rollout
+    kind = getattr(prediction, "weights_kind", "attention pooling")
+    name = "attention" if kind == "attention pooling" else kind
     if colour and not quiet:
-        print("  " + shade_tokens_ansi(tokens, weights))
+        print(
+            "  "
+            + shade_tokens_ansi(tokens, weights)
+            + ("" if name == "attention" else f"  ({name})")
+        )
     elif not quiet:
         top = sorted(range(len(tokens)), key=lambda i: -float(weights[i]))[:5]
-        print("  attention: " + ", ".join(f"{tokens[i]} {float(weights[i]):.2f}" for i in top))
+        print(f"  {name}: " + ", ".join(f"{tokens[i]} {float(weights[i]):.2f}" for i in top))
     caption = f"{prediction.label} ({prediction.probabilities[prediction.label]:.3f})"
+    if name != "attention":
+        caption += f", shaded by {name}"
     return shade_tokens_html(tokens, weights, label=caption, document=False)

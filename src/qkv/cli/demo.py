@@ -44,9 +44,12 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     quick = _quick(args)
+    # One thread unless told: the demo's matrices are too small for a second one to pay.
+    threads = 1 if args.threads is None else args.threads
     print(
         "qkv demo: teaching a tiny Transformer to read dates written in 19 languages "
-        f"({'quick CI run' if quick else 'a few minutes on a CPU, 5 at most'})",
+        f"({'quick CI run' if quick else 'a few minutes on a CPU, 5 at most'}; "
+        f"{threads} CPU thread{'s' if threads != 1 else ''}, --threads to change)",
         flush=True,
     )
     progress = TrainProgress()
@@ -58,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         on_step=progress.on_step,
         on_eval=progress.on_eval,
+        threads=threads,
     )
     print(f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.stopped})")
     print("\nheld-out samples:")

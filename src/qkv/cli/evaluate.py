@@ -59,6 +59,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--plot-metric", choices=["chrf", "bleu", "exact_match"], default="chrf")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from qkv.cli.outputs import add_overwrite_arg
+
+    add_overwrite_arg(p)
     readers = p.add_argument_group("reader options (default: those saved in the model folder)")
     seen: set[str] = set()
     for name in task_names():
@@ -112,6 +115,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     seed_everything(args.seed)
+    if args.plot is not None:
+        from qkv.cli.outputs import check_outputs
+
+        inputs = [args.data] if args.data is not None and Path(args.data).is_file() else []
+        check_outputs([("--plot", args.plot)], inputs=inputs, overwrite=args.overwrite)
     options = EvalOptions(beam_size=args.beam, num_buckets=args.buckets)
     evaluations = [
         evaluate_model(

@@ -1,16 +1,17 @@
 """``qkv classify --model M IMAGE...`` for a model folder from ``qkv train image``.
 
-``qkv classify`` hands an image model's folder to the image task's spec
-(:meth:`qkv.tasks.image.ImageSpec.run_classify`), which runs this: each image file is read,
-converted and resized as the training images were, and printed with its label and
-probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
+``qkv classify`` (:mod:`qkv.cli.classify`) hands an image model's folder to this: each image
+file is read, converted and resized as the training images were, and printed with its label
+and probabilities. ``--explain`` draws the attention over the patches of each image into a PNG
 beside the ``--html`` page (``explain.png``; ``explain-1.png``, ``explain-2.png`` ... for
 several images) and writes the page with every picture in it.
 
 ::
 
     qkv train image --data builtin:digits --out digits-vit
-    qkv classify --model digits-vit seven.png --explain --html seven.html   # -> seven.png too
+    qkv classify --model digits-vit seven.png --explain --html seven-explained.html
+    # -> seven-explained.png too; an output path that is an input, or an existing file qkv
+    #    did not write, is refused (--overwrite replaces the latter)
 """
 
 from __future__ import annotations
@@ -42,14 +43,28 @@ def picture_paths(page: Path, count: int) -> list[Path]:
 
 def run_classify_images(args: argparse.Namespace) -> int:
     """Classify ``args.text`` as image files with the image model ``args.model``."""
-    from qkv.tasks.base import set_attention_backend
-    from qkv.tasks.image import ImageClassifier
+    from qkv.tasks.base import get_task, set_attention_backend
 
     if args.file is not None:
         raise ValueError("--file reads texts; give an image model its image files as arguments")
     if not args.text:
         raise ValueError("nothing to classify: give image files (PNG, JPEG, ...)")
-    classifier = ImageClassifier.load(args.model, device=args.device)
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        # Before any work: the page and its pictures never replace an input image (the
+        # picture of `--html seven.html` is seven.png) or a file qkv did not write.
+        pictures = picture_paths(args.html, len(args.text))
+        check_outputs(
+            [("--html", args.html)]
+            + [
+                (f"the attention picture of {t}", p)
+                for t, p in zip(args.text, pictures, strict=True)
+            ],
+            inputs=args.text,
+            overwrite=args.overwrite,
+        )
+    classifier = get_task("image").load(args.model, device=args.device)
     set_attention_backend(classifier.model, args.backend)
     predictions = classifier.classify_files(args.text, explain=args.explain)
     for p in predictions:
@@ -61,7 +76,6 @@ def run_classify_images(args: argparse.Namespace) -> int:
             shown = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top(SHOWN_CLASSES))
             print(f"{p.label}\t({shown})\t{p.source}")
     if args.explain:
-        pictures = picture_paths(args.html, len(predictions))
         fragments = [_draw(p, path) for p, path in zip(predictions, pictures, strict=True)]
         from qkv.viz import html_document
 

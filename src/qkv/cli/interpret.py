@@ -76,15 +76,16 @@ def _positive(value: int, flag: str) -> None:
         raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
-def _load_classifier(folder: Path) -> tuple[Any, Any, dict[str, Any]]:
-    from qkv.data.tokenizer import TextTokenizer
-    from qkv.models.classifier import AttentionClassifier, ClassifierConfig
-    from qkv.train import load_model, read_config
+def _load_classifier(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The sentiment task's :class:`~qkv.tasks.sentiment.TextClassifier` of ``folder`` (on the
+    CPU, loaded through the task's spec) and its ``config.json``; a folder of another kind is
+    refused by name."""
+    from qkv.tasks.base import get_task
+    from qkv.tasks.pretrained_sentiment import is_pretrained_config
+    from qkv.train import read_config
 
     config = read_config(folder)
-    from qkv.tasks.pretrained_sentiment import KIND as PRETRAINED_KIND
-
-    if config.get("model", {}).get("kind") == PRETRAINED_KIND:
+    if is_pretrained_config(config):
         raise ValueError(
             f"{folder}: holds a fine-tuned pretrained encoder; qkv faithfulness measures qkv's "
             "own attention classifiers (qkv train sentiment without --pretrained) for now"
@@ -94,16 +95,7 @@ def _load_classifier(folder: Path) -> tuple[Any, Any, dict[str, Any]]:
             f"{folder}: holds a {config.get('task')!r} model, not a text classifier "
             "(qkv train sentiment writes one)"
         )
-    model, config = load_model(folder, lambda c: AttentionClassifier(ClassifierConfig.from_dict(c)))
-    return model, TextTokenizer.load(folder / "tokenizer.json"), config
-
-
-def _head_tail(ids: list[int], max_length: int | None) -> list[int]:
-    """As the classifier was trained: long texts keep their first and last halves."""
-    if max_length is None or len(ids) <= max_length:
-        return ids
-    head = max_length // 2
-    return ids[:head] + ids[len(ids) - (max_length - head) :]
+    return get_task("sentiment").load(folder, device="cpu"), config
 
 
 def _run_faithfulness(args: argparse.Namespace) -> int:
@@ -111,12 +103,14 @@ def _run_faithfulness(args: argparse.Namespace) -> int:
 
     from qkv.data.labeled import load_labeled
     from qkv.interpret.faithfulness import faithfulness_report
+    from qkv.tasks.text_classification import head_tail
 
     _positive(args.examples, "--examples")
     _positive(args.max_tokens, "--max-tokens")
     from qkv.tasks.base import get_task
 
-    model, tokenizer, config = _load_classifier(args.model)
+    classifier, config = _load_classifier(args.model)
+    model, tokenizer = classifier.model, classifier.tokenizer
     settings = get_task("sentiment").settings_from_config(config, args.model)
     spec = args.data or settings.data
     # The training data's loader options apply to it, not to a file given with --data.
@@ -126,7 +120,7 @@ def _run_faithfulness(args: argparse.Namespace) -> int:
     labels = list(config["labels"])
     texts, gold = [], []
     for example in held_out:
-        ids = _head_tail(tokenizer.encode(example.text), settings.max_length)
+        ids = head_tail(tokenizer.encode(example.text), settings.max_length)
         if 2 <= len(ids) <= args.max_tokens and example.label in labels:
             texts.append(torch.tensor(ids, dtype=torch.long))
             gold.append(labels.index(example.label))

@@ -46,16 +46,25 @@ def read_documents(source: str, *, lines: bool) -> list[str]:
     """The documents in a file (or stdin for ``-``): the whole text, or one per line.
 
     Raises:
-        ValueError: the file cannot be read, or holds no text (naming it).
+        ValueError: the file cannot be read, holds no text, or (``lines``) has an empty line
+            (naming it): each line gets one summary line.
     """
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{source}: cannot be read ({error})") from None
-    documents = [line for line in text.splitlines() if line.strip()] if lines else [text]
-    if not any(d.strip() for d in documents):
-        raise ValueError(f"{'stdin' if source == '-' else source}: empty, nothing to summarize")
-    return documents
+    name = "stdin" if source == "-" else source
+    if not text.strip():
+        raise ValueError(f"{name}: empty, nothing to summarize")
+    if not lines:
+        return [text]
+    # one summary per line, so that outputs line up with inputs: an empty line is an error
+    from qkv.cli.inputs import check_not_empty
+
+    return [
+        check_not_empty(line, f"{name} line {j}", "summarize")
+        for j, line in enumerate(text.splitlines(), start=1)
+    ]
 
 
 def _run_summarize(args: argparse.Namespace) -> int:
@@ -64,6 +73,10 @@ def _run_summarize(args: argparse.Namespace) -> int:
     from qkv.train import seed_everything
 
     seed_everything(args.seed)
+    if args.explain:
+        from qkv.cli.outputs import check_outputs
+
+        check_outputs([("--html", args.html)], inputs=[args.input], overwrite=args.overwrite)
     summarizer = Summarizer.load(args.model, device=args.device)
     set_attention_backend(summarizer.model, args.backend)
     documents = read_documents(args.input, lines=args.lines)

@@ -191,6 +191,7 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
         choices=["auto", "bf16", "fp32"],
         help="auto (default): bf16 autocast on CUDA, fp32 on CPU",
     )
+    add_threads_arg(g)
     p.set_defaults(default_steps=steps)
 
 
@@ -202,6 +203,18 @@ def add_runtime_args(p: argparse.ArgumentParser, *, backend: bool = True) -> Non
     p.add_argument("--seed", type=int, default=0, help="seeds the random generators (default 0)")
     if backend:
         p.add_argument("--backend", default="auto", help="attention backend (default %(default)s)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads N``: CPU threads (default: OMP_NUM_THREADS, else half the CPUs)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else half the CPUs, "
+        "which behaves on a shared machine)",
+    )
 
 
 def training_config(
@@ -235,17 +248,15 @@ def training_config(
 
 def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any) -> Any:
     """``base`` with every task flag that was given applied (after the spec's
-    ``check_train_flags``, if it has one)."""
-    check = getattr(spec, "check_train_flags", None)
-    if check is not None:
-        check(
-            {
-                flag.field: getattr(args, flag.dest)
-                for flag in spec.train_flags
-                if flag.field is not None and getattr(args, flag.dest) is not None
-            },
-            base,
-        )
+    ``check_train_flags``)."""
+    spec.check_train_flags(
+        {
+            flag.field: getattr(args, flag.dest)
+            for flag in spec.train_flags
+            if flag.field is not None and getattr(args, flag.dest) is not None
+        },
+        base,
+    )
     settings = base
     if args.data is not None:
         settings = replace(settings, data=args.data)
@@ -258,6 +269,17 @@ def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any)
     return settings
 
 
+#: Metrics that are rates: printed as percentages, as the evaluation tables print them.
+RATE_METRICS = frozenset({"accuracy", "exact_match", "macro_f1", "majority_baseline"})
+
+
+def format_metric(name: str, value: float) -> str:
+    """``exact match 97.40%`` for a rate, ``chrf 91.3`` / ``loss 0.4121`` otherwise."""
+    if name in RATE_METRICS:
+        return f"{name.replace('_', ' ')} {100 * value:.2f}%"
+    return f"{name.replace('_', ' ')} {value:.4g}"
+
+
 class TrainProgress:
     """Training progress on stderr: a bar over steps (or over the time limit: elapsed/limit)
     with loss, learning rate and tokens/s, one line per validation, and the run's messages."""
@@ -265,10 +287,28 @@ class TrainProgress:
     def __init__(self, *, quiet: bool = False) -> None:
         self.bar: ProgressBar | None = None
         self.quiet = quiet
+        self._header: str | None = None
+
+    def header(self, line: str, *, setup: str) -> None:
+        """The run's first line. On a terminal it is shown at once with ``setup`` (what the
+        seconds before the first step are spent on); in a pipe or log it waits for the run's
+        first message or step, so that an error found while setting up stays one line."""
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            print(f"{line}; {setup}", file=sys.stderr, flush=True)
+        else:
+            self._header = line
+
+    def _flush_header(self) -> None:
+        if self._header is not None:
+            header, self._header = self._header, None
+            print(header, file=sys.stderr, flush=True)
 
     def on_step(self, report: StepReport) -> None:
         if self.quiet:
             return
+        self._flush_header()
         by_steps = report.max_steps is not None
         if self.bar is None:
             if by_steps:
@@ -283,7 +323,7 @@ class TrainProgress:
         self.bar.update(done, note, elapsed=report.elapsed_s)
 
     def on_eval(self, report: EvalReport) -> None:
-        scores = "  ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
+        scores = "  ".join(format_metric(k, v) for k, v in report.metrics.items())
         mark = " (best)" if report.improved else ""
         self.message(f"  validation at step {report.step}: {scores}{mark}")
 
@@ -291,6 +331,7 @@ class TrainProgress:
         """A line of its own (data sizes, "resuming from step N", a validation)."""
         if self.quiet:
             return
+        self._flush_header()
         if self.bar is not None:
             self.bar.message(line)
         else:
@@ -315,11 +356,24 @@ def _run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError(f"qkv train {spec.name}: --data is required (except with --resume)")
         settings = task_settings(spec, args, spec.settings_type())
-        own = getattr(spec, "training_defaults", None)
         training = training_config(
-            args, defaults=None if own is None else (lambda steps: own(settings, steps))
+            args, defaults=lambda steps: spec.training_defaults(settings, steps)
         )
     progress = TrainProgress(quiet=args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        # the run header: on a terminal, said before the seconds of data and model setup
+        import torch
+
+        threads = torch.get_num_threads()
+        source = getattr(args, "threads_source", "torch's default")
+        plural = "s" if threads != 1 else ""
+        device = training.device or "auto"
+        progress.header(
+            f"qkv train {spec.name}: {'resuming ' if args.resume else ''}into {args.out}, "
+            f"device {device}, {threads} CPU thread{plural} "
+            f"({'from --threads' if source == '--threads' else source + '; --threads N to change'})",
+            setup="reading the data and building the model ...",
+        )
     outcome = train_task(
         spec,
         settings,

@@ -29,31 +29,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="FILE.png",
         help="draw the cross-attention heat map of the first sentence into this file",
     )
+    from qkv.cli.outputs import add_overwrite_arg
+
+    add_overwrite_arg(p)
     add_runtime_args(p)
     p.set_defaults(run=_run)
 
 
 def read_inputs(texts: list[str], file: Path | None) -> list[str]:
-    """The sentences to translate: arguments, ``-`` for stdin, and a file's lines.
+    """The sentences to translate: arguments, ``-`` for stdin, and a file's lines, one output
+    line each (:func:`qkv.cli.inputs.read_lines`).
 
     Raises:
-        ValueError: nothing to translate, or a file that cannot be read (naming it).
+        ValueError: an empty sentence (naming it), nothing to translate, or a file that cannot
+            be read (naming it).
     """
-    lines: list[str] = []
-    for text in texts:
-        if text == "-":
-            lines.extend(line.rstrip("\n") for line in sys.stdin)
-        else:
-            lines.append(text)
-    if file is not None:
-        try:
-            lines.extend(file.read_text(encoding="utf-8").splitlines())
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--file {file}: cannot be read ({error})") from None
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise ValueError("nothing to translate: give sentences, '-' for stdin, or --file FILE")
-    return lines
+    from qkv.cli.inputs import read_lines
+
+    return read_lines(texts, file, verb="translate")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -64,6 +57,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
     seed_everything(args.seed)
+    if args.show_attention is not None:
+        from qkv.cli.outputs import check_outputs
+
+        inputs = [] if args.file is None else [args.file]
+        check_outputs(
+            [("--show-attention", args.show_attention)], inputs=inputs, overwrite=args.overwrite
+        )
     texts = read_inputs(args.text, args.file)
     translator = Translator.load(args.model, device=args.device)
     set_attention_backend(translator.model, args.backend)

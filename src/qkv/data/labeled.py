@@ -170,6 +170,14 @@ def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[LabeledTe
     ]
 
 
+#: The readers' messages for a text or label column (field) that is not there.
+_WRONG_COLUMN = ("no text column", "no label column", "missing field")
+COLUMN_HINT = (
+    " (name the columns with --text-column and --label-column; "
+    "text_column= and label_column= in Python)"
+)
+
+
 def read_labeled(
     path: PathLike,
     *,
@@ -196,11 +204,16 @@ def read_labeled(
     """
     path = Path(path)
     kind = _format_of(path, format)
-    if kind == "jsonl":
-        examples = _read_jsonl(path, str(text_column), str(label_column))
-    else:
-        delimiter = "," if kind == "csv" else "\t"
-        examples = _read_delimited(path, delimiter, text_column, label_column, header)
+    try:
+        if kind == "jsonl":
+            examples = _read_jsonl(path, str(text_column), str(label_column))
+        else:
+            delimiter = "," if kind == "csv" else "\t"
+            examples = _read_delimited(path, delimiter, text_column, label_column, header)
+    except DataError as error:
+        if error.reason.startswith(_WRONG_COLUMN):  # say how to name the right one
+            raise DataError(error.path, error.line, error.reason + COLUMN_HINT) from None
+        raise
     if not examples:
         raise DataError(path, None, "no examples found (the file is empty or blank)")
     return examples

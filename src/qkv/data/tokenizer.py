@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 TokenizerMode = Literal["bpe", "char"]
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
-INSTALL = "pip install 'tokenizers>=0.19'  (or: pip install 'qkv[data]')"
+INSTALL = "pip install 'tokenizers>=0.19'  (or: pip install -e '.[data]')"
 TOKENIZER_FILE = "tokenizer.json"
 TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 

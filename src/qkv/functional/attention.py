@@ -9,7 +9,7 @@ from torch import Tensor
 
 from qkv.backends import Backend, select_backend
 from qkv.backends.cost import estimate_bytes
-from qkv.backends.registry import format_ms
+from qkv.backends.registry import format_ms, serve_reason
 from qkv.request import AttentionRequest, BiasArg, CausalArg, MaskArg, build_request
 
 __all__ = ["Explanation", "attention", "explain"]
@@ -27,6 +27,7 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     return_weights: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
     backend: str = ...,
 ) -> Tensor: ...
 
@@ -43,8 +44,43 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     return_weights: Literal[True],
+    return_lse: Literal[False] = ...,
     backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[False] = ...,
+    return_lse: Literal[True],
+    backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = ...,
+    bias: BiasArg = ...,
+    causal: CausalArg = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[True],
+    return_lse: Literal[True],
+    backend: str = ...,
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def attention(
@@ -58,8 +94,9 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     r"""Exact attention: ``softmax(q k^T * scale + bias, masked) v``.
 
     Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads, ``Nq`` queries, ``Nk``
@@ -91,12 +128,21 @@ def attention(
             ``1 / (1 - p)``). Applied whenever > 0, as in ``F.scaled_dot_product_attention``:
             modules pass 0 in eval mode.
         return_weights: also return the probabilities (before dropout).
+        return_lse: also return each row's log-sum-exp ``log sum_j exp(s_ij)`` of the modified,
+            masked scores (before dropout): ``(B, Hq, Nq)`` in float32 (float64 for float64
+            inputs), ``-inf`` on a row with no key to attend to. It is differentiable: gradients
+            flow through it as well as through the output. Partial results over disjoint key
+            sets merge exactly through it (what :mod:`qkv.parallel` does). Served by the
+            backends that compute it (reference, chunked, cpu); another backend named
+            explicitly raises, and ``auto`` passes it over. (An ALiBi offset beyond
+            ``Nq + Nk`` is first brought within it, which shifts each row's scores, and so its
+            log-sum-exp, by one constant: see :meth:`qkv.scores.Alibi.for_call`.)
         backend: ``"auto"`` (see :func:`explain`), or a registered name such as ``"reference"``
             or ``"sdpa"``; a named backend that cannot serve the call raises with its reason.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in the input dtype, and with ``return_weights=True`` also
-        ``weights (B, Hq, Nq, Nk)``. A query row with no key to attend to gives zeros in both
+        ``weights (B, Hq, Nq, Nk)``, then with ``return_lse=True`` also ``lse (B, Hq, Nq)``. A query row with no key to attend to gives zeros in both
         (and zero gradients), never NaN.
 
     Numerics: for float16 and bfloat16 the softmax (max, exponentials, sum) runs in float32;
@@ -106,11 +152,18 @@ def attention(
     Non-finite inputs, the same on every backend: **a masked-out score never matters.** A NaN or
     inf in ``q`` or ``k`` reaches only the output rows where the affected scores are attended;
     at keys a row does not attend (its mask is False) it has no effect, and a fully masked row
-    gives zeros even when its own query is NaN. An attended NaN score makes its row NaN. Values
-    ``v`` must be finite at every key: ``P V`` multiplies the zero probability of a masked key
-    by its value, so a NaN there may reach any row of its batch entry and head (a tiled backend
-    that skips the key's tile avoids it, so which rows is not specified). Gradients follow the
-    same rule for ``dV``; ``dQ`` and ``dK`` of rows with non-finite inputs are not specified.
+    gives zeros even when its own query is NaN. An attended NaN or ``+inf`` score makes its row
+    NaN (an attended ``-inf`` score just has probability 0); with ``return_weights`` such a row's
+    weights are NaN where its scores are not ``-inf`` and 0 where they are. Values ``v`` must be
+    finite at every key: ``P V`` multiplies the zero probability of a masked key by its value,
+    so a NaN there may reach any row of its batch entry and head (a tiled backend that skips the
+    key's tile avoids it, so which rows is not specified). Gradients follow the same rule for
+    ``dV`` (NaN exactly at the keys a NaN row attends); ``dQ`` and ``dK`` of rows with
+    non-finite inputs are not specified.
+
+    Second-order gradients (``create_graph=True``): reference, chunked and cpu support them
+    (chunked and cpu recompute through the reference formula then, with its ``O(Nq * Nk)``
+    memory); PyTorch's SDPA kernels raise their own error; pass ``backend="reference"``.
 
     Raises:
         TypeError, ValueError: for inputs of the wrong type, rank, dtype or shape, naming the
@@ -126,8 +179,16 @@ def attention(
         scale=scale,
         dropout_p=dropout_p,
         return_weights=return_weights,
+        return_lse=return_lse,
     )
-    out, weights = select_backend(request, backend).backend.forward(request)
+    chosen = select_backend(request, backend).backend
+    if return_lse:
+        out, weights, lse = chosen.forward_lse(request)  # type: ignore[attr-defined]
+        if return_weights:
+            assert weights is not None, "backend ignored return_weights"
+            return out, weights, lse
+        return out, lse
+    out, weights = chosen.forward(request)
     if return_weights:
         assert weights is not None, "backend ignored return_weights"
         return out, weights
@@ -197,8 +258,8 @@ def explain(
     from qkv.backends import available_backends, get_backend
 
     request: AttentionRequest = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
-    selection = select_backend(request, backend)
-    reasons = {name: get_backend(name).supports(request) for name in available_backends()}
+    selection = select_backend(request, backend, measure=False)  # decides, runs nothing
+    reasons = {name: serve_reason(get_backend(name), request) for name in available_backends()}
     memory = {name: memory_estimate(get_backend(name), request) for name in available_backends()}
     notes = {}
     for name, reason in reasons.items():
@@ -219,7 +280,7 @@ def explain(
 def memory_estimate(backend: Backend, request: AttentionRequest) -> int | None:
     """A backend's estimate of the extra bytes a call needs, or None if it gives none (or
     cannot serve the call)."""
-    if backend.supports(request) is not None:
+    if serve_reason(backend, request) is not None:
         return None
     estimate = estimate_bytes(backend, request)
     return None if estimate is None else int(estimate)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from qkv.backends.reference import masked_softmax
+from qkv.numerics import masked_softmax
 from qkv.request import broadcasts_to, stats_dtype
 
 __all__ = [
@@ -317,7 +317,7 @@ def score_attention(
 ) -> tuple[Tensor, Tensor]:
     """Weights ``softmax(scores)`` over the keys, and the context ``weights @ values``.
 
-    Uses :func:`qkv.backends.reference.masked_softmax`, the library's one softmax: a query with
+    Uses :func:`qkv.numerics.masked_softmax`, the library's one softmax: a query with
     no key to attend to gets all-zero weights and a zero context, and no NaN gradient.
     For float16/bfloat16 scores the softmax runs in float32, as in every backend.
 

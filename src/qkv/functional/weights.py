@@ -78,7 +78,8 @@ class _Rows:
         """Masked, modified scaled scores ``(B, H', R, Tk)`` in the stats dtype."""
         r = self.request
         k = r.k[:, :, kv_range[0] : kv_range[1]][:, self.heads // r.group_size]  # (B, H', Tk, D)
-        s = (self.queries @ k.transpose(-2, -1)).to(stats_dtype(r.dtype)) * r.scale
+        sd = stats_dtype(r.dtype)  # half inputs multiplied in float32, as every backend does
+        s = (self.queries.to(sd) * r.scale) @ k.to(sd).transpose(-2, -1)  # (B, H', R, Tk)
         b = torch.arange(r.batch, device=r.device).view(-1, 1, 1, 1)
         h = self.heads.view(1, -1, 1, 1)
         i = self.rows.view(1, 1, -1, 1)
@@ -87,7 +88,7 @@ class _Rows:
             s = s + self._gather(r.bias, kv_range).to(s.dtype)
         if r.score_mod is not None:
             s = r.score_mod(s, b, h, i, j)
-        mask = None if r.whole_mask is None else r.whole_mask(b, h, i, j)
+        mask = None if r.whole_mask is None else r.evaluate_mask(b, h, i, j)
         return s if mask is None else s.masked_fill(~mask, float("-inf"))
 
     def _gather(self, t: Tensor, kv_range: tuple[int, int]) -> Tensor:
@@ -117,7 +118,8 @@ class _Rows:
             safe = new_max.clamp(min=torch.finfo(dtype).min)  # exp(-inf - -inf) would be NaN
             total = total * (row_max - safe).exp() + (s - safe).exp().sum(dim=-1, keepdim=True)
             row_max = new_max
-        return torch.where(total > 0, row_max + total.log(), float("inf"))
+        # +inf where nothing is attended; NaN (kept) where an attended score is NaN
+        return torch.where((total > 0) | total.isnan(), row_max + total.log(), float("inf"))
 
 
 def _index(selection: Selection, size: int, what: str, device: torch.device) -> Tensor:
@@ -131,6 +133,9 @@ def _index(selection: Selection, size: int, what: str, device: torch.device) -> 
         return torch.arange(size, device=device)
     if isinstance(selection, slice):
         selection = range(*selection.indices(size))
+    if isinstance(selection, range | list | tuple) and len(selection) == 0:
+        # An empty selection selects nothing, as indexing does (``slice(6, 2)``, ``[]``).
+        return torch.empty(0, dtype=torch.long, device=device)
     try:
         index = torch.as_tensor(selection, device=device)
     except (TypeError, ValueError, RuntimeError):
@@ -200,7 +205,10 @@ def attention_weights(
     r = part.request
     out = q.new_zeros(r.batch, part.heads.numel(), part.rows.numel(), r.kv_len)
     for kv_range in part.tiles():
-        out[..., kv_range[0] : kv_range[1]] = torch.exp(part.scores(kv_range) - lse)
+        scores = part.scores(kv_range)
+        # A masked key weighs 0 even in a NaN row (lse NaN): masked scores never matter.
+        weights = torch.exp(scores - lse).masked_fill_(scores == float("-inf"), 0.0)
+        out[..., kv_range[0] : kv_range[1]] = weights
     return out
 
 
@@ -264,7 +272,7 @@ def _summarize_rows(part: _Rows, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
         columns = torch.arange(*kv_range, device=r.device).expand_as(s)
         best, picked = torch.cat([best, s], dim=-1).topk(min(top_k, best.shape[-1] + s.shape[-1]))
         where = torch.cat([where, columns], dim=-1).gather(-1, picked)
-    attended = torch.isfinite(lse.squeeze(-1))
+    attended = ~torch.isinf(lse.squeeze(-1))  # a NaN row (lse NaN) has a NaN entropy
     entropy = torch.where(attended, lse.squeeze(-1) - expected, 0.0)
     weights = torch.exp(best - lse)
     return entropy, weights, torch.where(weights > 0, where, -1)

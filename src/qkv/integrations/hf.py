@@ -204,14 +204,14 @@ def register() -> None:
     (idempotent; importing this module does it).
 
     Raises:
-        ImportError: ``transformers`` is not installed (``pip install 'qkv[hf]'``).
+        ImportError: ``transformers`` is not installed (``pip install -e '.[hf]'``).
     """
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as error:
         raise ImportError(
-            f"qkv.integrations.hf needs transformers >= 5: pip install 'qkv[hf]' ({error})"
+            f"qkv.integrations.hf needs transformers >= 5: pip install -e '.[hf]' ({error})"
         ) from None
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -206,23 +206,17 @@ class AlignmentReport:
 
 
 def load_translator(folder: str | os.PathLike[str]) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """A translation model folder's model, its ``PairTokenizer`` and its config, read through
-    :mod:`qkv.train` and :mod:`qkv.models` only.
+    """A translation model folder's model (on the CPU), its ``PairTokenizer`` and its config,
+    loaded through the translation task's spec.
 
     Raises:
-        ModelFolderError: not a model folder, or not a sequence-to-sequence model.
+        ModelFolderError: not a model folder, or not a translation model.
     """
-    from qkv.data.tokenizer import PairTokenizer
-    from qkv.models import build_model
-    from qkv.train import ModelFolderError, load_model, read_config
+    from qkv.tasks.base import get_task
+    from qkv.train import read_config
 
-    config = read_config(folder)
-    if config.get("model", {}).get("kind") not in ("transformer", "rnn"):
-        raise ModelFolderError(
-            f"{folder}: holds a {config.get('task')!r} model, not a translation model"
-        )
-    model, config = load_model(folder, build_model)
-    return model, PairTokenizer.load(Path(folder)), config
+    translator = get_task("translation").load(Path(folder), device="cpu")
+    return translator.model.eval(), translator.tokenizer, read_config(folder)
 
 
 def _cross_attention(model: nn.Module, tokenizer: Any, gold: GoldAlignment) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv.approx import check_attention_config
+from qkv.approx.registry import check_attention_config
 from qkv.functional.attention import attention
 from qkv.nn.multihead import MultiHeadAttention
 

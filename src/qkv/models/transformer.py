@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from qkv.approx import check_attention_config
+from qkv.approx.registry import check_attention_config
 from qkv.models.base import (
     EncoderOutput,
     check_choice,
@@ -65,7 +65,7 @@ class TransformerConfig:
         attention: the encoder self-attention's function: ``"exact"`` (:func:`qkv.attention`)
             or an approximation of :mod:`qkv.approx` by name (NOT exact). The decoder keeps
             exact attention (its cached steps and cross-attention); to change any module of a
-            built model, use :func:`qkv.approx.swap_attention`.
+            built model, use :func:`qkv.nn.swap_attention`.
         attention_options: the approximation's keyword options, e.g. ``{"num_features": 64}``.
 
     Use :meth:`from_name` for the presets ``tiny``, ``small`` and ``base``.

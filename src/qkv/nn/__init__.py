@@ -11,6 +11,7 @@ from qkv.nn.positional import (
     alibi_slopes,
 )
 from qkv.nn.scored import AdditiveAttention, CosineAttention, LuongAttention
+from qkv.nn.surgery import set_attention_backend, swap_attention
 
 __all__ = [
     "AdditiveAttention",
@@ -23,4 +24,6 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "alibi_slopes",
+    "set_attention_backend",
+    "swap_attention",
 ]

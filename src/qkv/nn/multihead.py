@@ -21,6 +21,10 @@ Three ways to call it:
   once for many decoding steps, ``kv = mha.project_kv(memory)`` then ``mha(x, key_value=kv)``;
 - cached self-attention decoding: ``mha(x_new, causal=True, kv_cache=cache)``, see
   :mod:`qkv.nn.kv_cache`.
+
+Context parallelism: after ``mha.set_context_parallel(group)`` every rank passes its shard of
+the sequence (:func:`qkv.parallel.shard`) and gets its shard of the output; masks, biases and
+``causal`` describe the whole sequence, and RoPE rotates each token at its global position.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from qkv.functional.attention import attention
 from qkv.masks import MaskFunction
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.positional import RotaryEmbedding
+from qkv.parallel import ContextParallel, SequenceLayout, context_parallel_attention, global_lengths
 from qkv.request import BiasArg, CausalArg, MaskArg, broadcasts_to
 
 __all__ = ["MultiHeadAttention"]
@@ -173,6 +178,23 @@ class MultiHeadAttention(nn.Module):
         self.attention_name = "exact"
         self.attention_impl: Callable[..., Tensor] | None = None
         self.set_attention(attention, **(attention_options or {}))
+        self.context_parallel: ContextParallel | None = None
+
+    def set_context_parallel(self, setting: ContextParallel | None) -> None:
+        """Run attention context-parallel (:func:`qkv.parallel.context_parallel_attention`)
+        with ``setting`` (its process group, layout and method), or on one process (None).
+
+        Then :meth:`forward` takes this rank's shard ``(B, n, E)`` of the query sequence (and
+        of ``key``/``value`` for cross-attention), in ``setting.layout``, and returns this
+        rank's shard of the output. ``key_padding_mask`` ``(B, Nk)``, ``attn_mask`` and
+        ``bias`` describe the whole sequence; RoPE rotates at global positions. Exact attention
+        only: no ``need_weights``, ``kv_cache``, ``key_value``, approximation or dropout.
+        """
+        if setting is not None and not isinstance(setting, ContextParallel):
+            raise TypeError(
+                f"setting must be a qkv.parallel.ContextParallel or None; got {setting!r}"
+            )
+        self.context_parallel = setting
 
     def set_attention(self, attention: str | Callable[..., Tensor], **options: Any) -> None:
         """Use another attention function from now on (the projections are kept).
@@ -198,7 +220,7 @@ class MultiHeadAttention(nn.Module):
                     )
                 self.attention_name, self.attention_impl = "exact", None
                 return
-            from qkv.approx import make_attention
+            from qkv.approx.registry import make_attention
 
             impl = make_attention(attention, head_dim=self.head_dim, **options)
             name = attention
@@ -286,6 +308,15 @@ class MultiHeadAttention(nn.Module):
             TypeError, ValueError: for inputs of the wrong type, rank, size or combination,
                 naming the argument and the shapes or values involved.
         """
+        if self.context_parallel is not None:
+            if need_weights or kv_cache is not None or key_value is not None:
+                raise ValueError(
+                    "need_weights, kv_cache and key_value are not available with context "
+                    "parallelism (set_context_parallel(None) to run on one process)"
+                )
+            return self._forward_parallel(
+                query, key, value, key_padding_mask, attn_mask, bias, causal
+            ), None
         # 1. Inputs: validated once, here; the keys' source decides the query positions.
         query = _check_input("query", query, self.embed_dim, "embed_dim")
         B, Nq, _ = query.shape
@@ -336,7 +367,12 @@ class MultiHeadAttention(nn.Module):
     # --- pieces, public for caching -------------------------------------------------------------
 
     def project_kv(
-        self, key: Tensor, value: Tensor | None = None, *, offset: int = 0
+        self,
+        key: Tensor,
+        value: Tensor | None = None,
+        *,
+        offset: int = 0,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Project keys and values into heads, as :meth:`forward` does.
 
@@ -349,6 +385,8 @@ class MultiHeadAttention(nn.Module):
             key: ``(B, Nk, Ek)``.
             value: ``(B, Nk, Ev)``; defaults to ``key`` (then ``Ev`` must equal ``Ek``).
             offset: position of ``key[:, 0]``, for RoPE.
+            positions: ``(Nk,)`` explicit positions for RoPE instead of ``offset`` (a shard of
+                a longer sequence).
 
         Returns:
             ``k (B, Hkv, Nk, D)`` and ``v (B, Hkv, Nk, D)``.
@@ -369,7 +407,7 @@ class MultiHeadAttention(nn.Module):
         k = self._split_heads(self.k_proj(key), self.num_kv_heads)  # (B, Hkv, Nk, D)
         v = self._split_heads(self.v_proj(value), self.num_kv_heads)  # (B, Hkv, Nk, D)
         if self.rope is not None:
-            k = self.rope.rotate(k, offset)
+            k = self.rope.rotate(k, offset, positions)
         return k, v
 
     def make_kv_cache(
@@ -451,6 +489,57 @@ class MultiHeadAttention(nn.Module):
         return new
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _forward_parallel(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | MaskFunction | None,
+        bias: BiasArg,
+        causal: CausalArg,
+    ) -> Tensor:
+        """:meth:`forward` on this rank's shard under context parallelism: ``(B, n, E)``."""
+        setting = self.context_parallel
+        assert setting is not None
+        if self.attention_impl is not None:
+            raise ValueError(
+                f"context parallelism runs exact attention; this module uses "
+                f"attention={self.attention_name!r}"
+            )
+        if self.training and self.dropout > 0:
+            raise ValueError(
+                f"dropout ({self.dropout}) is not available with context parallelism; build "
+                "the module with dropout=0 or call eval()"
+            )
+        query = _check_input("query", query, self.embed_dim, "embed_dim")
+        self._check_sources(query, key, value, None, None)
+        memory = query if key is None else key
+        B, n, _ = query.shape
+        lengths = global_lengths(n, memory.shape[1], setting.group, query.device)
+        # RoPE (self-attention only) rotates every token at its place in the whole sequence.
+        layout = SequenceLayout(lengths[0], setting.world_size(), setting.layout)
+        positions = layout.positions(setting.rank(), query.device)
+        q = self._split_heads(self.q_proj(query), self.num_heads)  # (B, Hq, n, D)
+        if self.rope is not None:
+            q = self.rope.rotate(q, positions=positions)
+        k, v = self.project_kv(memory, value, positions=positions if key is None else None)
+        mask = self._combine_masks(key_padding_mask, attn_mask, (B, self.num_heads, *lengths))
+        out = context_parallel_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            group=setting.group,
+            layout=setting.layout,
+            method=setting.method,
+            lengths=lengths,
+            backend=self.backend,
+        )  # (B, Hq, n, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, n, self.embed_dim))
 
     def _approximate(
         self,
@@ -593,4 +682,6 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"backend={self.backend!r}")
         if self.attention_name != "exact":
             parts.append(f"attention={self.attention_name!r}")
+        if self.context_parallel is not None:
+            parts.append(f"context_parallel={self.context_parallel.method!r}")
         return ", ".join(parts)

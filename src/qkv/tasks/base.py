@@ -57,6 +57,7 @@ from torch import nn
 
 from qkv.data.batching import BucketBatchSampler
 from qkv.data.registry import Splits
+from qkv.nn.surgery import check_backend, set_attention_backend
 from qkv.train import (
     EvalReport,
     ModelFolderError,
@@ -324,6 +325,35 @@ class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         """The lines of the evaluation table, below the heading."""
 
+    # -- hooks with defaults: a task overrides those it needs --------------------------------
+
+    def check_train_flags(self, given: dict[str, Any], base: SettingsT) -> None:
+        """Refuse a combination of ``qkv train`` flags before any work (default: none).
+
+        Args:
+            given: the settings fields the user's flags set (field -> value), flags not
+                given left out.
+            base: the settings the flags apply to (the defaults, or a resumed run's).
+
+        Raises:
+            ValueError: flags that do not go together, naming them.
+        """
+
+    def training_defaults(self, settings: SettingsT, max_steps: int | None) -> dict[str, Any]:
+        """:class:`~qkv.train.TrainConfig` fields this task's ``settings`` train best with
+        when the user does not give them (default: none, the CLI's defaults)."""
+        return {}
+
+    def run_classify(self, args: Any) -> int:
+        """``qkv classify --model M ...`` for a folder of this task, given the command's
+        parsed arguments; returns the exit code. The built-in classifying tasks are handled
+        by :mod:`qkv.cli.classify` itself; a task added from outside overrides this.
+
+        Raises:
+            ValueError: this task does not classify (the default).
+        """
+        raise ValueError(f"--model {args.model}: a {self.name} model does not classify")
+
     # -- shared by every task ----------------------------------------------------------------
 
     def reader_option_names(self) -> list[str]:
@@ -385,16 +415,22 @@ def load_task_model(
     *,
     device: str = "auto",
     model_type: type[nn.Module] = nn.Module,
+    config: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any], Any]:
     """The model (on ``device``, eval mode), ``config.json`` and task settings of a ``task``
-    model folder (what each task's predictor ``load`` starts from).
+    model folder (what each task's predictor ``load`` starts from); ``config``: the folder's
+    ``config.json`` when the caller has read it already (it is then not read again).
 
     Raises:
         ModelFolderError: not a folder of ``task``, a model that is not a ``model_type``, or
             weights that do not fit.
     """
-    read_task_config(folder, task)
-    model, config = load_model(folder, build)
+    config = read_task_config(folder, task) if config is None else config
+    if config.get("task") != task:
+        raise ModelFolderError(
+            f"{folder}: holds a {config.get('task')!r} model, not a {task} model"
+        )
+    model, config = load_model(folder, build, config=config)
     if not isinstance(model, model_type):
         raise ModelFolderError(f"{folder}: the model is not a {model_type.__name__}")
     settings = get_task(task).settings_from_config(config, folder)
@@ -502,30 +538,6 @@ def resumed_settings(
         return saved_settings, saved_training
     limits = {name: getattr(training, name) for name in RESUMABLE}
     return saved_settings, replace(saved_training, **limits)
-
-
-def check_backend(backend: str) -> None:
-    """Raise ``ValueError`` naming the registered backends unless ``backend`` is one (or
-    ``"auto"``); checked before any work is done."""
-    from qkv.backends.registry import available_backends
-
-    known = available_backends()
-    if backend != "auto" and backend not in known:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(known)}; got {backend!r}")
-
-
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Make every :class:`qkv.nn.MultiHeadAttention` of ``model`` call ``backend``.
-
-    Raises:
-        ValueError: an unknown backend, naming the registered ones.
-    """
-    from qkv.nn import MultiHeadAttention
-
-    check_backend(backend)
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.backend = backend
 
 
 def train_task(

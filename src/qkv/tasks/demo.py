@@ -72,10 +72,10 @@ class DemoResult:
 
 def demo_configs(*, quick: bool, seed: int = 0, device: str = "auto") -> tuple[Any, TrainConfig]:
     """The demo's translation and training settings (``quick``: seconds, for CI)."""
-    from qkv.tasks.translation import TranslationConfig
+    from qkv.tasks.translation import TranslationSettings
 
     data_options: dict[str, Any] = {"n_train": 2_000, "n_test": 100} if quick else {}
-    translation = TranslationConfig(
+    translation = TranslationSettings(
         data="builtin:dates",
         data_options=data_options,
         model="transformer",
@@ -146,6 +146,7 @@ def run_demo(
     overwrite: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
+    threads: int = 1,
 ) -> DemoResult:
     """Train on ``dates``, score the held-out test split, draw attention heat maps.
 
@@ -157,6 +158,7 @@ def run_demo(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         overwrite: replace the model of a previous demo in ``out``.
         on_step, on_eval: training progress callbacks.
+        threads: CPU threads while training (default 1, see the module's docstring).
 
     Raises:
         ValueError: ``out`` holds other files, or a previous demo's model and not
@@ -172,7 +174,9 @@ def run_demo(
         shutil.rmtree(stale, ignore_errors=True)
     translation, training = demo_configs(quick=quick, seed=seed, device=device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1; got {threads}")
+    torch.set_num_threads(threads)
     try:
         outcome = train_translation(
             translation, training, model_dir, on_step=on_step, on_eval=on_eval
@@ -201,6 +205,18 @@ def run_demo(
     return result
 
 
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` decimals (sacrebleu's BLEU of a perfect
+    run is 100.00000000000004: float noise, not a figure anyone should read)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def _write_results(result: DemoResult, scores: dict[str, Any]) -> None:
     document = {
         "exact_match": result.exact_match,
@@ -212,4 +228,5 @@ def _write_results(result: DemoResult, scores: dict[str, Any]) -> None:
         "samples": [list(s) for s in result.samples],
         "heatmaps": [p.name for p in result.heatmaps],
     }
-    (result.out / RESULTS_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(_rounded(document), indent=2) + "\n"
+    (result.out / RESULTS_FILE).write_text(text, encoding="utf-8")

@@ -23,7 +23,7 @@ __all__ = [
 
 BLEU_MAX_ORDER = 4  # BLEU's longest n-gram: shorter outputs score 0 on it
 
-SACREBLEU_INSTALL = "pip install 'sacrebleu==2.6.0'  (or: pip install 'qkv[tasks]')"
+SACREBLEU_INSTALL = "pip install 'sacrebleu==2.6.0'  (or: pip install -e '.[tasks]')"
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,6 @@ def plot_scores_by_length(
     ax.legend()
     if title is not None:
         ax.set_title(title)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    return target
+    from qkv.viz import save_figure
+
+    return save_figure(fig, path, dpi=110)

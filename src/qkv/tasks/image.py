@@ -16,7 +16,7 @@ The task is only what :mod:`qkv.tasks.base` asks of one: reading data
 (:mod:`qkv.data.images`: ``builtin:digits``, a folder with a subfolder per class, a CSV of
 pixel rows), a :class:`~qkv.models.vit.VisionTransformer` with a summed cross-entropy, a
 predictor (:class:`ImageClassifier`) and its scores (accuracy, macro-F1 and the confusion
-matrix, the text classifier's :func:`~qkv.tasks.sentiment.classification_metrics`). The model
+matrix, the classifiers' :func:`~qkv.tasks.classification.classification_metrics`). The model
 folder, ``--resume``, DDP, keep-best and ``qkv evaluate`` come from the lifecycle.
 
 Training batches are augmented by random translations of up to ``shift`` pixels (zero
@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,15 @@ from qkv.tasks.base import (
     Evaluation,
     Flag,
     Prepared,
+    Settings,
     TaskSpec,
-    from_dict_checked,
 )
-from qkv.tasks.sentiment import (
-    classification_metrics,
+from qkv.tasks.classification import (
+    ClassificationObjective,
     evaluation_metrics,
     format_classification,
+    label_set,
+    predict_batches,
 )
 from qkv.train import LossOutput, ModelFolderError, load_model, read_config, resolve_device
 
@@ -100,7 +102,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(Settings):
     """What to train on and what to build (saved in ``config.json`` under ``"image"``).
 
     Attributes:
@@ -134,13 +136,6 @@ class ImageSettings:
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ValueError(f"shift must be an int >= 0, got {self.shift!r}")
         reader_options(self.data_options)  # fails early, naming a bad option
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ImageSettings:
-        return from_dict_checked(cls, values, "image")
 
 
 def reader_options(options: dict[str, Any]) -> ReaderOptions:
@@ -251,29 +246,18 @@ def _batches(dataset: ImageDataset, batch_size: int) -> list[ImageBatch]:
     ]
 
 
-def _predict_batches(
-    model: nn.Module, batches: Sequence[ImageBatch], device: torch.device
-) -> tuple[list[int], list[int], float]:
-    """Gold and predicted class indices in order, and the summed cross-entropy."""
-    gold: list[int] = []
-    predicted: list[int] = []
-    total = 0.0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(batch.pixels).logits.float()  # (B, K)
-        total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-        gold.extend(batch.labels.tolist())
-        predicted.extend(logits.argmax(-1).tolist())
-    return gold, predicted, total
+def image_logits(model: nn.Module, batch: ImageBatch) -> Tensor:
+    """``(B, K)`` float32 logits of a Vision Transformer (``model(pixels).logits``)."""
+    return model(batch.pixels).logits.float()
 
 
 # --------------------------------------------------------------------------------------------
 # The objective the trainer runs
 
 
-class ImageObjective:
+class ImageObjective(ClassificationObjective):
     """Summed cross-entropy over images; validation accuracy (early stopping), macro-F1 and
-    loss.
+    loss (:class:`~qkv.tasks.classification.ClassificationObjective`).
 
     Args:
         validation: the validation images.
@@ -281,31 +265,18 @@ class ImageObjective:
         batch_size: validation batch size.
     """
 
-    name = TASK_NAME
-    metric = "accuracy"
-    higher_is_better = True
-
     def __init__(self, validation: ImageDataset | None, labels: LabelSet, *, batch_size: int):
-        self.labels = labels
-        self._validation = _batches(validation, batch_size) if validation is not None else []
+        batches = _batches(validation, batch_size) if validation is not None else []
+        super().__init__(TASK_NAME, batches, labels)
+
+    def logits(self, model: nn.Module, batch: ImageBatch) -> Tensor:
+        return image_logits(model, batch)
 
     def loss(self, model: nn.Module, batch: ImageBatch) -> LossOutput:
-        logits = model(batch.pixels).logits.float()  # (B, K)
+        logits = image_logits(model, batch)  # (B, K)
         total = F.cross_entropy(logits, batch.labels, reduction="sum")
         patches = batch.pixels.shape[0] * _patches_of(model)
         return LossOutput(total, len(batch), patches)
-
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        if not self._validation:
-            return {"accuracy": float("nan")}
-        device = next(model.parameters()).device
-        gold, predicted, total = _predict_batches(model, self._validation, device)
-        metrics = classification_metrics(gold, predicted, self.labels)
-        return {
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "loss": total / len(gold),
-        }
 
 
 def _patches_of(model: nn.Module) -> int:
@@ -316,18 +287,6 @@ def _patches_of(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------------------------
 # The task spec
-
-
-def _label_set(data: str, examples: Sequence[LabeledImage]) -> LabelSet:
-    found = sorted({e.label for e in examples})
-    if len(found) < 2:
-        raise DataError(
-            data,
-            None,
-            f"the training images all have the label {found[0]!r}: a classifier needs at "
-            "least 2 classes",
-        )
-    return LabelSet(found)
 
 
 def _shape_of(data: str, images: Sequence[LabeledImage]) -> tuple[int, int]:
@@ -378,7 +337,7 @@ class ImageSpec(TaskSpec[ImageSettings, "ImageClassifier"]):
             labels = LabelSet(saved["labels"])
             config = ViTConfig.from_dict(saved["model"])
         else:
-            labels = _label_set(settings.data, splits.train)
+            labels = label_set(settings.data, splits.train, what="images", hint="classes")
             channels, size = _shape_of(settings.data, splits.train)
             config = ViTConfig.from_name(
                 settings.preset,
@@ -410,13 +369,6 @@ class ImageSpec(TaskSpec[ImageSettings, "ImageClassifier"]):
 
     def format_metrics(self, evaluation: Evaluation) -> list[str]:
         return format_classification(evaluation.metrics)
-
-    def run_classify(self, args: Any) -> int:
-        """``qkv classify --model M IMAGE...``: the command hands an image model's folder
-        here; the printing stays in the CLI layer (:mod:`qkv.cli.image`)."""
-        from qkv.cli.image import run_classify_images
-
-        return run_classify_images(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,8 +550,8 @@ def evaluate_images(
     fitted = [LabeledImage(classifier.prepare(e.pixels), e.label, e.source) for e in examples]
     dataset = ImageDataset(fitted, classifier.labels)
     with torch.no_grad():
-        gold, predicted, total = _predict_batches(
-            classifier.model, _batches(dataset, batch_size), classifier._device()
+        gold, predicted, total = predict_batches(
+            classifier.model, _batches(dataset, batch_size), classifier._device(), image_logits
         )
     return evaluation_metrics(gold, predicted, total, classifier.labels)
 

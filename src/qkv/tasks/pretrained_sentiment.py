@@ -7,8 +7,8 @@
     qkv evaluate --model runs/rt-minilm
 
     from qkv.tasks import train_task
-    from qkv.tasks.sentiment import SentimentSetup
-    train_task("sentiment", SentimentSetup(data="builtin:rt", pretrained="minilm", max_length=128),
+    from qkv.tasks.sentiment import SentimentSettings
+    train_task("sentiment", SentimentSettings(data="builtin:rt", pretrained="minilm", max_length=128),
                default_finetune_config(max_steps=428), "runs/rt-minilm")
     clf = PretrainedTextClassifier.load("runs/rt-minilm")
     clf.classify(["a gorgeous, witty film"])[0].label               # 'positive'
@@ -19,7 +19,7 @@ by :func:`qkv.tasks.train_task` like every task (one folder rule, one resume rul
 keep-best): :func:`prepare_pretrained` is what its ``prepare`` builds then. The model is a
 :class:`qkv.models.pretrained.PretrainedClassifier` (the encoder's weights from
 :func:`qkv.models.load_pretrained`, a new pooling + linear head) trained end to end with
-:class:`qkv.tasks.sentiment.SentimentTask` (summed cross-entropy, validation accuracy). The
+:class:`qkv.tasks.text_classification.TextObjective` (summed cross-entropy, validation accuracy). The
 folder is a normal qkv model folder: ``config.json`` (``"task": "sentiment"``, the settings
 under ``"sentiment"``, the model config with ``"kind": "pretrained-classifier"`` and the
 encoder's config, the labels), ``model.safetensors`` (encoder and head, qkv's names),
@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from qkv.data.labeled import LabeledText, LabelSet
 from qkv.data.registry import Splits
@@ -48,24 +47,26 @@ from qkv.models.pretrained import (
     PretrainedClassifierConfig,
     load_pretrained,
     load_tokenizer,
+    resolve_pretrained,
 )
 from qkv.models.pretrained.classifier import KIND, Pooling, encode
 from qkv.tasks.base import Prepared, load_task_model, train_task
-from qkv.tasks.sentiment import (
-    SPEC,
+from qkv.tasks.classification import label_set
+from qkv.tasks.sentiment_settings import SCRATCH_ONLY_FLAGS, SentimentSettings
+from qkv.tasks.text_classification import (
     LabeledDataset,
-    Prediction,
-    SentimentSetup,
-    SentimentTask,
+    TextObjective,
+    TextPredictor,
     collate_labeled,
     evaluate_classifier,
-    label_set,
 )
 from qkv.train import ModelFolderError, TrainConfig, TrainResult, read_config
 from qkv.train.trainer import EvalReport, StepReport
 
 __all__ = [
     "FINETUNE_DEFAULTS",
+    "PRETRAINED",
+    "PretrainedRecipe",
     "PretrainedSetup",
     "PretrainedTextClassifier",
     "default_finetune_config",
@@ -109,7 +110,7 @@ def default_finetune_config(**overrides: Any) -> TrainConfig:
 @dataclass(frozen=True)
 class PretrainedSetup:
     """The fine-tuning choices of :func:`train_pretrained_sentiment` (which turns them into a
-    :class:`~qkv.tasks.sentiment.SentimentSetup`, what the folder saves).
+    :class:`~qkv.tasks.sentiment.SentimentSettings`, what the folder saves).
 
     Attributes:
         pretrained: ``"minilm"`` or an HF-layout folder (see :func:`qkv.models.load_pretrained`).
@@ -137,9 +138,9 @@ class PretrainedSetup:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def settings(self, data: str) -> SentimentSetup:
+    def settings(self, data: str) -> SentimentSettings:
         """The sentiment task's settings for fine-tuning on ``data``."""
-        return SentimentSetup(
+        return SentimentSettings(
             data=data,
             max_length=self.max_length,
             batch_size=self.batch_size,
@@ -171,14 +172,14 @@ def _dataset(
     return LabeledDataset(rows, [labels.index(e.label) for e in examples])
 
 
-def _max_length(settings: SentimentSetup, config: PretrainedClassifierConfig) -> int:
+def _max_length(settings: SentimentSettings, config: PretrainedClassifierConfig) -> int:
     """Tokens kept per text: the settings', at most the encoder's positions."""
     positions = int(config.encoder.get("max_position_embeddings", 512))
     return positions if settings.max_length is None else min(settings.max_length, positions)
 
 
 def prepare_pretrained(
-    settings: SentimentSetup, splits: Splits[LabeledText], *, folder: Path | None
+    settings: SentimentSettings, splits: Splits[LabeledText], *, folder: Path | None
 ) -> Prepared:
     """The sentiment task's run when ``settings.pretrained`` is set: the pretrained encoder
     with a new head (or, resuming from ``folder``, the saved model's architecture, tokenizer
@@ -197,7 +198,9 @@ def prepare_pretrained(
     else:
         assert settings.pretrained is not None
         encoder, tokenizer = load_pretrained(settings.pretrained)
-        labels = label_set(settings, splits.train)
+        labels = label_set(
+            settings.data, splits.train, what="examples", hint="labels (check --label-column)"
+        )
         config = PretrainedClassifierConfig(
             encoder=encoder.config.to_dict(),
             num_classes=len(labels),
@@ -208,7 +211,7 @@ def prepare_pretrained(
         model = PretrainedClassifier(config, encoder)  # the head is seeded by train_task
     logger.info("pretrained sentiment: %s, labels %s, %s", splits.sizes(), labels.labels, config)
     length = _max_length(settings, config)
-    task = SentimentTask(
+    task = TextObjective(
         _dataset(splits.validation, tokenizer, labels, length),
         labels,
         batch_size=2 * settings.batch_size,
@@ -254,7 +257,7 @@ def train_pretrained_sentiment(
     """
     setup = setup or PretrainedSetup()
     outcome = train_task(
-        SPEC,
+        TASK_NAME,
         setup.settings(data),
         train or default_finetune_config(),
         out,
@@ -267,13 +270,18 @@ def train_pretrained_sentiment(
     return outcome.result
 
 
-def is_pretrained_folder(folder: str | os.PathLike[str]) -> bool:
-    """Whether a model folder holds a fine-tuned pretrained classifier (for dispatch)."""
-    model = read_config(folder).get("model")
+def is_pretrained_config(config: dict[str, Any]) -> bool:
+    """Whether a model folder's ``config.json`` holds a fine-tuned pretrained classifier."""
+    model = config.get("model")
     return isinstance(model, dict) and model.get("kind") == KIND
 
 
-class PretrainedTextClassifier:
+def is_pretrained_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether a model folder holds a fine-tuned pretrained classifier (for dispatch)."""
+    return is_pretrained_config(read_config(folder))
+
+
+class PretrainedTextClassifier(TextPredictor):
     """A fine-tuned pretrained classifier with its tokenizer and labels, from a model folder.
 
     Args:
@@ -283,26 +291,26 @@ class PretrainedTextClassifier:
         max_length: tokens kept per text.
     """
 
-    def __init__(
-        self, model: PretrainedClassifier, tokenizer: Any, labels: LabelSet, max_length: int
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.labels = labels
-        self.max_length = max_length
+    model: PretrainedClassifier
 
     @classmethod
     def load(
-        cls, folder: str | os.PathLike[str], *, device: str = "auto"
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        config: dict[str, Any] | None = None,
     ) -> PretrainedTextClassifier:
-        """Load a folder of a fine-tuned pretrained classifier, on ``device``.
+        """Load a folder of a fine-tuned pretrained classifier, on ``device`` (``config``: its
+        ``config.json`` when the caller has read it already).
 
         Raises:
             ModelFolderError: not such a folder, or inconsistent files.
         """
-        if read_config(folder).get("task") != TASK_NAME or not is_pretrained_folder(folder):
+        config = read_config(folder) if config is None else config
+        if config.get("task") != TASK_NAME or not is_pretrained_config(config):
             raise ModelFolderError(
-                f"{folder}: holds a {read_config(folder).get('task')!r} model, not a "
+                f"{folder}: holds a {config.get('task')!r} model, not a "
                 "fine-tuned pretrained classifier"
             )
         model, config, settings = load_task_model(
@@ -311,51 +319,43 @@ class PretrainedTextClassifier:
             lambda c: PretrainedClassifier(PretrainedClassifierConfig.from_dict(c)),
             device=device,
             model_type=PretrainedClassifier,
+            config=config,
         )
         length = _max_length(settings, model.config)
         return cls(model, load_tokenizer(folder), LabelSet(config["labels"]), length)
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def dataset(self, examples: Sequence[LabeledText]) -> LabeledDataset:
         """``examples`` tokenized as this classifier reads them."""
         return _dataset(examples, self.tokenizer, self.labels, self.max_length)
 
-    @torch.no_grad()
-    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
-        """Classify ``texts`` (the pooling weights say which tokens the decision read).
-
-        Raises:
-            ValueError: an empty (or whitespace-only) text, naming its position.
-        """
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"text {i} is empty: there is nothing to classify")
-        predictions: list[Prediction] = []
-        for start in range(0, len(texts), batch_size):
-            predictions.extend(self._classify(texts[start : start + batch_size]))
-        return predictions
-
-    def _classify(self, texts: Sequence[str]) -> list[Prediction]:
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
         ids, mask = encode(self.tokenizer, texts, max_length=self.max_length)
-        out = self.model(ids.to(self._device()), mask.to(self._device()))
-        probs = F.softmax(out.logits.float(), dim=-1).cpu()  # (B, C)
-        weights = out.weights.float().mean(dim=1).cpu()  # (B, N)
-        result = []
-        for row, real, p, w in zip(ids, mask, probs, weights, strict=True):
-            n = int(real.sum())
-            result.append(
-                Prediction(
-                    label=self.labels[int(p.argmax())],
-                    probabilities={
-                        lab: float(x) for lab, x in zip(self.labels.labels, p, strict=True)
-                    },
-                    tokens=[self.tokenizer.id_to_token(int(i)) for i in row[:n]],
-                    weights=w[:n].tolist(),
-                )
-            )
-        return result
+        tokens = [
+            [self.tokenizer.id_to_token(int(i)) for i in row[: int(real.sum())]]
+            for row, real in zip(ids, mask, strict=True)
+        ]
+        return ids, mask, tokens
+
+    def token_weights(self, ids: Tensor, mask: Tensor, pooling: Tensor) -> tuple[Tensor, str]:
+        """Attention pooling's weights, or for mean pooling (which weighs every real token
+        alike) the encoder's rollout to the pooled output."""
+        if self.model.pooling is None:
+            return self._mean_pooling_rollout(ids, mask, pooling)
+        return pooling, "attention pooling"
+
+    def _mean_pooling_rollout(
+        self, ids: Tensor, mask: Tensor, pooling: Tensor
+    ) -> tuple[Tensor, str]:
+        """Mean pooling weighs every real token ``1/n``: the attention that decides is the
+        encoder's. Its rollout (Abnar and Zuidema 2020) to the pooled output gives each input
+        token's share: ``pooling (B, N) @ rollout (B, N, N)``, summing to 1 over real tokens."""
+        from qkv.viz import attention_rollout
+
+        device = self._device()
+        maps = self.model.encoder.attention_maps(ids.to(device), mask.to(device))  # L x (B,H,N,N)
+        rollout = attention_rollout([m.float() for m in maps]).cpu()  # (B, N, N)
+        shares = (pooling.unsqueeze(1) @ rollout).squeeze(1)  # (B, N)
+        return shares, "attention rollout to the mean-pooled output"
 
 
 def evaluate_pretrained(
@@ -365,9 +365,47 @@ def evaluate_pretrained(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, the confusion matrix, the mean loss and the majority-class baseline
-    on ``examples`` (:func:`qkv.tasks.sentiment.evaluate_classifier`).
+    on ``examples`` (:func:`qkv.tasks.text_classification.evaluate_classifier`).
 
     Raises:
         ValueError: no examples, or a label the model does not know (named).
     """
     return evaluate_classifier(classifier, examples, batch_size=batch_size)
+
+
+class PretrainedRecipe:
+    """The sentiment task's recipe when ``pretrained`` is set: a pretrained encoder with a new
+    classification head, fine-tuned (see :class:`qkv.tasks.sentiment.Recipe`)."""
+
+    def check_flags(self, given: dict[str, Any]) -> None:
+        """Raises ``PretrainedError`` for a ``--pretrained`` that cannot be found (before the
+        data is read), ``ValueError`` for a flag of a model trained from scratch."""
+        if given.get("pretrained") is not None:
+            resolve_pretrained(given["pretrained"])
+        clash = [name for name in SCRATCH_ONLY_FLAGS if given.get(name) is not None]
+        if clash:
+            flags = "/".join("--" + name.replace("_", "-") for name in clash)
+            raise ValueError(
+                f"{flags} sets up a model trained from scratch; --pretrained fine-tunes "
+                "the pretrained model as it is (drop one of them)"
+            )
+
+    def training_defaults(self, max_steps: int | None) -> dict[str, Any]:
+        return finetune_defaults(max_steps)
+
+    def prepare(
+        self, settings: SentimentSettings, splits: Splits[LabeledText], *, folder: Path | None
+    ) -> Prepared:
+        return prepare_pretrained(settings, splits, folder=folder)
+
+    def owns(self, config: dict[str, Any]) -> bool:
+        return is_pretrained_config(config)
+
+    def load(
+        self, folder: Path, config: dict[str, Any], *, device: str
+    ) -> PretrainedTextClassifier:
+        return PretrainedTextClassifier.load(folder, device=device, config=config)
+
+
+#: The recipe of a fine-tuned pretrained classifier (``pretrained`` set).
+PRETRAINED = PretrainedRecipe()

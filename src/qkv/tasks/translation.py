@@ -2,15 +2,15 @@
 
 ::
 
-    from qkv.tasks.translation import TranslationConfig, train_translation, Translator
+    from qkv.tasks.translation import TranslationSettings, train_translation, Translator
 
-    outcome = train_translation(TranslationConfig(data="builtin:dates"),
+    outcome = train_translation(TranslationSettings(data="builtin:dates"),
                                 TrainConfig(max_steps=2000), out="dates-model")
     translator = Translator.load("dates-model")
     translator.translate(["3 mars 1998"])             # ['1998-03-03']
 
 The model folder holds ``config.json`` with three sections (``translation``: this module's
-:class:`TranslationConfig`; ``model``: what :func:`qkv.models.build_model` rebuilds;
+:class:`TranslationSettings`; ``model``: what :func:`qkv.models.build_model` rebuilds;
 ``training``: the :class:`~qkv.train.TrainConfig`), the weights, the tokenizer and the training
 state.
 """
@@ -62,6 +62,7 @@ __all__ = [
     "SPEC",
     "TranslationConfig",
     "TranslationOutcome",
+    "TranslationSettings",
     "TranslationSpec",
     "TranslationTask",
     "Translator",
@@ -78,7 +79,7 @@ TASK_NAME = "translation"
 
 
 @dataclass(frozen=True)
-class TranslationConfig(Settings):
+class TranslationSettings(Settings):
     """What to translate and with which model (the training loop has :class:`TrainConfig`).
 
     Attributes:
@@ -154,6 +155,10 @@ class TranslationConfig(Settings):
         return "char" if name in ("dates", "numbers") else "bpe"
 
 
+#: The earlier name of :class:`TranslationSettings` (kept so existing code keeps working).
+TranslationConfig = TranslationSettings
+
+
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         shown = ", ".join(repr(c) for c in choices)
@@ -165,7 +170,7 @@ def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 
 
 def build_translation_model(
-    config: TranslationConfig, tokenizer: PairTokenizer
+    config: TranslationSettings, tokenizer: PairTokenizer
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh model for ``config`` sized to ``tokenizer``; returns it and its config dict
     (what :func:`qkv.models.build_model` rebuilds it from)."""
@@ -214,7 +219,7 @@ class TranslationTask:
     name = TASK_NAME
 
     def __init__(
-        self, tokenizer: PairTokenizer, validation: Sequence[Pair], config: TranslationConfig
+        self, tokenizer: PairTokenizer, validation: Sequence[Pair], config: TranslationSettings
     ) -> None:
         self.tokenizer = tokenizer
         self.validation = list(validation)
@@ -281,7 +286,7 @@ def _decode_length(pairs: Sequence[Pair], tokenizer: PairTokenizer, cap: int) ->
 
 
 def train_translation(
-    config: TranslationConfig | None,
+    config: TranslationSettings | None,
     training: TrainConfig | None,
     out: str | os.PathLike[str],
     *,
@@ -319,25 +324,25 @@ def train_translation(
     )
 
 
-def _train_tokenizer(config: TranslationConfig, pairs: Sequence[Pair]) -> PairTokenizer:
+def _train_tokenizer(config: TranslationSettings, pairs: Sequence[Pair]) -> PairTokenizer:
     return PairTokenizer.train(
         pairs, mode=config.tokenizer_mode, vocab_size=config.vocab_size, shared=config.shared_vocab
     )
 
 
-def _set_max_length(settings: TranslationConfig, value: int) -> TranslationConfig:
+def _set_max_length(settings: TranslationSettings, value: int) -> TranslationSettings:
     return replace(settings, max_source_length=value, max_target_length=value)
 
 
-def _set_separate_vocab(settings: TranslationConfig, value: bool) -> TranslationConfig:
+def _set_separate_vocab(settings: TranslationSettings, value: bool) -> TranslationSettings:
     return replace(settings, shared_vocab=not value)
 
 
-class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
+class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
     """Translation as a :class:`~qkv.tasks.base.TaskSpec`: pairs in, BLEU/chrF/exact match out."""
 
     name = TASK_NAME
-    settings_type = TranslationConfig
+    settings_type = TranslationSettings
     summary = "sequence-to-sequence translation (Transformer or RNN with attention)"
     metric_name = "validation metric"
     train_flags = (
@@ -402,7 +407,7 @@ class TranslationSpec(TaskSpec[TranslationConfig, "Translator"]):
         return read_pairs(_as_path_spec(path), **options)
 
     def prepare(
-        self, settings: TranslationConfig, splits: Splits[Pair], *, folder: Path | None
+        self, settings: TranslationSettings, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
@@ -483,7 +488,7 @@ class Translator:
         self,
         model: nn.Module,
         tokenizer: PairTokenizer,
-        config: TranslationConfig,
+        config: TranslationSettings,
         *,
         device: torch.device | None = None,
     ) -> None:

@@ -87,7 +87,7 @@ STATE_FILE = "training_state.pt"
 _STAGING_PREFIX = ".staging-"
 _COMMIT_PREFIX = ".commit-"
 LOCK_FILE = ".qkv-lock"
-_SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install 'qkv[tasks]')"
+_SAFETENSORS_INSTALL = "pip install 'safetensors>=0.4'  (or: pip install -e '.[tasks]')"
 
 
 class ModelFolderError(ValueError):
@@ -654,9 +654,13 @@ def load_training_state(
 
 
 def load_model(
-    path: str | os.PathLike[str], build: Callable[[dict[str, Any]], nn.Module]
+    path: str | os.PathLike[str],
+    build: Callable[[dict[str, Any]], nn.Module],
+    *,
+    config: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a folder: ``build(config["model"])`` then its weights.
+    """Rebuild a model from a folder: ``build(config["model"])`` then its weights
+    (``config``: the folder's ``config.json`` when the caller has read it already).
 
     Returns:
         The model (on the CPU, in eval mode) and the whole ``config.json``.
@@ -666,7 +670,7 @@ def load_model(
             without a ``"model"`` section or one ``build`` rejects, or one whose shapes do not
             match the weights (found before the model is allocated).
     """
-    config = read_config(path)
+    config = read_config(path) if config is None else config
     if not isinstance(config.get("model"), dict):
         raise ModelFolderError(f'{Path(path) / CONFIG_FILE}: no "model" section')
     check_config_against_weights(path, build, config)

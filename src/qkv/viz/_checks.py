@@ -60,6 +60,32 @@ def token_labels(tokens: Sequence[str] | None, length: int, name: str) -> list[s
     return labels
 
 
+#: The mark qkv leaves in the pages and pictures it writes, so that a later run may replace its
+#: own output but never a file of the user's that happens to carry the same name.
+GENERATOR_META = '<meta name="generator" content="qkv">'
+FIGURE_METADATA: dict[str, dict[str, str]] = {
+    "png": {"Software": "qkv"},
+    "svg": {"Creator": "qkv"},
+    "pdf": {"Creator": "qkv"},
+}
+_MARKS = (
+    GENERATOR_META.encode(),
+    b"tEXtSoftware\x00qkv",  # PNG text chunk
+    b"<dc:title>qkv</dc:title>",  # SVG creator
+    b"/Creator (qkv)",  # PDF info
+)
+
+
+def written_by_qkv(path: str | os.PathLike[str]) -> bool:
+    """Whether the file ``path`` is a page or picture that qkv wrote (it carries qkv's mark)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1 << 16)
+    except OSError:
+        return False
+    return any(mark in head for mark in _MARKS)
+
+
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 

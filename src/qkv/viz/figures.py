@@ -3,7 +3,7 @@
 Every function takes tensors (and token strings) and returns a ``matplotlib.figure.Figure``; none
 shows a window or prints. Figures are built with ``Figure()`` directly instead of ``pyplot``, so
 no GUI backend is touched, no global figure list grows, and they work on a machine with no screen.
-matplotlib is imported only when a function runs (``pip install qkv[viz]``).
+matplotlib is imported only when a function runs (``pip install -e '.[viz]'``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from qkv.viz._checks import as_weights, token_labels, write_atomically
+from qkv.viz._checks import FIGURE_METADATA, as_weights, token_labels, write_atomically
 from qkv.viz.stats import HeadStats
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _new_figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("qkv.viz figures need matplotlib: pip install 'qkv[viz]'") from error
+        raise ImportError("qkv.viz figures need matplotlib: pip install -e '.[viz]'") from error
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -337,5 +337,6 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) ->
             f"path needs a suffix naming the image format (.png, .svg, ...); got {path}"
         )
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=dpi)
+    # The mark lets a later qkv command tell its own picture from a user's file of the same name.
+    fig.savefig(buffer, format=fmt, dpi=dpi, metadata=FIGURE_METADATA.get(fmt))
     return write_atomically(target, buffer.getvalue())

@@ -361,6 +361,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="generator" content="qkv">
 <title>@TITLE@</title>
 <style>@STYLE@</style>
 <script>

@@ -1,15 +1,14 @@
-"""Pictures of a pretrained encoder's attention on one text: per-head maps, rollout, head
-statistics, the offline page and a summary of a few readable figures.
+"""Pictures of an encoder's attention on one text: per-head maps, rollout, head statistics,
+the offline page and a summary of a few readable figures, from the maps as tensors.
 
 ::
 
-    encoder, tokenizer = qkv.models.load_pretrained("minilm")
-    pictures = pretrained_pictures(encoder, tokenizer, "a gorgeous, witty film", "out/")
+    pictures = encoder_pictures(tokens, maps, "out/", title="a gorgeous, witty film")
 
-The weights are those :meth:`qkv.models.pretrained.BertEncoder.attention_maps` recomputes with
-:func:`qkv.attention_weights` for each layer (the forward stays on the efficient path). ``qkv viz
-pretrained`` and ``docs/pretrained_pictures.py`` call :func:`pretrained_pictures`. matplotlib is
-needed for the PNGs only (``page_only=True`` skips them).
+``maps`` are ``L`` tensors ``(H, N, N)``; :func:`qkv.interpret.pretrained_pictures` computes
+them for a pretrained encoder and a text (``qkv viz pretrained`` and
+``docs/pretrained_pictures.py`` call it). matplotlib is needed for the PNGs only
+(``page_only=True`` skips them).
 """
 
 from __future__ import annotations
@@ -28,12 +27,12 @@ from qkv.viz.page import write_page
 from qkv.viz.rollout import attention_rollout
 from qkv.viz.stats import HeadStats, head_stats
 
-__all__ = ["PretrainedPictures", "attention_summary", "pretrained_pictures"]
+__all__ = ["PretrainedPictures", "attention_summary", "encoder_pictures"]
 
 
 @dataclass
 class PretrainedPictures:
-    """What :func:`pretrained_pictures` computed and wrote.
+    """What :func:`encoder_pictures` computed and wrote.
 
     Attributes:
         tokens: the ``N`` wordpieces, ``[CLS]`` and ``[SEP]`` included.
@@ -91,49 +90,41 @@ def attention_summary(maps: Sequence[Tensor], tokens: Sequence[str]) -> dict[str
     }
 
 
-@torch.no_grad()
-def pretrained_pictures(
-    encoder: Any,
-    tokenizer: Any,
-    text: str,
+def encoder_pictures(
+    tokens: Sequence[str],
+    maps: Sequence[Tensor],
     out: str | os.PathLike[str],
     *,
+    title: str,
     layers: Sequence[int] | None = None,
     name: str = "pretrained encoder",
     page: bool = True,
     page_only: bool = False,
     dpi: int = 100,
-    max_length: int | None = 512,
 ) -> PretrainedPictures:
-    """Compute and write the attention pictures of ``encoder`` on ``text`` into ``out``.
+    """Compute and write the attention pictures of an encoder's ``maps`` on one text into
+    ``out`` (:func:`qkv.interpret.pretrained_pictures` computes the maps of a model).
 
     Writes ``heads_layer{i}.png`` (a grid of every head) for each layer in ``layers``,
     ``rollout.png``, ``head_stats.png``, ``summary.json`` and, with ``page``,
     ``attention.html`` (the offline interactive page, every layer).
 
     Args:
-        encoder: a :class:`~qkv.models.pretrained.BertEncoder` (put in eval mode here).
-        tokenizer: its ``tokenizers.Tokenizer``.
-        text: one non-empty text.
+        tokens: the ``N`` tokens of the text (``[CLS]`` first, ``[SEP]`` last).
+        maps: ``L`` tensors ``(H, N, N)``, each layer's attention probabilities.
         out: the folder (created).
+        title: the page's title (the text).
         layers: the layers drawn head by head (default all; 0-based).
         name: the model's name in the titles.
         page: also write the interactive page.
         page_only: write the page and the summary only (no matplotlib needed).
         dpi: resolution of the PNGs.
-        max_length: tokens kept (the encoder's positions bound it).
 
     Raises:
-        ValueError: an empty text, or a layer out of range (named).
+        ValueError: a layer out of range (named).
     """
-    from qkv.models.pretrained import encode
-
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty: there is nothing to draw")
-    encoder.eval()
-    ids, mask = encode(tokenizer, [text], max_length=max_length)
-    tokens = [tokenizer.id_to_token(int(i)) for i in ids[0]]
-    maps = [m[0].float() for m in encoder.attention_maps(ids, mask)]  # L x (H, N, N)
+    tokens = list(tokens)
+    maps = [m.float() for m in maps]  # L x (H, N, N)
     chosen = list(range(len(maps))) if layers is None else list(layers)
     bad = [i for i in chosen if not 0 <= i < len(maps)]
     if bad:
@@ -148,7 +139,7 @@ def pretrained_pictures(
     if page or page_only:
         layers_page = {f"layer {i}": m for i, m in enumerate(maps)}
         result.written.append(
-            write_page(folder / "attention.html", layers_page, tokens, tokens, title=text)
+            write_page(folder / "attention.html", layers_page, tokens, tokens, title=title)
         )
     summary_path = folder / "summary.json"
     summary_path.write_text(json.dumps(result.summary, indent=1) + "\n")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from qkv.viz._checks import as_weights, check_nonnegative, token_labels
+from qkv.viz._checks import GENERATOR_META, as_weights, check_nonnegative, token_labels
 
 __all__ = ["html_document", "shade_tokens_ansi", "shade_tokens_html"]
 
@@ -126,6 +126,7 @@ def html_document(fragments: Sequence[str], *, title: str = "qkv attention") -> 
     body = "\n".join(fragments)
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"{GENERATOR_META}\n"
         f"<title>{html.escape(title)}</title>\n<style>{_PAGE_STYLE}</style>\n</head>\n"
         f"<body>\n{body}\n</body>\n</html>\n"
     )

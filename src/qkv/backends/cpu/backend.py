@@ -13,25 +13,33 @@ functions of your own, a kernel that failed to build) it says in :meth:`CpuBacke
 
 Memory: forward keeps ``q, k, v`` (float32 copies for half types computed in float32), the
 float32 output and the log-sum-exp; backward recomputes the tiles, repacks ``q, k, v, dO`` for
-the half GEMMs, plus a ``(threads, ...)`` accumulator for a bias tensor's or a relative table's
-gradient. Never ``O(Nq * Nk)`` besides a bias the caller gave.
+the half GEMMs, plus a float64 ``(runs, ...)`` accumulator for a bias tensor's or a relative
+table's gradient (one run per thread; a fixed 8 under ``torch.use_deterministic_algorithms(True)``,
+which makes forward and backward bitwise the same on any thread count). Never ``O(Nq * Nk)``
+besides a bias the caller gave.
+
+Non-finite inputs follow :func:`qkv.attention`'s rule: the kernel's row maximum is NaN when an
+attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are NaN (in every
+path: float32, float64, the half-precision GEMMs and decoding).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.block_mask import EMPTY, UNKNOWN, BlockMask, block_mask_for, request_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
+from qkv.backends.reference import reference_attention_lse, reference_gradients
 from qkv.request import AttentionRequest
 
-__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention"]
+__all__ = ["TILE_KV", "TILE_Q", "CpuBackend", "cpu_attention", "cpu_attention_lse"]
 
 #: Default tile sizes of the kernel: a (TILE_Q, TILE_KV) float32 score tile and its K/V tiles
 #: stay in a core's L2 cache. Chosen by measurement (benchmarks/cpu_kernel.py).
@@ -112,6 +120,7 @@ class _Call:
     mod_int: Tensor
     fixed_tables: tuple[Tensor | None, ...]  # ALiBi slopes; None where a learnable table goes
     shape: tuple[int, int, int, int]  # (B, Hq, Nq, Nk)
+    request: AttentionRequest  # for a differentiable backward (reference_gradients)
 
     def tables(self, learnable: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
         out, it = [], iter(learnable)
@@ -140,7 +149,7 @@ class _CpuAttention(torch.autograd.Function):
         v: Tensor,
         bias: Tensor | None,
         *tables: Tensor,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         ops = load_kernel()
         cd = compute_dtype(q.dtype)
         half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
@@ -153,22 +162,41 @@ class _CpuAttention(torch.autograd.Function):
             call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
             call.mod_value, call.mod_int, mod_tables,
         )  # fmt: skip
-        ctx.save_for_backward(qc, kc, vc, out, lse)
+        ctx.save_for_backward(qc, kc, vc, out, lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
         ctx.call = call  # type: ignore[attr-defined]
         ctx.bias_e = bias_e  # type: ignore[attr-defined]
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)  # type: ignore[attr-defined]
         ctx.mod_tables = mod_tables  # type: ignore[attr-defined]
         ctx.table_dtypes = [t.dtype for t in tables]  # type: ignore[attr-defined]
         ctx.in_dtype = q.dtype  # type: ignore[attr-defined]
-        return out.to(q.dtype)
+        return out.to(q.dtype), lse  # lse: (B, Hq, Nq), +inf on rows attending nothing
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        ops = load_kernel()
-        qc, kc, vc, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(
+        ctx: FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None = None
+    ) -> tuple[Tensor | None, ...]:
+        qc, kc, vc, out, lse, *inputs = ctx.saved_tensors  # type: ignore[attr-defined]
+        value_dim = vc.shape[-1]
+        with_lse = grad_lse is not None and bool(grad_lse.any())
         call: _Call = ctx.call  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            if with_lse:
+                raise RuntimeError(
+                    "double backward (create_graph=True) through return_lse is not supported by "
+                    "backend 'cpu'; use backend='reference'"
+                )
+            q, k, v, bias = inputs[:4]
+            live = dataclasses.replace(call.request, q=q, k=k, v=v, bias=bias)
+            found = reference_gradients(
+                live, [t if n else None for t, n in zip(inputs, needs[1:], strict=True)],
+                grad_out, "cpu",
+            )  # fmt: skip
+            return (None, *found)
+        if with_lse:
+            assert grad_lse is not None
+            vc, out, grad_out = _with_lse_gradient(vc, out, grad_out, grad_lse, lse)
+        ops = load_kernel()
         learnable = [fixed is None for fixed in call.fixed_tables]
         n_learn = sum(learnable)
         want_tables = torch.tensor(
@@ -183,6 +211,7 @@ class _CpuAttention(torch.autograd.Function):
             call.mod_int, ctx.mod_tables, want_tables,  # type: ignore[attr-defined]
         )  # fmt: skip
         dq, dk, dv, dbias = grads[:4]
+        dv = dv[..., :value_dim]  # (the lse gradient's extra column, if any, dropped)
         dtype = ctx.in_dtype  # type: ignore[attr-defined]
         bias_out = None
         if bias_grad:
@@ -203,6 +232,22 @@ class _CpuAttention(torch.autograd.Function):
             bias_out,
             *table_out,
         )
+
+
+def _with_lse_gradient(
+    v: Tensor, out: Tensor, grad_out: Tensor, grad_lse: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``v``, ``out`` and ``dO`` with one more value column that carries the gradient ``g`` of
+    the log-sum-exp into the kernel's backward: ``d lse_i / d s_ij = P_ij`` adds ``g_i P_ij``
+    to ``dS = P * (dP - D_i)``. A column of ones in ``V`` and ``g`` in ``dO`` add ``g_i`` to
+    every ``dP_ij``; a column of zeros in ``O`` leaves ``D_i = rowsum(dO * O)`` as it was. The
+    extra column of ``dV`` is dropped. Rows attending nothing (``lse = +inf``) take none."""
+    g = torch.where(torch.isfinite(lse), grad_lse.to(out.dtype), 0.0)[..., None]
+    ones = v.new_ones(*v.shape[:3], 1)
+    v = torch.cat([v, ones], dim=-1).contiguous()  # (B, Hkv, Nk, Dv + 1)
+    out = torch.cat([out, torch.zeros_like(g)], dim=-1).contiguous()  # (B, Hq, Nq, Dv + 1)
+    grad_out = torch.cat([grad_out.to(out.dtype), g], dim=-1)  # (B, Hq, Nq, Dv + 1)
+    return v, out, grad_out
 
 
 def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
@@ -229,6 +274,7 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
         fixed_tables=tuple(fixed),
         shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
+        request=request,
     )
 
 
@@ -283,9 +329,9 @@ def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
     return best[1]
 
 
-def cpu_attention(
+def cpu_attention_lse(
     request: AttentionRequest, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Run one validated call on the compiled kernel.
 
     Args:
@@ -295,7 +341,9 @@ def cpu_attention(
 
     Returns:
         ``out (B, Hq, Nq, Dv)``, differentiable with respect to ``q, k, v``, a bias tensor and a
-        :class:`~qkv.scores.RelativePositionBias` table.
+        :class:`~qkv.scores.RelativePositionBias` table; and the log-sum-exp ``(B, Hq, Nq)`` in
+        the compute dtype, differentiable too (``-inf`` on empty rows when
+        ``request.return_lse``).
 
     Raises:
         ValueError: if the request is one the kernel cannot serve.
@@ -303,16 +351,28 @@ def cpu_attention(
     plan = plan_request(request)
     if isinstance(plan, str):
         raise ValueError(plan)
+    if request.score_elements == 0:
+        # Nothing to tile (B, Hq, Nq or Nk is 0): the formula on empty scores gives the empty
+        # or all-zero output and zero gradients, as on the chunked backend.
+        out, _, lse = reference_attention_lse(request)
+        return out, lse
     call = _call_of(request, plan, tile_q, tile_kv)
     learnable = tuple(
         m.table
         for m, fixed in zip(plan.modifiers, call.fixed_tables, strict=True)
         if fixed is None and m.table is not None
     )
-    out: Tensor = _CpuAttention.apply(
-        call, request.q, request.k, request.v, request.bias, *learnable
-    )
-    return out
+    out, lse = _CpuAttention.apply(call, request.q, request.k, request.v, request.bias, *learnable)
+    if request.return_lse:  # the kernel keeps +inf on rows attending nothing; callers get -inf
+        lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, lse
+
+
+def cpu_attention(
+    request: AttentionRequest, *, tile_q: int = TILE_Q, tile_kv: int = TILE_KV
+) -> Tensor:
+    """:func:`cpu_attention_lse` without the log-sum-exp: ``out (B, Hq, Nq, Dv)``."""
+    return cpu_attention_lse(request, tile_q=tile_q, tile_kv=tile_kv)[0]
 
 
 class CpuBackend:
@@ -371,3 +431,8 @@ class CpuBackend:
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tile_q, tile_kv = self.tile_sizes(request)
         return cpu_attention(request, tile_q=tile_q, tile_kv=tile_kv), None
+
+    def forward_lse(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
+        tile_q, tile_kv = self.tile_sizes(request)
+        out, lse = cpu_attention_lse(request, tile_q=tile_q, tile_kv=tile_kv)
+        return out, None, lse

@@ -15,6 +15,7 @@
 // Score modifiers, applied in order after an optional strided bias tensor: ALiBi, a learnable
 // relative-position table, softcap.
 #include <ATen/core/Tensor.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -46,6 +48,8 @@ namespace {
 
 constexpr int kAlibi = 0, kRelative = 1, kSoftcap = 2;
 constexpr int8_t kEmpty = 0, kFull = 2;
+// Runs of backward tasks under torch.use_deterministic_algorithms(True) (see backward_typed).
+constexpr int64_t kDeterministicRuns = 8;
 constexpr int64_t kMaxIntervals = 8;  // qkv.mask_core.MAX_INTERVALS
 
 // Column-major C (m x n) = alpha op(A) op(B) + beta C, as BLAS.
@@ -84,8 +88,10 @@ void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, c
 }
 
 // exp for float that the compiler vectorises (Cephes-style: 2^n * p(r), |r| <= ln2 / 2, about
-// 2 ulp); -inf and anything below the float range give 0. Double uses std::exp.
+// 2 ulp); -inf and anything below the float range give 0, NaN gives NaN. Double uses std::exp.
 inline float fast_exp(float x) {
+  const bool nan = x != x;
+  const float in = x;
   const bool tiny = x < -87.0f;
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = std::nearbyint(x * 1.44269504088896341f);
@@ -101,14 +107,16 @@ inline float fast_exp(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : p * scale;
+  return nan ? in : (tiny ? 0.0f : p * scale);
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 void exp_row(T* __restrict s, int n, T shift) {
+  // A masked (-inf) score is 0 even in a NaN row (shift NaN): its key gets no NaN gradient.
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int c = 0; c < n; ++c) s[c] = fast_exp(s[c] - shift);
+  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] - shift);
 }
 
 // s = exp(s - shift) in place; returns the sum of the row.
@@ -124,13 +132,91 @@ T exp_sum_row(T* __restrict s, int n, T shift) {
   return sum;
 }
 
+// The row maximum, NaN if any entry is NaN (qkv's rule: an attended NaN makes its row NaN;
+// masked entries are -inf by now, so a masked-out NaN never reaches here).
 template <typename T>
 T max_row(const T* __restrict s, int n) {
   T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int c = 0; c < n; ++c) {
+    mx = s[c] > mx ? s[c] : mx;
+    nan |= s[c] != s[c];
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
+
+// Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
+// l of each row, rescales its accumulator row, and leaves exp(s - m) in s. An attended NaN or
+// +inf score makes the row NaN (as exp(inf - inf) does in the formula): m = l = NaN, and once
+// NaN the row stays NaN and its tiles add nothing (s is zeroed).
+template <typename T>
+void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    const T tile_max = max_row(row, cols);
+    if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
+      m[r] = nan;
+      l[r] = nan;
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    const T new_max = std::max(m[r], tile_max);
+    if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
+    l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
+    m[r] = new_max;
+    if (rescale != T(1)) {
+      T* a = acc + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) a[c] *= rescale;
+    }
+  }
+}
+
+// Output rows and log-sum-exp from the accumulators of a finished row block: acc / l and
+// m + log(l); +inf lse (and zero output) on a row attending nothing, NaN output and lse on a
+// NaN row.
+template <typename T>
+void finish_rows(int rows, const T* m, const T* l, const T* acc, int64_t Dv, T* o, T* ls) {
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int r = 0; r < rows; ++r) {
+    T* orow = o + r * Dv;
+    if (std::isnan(l[r])) {
+      std::fill(orow, orow + Dv, nan);
+      ls[r] = nan;
+      continue;
+    }
+    const bool seen = l[r] > 0;
+    const T inv = seen ? T(1) / l[r] : T(0);
+    for (int64_t c = 0; c < Dv; ++c) orow[c] = acc[r * Dv + c] * inv;
+    ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<T>::infinity();
+  }
+}
+
+// Scratch memory aligned to a cache line: BLAS may take other code paths (and round
+// differently) for differently aligned buffers, and results must not depend on which thread's
+// allocation a tile lands in.
+template <typename T>
+struct Scratch {
+  T* data = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = ((std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(data != nullptr, "qkv cpu kernel: out of memory for a tile");
+    std::memset(data, 0, bytes);
+  }
+  ~Scratch() { std::free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch(Scratch&& o) noexcept : data(o.data) { o.data = nullptr; }
+  T* begin() { return data; }
+};
 
 // Everything a tile needs to build its modified, masked scores.
 template <typename T>
@@ -320,7 +406,10 @@ template <typename T>
 void forward_impl(const Problem<T>& P, T* out, T* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(P.tq * P.tk), acc(P.tq * P.Dv), m(P.tq), l(P.tq);
+    Scratch<T> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
+    T* const s = s_buf.data;
+    T* const acc = acc_buf.data;
+    std::vector<T> m(P.tq), l(P.tq);
     const int ld = static_cast<int>(P.tk), Dv = static_cast<int>(P.Dv);
     constexpr T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t task = begin; task < end; ++task) {
@@ -329,38 +418,17 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
       const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc, acc + P.tq * P.Dv, T(0));
       const T* vbase = P.v + (b * P.Hkv + h / P.G) * P.Nk * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s.data(), ld, nullptr);
-        for (int r = 0; r < rows; ++r) {
-          T* row = s.data() + static_cast<int64_t>(r) * ld;
-          const T new_max = std::max(m[r], max_row(row, cols));
-          if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-            std::fill(row, row + cols, T(0));
-            continue;
-          }
-          const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-          l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
-          m[r] = new_max;
-          if (rescale != T(1)) {
-            T* a = acc.data() + static_cast<int64_t>(r) * Dv;
-            for (int c = 0; c < Dv; ++c) a[c] *= rescale;
-          }
-        }
-        gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s.data(), ld, T(1),
-                acc.data(), Dv);
+        scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
+        gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s, ld, T(1), acc, Dv);
       }
-      T* o = out + (bh * P.Nq + q0) * P.Dv;
-      T* ls = lse + bh * P.Nq + q0;
-      for (int r = 0; r < rows; ++r) {
-        const bool seen = l[r] > 0;
-        const T inv = seen ? T(1) / l[r] : T(0);
-        for (int c = 0; c < Dv; ++c) o[r * Dv + c] = acc[r * Dv + c] * inv;
-        ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<T>::infinity();
-      }
+      finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
+                  lse + bh * P.Nq + q0);
     }
   });
 }
@@ -368,13 +436,13 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
 // The gradient with respect to the scores before the modifiers, in place: s holds P
 // (rows x cols, row stride ld) on entry and dS (unscaled) on exit, from dp = dO V^T and
 // delta = rowsum(dO * O); walks the score modifiers back and accumulates the bias's and the
-// relative tables' gradients into this thread's buffers.
+// relative tables' gradients into the float64 buffers of run `run` (see backward_typed).
 template <typename T>
 void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows,
                       int64_t k0, int cols, T* s_data, const T* dp_data, int ld,
-                      const T* delta, const std::vector<T*>& derivs, int thread, T* dbias_buf,
-                      int64_t dbias_numel, const int64_t* dbias_strides,
-                      std::vector<T*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
+                      const T* delta, const std::vector<T*>& derivs, int64_t run,
+                      double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
+                      std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
   int n_soft = 0;
   for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
   for (int r = 0; r < rows; ++r) {
@@ -397,93 +465,111 @@ void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int
       }
     } else if (kind == kRelative && dtable_bufs[m]) {
       const int64_t M = P.mod_maxd[m];
-      T* tab = dtable_bufs[m] + thread * table_numel[m] + h * (2 * M + 1);
+      double* tab = dtable_bufs[m] + run * table_numel[m] + h * (2 * M + 1);
       for (int r = 0; r < rows; ++r) {
         const T* pr = s_data + r * ld;
         const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
         const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
         const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
-        T edge_lo = 0, edge_hi = 0;
+        double edge_lo = 0, edge_hi = 0;
         for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
         for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
         tab[0] += edge_lo;
         tab[2 * M] += edge_hi;
-        T* run = tab + (base + M + c_lo);  // one bucket per column in this run
+        double* mid = tab + (base + M + c_lo);  // one bucket per column in between
 #pragma omp simd
-        for (int c = c_lo; c < c_hi; ++c) run[c - c_lo] += pr[c];
+        for (int c = c_lo; c < c_hi; ++c) mid[c - c_lo] += pr[c];
       }
     }
   }
   if (dbias_buf) {
-    T* db = dbias_buf + thread * dbias_numel;
+    double* db = dbias_buf + run * dbias_numel;
     for (int r = 0; r < rows; ++r) {
       const T* pr = s_data + r * ld;
-      T* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
+      double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
                (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
       for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
     }
   }
 }
 
+// Backward runs the tasks (b, hk) in `chunks` contiguous runs, each run by one thread in order;
+// a bias or relative table gradient is accumulated per run (in float64) and the runs are added
+// in order afterwards, so the result depends on the number of runs, never on the threads.
 template <typename T>
 void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
-                   T* dv, T* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<T*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
+                   T* dv, double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
+                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
+                   int64_t chunks) {
   const int64_t tasks = P.B * P.Hkv;
   const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
   int n_soft = 0;
   for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int thread = at::get_thread_num();
-    std::vector<T> s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq);
-    std::vector<std::vector<T>> deriv_store(n_soft, std::vector<T>(P.tq * P.tk));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    Scratch<T> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
+    T* const s = s_buf.data;
+    T* const dp = dp_buf.data;
+    std::vector<T> delta(P.tq);
+    std::vector<Scratch<T>> deriv_store;
     std::vector<T*> derivs;
-    for (auto& d : deriv_store) derivs.push_back(d.data());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / P.Hkv, hk = task % P.Hkv;
-      const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
-      const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
-      T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
-      T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
-      for (int64_t g = 0; g < P.G; ++g) {
-        const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
-        for (int64_t i = 0; i < P.nQ; ++i) {
-          const int64_t q0 = i * P.tq;
-          const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-          const T* qp = P.q + (bh * P.Nq + q0) * P.D;
-          const T* op = out + (bh * P.Nq + q0) * P.Dv;
-          const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
-          const T* lp = lse + bh * P.Nq + q0;
-          T* dqp = dq + (bh * P.Nq + q0) * P.D;
-          for (int r = 0; r < rows; ++r) {
-            T acc = 0;
-            for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
-            delta[r] = acc;
-          }
-          for (const auto& [j, full] : visits_of(P, i)) {
-            const int64_t k0 = j * P.tk;
-            const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-            scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s.data(), ld,
-                           n_soft ? &derivs : nullptr);
-            for (int r = 0; r < rows; ++r) exp_row(s.data() + r * ld, cols, lp[r]);
-            // dV += P^T dO ; dP = dO V^T
-            gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s.data(), ld, T(1),
-                    dvbase + k0 * P.Dv, Dv);
-            gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0),
-                    dp.data(), ld);
-            score_grads_tile(P, b, h, q0, rows, k0, cols, s.data(), dp.data(), ld, delta.data(),
-                             derivs, thread, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                             table_numel);
-            // dQ += scale dS K ; dK += scale dS^T Q
-            gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s.data(), ld,
-                    T(1), dqp, D);
-            gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s.data(), ld, T(1),
-                    dkbase + k0 * P.D, D);
+    for (int n = 0; n < n_soft; ++n) {
+      deriv_store.emplace_back(P.tq * P.tk);
+      derivs.push_back(deriv_store.back().data);
+    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / P.Hkv, hk = task % P.Hkv;
+        const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
+        const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
+        T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
+        T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
+        for (int64_t g = 0; g < P.G; ++g) {
+          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          for (int64_t i = 0; i < P.nQ; ++i) {
+            const int64_t q0 = i * P.tq;
+            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
+            const T* qp = P.q + (bh * P.Nq + q0) * P.D;
+            const T* op = out + (bh * P.Nq + q0) * P.Dv;
+            const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
+            const T* lp = lse + bh * P.Nq + q0;
+            T* dqp = dq + (bh * P.Nq + q0) * P.D;
+            for (int r = 0; r < rows; ++r) {
+              T acc = 0;
+              for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
+              delta[r] = acc;
+            }
+            for (const auto& [j, full] : visits_of(P, i)) {
+              const int64_t k0 = j * P.tk;
+              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+              scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, n_soft ? &derivs : nullptr);
+              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+              // dV += P^T dO ; dP = dO V^T
+              gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv,
+                      Dv);
+              gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp,
+                      ld);
+              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
+                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
+                               table_numel);
+              // dQ += scale dS K ; dK += scale dS^T Q
+              gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp,
+                      D);
+              gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D,
+                      D);
+            }
           }
         }
       }
     }
   });
+}
+
+// Sum of buf (chunks, ...) over its first dim, in order (bitwise the same on every run).
+at::Tensor sum_in_order(const at::Tensor& buf) {
+  at::Tensor total = buf.select(0, 0).clone();
+  for (int64_t c = 1; c < buf.size(0); ++c) total.add_(buf.select(0, c));
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,34 +696,16 @@ void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out
   }
 }
 
-// Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
-// l of each row, rescales its accumulator row, and leaves exp(s - m) in s.
-template <typename T>
-void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
-  constexpr T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = s + r * ld;
-    const T new_max = std::max(m[r], max_row(row, cols));
-    if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-      std::fill(row, row + cols, T(0));
-      continue;
-    }
-    const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-    l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
-    m[r] = new_max;
-    if (rescale != T(1)) {
-      T* a = acc + r * Dv;
-      for (int64_t c = 0; c < Dv; ++c) a[c] *= rescale;
-    }
-  }
-}
-
 template <typename H>
 void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out, float* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(P.tq * P.tk), acc(P.tq * P.Dv), m(P.tq), l(P.tq);
-    std::vector<H> p(P.tq * P.tk);
+    Scratch<float> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
+    Scratch<H> p_buf(P.tq * P.tk);
+    float* const s = s_buf.data;
+    float* const acc = acc_buf.data;
+    H* const p = p_buf.data;
+    std::vector<float> m(P.tq), l(P.tq);
     const int ld = static_cast<int>(P.tk), Dv = static_cast<int>(P.Dv);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % P.nQ, bh = task / P.nQ, b = bh / P.Hq, h = bh % P.Hq;
@@ -645,90 +713,95 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
       const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc, acc + P.tq * P.Dv, 0.0f);
       const H* vbase = X.v + (b * P.Hkv + h / P.G) * X.Nkp * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s.data(), ld, nullptr);
-        online_softmax_tile(s.data(), ld, rows, cols, m.data(), l.data(), acc.data(), Dv);
-        round_tile(s.data(), ld, rows, cols, 1.0f, p.data(), ld);
-        half_gemm(rows, Dv, cols + cols % 2, p.data(), ld, vbase + k0 * P.Dv, Dv, acc.data(), Dv,
-                  true);
+        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
+        round_tile(s, ld, rows, cols, 1.0f, p, ld);
+        half_gemm(rows, Dv, cols + cols % 2, p, ld, vbase + k0 * P.Dv, Dv, acc, Dv, true);
       }
-      float* o = out + (bh * P.Nq + q0) * P.Dv;
-      float* ls = lse + bh * P.Nq + q0;
-      for (int r = 0; r < rows; ++r) {
-        const bool seen = l[r] > 0;
-        const float inv = seen ? 1.0f / l[r] : 0.0f;
-        for (int c = 0; c < Dv; ++c) o[r * Dv + c] = acc[r * Dv + c] * inv;
-        ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<float>::infinity();
-      }
+      finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
+                  lse + bh * P.Nq + q0);
     }
     at::native::cpublas::brgemm_release(true);
   });
 }
 
+// As backward_impl (the same `chunks` runs and float64 reductions), on the half GEMMs.
 template <typename H>
 void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
-                   const float* lse, float* dq, float* dk, float* dv, float* dbias_buf,
+                   const float* lse, float* dq, float* dk, float* dv, double* dbias_buf,
                    int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<float*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
+                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
+                   int64_t chunks) {
   const int64_t tasks = P.B * P.Hkv;
   const int64_t Dp = P.D, Dv = P.Dv;
   const int ld = static_cast<int>(P.tk), ldt = static_cast<int>(P.tq + P.tq % 2);
   int n_soft = 0;
   for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int thread = at::get_thread_num();
-    std::vector<float> s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq);
-    std::vector<H> ds(P.tq * P.tk), t(P.tk * ldt);  // dS (rows x cols); P^T or dS^T
-    std::vector<std::vector<float>> deriv_store(n_soft, std::vector<float>(P.tq * P.tk));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    Scratch<float> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
+    Scratch<H> ds_buf(P.tq * P.tk), t_buf(P.tk * ldt);  // dS (rows x cols); P^T or dS^T
+    float* const s = s_buf.data;
+    float* const dp = dp_buf.data;
+    H* const ds = ds_buf.data;
+    H* const t = t_buf.data;
+    std::vector<float> delta(P.tq);
+    std::vector<Scratch<float>> deriv_store;
     std::vector<float*> derivs;
-    for (auto& d : deriv_store) derivs.push_back(d.data());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / P.Hkv, hk = task % P.Hkv, bk = b * P.Hkv + hk;
-      const H* vt = X.vt + bk * Dv * X.Nkp;
-      const H* kv = X.kv + bk * X.Nkp * Dp;
-      float* dkbase = dk + bk * P.Nk * Dp;
-      float* dvbase = dv + bk * P.Nk * Dv;
-      for (int64_t g = 0; g < P.G; ++g) {
-        const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
-        for (int64_t i = 0; i < P.nQ; ++i) {
-          const int64_t q0 = i * P.tq;
-          const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-          const int rows_even = rows + rows % 2;
-          const float* op = out + (bh * P.Nq + q0) * Dv;
-          const H* gp = X.g + (bh * P.Nq + q0) * Dv;
-          const H* gv = X.gv + bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
-          const H* qv = X.qv + bh * X.Nqp * Dp + q0 * Dp;
-          const float* lp = lse + bh * P.Nq + q0;
-          float* dqp = dq + (bh * P.Nq + q0) * Dp;
-          for (int r = 0; r < rows; ++r) {
-            float acc = 0;
-            for (int c = 0; c < Dv; ++c)
-              acc += static_cast<float>(gp[r * Dv + c]) * op[r * Dv + c];
-            delta[r] = acc;
-          }
-          for (const auto& [j, full] : visits_of(P, i)) {
-            const int64_t k0 = j * P.tk;
-            const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-            const int cols_even = cols + cols % 2;
-            half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s.data(), ld,
-                             n_soft ? &derivs : nullptr);
-            for (int r = 0; r < rows; ++r) exp_row(s.data() + r * ld, cols, lp[r]);
-            // dV += P^T dO ; dP = dO V^T
-            round_tile_t(s.data(), ld, rows, cols, 1.0f, t.data(), ldt);
-            half_gemm(cols, Dv, rows_even, t.data(), ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
-            half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp.data(), ld, false);
-            score_grads_tile(P, b, h, q0, rows, k0, cols, s.data(), dp.data(), ld, delta.data(),
-                             derivs, thread, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                             table_numel);
-            // dQ += scale dS K ; dK += scale dS^T Q
-            round_tile(s.data(), ld, rows, cols, P.scale, ds.data(), ld);
-            half_gemm(rows, Dp, cols_even, ds.data(), ld, kv + k0 * Dp, Dp, dqp, Dp, true);
-            round_tile_t(s.data(), ld, rows, cols, P.scale, t.data(), ldt);
-            half_gemm(cols, Dp, rows_even, t.data(), ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
+    for (int n = 0; n < n_soft; ++n) {
+      deriv_store.emplace_back(P.tq * P.tk);
+      derivs.push_back(deriv_store.back().data);
+    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / P.Hkv, hk = task % P.Hkv, bk = b * P.Hkv + hk;
+        const H* vt = X.vt + bk * Dv * X.Nkp;
+        const H* kv = X.kv + bk * X.Nkp * Dp;
+        float* dkbase = dk + bk * P.Nk * Dp;
+        float* dvbase = dv + bk * P.Nk * Dv;
+        for (int64_t g = 0; g < P.G; ++g) {
+          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          for (int64_t i = 0; i < P.nQ; ++i) {
+            const int64_t q0 = i * P.tq;
+            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
+            const int rows_even = rows + rows % 2;
+            const float* op = out + (bh * P.Nq + q0) * Dv;
+            const H* gp = X.g + (bh * P.Nq + q0) * Dv;
+            const H* gv = X.gv + bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
+            const H* qv = X.qv + bh * X.Nqp * Dp + q0 * Dp;
+            const float* lp = lse + bh * P.Nq + q0;
+            float* dqp = dq + (bh * P.Nq + q0) * Dp;
+            for (int r = 0; r < rows; ++r) {
+              float acc = 0;
+              for (int c = 0; c < Dv; ++c)
+                acc += static_cast<float>(gp[r * Dv + c]) * op[r * Dv + c];
+              delta[r] = acc;
+            }
+            for (const auto& [j, full] : visits_of(P, i)) {
+              const int64_t k0 = j * P.tk;
+              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+              const int cols_even = cols + cols % 2;
+              half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld,
+                               n_soft ? &derivs : nullptr);
+              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+              // dV += P^T dO ; dP = dO V^T
+              round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
+              half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
+              half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
+              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
+                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
+                               table_numel);
+              // dQ += scale dS K ; dK += scale dS^T Q
+              round_tile(s, ld, rows, cols, P.scale, ds, ld);
+              half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
+              round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
+              half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
+            }
           }
         }
       }
@@ -756,14 +829,14 @@ constexpr int64_t kDecodeTasks = 64;
 // A tile of `rows` rows of width `width` (row stride `width` in the source) as T: the source
 // itself when it already is T, else converted into buf.
 template <typename T, typename In>
-const T* as_compute(const In* src, int64_t rows, int64_t width, std::vector<T>& buf) {
+const T* as_compute(const In* src, int64_t rows, int64_t width, T* buf) {
   if constexpr (std::is_same_v<T, In>) {
     return src;
   } else {
     const int64_t n = rows * width;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(src[i]);
-    return buf.data();
+    return buf;
   }
 }
 
@@ -816,7 +889,8 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
   std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
   std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    T* const s = s_buf.data;
     const int ld = static_cast<int>(P.tk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / chunks, c = task % chunks, b = grp / P.Hkv, hk = grp % P.Hkv;
@@ -824,7 +898,7 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
       T* l = part_l.data() + task * rows;
       T* acc = part_acc.data() + task * rows * Dv;
       // the G heads of the group are consecutive: one (G Nq) x D block of q
-      const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf);
+      const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf.data);
       const In* kbase = k + grp * P.Nk * D;
       const In* vbase = v + grp * P.Nk * Dv;
       const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
@@ -832,35 +906,41 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
         const auto [j, full] = visits[t];
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf);
-        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf);
+        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf.data);
+        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf.data);
         if (rows <= kFewRows)
-          scores_few_rows(qg, kt, rows, cols, D, P.scale, s.data(), ld);
+          scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
         else
           gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
-                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s.data(), ld);
+                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
         for (int64_t g = 0; g < P.G; ++g)
           finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
-                           s.data() + g * P.Nq * ld, ld, nullptr);
-        online_softmax_tile(s.data(), ld, rows, cols, m, l, acc, Dv);
+                           s + g * P.Nq * ld, ld, nullptr);
+        online_softmax_tile(s, ld, rows, cols, m, l, acc, Dv);
         if (rows <= kFewRows)
-          pv_few_rows(s.data(), ld, vt, rows, cols, Dv, acc);
+          pv_few_rows(s, ld, vt, rows, cols, Dv, acc);
         else
           gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
-                  static_cast<int>(Dv), s.data(), ld, T(1), acc, static_cast<int>(Dv));
+                  static_cast<int>(Dv), s, ld, T(1), acc, static_cast<int>(Dv));
       }
     }
   });
-  // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max
+  // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max; a NaN chunk
+  // (an attended NaN or +inf score, see online_softmax_tile) makes the row NaN
   at::parallel_for(0, groups * rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> o(Dv);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t grp = idx / rows, r = idx % rows;
       T M = ninf;
-      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, part_m[(grp * chunks + c) * rows + r]);
+      bool nan_row = false;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T mc = part_m[(grp * chunks + c) * rows + r];
+        nan_row |= std::isnan(mc);
+        M = std::max(M, mc);
+      }
       T L = 0;
       std::fill(o.begin(), o.end(), T(0));
-      if (M != ninf) {
+      if (!nan_row && M != ninf) {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t at = (grp * chunks + c) * rows + r;
           if (part_m[at] == ninf) continue;
@@ -873,6 +953,11 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
       // row r of the group is query row r % Nq of head hk G + r / Nq: out is (B, Hq, Nq, Dv)
       // and the group's heads are consecutive, so the group's rows are consecutive too
       const int64_t row = grp * rows + r;
+      if (nan_row) {
+        std::fill(out + row * Dv, out + (row + 1) * Dv, std::numeric_limits<T>::quiet_NaN());
+        lse[row] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
       const bool seen = L > 0;
       const T inv = seen ? T(1) / L : T(0);
       for (int64_t d = 0; d < Dv; ++d) out[row * Dv + d] = o[d] * inv;
@@ -882,16 +967,32 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
 }
 
 // Gradient buffers of one backward call (dq, dk, dv shaped as q, k, v in the compute type T,
-// and per-thread accumulators for the bias's and the learnable tables' gradients) handed to
-// kernel(dq, dk, dv, dbias_buf, dbias_numel, dbias_strides, table_bufs, table_numel).
+// and float64 per-run accumulators for the bias's and the learnable tables' gradients) handed to
+// kernel(dq, dk, dv, dbias_buf, dbias_numel, dbias_strides, table_bufs, table_numel, chunks):
+// the kernel runs its tasks (b, hk) in `chunks` contiguous runs and accumulates run c's
+// reductions into slice c of the buffers, which are then added in order.
 template <typename T, typename Kernel>
 std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& bias, bool bias_grad,
                                        at::TensorList mod_tables, const at::Tensor& table_grad,
                                        Kernel kernel) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = P.B * P.Hkv;
+  bool reduces = bias_grad;
+  for (size_t m = 0; m < mod_tables.size(); ++m)
+    reduces |= P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
+  // Without a reduction every task writes its own gradients: one run per task. With one, a run
+  // per thread; under torch.use_deterministic_algorithms(True) a fixed number of runs, so that
+  // the sums are bitwise the same whatever the thread count.
+  int64_t chunks = std::max<int64_t>(1, tasks);
+  if (reduces) {
+    const int64_t runs = at::globalContext().deterministicAlgorithms()
+                             ? kDeterministicRuns
+                             : static_cast<int64_t>(at::get_num_threads());
+    chunks = std::max<int64_t>(1, std::min(tasks, runs));
+  }
   const auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros(q.sizes(), opts), dk = at::zeros(k.sizes(), opts),
              dv = at::zeros(v.sizes(), opts);
   at::Tensor dbias_buf;
@@ -908,26 +1009,27 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
       run *= shape[d];
     }
     numel = run;
-    std::vector<int64_t> buf_shape{threads};
+    std::vector<int64_t> buf_shape{chunks};
     buf_shape.insert(buf_shape.end(), shape.begin(), shape.end());
-    dbias_buf = at::zeros(buf_shape, opts);
+    dbias_buf = at::zeros(buf_shape, f64);
   }
   std::vector<at::Tensor> table_bufs;
-  std::vector<T*> table_ptrs;
+  std::vector<double*> table_ptrs;
   std::vector<int64_t> table_numel;
   for (size_t m = 0; m < mod_tables.size(); ++m) {
     const bool want = P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
-    std::vector<int64_t> shape{threads};
+    std::vector<int64_t> shape{chunks};
     for (auto s : mod_tables[m].sizes()) shape.push_back(s);
-    table_bufs.push_back(want ? at::zeros(shape, opts) : at::Tensor());
-    table_ptrs.push_back(want ? table_bufs.back().data_ptr<T>() : nullptr);
+    table_bufs.push_back(want ? at::zeros(shape, f64) : at::Tensor());
+    table_ptrs.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
     table_numel.push_back(mod_tables[m].numel());
   }
   kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-         bias_grad ? dbias_buf.data_ptr<T>() : nullptr, numel, strides, table_ptrs, table_numel);
+         bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
+         table_numel, chunks);
   const at::Tensor none = at::empty({0}, opts);
-  std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? dbias_buf.sum(0) : none};
-  for (auto& t : table_bufs) result.push_back(t.defined() ? t.sum(0) : none);
+  std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? sum_in_order(dbias_buf) : none};
+  for (auto& t : table_bufs) result.push_back(t.defined() ? sum_in_order(t) : none);
   return result;
 }
 
@@ -939,11 +1041,12 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        bool bias_grad, at::TensorList mod_tables,
                                        const at::Tensor& table_grad) {
   return backward_typed(P, q, k, v, bias, bias_grad, mod_tables, table_grad,
-                        [&](T* dq, T* dk, T* dv, T* dbias, int64_t numel, const int64_t* strides,
-                            std::vector<T*>& tables, const std::vector<int64_t>& table_numel) {
+                        [&](T* dq, T* dk, T* dv, double* dbias, int64_t numel,
+                            const int64_t* strides, std::vector<double*>& tables,
+                            const std::vector<int64_t>& table_numel, int64_t chunks) {
                           backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(),
                                         gout.data_ptr<T>(), dq, dk, dv, dbias, numel, strides,
-                                        tables, table_numel);
+                                        tables, table_numel, chunks);
                         });
 }
 
@@ -1023,10 +1126,10 @@ std::vector<at::Tensor> backward_half_typed(
   const at::Tensor outp = pad_even(out, 3).contiguous();
   auto grads = backward_typed(
       P, call.q, kp, vp, bias, bias_grad, mod_tables, table_grad,
-      [&](float* dq, float* dk, float* dv, float* dbias, int64_t numel, const int64_t* strides,
-          std::vector<float*>& tables, const std::vector<int64_t>& table_numel) {
+      [&](float* dq, float* dk, float* dv, double* dbias, int64_t numel, const int64_t* strides,
+          std::vector<double*>& tables, const std::vector<int64_t>& table_numel, int64_t chunks) {
         backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv,
-                      dbias, numel, strides, tables, table_numel);
+                      dbias, numel, strides, tables, table_numel, chunks);
       });
   grads[0] = grads[0].narrow(3, 0, q.size(3));
   grads[1] = grads[1].narrow(3, 0, k.size(3));

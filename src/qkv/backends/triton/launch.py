@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from qkv.backends.triton import kernels
 from qkv.backends.triton.plan import MaskPlan, mask_plan
@@ -240,8 +240,12 @@ class _TritonAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients have no graph
+            raise RuntimeError(
+                "double backward (create_graph=True) is not supported by backend 'triton'; "
+                "use backend='chunked' or 'reference'"
+            )
         q, k, v, bias, out, lse2 = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _backward(ctx.call, q, k, v, bias, out, lse2, dout, bias_grad)

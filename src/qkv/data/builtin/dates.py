@@ -52,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INSTALL = "pip install 'babel>=2.14'  (or: pip install 'qkv[data]')"
+INSTALL = "pip install 'babel>=2.14'  (or: pip install -e '.[data]')"
 
 #: Locales with spelled-out month names in Latin, Cyrillic and Greek script: varied word orders
 #: (day-month-year, month-day-year, year-month-day), genitive month forms, abbreviations.

@@ -33,7 +33,7 @@ __all__ = ["AlignedNumber", "aligned_numbers", "digit_counts", "load_numbers"]
 
 logger = logging.getLogger(__name__)
 
-INSTALL = "pip install 'num2words>=0.5.13'  (or: pip install 'qkv[data]')"
+INSTALL = "pip install 'num2words>=0.5.13'  (or: pip install -e '.[data]')"
 _SPLITS = ("test", "validation", "train")  # drawing order: held-out data first
 
 

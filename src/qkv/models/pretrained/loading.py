@@ -7,21 +7,26 @@ copied into qkv's modules by name (:func:`~qkv.models.pretrained.bert.hf_tensor_
 
 Named models (:data:`NAMED_MODELS`) resolve to the folder an installed package ships, located
 with ``importlib.util.find_spec`` without importing the package.
+
+:func:`load_pretrained` also loads decoders (``"smollm2"``, a ``.gguf`` file, a Llama folder)
+through :func:`~qkv.models.pretrained.decoder.load_decoder`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
+from qkv.models.pretrained._common import NamedModel, PretrainedError, package_folder
 from qkv.models.pretrained.bert import BertConfig, BertEncoder, hf_tensor_names
+from qkv.models.pretrained.chat import ChatTokenizer
+from qkv.models.pretrained.decoder import NAMED_DECODERS, is_decoder, load_decoder
+from qkv.models.pretrained.llama import LlamaDecoder
 
 __all__ = [
     "NAMED_MODELS",
@@ -40,20 +45,6 @@ TOKENIZER_FILE = "tokenizer.json"
 SUPPORTED_TYPES = ("bert",)
 _IGNORED_PREFIXES = ("pooler.", "cls.")  # the pooler and pretraining heads are not the encoder
 _IGNORED_NAMES = ("embeddings.position_ids",)  # a buffer older checkpoints saved
-
-
-class PretrainedError(ValueError):
-    """A pretrained model that cannot be found or read: the message says what to do."""
-
-
-@dataclass(frozen=True)
-class NamedModel:
-    """A pretrained model shipped inside an installable package."""
-
-    package: str
-    subfolder: str
-    install: str
-    description: str
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -75,14 +66,19 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Path:
             installed (the message gives the ``pip install`` line), or a missing file.
     """
     text = os.fspath(name_or_path)
+    if text in NAMED_DECODERS:
+        raise PretrainedError(
+            f"{text!r} is a decoder (text generation), not an encoder; the named encoders are "
+            f"{', '.join(sorted(NAMED_MODELS))}"
+        )
     if text in NAMED_MODELS:
-        folder = _package_folder(text, NAMED_MODELS[text])
+        folder = package_folder(text, NAMED_MODELS[text])
     else:
         folder = Path(text)
         if not folder.is_dir():
             raise PretrainedError(
                 f"{text}: no such folder, and not a named pretrained model "
-                f"(known: {', '.join(sorted(NAMED_MODELS))})"
+                f"(known: {', '.join(sorted({*NAMED_MODELS, *NAMED_DECODERS}))})"
             )
     for file in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
         if not (folder / file).is_file():
@@ -91,17 +87,6 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Path:
                 f"{WEIGHTS_FILE} and {TOKENIZER_FILE})"
             )
     return folder
-
-
-def _package_folder(name: str, model: NamedModel) -> Path:
-    spec = importlib.util.find_spec(model.package)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise PretrainedError(
-            f"pretrained model {name!r} ({model.description}) needs the package "
-            f"{model.package}: {model.install}"
-        )
-    return Path(locations[0]) / model.subfolder
 
 
 def load_hf_config(folder: str | os.PathLike[str]) -> BertConfig:
@@ -196,10 +181,25 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     return tokenizer
 
 
+@overload
 def load_pretrained(
-    name_or_path: str | os.PathLike[str], *, backend: str = "auto"
-) -> tuple[BertEncoder, Any]:
-    """A pretrained encoder and its tokenizer, from a named model or an HF-layout folder.
+    name_or_path: Literal["smollm2"], *, backend: str = "auto"
+) -> tuple[LlamaDecoder, ChatTokenizer]: ...
+
+
+@overload
+def load_pretrained(
+    name_or_path: Literal["minilm"], *, backend: str = "auto"
+) -> tuple[BertEncoder, Any]: ...
+
+
+@overload
+def load_pretrained(name_or_path: str | os.PathLike[str], *, backend: str = "auto") -> Any: ...
+
+
+def load_pretrained(name_or_path: str | os.PathLike[str], *, backend: str = "auto") -> Any:
+    """A pretrained encoder or decoder and its tokenizer, from a named model, an HF-layout
+    folder or a GGUF file.
 
     ::
 
@@ -208,18 +208,24 @@ def load_pretrained(
 
     Args:
         name_or_path: ``"minilm"`` (see :data:`NAMED_MODELS`) or a folder with ``config.json``,
-            ``model.safetensors`` and ``tokenizer.json``.
+            ``model.safetensors`` and ``tokenizer.json``; or a decoder: ``"smollm2"`` (see
+            :data:`~qkv.models.pretrained.decoder.NAMED_DECODERS`), a ``.gguf`` file or a
+            folder of a Llama model (see :func:`~qkv.models.pretrained.decoder.load_decoder`).
         backend: the :func:`qkv.attention` backend of every layer; change it later with
             ``encoder.backend = "chunked"``.
 
     Returns:
         ``(encoder, tokenizer)``: the :class:`BertEncoder` in eval mode on the CPU in float32,
-        and a ``tokenizers.Tokenizer``.
+        and a ``tokenizers.Tokenizer``; for a decoder ``(model, tokenizer)``, a
+        :class:`~qkv.models.pretrained.llama.LlamaDecoder` and a
+        :class:`~qkv.models.pretrained.chat.ChatTokenizer`.
 
     Raises:
         PretrainedError: see :func:`resolve_pretrained` and :func:`load_hf_config`; a tensor
             missing from the weights or of the wrong shape (named), or an unknown tensor.
     """
+    if is_decoder(name_or_path):
+        return load_decoder(name_or_path, backend=backend)
     folder = resolve_pretrained(name_or_path)
     config = load_hf_config(folder)
     encoder = BertEncoder(config, backend=backend)

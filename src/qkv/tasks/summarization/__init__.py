@@ -3,9 +3,9 @@
 ::
 
     from qkv.tasks import train_task
-    from qkv.tasks.summarization import SummarizationSetup, Summarizer, evaluate_summarizer
+    from qkv.tasks.summarization import SummarizationSettings, Summarizer, evaluate_summarizer
 
-    settings = SummarizationSetup(data="builtin:docstrings")
+    settings = SummarizationSettings(data="builtin:docstrings")
     train_task("summarization", settings, TrainConfig(max_minutes=20), "runs/doc")
     summarizer = Summarizer.load("runs/doc")
     summarizer.summarize(["Return the sum of the items; raise ValueError if empty."])
@@ -34,6 +34,7 @@ from qkv.tasks.summarization.inference import Summarizer, Summary, evaluate_summ
 from qkv.tasks.summarization.metrics import lead_baseline, rouge_scores
 from qkv.tasks.summarization.task import (
     SPEC,
+    SummarizationSettings,
     SummarizationSetup,
     SummarizationSpec,
     SummarizationTask,
@@ -53,6 +54,7 @@ __all__ = [
     "EncodedText",
     "PointerBatch",
     "PointerDataset",
+    "SummarizationSettings",
     "SummarizationSetup",
     "SummarizationSpec",
     "SummarizationTask",

@@ -38,6 +38,7 @@ from qkv.train import LossOutput, read_config
 
 __all__ = [
     "SPEC",
+    "SummarizationSettings",
     "SummarizationSetup",
     "SummarizationSpec",
     "SummarizationTask",
@@ -108,7 +109,7 @@ def _unwrap(model: nn.Module) -> PointerGenerator:
 
 
 @dataclass(frozen=True)
-class SummarizationSetup(Settings):
+class SummarizationSettings(Settings):
     """What to build before training (saved in ``config.json`` under ``"summarization"``).
 
     Attributes:
@@ -148,17 +149,21 @@ class SummarizationSetup(Settings):
             raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
 
 
+#: The earlier name of :class:`SummarizationSettings` (kept so existing code keeps working).
+SummarizationSetup = SummarizationSettings
+
+
 def lead_sentences_for(data: str) -> int:
     """Sentences of the lead baseline: three for ``aclsum`` / ``aclsum-summary`` (lead-3,
     as their abstracts' summaries are several sentences), else one."""
     return 3 if data in ("builtin:aclsum", "builtin:aclsum-summary") else 1
 
 
-class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
+class SummarizationSpec(TaskSpec[SummarizationSettings, Summarizer]):
     """Summarization as a :class:`~qkv.tasks.base.TaskSpec`: ROUGE of the model and the lead."""
 
     name = TASK_NAME
-    settings_type = SummarizationSetup
+    settings_type = SummarizationSettings
     summary = "abstractive summarization with a pointer-generator (See et al. 2017)"
     metric_name = "ROUGE-L"
     default_steps = 3000
@@ -211,7 +216,7 @@ class SummarizationSpec(TaskSpec[SummarizationSetup, Summarizer]):
         )
 
     def prepare(
-        self, settings: SummarizationSetup, splits: Splits[Pair], *, folder: Path | None
+        self, settings: SummarizationSettings, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
         if folder is not None:
             tokenizer = TextTokenizer.load(folder / "tokenizer.json")

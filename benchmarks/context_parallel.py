@@ -1,0 +1,174 @@
+"""Context parallelism on the CPU: P gloo processes against one process, forward + backward.
+
+    python benchmarks/context_parallel.py --n 32768 --mask causal --world 2 --threads 1
+    python benchmarks/context_parallel.py --n 32768 --mask causal --world 1 --threads 2
+    python benchmarks/context_parallel.py --n 65536 --mask window --window 4096 --world 2
+    python benchmarks/context_parallel.py --fit-mib 2048 --world 4 --mask causal
+
+Each rank reports the wall time of ``--repeat`` forward+backward passes (after a warm-up on a
+short sequence, which loads the kernel), its peak resident memory above what it held with its
+inputs in place (``ru_maxrss``: the attention's own peak, activations, gradients and buffers),
+and the bytes it sent per pass, beside the formula of ``docs/parallel.md``. ``--world 1`` runs plain :func:`qkv.attention` on the whole sequence.
+``--fit-mib`` doubles ``N`` from ``--n`` while the peak of the most loaded rank stays within the
+budget and prints the longest ``N`` that fitted.
+
+Run it on a quiet machine: the figures of a shared machine measure the other jobs too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _inputs(args: argparse.Namespace, n: int, world: int, rank: int) -> list[torch.Tensor]:
+    """This rank's shards (random values; the whole sequence is never built, so it does not
+    count in the memory peak)."""
+    from qkv.parallel import SequenceLayout
+
+    length = SequenceLayout(n, world, args.layout).shard_length(rank)
+    g = torch.Generator().manual_seed(rank)
+    heads = (args.heads, args.kv_heads, args.kv_heads)
+    return [torch.randn(1, h, length, args.dim, generator=g).requires_grad_() for h in heads]
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from qkv import masks
+
+    if args.mask == "causal":
+        return {"causal": True}
+    return {"mask": masks.sliding_window(args.window - 1)}
+
+
+def _formula(args: argparse.Namespace, n: int, world: int) -> int:
+    """Bytes the most loaded rank sends in forward + backward by the formulas of
+    docs/parallel.md: ``b`` is one shard's K and V (float32, so its gradient is ``b`` too)."""
+    if world == 1:
+        return 0
+    block = args.kv_heads * -(-n // world) * 2 * args.dim * 4
+    if args.method == "all_gather":
+        return 4 * (world - 1) * block  # gather, gather again, all-reduce of P gradients
+    if args.mask == "window" and args.window <= n // world:
+        return (4 if world > 2 else 2) * block  # one hop; block + gradient, gradient home
+    return (3 * (world - 1) + 1) * block  # P - 1 hops; again with gradients; gradient home
+
+
+def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out: str) -> None:
+    torch.set_num_threads(args.threads)
+    import qkv
+    from qkv import parallel as CP
+
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+    opts = _options(args)
+    stats = CP.CommStats()
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        if world == 1:
+            o = qkv.attention(q, k, v, **opts)
+        else:
+            o = CP.attention(
+                q, k, v, layout=args.layout, method=args.method, lengths=(length, length),
+                stats=stats, **opts,
+            )  # fmt: skip
+        o.sum().backward()
+
+    # Warm-up on a small sequence: loads the CPU kernel and the communication buffers, so the
+    # resident-memory peak below is the attention's own.
+    small = 128 * world
+    step(*_inputs(args, small, world, rank), small)
+    stats.events.clear()
+    q, k, v = _inputs(args, n, world, rank)
+    before = _current_mib()
+    start = time.perf_counter()
+    for _ in range(args.repeat):
+        step(q, k, v, n)
+    seconds = (time.perf_counter() - start) / args.repeat
+    sent = stats.bytes_sent() // args.repeat
+    record = {
+        "rank": rank,
+        "world": world,
+        "threads": args.threads,
+        "n": n,
+        "mask": args.mask,
+        "method": args.method,
+        "layout": args.layout,
+        "seconds": seconds,
+        "peak_mib_above_start": _rss_mib() - before,
+        "bytes_sent": sent,
+        "bytes_formula": _formula(args, n, world),
+    }
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(json.dumps(record))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def measure(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = f"/tmp/qkv_cp_bench_{os.getpid()}"
+    mp.spawn(_run, args=(args.world, port, args, n, out), nprocs=args.world, join=True)
+    records = []
+    for rank in range(args.world):
+        with open(f"{out}.{rank}") as f:
+            records.append(json.loads(f.read()))
+        os.remove(f"{out}.{rank}")
+    return records
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--mask", choices=["causal", "window"], default="causal")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--method", choices=["ring", "all_gather"], default="ring")
+    parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--fit-mib", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.fit_mib is None:
+        for record in measure(args, args.n):
+            print(json.dumps(record))
+        return 0
+    n, fitted = args.n, None
+    while True:
+        peak = max(r["peak_mib_above_start"] for r in measure(args, n))
+        print(json.dumps({"n": n, "world": args.world, "peak_mib": peak}))
+        if peak > args.fit_mib:
+            break
+        fitted, n = n, 2 * n
+    print(json.dumps({"world": args.world, "budget_mib": args.fit_mib, "longest_n": fitted}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
