@@ -13,8 +13,15 @@ stated in. Contestants:
 - ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask built
   before the timed calls (forward only: FlexAttention has no backward on the CPU).
 
+Each row also gives the cpu kernel's useful-work throughput (4 D flops per attended query-key
+pair and head forward, 3.5 times that forward+backward) as a fraction of the matmul rate of the
+dtype measured in the same rounds (a square 1536^3 ``torch.matmul`` in that dtype on the same
+threads, timed as one more contestant, so that a loaded machine slows the yardstick too).
+
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py            # the full table
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --quick    # N=4096 cases only
+    OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --dtype bfloat16 --sizes 4096
+    OMP_NUM_THREADS=2 python benchmarks/cpu_kernel.py --decode     # decoding, GB/s of K/V
 """
 
 from __future__ import annotations
@@ -36,13 +43,36 @@ from qkv.backends import select_backend
 from qkv.request import build_request
 
 B, H, D = 1, 8, 64
+DTYPE = torch.float32  # --dtype
+MM = 1536  # the yardstick matmul's size
 
 
 def inputs(n: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     return tuple(  # type: ignore[return-value]
-        torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)
+        torch.randn(B, H, n, D, generator=g).to(DTYPE).requires_grad_(grad) for _ in range(3)
     )
+
+
+def attended_pairs(kind: str, n: int) -> int:
+    """Query-key pairs the case's mask keeps, per head."""
+    if kind == "causal":
+        return n * (n + 1) // 2
+    if kind in ("window", "documents"):
+        x = torch.empty(1, 1, n, 1)
+        request = build_request(x, x, x, **case_kwargs(kind, n))
+        total = 0
+        for lo in range(0, n, 1024):
+            tile = request.mask_tile((lo, min(lo + 1024, n)), request.full_kv)
+            assert tile is not None
+            total += int(tile.sum())
+        return total
+    return n * n
+
+
+def useful_flops(kind: str, n: int, mode: str) -> float:
+    forward = 4.0 * D * B * H * attended_pairs(kind, n)
+    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def case_kwargs(kind: str, n: int) -> dict[str, Any]:
@@ -70,7 +100,7 @@ def dense_of(q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
     request = build_request(q.detach(), k.detach(), k.detach(), **kwargs)
     n = q.shape[2]
     if request.score_mod is not None:
-        out = torch.empty(1, H, n, n)
+        out = torch.empty(1, H, n, n, dtype=DTYPE)
         with torch.no_grad():
             for lo in range(0, n, 512):
                 rows = (lo, min(lo + 512, n))
@@ -162,6 +192,8 @@ CASES: list[tuple[str, int, str, list[str]]] = [
     ("documents", 16384, "fwd", ["cpu", "flex", "sdpa", "auto", "chunked"]),
     ("causal", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
     ("none", 4096, "fwd", ["cpu", "sdpa", "flex", "auto", "chunked"]),
+    ("causal", 4096, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
+    ("none", 4096, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("window", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("documents", 16384, "fwd+bwd", ["cpu", "sdpa", "auto", "chunked"]),
     ("alibi", 4096, "fwd", ["cpu", "sdpa", "flex", "auto"]),
@@ -170,31 +202,108 @@ CASES: list[tuple[str, int, str, list[str]]] = [
 ]
 
 
+def memory_bandwidth(megabytes: int = 256, rounds: int = 5) -> float:
+    """Bytes/s of the best of ``rounds`` sums over a float32 tensor of ``megabytes``."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+#: Decoding: (B, Nq, Nk) with GQA 32/8 and D = 128.
+DECODE_CASES = [(1, 1, 4096), (1, 8, 4096), (8, 1, 4096), (1, 1, 32768), (1, 8, 32768)]
+
+
+def decode_calls(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """The new queries see every cached key and each other causally (bottom-right aligned)."""
+    nq, nk = q.shape[2], k.shape[2]
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)  # SDPA's is_causal is top-left
+    sdpa_mask = None if nq == 1 else keep
+    return {
+        "cpu": lambda: qkv.attention(q, k, v, backend="cpu", causal="bottom_right"),
+        "sdpa": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask, enable_gqa=True
+        ),
+    }
+
+
+def decode_table(rounds: int) -> None:
+    """Few queries against a long K/V cache: cpu against SDPA (``enable_gqa``), as the bytes of
+    K and V read per second and their fraction of the measured memory bandwidth."""
+    bandwidth = memory_bandwidth()
+    print(f"memory read bandwidth (sum over 256 MB, best of 5): {bandwidth / 1e9:.1f} GB/s")
+    hq, hkv, d = 32, 8, 128
+    for b, nq, nk in DECODE_CASES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(b, hq, nq, d, generator=g).to(DTYPE)
+        k, v = (torch.randn(b, hkv, nk, d, generator=g).to(DTYPE) for _ in range(2))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        calls = decode_calls(q, k, v)
+        med = interleaved(calls, rounds)
+        cells = "  ".join(
+            f"{name} {sec * 1e3:,.2f} ms = {kv_bytes / sec / 1e9:.1f} GB/s "
+            f"({kv_bytes / sec / bandwidth:.0%})"
+            for name, sec in med.items()
+        )
+        print(f"decode B={b} Nq={nq} Nk={nk}: {cells}  sdpa/cpu {med['sdpa'] / med['cpu']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="only the N=4096 cases")
     parser.add_argument("--only", nargs="*", help="case kinds to run (window, documents, ...)")
+    parser.add_argument("--sizes", nargs="*", type=int, help="sequence lengths to run")
+    parser.add_argument("--skip", nargs="*", default=[], help="contestants to leave out")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--decode", action="store_true", help="only the decoding table")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     load = os.getloadavg()[0]
     threads = torch.get_num_threads()
-    print(f"load average {load:.2f}, torch threads {threads}, rounds {args.rounds}")
+    print(f"load average {load:.2f}, torch threads {threads}, rounds {args.rounds}, {args.dtype}")
     from qkv.backends.cpu import kernel_status
+    from qkv.backends.cpu.backend import precision_note
 
     status = kernel_status()
     print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
+    if (note := precision_note(DTYPE, 64, 256)) is not None:
+        print(f"cpu kernel computes: {note}")
+    if args.decode:
+        decode_table(args.rounds)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        return
     rows = []
     for kind, n, mode, names in CASES:
         if (args.quick and n > 4096) or (args.only and kind not in args.only):
             continue
+        if args.sizes and n not in args.sizes:
+            continue
+        names = [name for name in names if name not in args.skip]
         print(f"{kind} N={n} {mode}", flush=True)
-        med = interleaved(contestants(kind, n, mode, names), args.rounds)
+        calls = contestants(kind, n, mode, names)
+        a, b = torch.randn(MM, MM).to(DTYPE), torch.randn(MM, MM).to(DTYPE)
+        calls["matmul"] = lambda a=a, b=b: a @ b
+        med = interleaved(calls, args.rounds)
+        mm = 2 * MM**3 / med.pop("matmul")
         cells = "  ".join(f"{name} {sec * 1e3:,.1f} ms" for name, sec in med.items())
+        rate = useful_flops(kind, n, mode) / med["cpu"]
+        cells += (
+            f"\n    cpu useful work {rate / 1e9:,.1f} GFLOP/s = {rate / mm:.0%} of the "
+            f"{args.dtype} matmul rate in the same rounds ({mm / 1e9:,.0f} GFLOP/s)"
+        )
         ratios = []
         if "flex" in med:
             ratios.append(f"cpu/flex {med['cpu'] / med['flex']:.2f}x")
-        ratios.append(f"sdpa/cpu {med['sdpa'] / med['cpu']:.1f}x")
-        ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
+        if "sdpa" in med:
+            ratios.append(f"cpu/sdpa {med['cpu'] / med['sdpa']:.2f}x")
+            if "auto" in med:
+                ratios.append(f"auto/sdpa {med['auto'] / med['sdpa']:.2f}x")
         print(f"    {cells}\n    {'  '.join(ratios)}", flush=True)
         rows.append((kind, n, mode, med))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

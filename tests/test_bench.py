@@ -64,6 +64,7 @@ def test_bench_smoke_writes_table_json_and_plot(
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "x sdpa" in captured.out and "4/4" in captured.err
+    assert "float32 matmul, same run:" in captured.out and "% mm" in captured.out
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert len(rows) == 4 and all(r["error"] is None and r["seconds"] > 0 for r in rows)
     assert {r["ratio_to_sdpa"] for r in rows if r["backend"] == "sdpa"} == {1.0}
@@ -241,6 +242,10 @@ def test_rates_as_a_share_of_the_matmul_rate_measured_in_the_run() -> None:
     assert table.splitlines()[3].split()[4:6] == ["1.0", "400.0"]
     assert table.splitlines()[3].endswith("50%")
     assert "GFLOP/s" in format_table([fast]) and "% mm" not in format_table([fast])
+    # the CPU: the run's dtype, in GFLOP/s
+    cpu = format_table([fast], 0.1, matmul_dtype="float32", tera=False)
+    assert "float32 matmul, same run: 100 GFLOP/s" in cpu and "% mm" in cpu
+    assert cpu.splitlines()[3].endswith("50%")  # the share filled in above
 
 
 def test_flex_compile_time_is_reported_on_its_own_line() -> None:

@@ -42,8 +42,9 @@ from qkv import masks, scores
 from qkv.backends import get_backend, select_backend
 from qkv.backends.block_mask import build_block_mask
 from qkv.backends.cpu import CpuBackend, build, kernel_status
+from qkv.backends.cpu import backend as cpu_backend
 from qkv.backends.cpu.backend import TILE_Q as KERNEL_TILE_Q
-from qkv.backends.cpu.backend import choose_tiles
+from qkv.backends.cpu.backend import choose_tiles, half_gemm_reason, precision_note, uses_half_gemm
 from qkv.request import build_request
 
 TILE_Q, TILE_KV = 4, 8
@@ -312,14 +313,15 @@ def test_auto_takes_the_kernel_for_a_long_sliding_window(small_tiles: CpuBackend
     assert select_backend(request).backend.name == "cpu"
 
 
-def test_grouped_heads_in_threads_match_one_thread() -> None:
-    x = random_inputs(2, 6, 2, 40, 50, 8, seed=9).to(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_heads_in_threads_match_one_thread(dtype: torch.dtype) -> None:
+    x = random_inputs(2, 6, 2, 40, 50, 8, seed=9).to(dtype)
     outs = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y = x.to(torch.float32)
+            y = x.to(dtype)
             out = qkv.attention(y.q, y.k, y.v, backend="cpu", causal=True)
             out.sum().backward()
             outs.append([out.detach(), y.q.grad, y.k.grad, y.v.grad])
@@ -327,6 +329,114 @@ def test_grouped_heads_in_threads_match_one_thread() -> None:
         torch.set_num_threads(threads)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+BF16_GEMM = half_gemm_reason(torch.bfloat16)
+needs_bf16_gemm = pytest.mark.skipif(
+    BF16_GEMM is not None, reason=f"no bfloat16 GEMM on this CPU: {BF16_GEMM}"
+)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((1, 4, 2, 67, 300, 64, 64), {"causal": "bottom_right", "mask": masks.sliding_window(100)}),
+        ((2, 2, 1, 33, 45, 7, 5), {}),  # odd head dims and lengths: zero padding to even
+        ((1, 2, 2, 70, 70, 16, 16), {"bias": "alibi", "causal": True}),
+    ],
+    ids=["window_gqa", "odd_dims", "alibi"],
+)
+def test_bfloat16_on_the_half_gemms_with_shipped_tiles(
+    small_tiles: CpuBackend, shape: tuple[int, ...], options: dict[str, object]
+) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None  # the shipped sizes (64 x 256/128/64)
+    x = random_inputs(*shape, seed=11)
+    options = dict(options)
+    bias = scores.alibi(shape[1]) if options.pop("bias", None) == "alibi" else None
+    y = x.to(torch.bfloat16, requires_grad=False)
+    request = build_request(y.q, y.k, y.v, **options)  # type: ignore[arg-type]
+    assert uses_half_gemm(torch.bfloat16, *small_tiles.tile_sizes(request))
+    compare(x, torch.bfloat16, 11, bias=bias, **options)
+
+
+@needs_bf16_gemm
+def test_bfloat16_runs_on_the_half_gemms_and_explain_says_so(
+    small_tiles: CpuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = random_inputs(1, 2, 1, 20, 24, 8, seed=12).to(torch.bfloat16, requires_grad=False)
+    note = str(qkv.explain(x.q, x.k, x.v, backend="cpu", causal=True))
+    assert "bfloat16 GEMMs with float32 accumulation" in note
+    on_gemms = qkv.attention(x.q, x.k, x.v, backend="cpu", causal=True)
+    monkeypatch.setitem(cpu_backend._half_reasons, torch.bfloat16, "switched off")
+    in_float32 = qkv.attention(x.q, x.k, x.v, backend="cpu", causal=True)
+    # P rounded to bfloat16 before P V: not the float32 computation, bit for bit
+    assert not torch.equal(on_gemms, in_float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_without_its_gemm_computes_in_float32_and_says_why(
+    small_tiles: CpuBackend, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setitem(cpu_backend._half_reasons, dtype, "no such unit (test)")
+    x = random_inputs(1, 2, 1, 21, 30, 8, seed=13)
+    compare(x, dtype, 13, causal=True)
+    y = x.to(dtype, requires_grad=False)
+    note = str(qkv.explain(y.q, y.k, y.v, backend="cpu", causal=True))
+    assert "computed in float32 BLAS" in note and "no such unit (test)" in note
+
+
+@needs_bf16_gemm
+def test_odd_tiles_compute_bfloat16_in_float32(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q, small_tiles.tile_kv = 3, 8  # VNNI pairs rows: odd tiles cannot
+    x = random_inputs(1, 2, 2, 17, 19, 8, seed=14)
+    compare(x, torch.bfloat16, 14, mask=masks.sliding_window(4))
+    y = x.to(torch.bfloat16, requires_grad=False)
+    note = str(qkv.explain(y.q, y.k, y.v, backend="cpu"))
+    assert "odd tile sizes (3, 8)" in note
+
+
+def test_float_dtypes_have_no_precision_note() -> None:
+    assert precision_note(torch.float32, 64, 256) is None
+    assert half_gemm_reason(torch.float32) == "torch.float32 is not a half-precision type"
+
+
+DECODE_MASKS = {
+    "none": {},
+    "causal": {"causal": "bottom_right"},
+    "window": {"causal": "bottom_right", "mask": masks.sliding_window(40)},
+    "key_padding": {"mask": masks.key_padding(torch.tensor([301, 97]))},
+    "nothing_to_attend": {"mask": masks.key_padding(torch.tensor([0, 150]))},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q", [1, 3])
+@pytest.mark.parametrize("mask_kind", list(DECODE_MASKS))
+def test_decoding_splits_keys_and_reads_each_group_once(
+    dtype: torch.dtype, n_q: int, mask_kind: str
+) -> None:
+    # one query tile against 38 key tiles: the decoding path, its keys in several chunks, the
+    # 4 query heads of each kv head stacked; the lse it returns feeds the backward
+    x = random_inputs(2, 8, 2, n_q, 301, 8, 6, seed=15)
+    compare(x, dtype, 15, **DECODE_MASKS[mask_kind])
+
+
+def test_decoding_with_the_shipped_tiles(small_tiles: CpuBackend) -> None:
+    small_tiles.tile_q = small_tiles.tile_kv = None
+    x = random_inputs(1, 8, 2, 2, 3000, 32, seed=16)
+    compare(x, torch.float32, 16, causal="bottom_right")
+
+
+def test_auto_takes_the_kernel_for_grouped_decoding() -> None:
+    # a few queries against a long cache are priced by the bytes of K and V they read: SDPA
+    # reads them once per query head, the kernel once per group of heads
+    q = torch.randn(1, 32, 1, 64)
+    k = torch.randn(1, 8, 16384, 64)
+    request = build_request(q, k, k, causal="bottom_right")
+    selection = select_backend(request)
+    assert selection.backend.name == "cpu"
+    assert selection.costs["sdpa"] > 1.5 * selection.costs["cpu"]
 
 
 def _bias_call_with_threads(threads: int) -> list[Tensor]:
@@ -381,3 +491,133 @@ def test_broadcast_bias_gradient_is_accumulated_in_float64(small_tiles: CpuBacke
         out = qkv.attention(q, k, v, bias=bias, backend=backend)
         (found[backend],) = torch.autograd.grad((out * grad_out).sum(), bias)
     assert abs(float(found["cpu"])) < max(2 * abs(float(found["reference"])), 2e-5)
+
+
+# --- the merged kernel's routes: NaN rule, log-sum-exp and determinism on each ------------------
+
+ROUTES = {
+    # (dtype, Nq): one query tile of at most 16 rows decodes; more rows tile
+    "float32_tiled": (torch.float32, 24),
+    "float32_decode": (torch.float32, 3),
+    "bfloat16_tiled": (torch.bfloat16, 24),
+    "bfloat16_decode": (torch.bfloat16, 3),
+}
+
+
+def _route_inputs(dtype: torch.dtype, n_q: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, n_q, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 301, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 301, 8, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _skip_without_half_gemm(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and half_gemm_reason(dtype) is not None:
+        pytest.skip(f"no bfloat16 GEMM on this CPU: {half_gemm_reason(dtype)}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_attended_nan_or_inf_makes_its_row_nan_on_every_route(
+    small_tiles: CpuBackend, route: str, value: float
+) -> None:
+    # key 299 of kv head 0 poisoned: attended by the last rows only (causal bottom-right), in
+    # the last key chunk of the decoding split, whose merge must keep the NaN; key 40 of kv head
+    # 1: in an early chunk, attended by every row of query heads 2 and 3
+    small_tiles.tile_q = 16  # decoding rows (G * Nq = 6) and tiled rows (24) alike
+    dtype, n_q = ROUTES[route]
+    _skip_without_half_gemm(dtype)
+    q, k, v = _route_inputs(dtype, n_q, 31)
+    k[0, 0, 299] = value
+    k[0, 1, 40] = value
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    kwargs: dict[str, object] = {"causal": "bottom_right"}
+    request = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
+    if dtype == torch.bfloat16:
+        assert uses_half_gemm(dtype, *small_tiles.tile_sizes(request))
+    out, lse = qkv.attention(q, k, v, backend="cpu", return_lse=True, **kwargs)  # type: ignore[arg-type]
+    ref_out, ref_lse = qkv.attention(
+        *(t.detach().double() for t in (q, k, v)), backend="reference", return_lse=True, **kwargs
+    )  # type: ignore[arg-type]
+    nan_rows = ref_out.isnan().any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(out.isnan().any(-1), nan_rows)
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+    finite = ~nan_rows
+    assert torch.allclose(
+        out[finite].double(), ref_out[finite], atol=3e-2 if dtype == torch.bfloat16 else 1e-5
+    )
+    # dV: NaN exactly at the keys a NaN row attends (masked keys of a NaN row get none)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(32))
+    (dv,) = torch.autograd.grad(out, v, grad_out.to(dtype))
+    ref_v = v.detach().double().requires_grad_()
+    ref = qkv.attention(
+        q.detach().double(), k.detach().double(), ref_v, backend="reference", **kwargs
+    )  # type: ignore[arg-type]
+    (ref_dv,) = torch.autograd.grad(ref, ref_v, grad_out.double())
+    assert torch.equal(dv.isnan().any(-1), ref_dv.isnan().any(-1))
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_log_sum_exp_and_its_gradient_on_every_route(small_tiles: CpuBackend, route: str) -> None:
+    small_tiles.tile_q = 16
+    dtype, n_q = ROUTES[route]
+    _skip_without_half_gemm(dtype)
+    q, k, v = (t.requires_grad_() for t in _route_inputs(dtype, n_q, 33))
+    kwargs: dict[str, object] = {"causal": "bottom_right", "mask": masks.sliding_window(90)}
+    request = build_request(q, k, v, return_lse=True, **kwargs)  # type: ignore[arg-type]
+    out, _, lse = get_backend("cpu").forward_lse(request)  # type: ignore[attr-defined]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = qkv.attention(*leaves, backend="reference", return_lse=True, **kwargs)  # type: ignore[arg-type]
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.double(), ref_out.detach(), atol=tol)
+    assert torch.allclose(lse.double(), ref_lse.detach(), atol=tol)
+    g = torch.Generator().manual_seed(34)
+    w_out, w_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((out.float() * w_out).sum() + (lse.float() * w_lse).sum(), (q, k, v))
+    want = torch.autograd.grad(
+        (ref_out * w_out.double()).sum() + (ref_lse * w_lse.double()).sum(), leaves
+    )
+    for name, a, b in zip("qkv", got, want, strict=True):
+        error = float((a.double() - b).abs().max())
+        assert error <= (0.1 if dtype == torch.bfloat16 else 1e-4) * float(b.abs().max()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_and_table_gradients_are_bitwise_the_same_on_any_thread_count(
+    small_tiles: CpuBackend, dtype: torch.dtype
+) -> None:
+    # the float64 per-run accumulators on the float and half-precision backward alike
+    _skip_without_half_gemm(dtype)
+    small_tiles.tile_q, small_tiles.tile_kv = 8, 16
+    g = torch.Generator().manual_seed(35)
+    q = torch.randn(2, 4, 40, 8, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 40, 8, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    bias = torch.randn(1, 4, 1, 40, generator=g).requires_grad_()
+    rel = scores.RelativePositionBias(4, 6)
+    with torch.no_grad():
+        rel.table.normal_(generator=g)
+    grad_out = torch.randn(2, 4, 40, 8, generator=g).to(dtype)
+
+    def run(threads: int) -> list[Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = qkv.attention(q, k, v, bias=bias, causal=True, backend="cpu")
+            out2 = qkv.attention(q, k, v, bias=rel, causal=True, backend="cpu")
+            loss = (out * grad_out).sum() + (out2 * grad_out).sum()
+            grads = torch.autograd.grad(loss, (q, k, v, bias, rel.table))
+        finally:
+            torch.set_num_threads(previous)
+        return [out.detach(), out2.detach(), *grads]
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        one, two, three = run(1), run(2), run(3)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b, c in zip(one, two, three, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from qkv.backends.block_mask import EMPTY, FULL, UNKNOWN, request_status
 from qkv.backends.chunked import ChunkedBackend
-from qkv.backends.cpu.backend import TILE_KV_CHOICES, TILE_Q, CpuBackend
+from qkv.backends.cpu.backend import TILE_KV_CHOICES, TILE_Q, CpuBackend, uses_half_gemm
 from qkv.backends.reference import ReferenceBackend
 from qkv.backends.sdpa import SdpaBackend, is_plain
 from qkv.backends.triton.backend import TritonBackend
@@ -61,14 +61,17 @@ class DeviceRates:
         element_seconds: seconds per element of one memory-bound elementwise pass (exp, add,
             compare) over float32 scores.
         op_seconds: fixed cost of launching one tensor op from Python.
+        memory_bytes_per_second: bytes per second read from memory, the limit of a call that
+            reads a long key/value cache for a few queries (decoding).
     """
 
     matmul_flops: float
     element_seconds: float
     op_seconds: float
+    memory_bytes_per_second: float = 2e10
 
     def __post_init__(self) -> None:
-        for name in ("matmul_flops", "element_seconds", "op_seconds"):
+        for name in ("matmul_flops", "element_seconds", "op_seconds", "memory_bytes_per_second"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0; got {value!r}")
@@ -79,7 +82,9 @@ class DeviceRates:
 #: tuned; every op there is a kernel launch.
 RATES: dict[str, DeviceRates] = {
     "cpu": DeviceRates(matmul_flops=2.9e11, element_seconds=1e-10, op_seconds=1e-5),
-    "cuda": DeviceRates(matmul_flops=2e14, element_seconds=5e-13, op_seconds=8e-6),
+    "cuda": DeviceRates(
+        matmul_flops=2e14, element_seconds=5e-13, op_seconds=8e-6, memory_bytes_per_second=2e12
+    ),
 }
 
 
@@ -91,6 +96,12 @@ def device_rates(device: torch.device) -> DeviceRates:
 #: Elementwise passes to build one entry of a dense mask or bias from index functions (int64
 #: index arithmetic, comparisons, the bool result), in units of a float32 pass.
 BUILD_PASSES = 8
+
+
+def kv_read_seconds(request: AttentionRequest, rates: DeviceRates, times: float = 1.0) -> float:
+    """Time to read K and V ``times`` over at the device's memory rate."""
+    kv = request.k.numel() * request.k.element_size() + request.v.numel() * request.v.element_size()
+    return times * kv / rates.memory_bytes_per_second
 
 
 def dense_build_seconds(request: AttentionRequest, rates: DeviceRates) -> float:
@@ -124,7 +135,11 @@ def sdpa_seconds(request: AttentionRequest) -> float:
     plain = is_plain(request)
     if plain and request.causal is not None:
         flops /= 2
-    seconds = flops / rates.matmul_flops + 4 * rates.op_seconds
+    # SDPA's CPU kernels read K and V once per query head (grouped heads repeat them): the
+    # floor of a call with few queries against a long cache
+    groups = request.q_heads // request.kv_heads
+    seconds = max(flops / rates.matmul_flops, kv_read_seconds(request, rates, groups))
+    seconds += 4 * rates.op_seconds
     if not plain:
         seconds += dense_build_seconds(request, rates)
         seconds += 2 * request.score_elements * rates.element_seconds
@@ -167,6 +182,9 @@ def reference_seconds(request: AttentionRequest) -> float:
         + dense_build_seconds(request, rates)
         + 12 * rates.op_seconds
     )
+    # K and V repeated for grouped heads: read, written and read again (the decoding floor)
+    groups = request.q_heads // request.kv_heads
+    seconds = max(seconds, kv_read_seconds(request, rates, 1 + 2 * groups))
     return seconds * (3.0 if request.needs_grad else 1.0)
 
 
@@ -208,6 +226,9 @@ def chunked_seconds(backend: ChunkedBackend, request: AttentionRequest) -> float
     flops = 2.0 * pairs * (request.head_dim + request.value_dim) * visited
     work = flops / (0.8 * rates.matmul_flops) + 8 * visited * pairs * rates.element_seconds
     work += masked * tq * tk * 8 * rates.element_seconds
+    if request.q_len <= tile_q:  # decoding: K and V read once per query head
+        groups = request.q_heads // request.kv_heads
+        work = max(work, kv_read_seconds(request, rates, groups))
     ops = (12 * visited + 4 * masked + 30) * rates.op_seconds
     summary = unknown * (tq * tk * 8 * rates.element_seconds + 4 * rates.op_seconds)
     if request.needs_grad:
@@ -246,6 +267,13 @@ def chunked_bytes(backend: ChunkedBackend, request: AttentionRequest) -> int:
 #: (planning, the block mask), measured with benchmarks/cpu_kernel.py.
 KERNEL_EFFICIENCY = 1.0
 FIXED_SECONDS = 3e-4
+#: Speed of the kernel's bfloat16 path (half-precision GEMMs, :func:`uses_half_gemm`) over its
+#: float32 path, forward and backward (AMD EPYC with AVX512-BF16, one thread, N = 2048, D = 64:
+#: 230 against 414 ms forward, 783 against 1172 ms forward+backward; SDPA took 415 and 969 ms
+#: in bfloat16, the same as in float32).
+HALF_GEMM_SPEEDUP = 1.6
+#: Query rows up to which the kernel decodes (one query tile; kDecodeRows in kernel.cpp).
+DECODE_ROWS = 16
 
 
 def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
@@ -258,7 +286,14 @@ def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     pairs = request.batch * request.q_heads * tq * tk * census.visited
     flops = 2.0 * pairs * (request.head_dim + request.value_dim)
     seconds = flops / (KERNEL_EFFICIENCY * rates.matmul_flops)
-    seconds += pairs * 2 * rates.element_seconds + FIXED_SECONDS
+    seconds += pairs * 2 * rates.element_seconds
+    if uses_half_gemm(request.dtype, census.tile_q, census.tile_kv):
+        seconds /= HALF_GEMM_SPEEDUP
+    if request.q_len <= min(DECODE_ROWS, census.tile_q):
+        # decoding reads K and V once per group of query heads, at about half the memory
+        # rate (measured: 44-51% of it on one thread with one query)
+        seconds = max(seconds, kv_read_seconds(request, rates, 2.0))
+    seconds += FIXED_SECONDS
     seconds += census.unknown * tq * tk * 8 * rates.element_seconds
     return seconds * (CPU_KERNEL_TRAINING_FACTOR if request.needs_grad else 1.0)
 
@@ -271,6 +306,7 @@ def cpu_bytes(backend: CpuBackend, request: AttentionRequest) -> int:
     rows = request.batch * request.q_heads * request.q_len
     total = rows * (request.value_dim + 1) * cd_bytes
     if request.dtype in (torch.float16, torch.bfloat16):
+        # float32 copies, or the half path's repacked operands (about the same)
         total += elements * cd_bytes
     # Each thread's few tiles (256 KiB of float32 each) are counted once, so that the estimate
     # does not depend on the thread count.

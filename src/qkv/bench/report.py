@@ -13,17 +13,26 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
-def format_table(results: list[BenchResult], matmul_tflops: float | None = None) -> str:
-    """One line per result. With ``matmul_tflops`` (a rate measured in the same run, on CUDA)
-    rates are in TFLOP/s with a ``% mm`` column, each rate's share of it."""
-    tera = matmul_tflops is not None
+def format_table(
+    results: list[BenchResult],
+    matmul_tflops: float | None = None,
+    *,
+    matmul_dtype: str = "bf16",
+    tera: bool | None = None,
+) -> str:
+    """One line per result. With ``matmul_tflops`` (a ``matmul_dtype`` matmul rate measured in
+    the same run) a ``% mm`` column gives each rate's share of it; rates are in TFLOP/s when
+    ``tera`` (default: when a matmul rate is given, as on CUDA), else GFLOP/s (the CPU)."""
+    share = matmul_tflops is not None
+    tera = share if tera is None else tera
     rate_head = "TFLOP/s" if tera else "GFLOP/s"
     w = max([12, *(len(r.case.backend_label) for r in results)])
     header = f"{'mask':<15} {'N':>6} {'mode':<8} {'backend':<{w}} {'ms':>10} {rate_head:>8} {'peak MiB':>9} {'given MiB':>9} {'est MiB':>8} {'x sdpa':>7}"
-    header += f" {'% mm':>5}" if tera else ""
+    header += f" {'% mm':>5}" if share else ""
     lines = [header, "-" * len(header)]
-    if tera:
-        lines.insert(0, f"bf16 matmul, same run: {matmul_tflops:,.0f} TFLOP/s")
+    if matmul_tflops is not None:
+        peak = f"{matmul_tflops:,.0f} TFLOP/s" if tera else f"{matmul_tflops * 1e3:,.0f} GFLOP/s"
+        lines.insert(0, f"{matmul_dtype} matmul, same run: {peak}")
     for r in results:
         c = r.case
         head = f"{c.mask_kind:<15} {c.seq_len:>6} {c.mode:<8} {c.backend_label:<{w}}"
@@ -34,9 +43,9 @@ def format_table(results: list[BenchResult], matmul_tflops: float | None = None)
         ratio = "-" if r.ratio_to_sdpa is None else f"{r.ratio_to_sdpa:.2f}"
         rate = r.gflops / 1e3 if tera else r.gflops
         line = f"{head} {r.seconds * 1e3:>10.1f} {rate:>8.1f} {_mib(r.peak_extra_bytes):>9} {_mib(r.given_bytes):>9} {_mib(r.estimated_bytes):>8} {ratio:>7}"
-        if tera:
-            share = "-" if r.matmul_share is None else f"{100 * r.matmul_share:.0f}%"
-            line += f" {share:>5}"
+        if share:
+            part = "-" if r.matmul_share is None else f"{100 * r.matmul_share:.0f}%"
+            line += f" {part:>5}"
         lines.append(line)
     compiled = [r for r in results if r.case.backend == "flex" and r.first_seconds is not None]
     for r in compiled:  # its compilation is not in the timed calls: reported on its own

@@ -99,6 +99,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from qkv.backends import available_backends
     from qkv.bench import (
         PEERS,
@@ -142,11 +144,16 @@ def _run_bench(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         on_result=lambda r: bar.step(f"{r.case.backend_label} {r.case.label()}"),
     )
-    rate = None
-    if args.device.startswith("cuda"):  # the yardstick, measured in this run
+    # the yardstick, measured in this run: bf16 on CUDA; on the CPU the run's own dtype on the
+    # same threads (1024^3: about a second on one core)
+    if args.device.startswith("cuda"):
         rate = matmul_tflops(args.device)
         fill_matmul_share(results, rate)
-    print(format_table(results, rate))
+        print(format_table(results, rate))
+    else:
+        rate = matmul_tflops(args.device, dtype=getattr(torch, args.dtype), n=1024)
+        fill_matmul_share(results, rate)
+        print(format_table(results, rate, matmul_dtype=args.dtype, tera=False))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(results, args.out / "bench.json")

@@ -208,17 +208,24 @@ class Explanation:
     memory: dict[str, int | None]
     passed_over: dict[str, str] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
+    #: How a backend that can serve the call computes it, where it says (e.g. the precision the
+    #: cpu kernel computes a half-precision call in, and why).
+    notes: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
             f"call: {self.call}",
             f"backend: {self.chosen}{_figures(self.costs.get(self.chosen), self.memory.get(self.chosen))}",
         ]
+        if (note := self.notes.get(self.chosen)) is not None:
+            lines.append(f"  computes: {note}")
         for name, reason in self.reasons.items():
             if name != self.chosen:
                 why = reason or self.passed_over.get(name) or _why_not_chosen(name)
                 figures = "" if reason else _figures(None, self.memory.get(name))
                 lines.append(f"  {name}: {why}{figures}")
+                if not reason and (note := self.notes.get(name)) is not None:
+                    lines.append(f"    computes: {note}")
         return "\n".join(lines)
 
 
@@ -254,7 +261,13 @@ def explain(
     selection = select_backend(request, backend, measure=False)  # decides, runs nothing
     reasons = {name: serve_reason(get_backend(name), request) for name in available_backends()}
     memory = {name: memory_estimate(get_backend(name), request) for name in available_backends()}
+    notes = {}
+    for name, reason in reasons.items():
+        note_of = getattr(get_backend(name), "note", None)
+        if reason is None and note_of is not None and (note := note_of(request)) is not None:
+            notes[name] = note
     return Explanation(
+        notes=notes,
         chosen=selection.backend.name,
         reasons=reasons,
         call=request.describe(),

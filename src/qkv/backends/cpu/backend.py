@@ -2,19 +2,25 @@
 
 :class:`CpuBackend` serves CPU calls whose mask and score function the kernel evaluates from
 parameters (:mod:`qkv.backends.cpu.plan`), in every dtype: float32 and float64 compute in their
-own type; float16 and bfloat16 inputs are computed in float32 (scores, statistics, accumulators
-and gradients), the output and gradients rounded once at the end. What it refuses (dropout,
-``return_weights``, mask or score functions of your own, a kernel that failed to build) it says
-in :meth:`CpuBackend.supports`, and ``auto`` uses the chunked backend instead.
+own type. bfloat16 and float16 compute ``q k^T``, ``P V`` and the backward products as
+half-precision GEMMs with float32 accumulation where the CPU has them (oneDNN's brgemm:
+AVX512-BF16 or AMX), softmax statistics, accumulators and gradients in float32, the
+probabilities and the score gradient rounded to the input type for their GEMMs (as fused GPU
+kernels do); elsewhere they are computed in float32 and :func:`precision_note` (shown by
+:func:`qkv.explain`) says why. What it refuses (dropout, ``return_weights``, mask or score
+functions of your own, a kernel that failed to build) it says in :meth:`CpuBackend.supports`, and
+``auto`` uses the chunked backend instead.
 
-Memory: forward keeps ``q, k, v`` (float32 copies for half types), the output and the
-log-sum-exp; backward recomputes the tiles, plus a float64 ``(runs, ...)`` accumulator for a
-bias tensor's or a relative table's gradient (one run per thread; a fixed 8 under
-``torch.use_deterministic_algorithms(True)``, which makes forward and backward bitwise the same
-on any thread count). Never ``O(Nq * Nk)`` besides a bias the caller gave.
+Memory: forward keeps ``q, k, v`` (float32 copies for half types computed in float32), the
+float32 output and the log-sum-exp; backward recomputes the tiles, repacks ``q, k, v, dO`` for
+the half GEMMs, plus a float64 ``(runs, ...)`` accumulator for a bias tensor's or a relative
+table's gradient (one run per thread; a fixed 8 under ``torch.use_deterministic_algorithms(True)``,
+which makes forward and backward bitwise the same on any thread count). Never ``O(Nq * Nk)``
+besides a bias the caller gave.
 
 Non-finite inputs follow :func:`qkv.attention`'s rule: the kernel's row maximum is NaN when an
-attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are NaN.
+attended score is NaN or ``+inf``, and such a row's output and log-sum-exp are NaN (in every
+path: float32, float64, the half-precision GEMMs and decoding).
 """
 
 from __future__ import annotations
@@ -52,6 +58,48 @@ _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_HALF_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_half_reasons: dict[torch.dtype, str | None] = {}
+
+
+def half_gemm_reason(dtype: torch.dtype) -> str | None:
+    """Why ``dtype`` cannot be computed on the kernel's half-precision GEMMs on this CPU (None
+    when it can; a float32 or float64 dtype always gets a reason). The kernel probes
+    ``at::native::cpublas::brgemm`` once per dtype: it needs oneDNN's micro-kernel for the type
+    (AVX512-BF16 or AMX for bfloat16; AMX-FP16 for float16)."""
+    if dtype not in _HALF_NAMES:
+        return f"{dtype} is not a half-precision type"
+    if dtype not in _half_reasons:
+        status = kernel_status()
+        if not status.ok:
+            _half_reasons[dtype] = status.reason
+        else:
+            ops = load_kernel()
+            problem: str = ops.half_gemm_status(_HALF_NAMES[dtype])  # type: ignore[attr-defined]
+            _half_reasons[dtype] = problem or None
+    return _half_reasons[dtype]
+
+
+def uses_half_gemm(dtype: torch.dtype, tile_q: int, tile_kv: int) -> bool:
+    """True when a call in ``dtype`` with these tiles runs on the half-precision GEMMs (the
+    VNNI packing pairs rows, so both tile sizes must be even)."""
+    return half_gemm_reason(dtype) is None and tile_q % 2 == 0 and tile_kv % 2 == 0
+
+
+def precision_note(dtype: torch.dtype, tile_q: int, tile_kv: int) -> str | None:
+    """How the kernel computes a half-precision call, in words (None for float32 and float64)."""
+    if dtype not in _HALF_NAMES:
+        return None
+    name = _HALF_NAMES[dtype]
+    if uses_half_gemm(dtype, tile_q, tile_kv):
+        return (
+            f"{name} GEMMs with float32 accumulation (oneDNN brgemm); softmax statistics in "
+            f"float32, probabilities rounded to {name} for P V"
+        )
+    reason = half_gemm_reason(dtype) or f"odd tile sizes ({tile_q}, {tile_kv})"
+    return f"{name} computed in float32 BLAS: no {name} GEMM on this CPU ({reason})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +152,9 @@ class _CpuAttention(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ops = load_kernel()
         cd = compute_dtype(q.dtype)
-        qc, kc, vc = (t.detach().to(cd).contiguous() for t in (q, k, v))
+        half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
+        io = q.dtype if half else cd  # the half path reads q, k, v in their own type
+        qc, kc, vc = (t.detach().to(io).contiguous() for t in (q, k, v))
         bias_e = _expanded_bias(bias, call.shape, cd)
         mod_tables = call.tables(tables, cd)
         out, lse = ops.forward(  # type: ignore[attr-defined]
@@ -371,6 +421,12 @@ class CpuBackend:
         """The ``(tile_q, tile_kv)`` a call runs with (:meth:`census`)."""
         census = self.census(request)
         return census.tile_q, census.tile_kv
+
+    def note(self, request: AttentionRequest) -> str | None:
+        """How a half-precision call is computed (:func:`precision_note`); None otherwise."""
+        if request.q.dtype not in _HALF_NAMES:
+            return None
+        return precision_note(request.q.dtype, *self.tile_sizes(request))
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tile_q, tile_kv = self.tile_sizes(request)

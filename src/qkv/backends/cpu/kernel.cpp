@@ -3,7 +3,8 @@
 // (FlashAttention-2, Algorithms 1 and 2). Compiled on first use by qkv/backends/cpu/build.py.
 //
 // Layout: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all contiguous, in the
-// compute type (float or double; half inputs arrive as float). Query head h reads key/value
+// compute type (float or double), or in bfloat16 / float16 for the half-precision GEMM path and
+// decoding (both below; everything besides q, k, v and the output gradient then is float). Query head h reads key/value
 // head h / G (grouped heads without copies). The tile grid is `status` (nQ, nK) int8:
 // 0 EMPTY (skipped), 1 PARTIAL (mask evaluated), 2 FULL (mask never evaluated).
 //
@@ -16,6 +17,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -27,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -141,6 +146,59 @@ T max_row(const T* __restrict s, int n) {
   return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
+// Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
+// l of each row, rescales its accumulator row, and leaves exp(s - m) in s. An attended NaN or
+// +inf score makes the row NaN (as exp(inf - inf) does in the formula): m = l = NaN, and once
+// NaN the row stays NaN and its tiles add nothing (s is zeroed).
+template <typename T>
+void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    const T tile_max = max_row(row, cols);
+    if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
+      m[r] = nan;
+      l[r] = nan;
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    const T new_max = std::max(m[r], tile_max);
+    if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
+    l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
+    m[r] = new_max;
+    if (rescale != T(1)) {
+      T* a = acc + r * Dv;
+      for (int64_t c = 0; c < Dv; ++c) a[c] *= rescale;
+    }
+  }
+}
+
+// Output rows and log-sum-exp from the accumulators of a finished row block: acc / l and
+// m + log(l); +inf lse (and zero output) on a row attending nothing, NaN output and lse on a
+// NaN row.
+template <typename T>
+void finish_rows(int rows, const T* m, const T* l, const T* acc, int64_t Dv, T* o, T* ls) {
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int r = 0; r < rows; ++r) {
+    T* orow = o + r * Dv;
+    if (std::isnan(l[r])) {
+      std::fill(orow, orow + Dv, nan);
+      ls[r] = nan;
+      continue;
+    }
+    const bool seen = l[r] > 0;
+    const T inv = seen ? T(1) / l[r] : T(0);
+    for (int64_t c = 0; c < Dv; ++c) orow[c] = acc[r * Dv + c] * inv;
+    ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<T>::infinity();
+  }
+}
+
 // Scratch memory aligned to a cache line: BLAS may take other code paths (and round
 // differently) for differently aligned buffers, and results must not depend on which thread's
 // allocation a tile lands in.
@@ -191,6 +249,10 @@ struct Problem {
 // Scores of query rows [q0, q0 + rows) of head (b, h) against keys [k0, k0 + cols), into s
 // (row stride ld), with bias and modifiers; `derivs[m]` receives d out / d in of each softcap.
 template <typename T>
+void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
+                   int cols, bool full, T* s, int ld, const std::vector<T*>* derivs);
+
+template <typename T>
 void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
                  int cols, bool full, T* s, int ld, const std::vector<T*>* derivs) {
   const int64_t hk = h / P.G;
@@ -198,6 +260,13 @@ void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows
   const T* kp = P.k + ((b * P.Hkv + hk) * P.Nk + k0) * P.D;
   const int D = static_cast<int>(P.D);
   gemm<T>(true, false, cols, rows, D, P.scale, kp, D, qp, D, T(0), s, ld);
+  finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
+}
+
+// Bias, score modifiers and mask applied to the scaled scores already in s (rows x cols).
+template <typename T>
+void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
+                   int cols, bool full, T* s, int ld, const std::vector<T*>* derivs) {
   for (int r = 0; r < rows; ++r) {
     T* row = s + static_cast<int64_t>(r) * ld;
     const int64_t qi = q0 + r;
@@ -299,7 +368,9 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.Hkv = k.size(1); P.Nk = k.size(2); P.Dv = v.size(3); P.G = P.Hq / P.Hkv;
   P.tq = tile_q; P.tk = tile_kv; P.nQ = status.size(0); P.nK = status.size(1);
   P.scale = static_cast<T>(scale);
-  P.q = q.data_ptr<T>(); P.k = k.data_ptr<T>(); P.v = v.data_ptr<T>();
+  if (q.scalar_type() == c10::CppTypeToScalarType<T>::value) {  // else: the half path's own
+    P.q = q.data_ptr<T>(); P.k = k.data_ptr<T>(); P.v = v.data_ptr<T>();
+  }
   P.status = status.data_ptr<int8_t>();
   if (row_lo.numel()) {
     TORCH_CHECK(row_lo.dim() == 3 && row_lo.size(0) <= kMaxIntervals,
@@ -341,8 +412,6 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
     std::vector<T> m(P.tq), l(P.tq);
     const int ld = static_cast<int>(P.tk), Dv = static_cast<int>(P.Dv);
     constexpr T ninf = -std::numeric_limits<T>::infinity();
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    constexpr T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % P.nQ, bh = task / P.nQ, b = bh / P.Hq, h = bh % P.Hq;
       const int64_t q0 = i * P.tq;
@@ -355,47 +424,73 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
         scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
-        for (int r = 0; r < rows; ++r) {
-          T* row = s + static_cast<int64_t>(r) * ld;
-          const T tile_max = max_row(row, cols);
-          // An attended NaN or +inf score makes the row NaN (as exp(inf - inf) does in the
-          // formula); once NaN, the row stays NaN and its tiles add nothing.
-          if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
-            m[r] = nan;
-            l[r] = nan;
-            std::fill(row, row + cols, T(0));
-            continue;
-          }
-          const T new_max = std::max(m[r], tile_max);
-          if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-            std::fill(row, row + cols, T(0));
-            continue;
-          }
-          const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-          l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
-          m[r] = new_max;
-          if (rescale != T(1)) {
-            T* a = acc + static_cast<int64_t>(r) * Dv;
-            for (int c = 0; c < Dv; ++c) a[c] *= rescale;
-          }
-        }
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
         gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s, ld, T(1), acc, Dv);
       }
-      T* o = out + (bh * P.Nq + q0) * P.Dv;
-      T* ls = lse + bh * P.Nq + q0;
-      for (int r = 0; r < rows; ++r) {
-        if (std::isnan(l[r])) {
-          std::fill(o + r * Dv, o + (r + 1) * Dv, nan);
-          ls[r] = nan;
-          continue;
-        }
-        const bool seen = l[r] > 0;
-        const T inv = seen ? T(1) / l[r] : T(0);
-        for (int c = 0; c < Dv; ++c) o[r * Dv + c] = acc[r * Dv + c] * inv;
-        ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<T>::infinity();
-      }
+      finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
+                  lse + bh * P.Nq + q0);
     }
   });
+}
+
+// The gradient with respect to the scores before the modifiers, in place: s holds P
+// (rows x cols, row stride ld) on entry and dS (unscaled) on exit, from dp = dO V^T and
+// delta = rowsum(dO * O); walks the score modifiers back and accumulates the bias's and the
+// relative tables' gradients into the float64 buffers of run `run` (see backward_typed).
+template <typename T>
+void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows,
+                      int64_t k0, int cols, T* s_data, const T* dp_data, int ld,
+                      const T* delta, const std::vector<T*>& derivs, int64_t run,
+                      double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
+                      std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
+  int n_soft = 0;
+  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
+  for (int r = 0; r < rows; ++r) {
+    T* pr = s_data + r * ld;
+    const T* dpr = dp_data + r * ld;
+    const T dl = delta[r];
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) pr[c] = pr[c] * (dpr[c] - dl);
+  }
+  // s now holds dS w.r.t. the modified scores; walk the modifiers back.
+  int soft = n_soft;
+  for (int64_t m = static_cast<int64_t>(P.mod_kind.size()) - 1; m >= 0; --m) {
+    const int kind = P.mod_kind[m];
+    if (kind == kSoftcap) {
+      --soft;
+      for (int r = 0; r < rows; ++r) {
+        T* pr = s_data + r * ld;
+        const T* d = derivs[soft] + r * ld;
+        for (int c = 0; c < cols; ++c) pr[c] *= d[c];
+      }
+    } else if (kind == kRelative && dtable_bufs[m]) {
+      const int64_t M = P.mod_maxd[m];
+      double* tab = dtable_bufs[m] + run * table_numel[m] + h * (2 * M + 1);
+      for (int r = 0; r < rows; ++r) {
+        const T* pr = s_data + r * ld;
+        const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
+        const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
+        const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
+        double edge_lo = 0, edge_hi = 0;
+        for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
+        for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
+        tab[0] += edge_lo;
+        tab[2 * M] += edge_hi;
+        double* mid = tab + (base + M + c_lo);  // one bucket per column in between
+#pragma omp simd
+        for (int c = c_lo; c < c_hi; ++c) mid[c - c_lo] += pr[c];
+      }
+    }
+  }
+  if (dbias_buf) {
+    double* db = dbias_buf + run * dbias_numel;
+    for (int r = 0; r < rows; ++r) {
+      const T* pr = s_data + r * ld;
+      double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
+               (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
+      for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
+    }
+  }
 }
 
 // Backward runs the tasks (b, hk) in `chunks` contiguous runs, each run by one thread in order;
@@ -454,52 +549,9 @@ void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gou
                       Dv);
               gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp,
                       ld);
-              for (int r = 0; r < rows; ++r) {
-                T* pr = s + r * ld;
-                const T* dpr = dp + r * ld;
-                const T dl = delta[r];
-  #pragma omp simd
-                for (int c = 0; c < cols; ++c) pr[c] = pr[c] * (dpr[c] - dl);
-              }
-              // s now holds dS w.r.t. the modified scores; walk the modifiers back.
-              int soft = n_soft;
-              for (int64_t m = static_cast<int64_t>(P.mod_kind.size()) - 1; m >= 0; --m) {
-                const int kind = P.mod_kind[m];
-                if (kind == kSoftcap) {
-                  --soft;
-                  for (int r = 0; r < rows; ++r) {
-                    T* pr = s + r * ld;
-                    const T* d = derivs[soft] + r * ld;
-                    for (int c = 0; c < cols; ++c) pr[c] *= d[c];
-                  }
-                } else if (kind == kRelative && dtable_bufs[m]) {
-                  const int64_t M = P.mod_maxd[m];
-                  double* tab = dtable_bufs[m] + chunk * table_numel[m] + h * (2 * M + 1);
-                  for (int r = 0; r < rows; ++r) {
-                    const T* pr = s + r * ld;
-                    const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
-                    const int c_lo = static_cast<int>(std::clamp<int64_t>(-M - base, 0, cols));
-                    const int c_hi = static_cast<int>(std::clamp<int64_t>(M - base + 1, c_lo, cols));
-                    double edge_lo = 0, edge_hi = 0;
-                    for (int c = 0; c < c_lo; ++c) edge_lo += pr[c];
-                    for (int c = c_hi; c < cols; ++c) edge_hi += pr[c];
-                    tab[0] += edge_lo;
-                    tab[2 * M] += edge_hi;
-                    double* run = tab + (base + M + c_lo);  // one bucket per column in this run
-  #pragma omp simd
-                    for (int c = c_lo; c < c_hi; ++c) run[c - c_lo] += pr[c];
-                  }
-                }
-              }
-              if (dbias_buf) {
-                double* db = dbias_buf + chunk * dbias_numel;
-                for (int r = 0; r < rows; ++r) {
-                  const T* pr = s + r * ld;
-                  double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
-                           (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
-                  for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
-                }
-              }
+              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
+                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
+                               table_numel);
               // dQ += scale dS K ; dK += scale dS^T Q
               gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp,
                       D);
@@ -520,35 +572,411 @@ at::Tensor sum_in_order(const at::Tensor& buf) {
   return total;
 }
 
-std::vector<at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-    const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
-    const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
-    const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
-    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
-  const auto opts = q.options();
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, opts);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
-  if (q.scalar_type() == at::kDouble) {
-    auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
-                                  doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
-    forward_impl(P, out.data_ptr<double>(), lse.data_ptr<double>());
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "qkv cpu kernel: float32 or float64 expected");
-    auto P = make_problem<float>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
-                                 doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
-    forward_impl(P, out.data_ptr<float>(), lse.data_ptr<float>());
-  }
-  return {out, lse};
+// ---------------------------------------------------------------------------------------------
+// Half precision (bfloat16, float16) on the CPU's matrix units.
+//
+// q k^T, P V and the four backward products are half x half -> float GEMMs through
+// at::native::cpublas::brgemm, the oneDNN micro-kernel PyTorch's own flash-attention CPU kernel
+// uses: it runs on AMX tiles, AVX512-BF16 / AVX512-FP16 dot products, whatever the CPU has, and
+// throws where it has none (half_gemm_problem then says why and Python computes in float32).
+// The softmax statistics, the accumulators and every gradient stay float32; the probabilities
+// P and the score gradient dS are rounded to the input type for their GEMMs, as every fused
+// kernel does. The micro-kernel reads its B operand in VNNI layout (pairs along the reduction
+// dimension interleaved: element (k, n) at ((k / 2) * ldb + n) * 2 + k % 2), so K, V, Q and
+// dO are repacked once per call (O(N D) work) and every reduction length is padded to even
+// with zeros.
+
+// C (m x n, row stride ldc) (+)= A (m x kk, row stride lda) B, B in VNNI layout with row stride
+// ldb (in pairs); kk even.
+template <typename H>
+inline void half_gemm(int64_t m, int64_t n, int64_t kk, const H* a, int64_t lda, const H* b,
+                      int64_t ldb, float* c, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(m, n, kk, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/true);
 }
 
+// x padded with zeros along dim to an even length.
+at::Tensor pad_even(const at::Tensor& x, int64_t dim) {
+  const int64_t n = x.size(dim);
+  if (n % 2 == 0) return x;
+  std::vector<int64_t> pad(2 * (x.dim() - dim), 0);
+  pad[pad.size() - 1] = 1;  // constant_pad_nd lists the last dim first: (.., dim lo, dim hi)
+  return at::constant_pad_nd(x, pad, 0);
+}
+
+// (..., K, N) with K even -> (..., K / 2, N, 2): the VNNI layout of a B operand.
+at::Tensor vnni(const at::Tensor& x) {
+  const int64_t K = x.size(-2), N = x.size(-1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.insert(shape.end(), {K / 2, 2, N});
+  return x.reshape(shape).transpose(-1, -2).contiguous();
+}
+
+// Why the half GEMM cannot run for this dtype on this CPU ("" when it can): a 2 x 16 x 2
+// product checked against its known value.
+std::string half_gemm_problem(at::ScalarType dtype) {
+  try {
+    at::Tensor a = at::ones({2, 2}, at::TensorOptions().dtype(dtype));
+    at::Tensor b = at::ones({1, 16, 2}, at::TensorOptions().dtype(dtype));
+    at::Tensor c = at::zeros({2, 16}, at::kFloat);
+    if (dtype == at::kBFloat16) {
+      half_gemm(2, 16, 2, a.data_ptr<at::BFloat16>(), 2, b.data_ptr<at::BFloat16>(), 16,
+                c.data_ptr<float>(), 16, false);
+    } else {
+      half_gemm(2, 16, 2, a.data_ptr<at::Half>(), 2, b.data_ptr<at::Half>(), 16,
+                c.data_ptr<float>(), 16, false);
+    }
+    at::native::cpublas::brgemm_release(true);
+    if (!c.eq(2).all().item<bool>()) return "the half-precision GEMM returned a wrong result";
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    return what.substr(0, what.find('\n'));
+  }
+  return "";
+}
+
+std::string half_gemm_status(const std::string& dtype) {
+  static const std::string bf16 = half_gemm_problem(at::kBFloat16);
+  static const std::string f16 = half_gemm_problem(at::kHalf);
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "unknown half dtype ", dtype);
+  return dtype == "bfloat16" ? bf16 : f16;
+}
+
+// The repacked operands of one call (all contiguous, D and Dv padded to even Dp, Dvp).
+template <typename H>
+struct HalfOperands {
+  const H* q;   // (B, Hq, Nq, Dp): A of S = Q K^T
+  const H* kt;  // (B, Hkv, Dp / 2, Nkp, 2): K^T in VNNI, B of S
+  const H* v;   // (B, Hkv, Nkp / 2, Dvp, 2): V in VNNI, B of P V
+  // backward only
+  const H* g = nullptr;    // (B, Hq, Nq, Dvp): dO, A of dP = dO V^T
+  const H* gv = nullptr;   // (B, Hq, Nqp / 2, Dvp, 2): dO in VNNI, B of dV += P^T dO
+  const H* vt = nullptr;   // (B, Hkv, Dvp / 2, Nkp, 2): V^T in VNNI, B of dP
+  const H* kv = nullptr;   // (B, Hkv, Nkp / 2, Dp, 2): K in VNNI, B of dQ += dS K
+  const H* qv = nullptr;   // (B, Hq, Nqp / 2, Dp, 2): Q in VNNI, B of dK += dS^T Q
+  int64_t Nqp, Nkp;        // Nq, Nk rounded up to even
+};
+
+// Scaled, modified, masked scores of one tile into s (float, row stride ld).
+template <typename H>
+void half_scores_tile(const Problem<float>& P, const HalfOperands<H>& X, int64_t b, int64_t h,
+                      int64_t q0, int rows, int64_t k0, int cols, bool full, float* s, int ld,
+                      const std::vector<float*>* derivs) {
+  const int64_t Dp = P.D, hk = h / P.G;
+  const H* qp = X.q + ((b * P.Hq + h) * P.Nq + q0) * Dp;
+  const H* kp = X.kt + (b * P.Hkv + hk) * Dp * X.Nkp + 2 * k0;
+  half_gemm(rows, cols, Dp, qp, Dp, kp, X.Nkp, s, ld, false);
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + static_cast<int64_t>(r) * ld;
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) row[c] *= P.scale;
+  }
+  finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
+}
+
+// Rows of a float tile (rows x cols, stride lds) rounded into a half tile (stride ldh), times
+// mul; a zero column appended when cols is odd (the GEMM's reduction runs over it).
+template <typename H>
+void round_tile(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = s + static_cast<int64_t>(r) * lds;
+    H* dst = out + static_cast<int64_t>(r) * ldh;
+    for (int c = 0; c < cols; ++c) dst[c] = static_cast<H>(src[c] * mul);
+    if (cols % 2) dst[cols] = H(0.0f);
+  }
+}
+
+// The transpose of a float tile (rows x cols) rounded into a half tile (cols x rows, stride
+// ldh), times mul; a zero column appended when rows is odd.
+template <typename H>
+void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
+  for (int c = 0; c < cols; ++c) {
+    H* dst = out + static_cast<int64_t>(c) * ldh;
+    for (int r = 0; r < rows; ++r) dst[r] = static_cast<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
+    if (rows % 2) dst[rows] = H(0.0f);
+  }
+}
+
+template <typename H>
+void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out, float* lse) {
+  const int64_t tasks = P.B * P.Hq * P.nQ;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<float> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
+    Scratch<H> p_buf(P.tq * P.tk);
+    float* const s = s_buf.data;
+    float* const acc = acc_buf.data;
+    H* const p = p_buf.data;
+    std::vector<float> m(P.tq), l(P.tq);
+    const int ld = static_cast<int>(P.tk), Dv = static_cast<int>(P.Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % P.nQ, bh = task / P.nQ, b = bh / P.Hq, h = bh % P.Hq;
+      const int64_t q0 = i * P.tq;
+      const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc, acc + P.tq * P.Dv, 0.0f);
+      const H* vbase = X.v + (b * P.Hkv + h / P.G) * X.Nkp * P.Dv;
+      for (const auto& [j, full] : visits_of(P, i)) {
+        const int64_t k0 = j * P.tk;
+        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
+        round_tile(s, ld, rows, cols, 1.0f, p, ld);
+        half_gemm(rows, Dv, cols + cols % 2, p, ld, vbase + k0 * P.Dv, Dv, acc, Dv, true);
+      }
+      finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
+                  lse + bh * P.Nq + q0);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// As backward_impl (the same `chunks` runs and float64 reductions), on the half GEMMs.
+template <typename H>
+void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
+                   const float* lse, float* dq, float* dk, float* dv, double* dbias_buf,
+                   int64_t dbias_numel, const int64_t* dbias_strides,
+                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
+                   int64_t chunks) {
+  const int64_t tasks = P.B * P.Hkv;
+  const int64_t Dp = P.D, Dv = P.Dv;
+  const int ld = static_cast<int>(P.tk), ldt = static_cast<int>(P.tq + P.tq % 2);
+  int n_soft = 0;
+  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    Scratch<float> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
+    Scratch<H> ds_buf(P.tq * P.tk), t_buf(P.tk * ldt);  // dS (rows x cols); P^T or dS^T
+    float* const s = s_buf.data;
+    float* const dp = dp_buf.data;
+    H* const ds = ds_buf.data;
+    H* const t = t_buf.data;
+    std::vector<float> delta(P.tq);
+    std::vector<Scratch<float>> deriv_store;
+    std::vector<float*> derivs;
+    for (int n = 0; n < n_soft; ++n) {
+      deriv_store.emplace_back(P.tq * P.tk);
+      derivs.push_back(deriv_store.back().data);
+    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / P.Hkv, hk = task % P.Hkv, bk = b * P.Hkv + hk;
+        const H* vt = X.vt + bk * Dv * X.Nkp;
+        const H* kv = X.kv + bk * X.Nkp * Dp;
+        float* dkbase = dk + bk * P.Nk * Dp;
+        float* dvbase = dv + bk * P.Nk * Dv;
+        for (int64_t g = 0; g < P.G; ++g) {
+          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          for (int64_t i = 0; i < P.nQ; ++i) {
+            const int64_t q0 = i * P.tq;
+            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
+            const int rows_even = rows + rows % 2;
+            const float* op = out + (bh * P.Nq + q0) * Dv;
+            const H* gp = X.g + (bh * P.Nq + q0) * Dv;
+            const H* gv = X.gv + bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
+            const H* qv = X.qv + bh * X.Nqp * Dp + q0 * Dp;
+            const float* lp = lse + bh * P.Nq + q0;
+            float* dqp = dq + (bh * P.Nq + q0) * Dp;
+            for (int r = 0; r < rows; ++r) {
+              float acc = 0;
+              for (int c = 0; c < Dv; ++c)
+                acc += static_cast<float>(gp[r * Dv + c]) * op[r * Dv + c];
+              delta[r] = acc;
+            }
+            for (const auto& [j, full] : visits_of(P, i)) {
+              const int64_t k0 = j * P.tk;
+              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+              const int cols_even = cols + cols % 2;
+              half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld,
+                               n_soft ? &derivs : nullptr);
+              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+              // dV += P^T dO ; dP = dO V^T
+              round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
+              half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
+              half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
+              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
+                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
+                               table_numel);
+              // dQ += scale dS K ; dK += scale dS^T Q
+              round_tile(s, ld, rows, cols, P.scale, ds, ld);
+              half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
+              round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
+              half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
+            }
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding: a few queries (one query tile) against a long key/value cache.
+//
+// The query rows of all G heads of a key/value group are stacked into one (G Nq) x D block, so
+// each K/V tile is read once per group rather than once per query head, and the visited key
+// tiles are split into chunks run as separate tasks, so that a call with few (batch, kv head)
+// pairs still spreads over the threads. Each chunk leaves its running max, sum and unnormalised
+// output; a last pass merges the chunks of every row (log-sum-exp weights). Inputs of another
+// type than the compute type T (bfloat16, float16) are converted tile by tile in cache, so K and
+// V are read from memory once, in their own width.
+
+// Decoding applies when the call has a single query tile of at most this many rows.
+constexpr int64_t kDecodeRows = 16;
+// Tasks the key chunks aim at (independent of the thread count, so results do not depend on it).
+constexpr int64_t kDecodeTasks = 64;
+
+// A tile of `rows` rows of width `width` (row stride `width` in the source) as T: the source
+// itself when it already is T, else converted into buf.
+template <typename T, typename In>
+const T* as_compute(const In* src, int64_t rows, int64_t width, T* buf) {
+  if constexpr (std::is_same_v<T, In>) {
+    return src;
+  } else {
+    const int64_t n = rows * width;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(src[i]);
+    return buf;
+  }
+}
+
+// Up to this many stacked query rows the decoding products run as the loops below rather
+// than BLAS calls: with so few rows a GEMM is a matrix-vector product, which the BLAS libraries
+// run far below memory speed; the loops read each key and value row once, for all rows.
+constexpr int64_t kFewRows = 8;
+
+// s[r, c] = scale * q[r] . k[c] for rows x cols (row stride ld), q (rows x D), k (cols x D).
 template <typename T>
+void scores_few_rows(const T* q, const T* k, int64_t rows, int cols, int64_t D, T scale, T* s,
+                     int ld) {
+  for (int c = 0; c < cols; ++c) {
+    const T* kc = k + c * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* qr = q + r * D;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kc[d];
+      s[r * ld + c] = scale * acc;
+    }
+  }
+}
+
+// acc[r] += sum_c p[r, c] v[c] for rows x cols (row stride ld), v (cols x Dv).
+template <typename T>
+void pv_few_rows(const T* p, int ld, const T* v, int64_t rows, int cols, int64_t Dv, T* acc) {
+  for (int c = 0; c < cols; ++c) {
+    const T* vc = v + c * Dv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T w = p[r * ld + c];
+      if (w == T(0)) continue;
+      T* a = acc + r * Dv;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) a[d] += w * vc[d];
+    }
+  }
+}
+
+template <typename T, typename In>
+void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, T* out, T* lse) {
+  std::vector<std::pair<int64_t, bool>> visits = visits_of(P, 0);
+  const int64_t groups = P.B * P.Hkv, n_visits = static_cast<int64_t>(visits.size());
+  const int64_t want = std::max<int64_t>(1, (kDecodeTasks + groups - 1) / groups);
+  const int64_t per_chunk = std::max<int64_t>(2, (n_visits + want - 1) / want);
+  const int64_t chunks = std::max<int64_t>(1, (n_visits + per_chunk - 1) / per_chunk);
+  const int64_t rows = P.G * P.Nq, D = P.D, Dv = P.Dv;
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
+  std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
+  std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    T* const s = s_buf.data;
+    const int ld = static_cast<int>(P.tk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / chunks, c = task % chunks, b = grp / P.Hkv, hk = grp % P.Hkv;
+      T* m = part_m.data() + task * rows;
+      T* l = part_l.data() + task * rows;
+      T* acc = part_acc.data() + task * rows * Dv;
+      // the G heads of the group are consecutive: one (G Nq) x D block of q
+      const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf.data);
+      const In* kbase = k + grp * P.Nk * D;
+      const In* vbase = v + grp * P.Nk * Dv;
+      const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
+      for (int64_t t = c * per_chunk; t < last; ++t) {
+        const auto [j, full] = visits[t];
+        const int64_t k0 = j * P.tk;
+        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf.data);
+        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf.data);
+        if (rows <= kFewRows)
+          scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
+        else
+          gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
+                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+        for (int64_t g = 0; g < P.G; ++g)
+          finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
+                           s + g * P.Nq * ld, ld, nullptr);
+        online_softmax_tile(s, ld, rows, cols, m, l, acc, Dv);
+        if (rows <= kFewRows)
+          pv_few_rows(s, ld, vt, rows, cols, Dv, acc);
+        else
+          gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
+                  static_cast<int>(Dv), s, ld, T(1), acc, static_cast<int>(Dv));
+      }
+    }
+  });
+  // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max; a NaN chunk
+  // (an attended NaN or +inf score, see online_softmax_tile) makes the row NaN
+  at::parallel_for(0, groups * rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> o(Dv);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t grp = idx / rows, r = idx % rows;
+      T M = ninf;
+      bool nan_row = false;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T mc = part_m[(grp * chunks + c) * rows + r];
+        nan_row |= std::isnan(mc);
+        M = std::max(M, mc);
+      }
+      T L = 0;
+      std::fill(o.begin(), o.end(), T(0));
+      if (!nan_row && M != ninf) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (grp * chunks + c) * rows + r;
+          if (part_m[at] == ninf) continue;
+          const T w = fast_exp(part_m[at] - M);
+          L += part_l[at] * w;
+          const T* a = part_acc.data() + at * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] += a[d] * w;
+        }
+      }
+      // row r of the group is query row r % Nq of head hk G + r / Nq: out is (B, Hq, Nq, Dv)
+      // and the group's heads are consecutive, so the group's rows are consecutive too
+      const int64_t row = grp * rows + r;
+      if (nan_row) {
+        std::fill(out + row * Dv, out + (row + 1) * Dv, std::numeric_limits<T>::quiet_NaN());
+        lse[row] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+      const bool seen = L > 0;
+      const T inv = seen ? T(1) / L : T(0);
+      for (int64_t d = 0; d < Dv; ++d) out[row * Dv + d] = o[d] * inv;
+      lse[row] = seen ? M + std::log(L) : std::numeric_limits<T>::infinity();
+    }
+  });
+}
+
+// Gradient buffers of one backward call (dq, dk, dv shaped as q, k, v in the compute type T,
+// and float64 per-run accumulators for the bias's and the learnable tables' gradients) handed to
+// kernel(dq, dk, dv, dbias_buf, dbias_numel, dbias_strides, table_bufs, table_numel, chunks):
+// the kernel runs its tasks (b, hk) in `chunks` contiguous runs and accumulates run c's
+// reductions into slice c of the buffers, which are then added in order.
+template <typename T, typename Kernel>
 std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& out, const at::Tensor& lse,
-                                       const at::Tensor& gout, const at::Tensor& bias,
-                                       bool bias_grad, at::TensorList mod_tables,
-                                       const at::Tensor& table_grad) {
+                                       const at::Tensor& bias, bool bias_grad,
+                                       at::TensorList mod_tables, const at::Tensor& table_grad,
+                                       Kernel kernel) {
   const int64_t tasks = P.B * P.Hkv;
   bool reduces = bias_grad;
   for (size_t m = 0; m < mod_tables.size(); ++m)
@@ -556,15 +984,17 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
   // Without a reduction every task writes its own gradients: one run per task. With one, a run
   // per thread; under torch.use_deterministic_algorithms(True) a fixed number of runs, so that
   // the sums are bitwise the same whatever the thread count.
-  int64_t chunks = tasks;
+  int64_t chunks = std::max<int64_t>(1, tasks);
   if (reduces) {
     const int64_t runs = at::globalContext().deterministicAlgorithms()
                              ? kDeterministicRuns
                              : static_cast<int64_t>(at::get_num_threads());
     chunks = std::max<int64_t>(1, std::min(tasks, runs));
   }
+  const auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   const auto f64 = q.options().dtype(at::kDouble);
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  at::Tensor dq = at::zeros(q.sizes(), opts), dk = at::zeros(k.sizes(), opts),
+             dv = at::zeros(v.sizes(), opts);
   at::Tensor dbias_buf;
   int64_t strides[4] = {0, 0, 0, 0};
   int64_t numel = 0;
@@ -594,14 +1024,193 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
     table_ptrs.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
     table_numel.push_back(mod_tables[m].numel());
   }
-  backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(), gout.data_ptr<T>(), dq.data_ptr<T>(),
-                dk.data_ptr<T>(), dv.data_ptr<T>(),
-                bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
-                table_numel, chunks);
-  const at::Tensor none = at::empty({0}, q.options());
+  kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+         bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
+         table_numel, chunks);
+  const at::Tensor none = at::empty({0}, opts);
   std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? sum_in_order(dbias_buf) : none};
   for (auto& t : table_bufs) result.push_back(t.defined() ? sum_in_order(t) : none);
   return result;
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
+                                       const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& gout, const at::Tensor& bias,
+                                       bool bias_grad, at::TensorList mod_tables,
+                                       const at::Tensor& table_grad) {
+  return backward_typed(P, q, k, v, bias, bias_grad, mod_tables, table_grad,
+                        [&](T* dq, T* dk, T* dv, double* dbias, int64_t numel,
+                            const int64_t* strides, std::vector<double*>& tables,
+                            const std::vector<int64_t>& table_numel, int64_t chunks) {
+                          backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(),
+                                        gout.data_ptr<T>(), dq, dk, dv, dbias, numel, strides,
+                                        tables, table_numel, chunks);
+                        });
+}
+
+// The half path's entries: q, k, v (and gout) in H, everything else as the float32 path.
+// Pads D and Dv to even (zero columns change no product), repacks the B operands, runs, and
+// returns float32 results cut back to D and Dv.
+template <typename H>
+struct HalfCall {
+  at::Tensor q, kt, v, g, gv, vt, kv, qv;  // keep the repacked operands alive
+  HalfOperands<H> X;
+  HalfCall(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t tile_q,
+           int64_t tile_kv) {
+    TORCH_CHECK(tile_q % 2 == 0 && tile_kv % 2 == 0,
+                "qkv cpu kernel: the half-precision path needs even tile sizes, got (", tile_q,
+                ", ", tile_kv, ")");
+    q = pad_even(q_, 3).contiguous();
+    const at::Tensor k = pad_even(k_, 3), vv = pad_even(v_, 3);
+    kt = vnni(pad_even(k, 2).transpose(-1, -2));  // (B, Hkv, Dp / 2, Nkp, 2)
+    v = vnni(pad_even(vv, 2));                     // (B, Hkv, Nkp / 2, Dvp, 2)
+    X.q = q.data_ptr<H>();
+    X.kt = kt.data_ptr<H>();
+    X.v = v.data_ptr<H>();
+    X.Nqp = q.size(2) + q.size(2) % 2;
+    X.Nkp = k.size(2) + k.size(2) % 2;
+  }
+  void add_backward(const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& gout) {
+    const at::Tensor k = pad_even(pad_even(k_, 3), 2), vv = pad_even(pad_even(v_, 3), 2);
+    g = pad_even(gout, 3).contiguous();
+    gv = vnni(pad_even(g, 2));     // (B, Hq, Nqp / 2, Dvp, 2)
+    vt = vnni(vv.transpose(-1, -2));  // (B, Hkv, Dvp / 2, Nkp, 2)
+    kv = vnni(k);                  // (B, Hkv, Nkp / 2, Dp, 2)
+    qv = vnni(pad_even(q, 2));     // (B, Hq, Nqp / 2, Dp, 2)
+    X.g = g.data_ptr<H>();
+    X.gv = gv.data_ptr<H>();
+    X.vt = vt.data_ptr<H>();
+    X.kv = kv.data_ptr<H>();
+    X.qv = qv.data_ptr<H>();
+  }
+};
+
+template <typename H>
+std::vector<at::Tensor> forward_half_typed(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
+    const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
+    const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+  HalfCall<H> call(q, k, v, tile_q, tile_kv);
+  auto P = make_problem<float>(call.q, pad_even(k, 3), pad_even(v, 3), scale, status, tile_q,
+                               tile_kv, row_lo, row_hi, doc_q, doc_k, dense, bias, mod_kind,
+                               mod_value, mod_int, mod_tables);
+  const auto opts = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({P.B, P.Hq, P.Nq, P.Dv}, opts);
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, opts);
+  forward_half(P, call.X, out.data_ptr<float>(), lse.data_ptr<float>());
+  return {out.narrow(3, 0, v.size(3)).contiguous(), lse};
+}
+
+template <typename H>
+std::vector<at::Tensor> backward_half_typed(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& gout, double scale, const at::Tensor& status,
+    int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo, const at::Tensor& row_hi,
+    const at::Tensor& doc_q, const at::Tensor& doc_k, const at::Tensor& dense,
+    const at::Tensor& bias, bool bias_grad, const at::Tensor& mod_kind,
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables,
+    const at::Tensor& table_grad) {
+  TORCH_CHECK(gout.scalar_type() == q.scalar_type() && out.scalar_type() == at::kFloat &&
+                  lse.scalar_type() == at::kFloat,
+              "qkv cpu kernel: the half path takes gout in the input type, out and lse float32");
+  HalfCall<H> call(q, k, v, tile_q, tile_kv);
+  call.add_backward(k, v, gout);
+  const at::Tensor kp = pad_even(k, 3), vp = pad_even(v, 3);
+  auto P = make_problem<float>(call.q, kp, vp, scale, status, tile_q, tile_kv, row_lo, row_hi,
+                               doc_q, doc_k, dense, bias, mod_kind, mod_value, mod_int,
+                               mod_tables);
+  const at::Tensor outp = pad_even(out, 3).contiguous();
+  auto grads = backward_typed(
+      P, call.q, kp, vp, bias, bias_grad, mod_tables, table_grad,
+      [&](float* dq, float* dk, float* dv, double* dbias, int64_t numel, const int64_t* strides,
+          std::vector<double*>& tables, const std::vector<int64_t>& table_numel, int64_t chunks) {
+        backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv,
+                      dbias, numel, strides, tables, table_numel, chunks);
+      });
+  grads[0] = grads[0].narrow(3, 0, q.size(3));
+  grads[1] = grads[1].narrow(3, 0, k.size(3));
+  grads[2] = grads[2].narrow(3, 0, v.size(3));
+  return grads;
+}
+
+bool is_half(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// Decoding entry: q, k, v in their own type (float, double, bfloat16, float16), computed in
+// float (double for double); out and lse in the compute type.
+std::vector<at::Tensor> decode_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
+    const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
+    const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+  const bool dbl = q.scalar_type() == at::kDouble;
+  const auto opts = q.options().dtype(dbl ? at::kDouble : at::kFloat);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, opts);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
+  if (dbl) {
+    auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                                  doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+    forward_decode<double, double>(P, q.data_ptr<double>(), k.data_ptr<double>(),
+                                   v.data_ptr<double>(), out.data_ptr<double>(),
+                                   lse.data_ptr<double>());
+    return {out, lse};
+  }
+  auto P = make_problem<float>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                               doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+  float* o = out.data_ptr<float>();
+  float* ls = lse.data_ptr<float>();
+  if (q.scalar_type() == at::kBFloat16) {
+    forward_decode<float, at::BFloat16>(P, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
+                                        v.data_ptr<at::BFloat16>(), o, ls);
+  } else if (q.scalar_type() == at::kHalf) {
+    forward_decode<float, at::Half>(P, q.data_ptr<at::Half>(), k.data_ptr<at::Half>(),
+                                    v.data_ptr<at::Half>(), o, ls);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "qkv cpu kernel: unsupported dtype ",
+                q.scalar_type());
+    forward_decode<float, float>(P, q.data_ptr<float>(), k.data_ptr<float>(),
+                                 v.data_ptr<float>(), o, ls);
+  }
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
+    const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
+    const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+  // decoding in every dtype: the half GEMM path would repack all of K and V for a few rows
+  if (status.size(0) == 1 && q.size(2) <= kDecodeRows) {
+    return decode_forward(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k,
+                          dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+  }
+  if (is_half(q)) {
+    auto run = q.scalar_type() == at::kBFloat16 ? forward_half_typed<at::BFloat16>
+                                                : forward_half_typed<at::Half>;
+    return run(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k, dense,
+               bias, mod_kind, mod_value, mod_int, mod_tables);
+  }
+  const auto opts = q.options();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, opts);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
+  if (q.scalar_type() == at::kDouble) {
+    auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                                  doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+    forward_impl(P, out.data_ptr<double>(), lse.data_ptr<double>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "qkv cpu kernel: float32 or float64 expected");
+    auto P = make_problem<float>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+                                 doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+    forward_impl(P, out.data_ptr<float>(), lse.data_ptr<float>());
+  }
+  return {out, lse};
 }
 
 std::vector<at::Tensor> attention_backward(
@@ -612,6 +1221,13 @@ std::vector<at::Tensor> attention_backward(
     const at::Tensor& bias, bool bias_grad, const at::Tensor& mod_kind,
     const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables,
     const at::Tensor& table_grad) {
+  if (is_half(q)) {
+    auto run = q.scalar_type() == at::kBFloat16 ? backward_half_typed<at::BFloat16>
+                                                : backward_half_typed<at::Half>;
+    return run(q, k, v, out, lse, gout, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
+               doc_k, dense, bias, bias_grad, mod_kind, mod_value, mod_int, mod_tables,
+               table_grad);
+  }
   if (q.scalar_type() == at::kDouble) {
     auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
                                   doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
@@ -638,4 +1254,5 @@ TORCH_LIBRARY(qkv_cpu, m) {
       "Tensor doc_k, Tensor dense, Tensor bias, bool bias_grad, Tensor mod_kind, "
       "Tensor mod_value, Tensor mod_int, Tensor[] mod_tables, Tensor table_grad) -> Tensor[]",
       &attention_backward);
+  m.def("half_gemm_status(str dtype) -> str", &half_gemm_status);
 }
