@@ -384,3 +384,23 @@ def test_cpu_kernel_runs_random_combinations_exactly() -> None:
         got = qkv.attention(q, k, v, mask=mask, backend="cpu")
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
         ran += 1
+
+
+def test_wider_tiles_pooled_from_narrow_ones_equal_their_own_classification() -> None:
+    # The cpu backend's census classifies the narrowest key tiles once and pools the wider ones.
+    from qkv.backends.block_mask import _pool_columns, hinted_status
+
+    n = 1000
+    ids = torch.sort(torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(3))).values
+    cases = [
+        masks.sliding_window(100) & masks.causal(),
+        masks.document(ids),
+        masks.prefix_lm(130) | masks.sliding_window(5, 5),
+        masks.key_padding([700]),
+        masks.mask_function(lambda b, h, q, kv: kv <= q),  # opaque: UNKNOWN everywhere
+    ]
+    for mask in cases:
+        narrow = hinted_status(mask, n, n, 64, 64)
+        for factor in (2, 4):
+            direct = hinted_status(mask, n, n, 64, 64 * factor)
+            assert torch.equal(_pool_columns(narrow, factor), direct), (mask, factor)

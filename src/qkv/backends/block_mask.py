@@ -449,7 +449,14 @@ def request_status(
         return known
     hinted = per_request.get((tile_q, tile_kv, False))
     if hinted is None:
-        hinted = hinted_status(request.whole_mask, request.q_len, request.kv_len, tile_q, tile_kv)
+        finer = [w for (tq, w, r) in per_request if tq == tile_q and not r and tile_kv % w == 0]
+        if finer:  # pooled from a finer key width: no second pass over the mask
+            width = min(finer)
+            hinted = _pool_columns(per_request[(tile_q, width, False)], tile_kv // width)
+        else:
+            hinted = hinted_status(
+                request.whole_mask, request.q_len, request.kv_len, tile_q, tile_kv
+            )
         per_request[(tile_q, tile_kv, False)] = hinted
     if resolve:
         status = _summarize(
@@ -458,6 +465,24 @@ def request_status(
         per_request[key] = status
         return status
     return hinted
+
+
+def _pool_columns(status: Tensor, factor: int) -> Tensor:
+    """Tile states of key tiles ``factor`` times wider: EMPTY or FULL where every narrow tile
+    is, UNKNOWN where one is, PARTIAL otherwise (exact: a tile is full iff its parts are)."""
+    if factor == 1:
+        return status
+    rows, cols = status.shape
+    wide = -(-cols // factor)
+    absent = -1  # the narrow tiles past the last key: neither empty nor full, just absent
+    padded = torch.full((rows, wide * factor), absent, dtype=torch.int8)
+    padded[:, :cols] = status
+    parts = padded.view(rows, wide, factor)
+    all_empty = ((parts == EMPTY) | (parts == absent)).all(-1)
+    all_full = ((parts == FULL) | (parts == absent)).all(-1)
+    out = torch.full((rows, wide), PARTIAL, dtype=torch.int8)
+    out.masked_fill_((parts == UNKNOWN).any(-1), UNKNOWN)
+    return out.masked_fill_(all_full, FULL).masked_fill_(all_empty, EMPTY)
 
 
 def block_mask_for(request: AttentionRequest, tile_q: int, tile_kv: int) -> BlockMask:

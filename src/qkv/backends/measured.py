@@ -6,7 +6,7 @@ call; the kernel and SDPA's dense bias for ALiBi) swap places between CPUs, dtyp
 counts. For such a call ``auto`` times the close candidates once per *shape class* on the actual
 machine and remembers the winner, like ``torch.backends.cudnn.benchmark``:
 
-- only when the cheapest estimate is at least :data:`MIN_SECONDS` (small calls are never worth
+- only when the cheapest estimate is at least :data:`MIN_SECONDS` (tiny calls are never worth
   it) and another candidate's estimate is within :data:`AMBIGUOUS` of it;
 - never for dropout (timing would draw random numbers) or ``return_weights``, and only on the
   CPU (on a GPU the estimates decide: timing there needs synchronisation, and a call may be
@@ -48,8 +48,9 @@ __all__ = ["AMBIGUOUS", "MIN_SECONDS", "enabled", "known_choice", "measure_choic
 
 #: Estimates within this factor of the cheapest are too close to trust.
 AMBIGUOUS = 1.5
-#: Calls estimated below this many seconds are never measured.
-MIN_SECONDS = 0.05
+#: Calls estimated below this many seconds are never measured (timing them costs more than a
+#: wrong choice could).
+MIN_SECONDS = 0.005
 
 _MEMORY: dict[str, str] = {}
 _LOADED = False

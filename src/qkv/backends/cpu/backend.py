@@ -317,12 +317,12 @@ def tile_census(request: AttentionRequest, tile_q: int, choices: tuple[int, ...]
         _CENSUS[request] = census
         return census
     best: tuple[float, Census] | None = None
-    for tile_kv in choices:
+    for tile_kv in sorted(choices):  # the narrowest first: the wider ones are pooled from it
         status = request_status(request, tile_q, tile_kv, resolve=False)
         visited = int((status != EMPTY).sum())
         unknown = int((status == UNKNOWN).sum())
         work = visited * (min(tile_q, Nq) * min(tile_kv, Nk) + TILE_OVERHEAD_SCORES)
-        if best is None or work < best[0]:
+        if best is None or work <= best[0]:  # ties go to the wider tile
             best = (work, Census(tile_q, tile_kv, visited, unknown))
     assert best is not None
     _CENSUS[request] = best[1]
