@@ -230,6 +230,11 @@ class MaskFn:
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.fn(b, h, q_idx, kv_idx)
 
+    #: True for a mask whose parameters are its own copies, never changed after construction,
+    #: so that its tile states may be remembered (:func:`classify_tiles`); a mask tensor the
+    #: caller may write to, or a function of your own, is not frozen.
+    frozen = False
+
     # --- what a kernel asks ------------------------------------------------------------------
     @property
     def tiles(self) -> TileClassifier | None:
@@ -521,7 +526,24 @@ def classify_tiles(mask: MaskFunction, q_bounds: Tensor, kv_bounds: Tensor) -> T
     shape = (max(q_bounds.numel() - 1, 0), max(kv_bounds.numel() - 1, 0))
     if not isinstance(mask, MaskFn):
         return torch.full(shape, UNKNOWN, dtype=torch.int8)
-    return mask.classify(q_bounds, kv_bounds).to(torch.int8).expand(shape).contiguous()
+    if not mask.frozen:
+        return mask.classify(q_bounds, kv_bounds).to(torch.int8).expand(shape).contiguous()
+    # A frozen mask's states depend on the bounds alone: remember them, so that a mask reused
+    # call after call (a training loop's padding or documents) is classified once.
+    key = (tuple(q_bounds.tolist()), tuple(kv_bounds.tolist()))
+    cache: dict[tuple[tuple[int, ...], tuple[int, ...]], Tensor] = mask.__dict__.setdefault(
+        "_classified", {}
+    )
+    if (known := cache.get(key)) is None:
+        known = mask.classify(q_bounds, kv_bounds).to(torch.int8).expand(shape).contiguous()
+        if len(cache) >= _CLASSIFIED_PER_MASK:
+            cache.clear()
+        cache[key] = known
+    return known.clone()
+
+
+#: Tile grids remembered per frozen mask (a few lengths and tile sizes in practice).
+_CLASSIFIED_PER_MASK = 16
 
 
 def _combine(states: list[Tensor], *, absorbing: int, neutral: int) -> Tensor:

@@ -258,7 +258,7 @@ def _as_lengths(lengths: Tensor | list[int] | int, what: str) -> Tensor:
         )
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"{what} must be >= 0; got {lengths.tolist()}")
-    return lengths.long()
+    return lengths.long().clone()  # the mask's own copy: frozen, whatever the caller does
 
 
 def _check_has_values(t: Tensor, what: str) -> None:
@@ -310,6 +310,8 @@ def _below_tiles(limits: Tensor, q_bounds: Tensor, kv_bounds: Tensor, axis: int)
 class KeyPadding(MaskFn):
     """Keys ``j >= lengths[b]`` are padding (see :func:`key_padding`)."""
 
+    frozen = True
+
     def __init__(self, lengths: Tensor) -> None:
         self.lengths = lengths
         what = "key_padding lengths"
@@ -338,6 +340,8 @@ class KeyPadding(MaskFn):
 class QueryPadding(MaskFn):
     """Queries ``i >= lengths[b]`` are padding (see :func:`query_padding`)."""
 
+    frozen = True
+
     def __init__(self, lengths: Tensor) -> None:
         self.lengths = lengths
         what = "query_padding lengths"
@@ -365,6 +369,8 @@ class QueryPadding(MaskFn):
 class PrefixLM(MaskFn):
     """Keys ``j < lengths[b]`` are seen by every query; after them, causal (see
     :func:`prefix_lm`)."""
+
+    frozen = True
 
     def __init__(self, lengths: Tensor, name: str, check: CallCheck | None) -> None:
         self.lengths = lengths
@@ -441,6 +447,8 @@ class Document(MaskFn):
         q_ids: ``(B or 1, Nq)`` int64 document id of every query position.
         k_ids: ``(B or 1, Nk)`` int64, the same for keys.
     """
+
+    frozen = True
 
     def __init__(self, q_ids: Tensor, k_ids: Tensor, self_attention: bool) -> None:
         self.q_ids, self.k_ids = q_ids, k_ids
@@ -532,7 +540,8 @@ def _as_ids(ids: Tensor, what: str) -> Tensor:
         )
     if ids.ndim == 2 and ids.shape[0] == 0:
         raise ValueError(f"{what} must have at least one row; got shape {tuple(ids.shape)}")
-    return ids.long() if ids.ndim == 2 else ids.long()[None]  # (B or 1, N)
+    ids = ids.long().clone()  # the mask's own copy: frozen, whatever the caller does
+    return ids if ids.ndim == 2 else ids[None]  # (B or 1, N)
 
 
 # --- tensors ---------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ __all__ = ["AMBIGUOUS", "MIN_SECONDS", "enabled", "known_choice", "measure_choic
 AMBIGUOUS = 1.5
 #: Calls estimated below this many seconds are never measured (timing them costs more than a
 #: wrong choice could).
-MIN_SECONDS = 0.005
+MIN_SECONDS = 0.002
 
 _MEMORY: dict[str, str] = {}
 _LOADED = False
