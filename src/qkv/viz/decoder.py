@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from qkv.viz.page import write_page
-from qkv.viz.pretrained import PretrainedPictures
+from qkv.viz.pretrained import PretrainedPictures, layer_figures
 from qkv.viz.rollout import attention_rollout
 from qkv.viz.stats import head_stats
 
@@ -106,7 +106,7 @@ def decoder_pictures(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     if not page_only:
-        result.written += _figures(result, chosen, folder, name=name, dpi=dpi)
+        result.written += layer_figures(result, chosen, folder, name=name, dpi=dpi, columns=5)
         if head_scores is not None:
             fig = head_scores_figure(head_scores, title=f"{name}: heads found by pattern")
             from qkv.viz.figures import save_figure
@@ -147,29 +147,3 @@ def head_scores_figure(
     if title is not None:
         fig.suptitle(title)
     return fig
-
-
-def _figures(
-    result: PretrainedPictures, layers: Sequence[int], folder: Path, *, name: str, dpi: int
-) -> list[Path]:
-    from qkv.viz.figures import attention_heatmap, head_grid, head_stats_figure, save_figure
-
-    tokens = result.tokens
-    written = []
-    for layer in layers:
-        fig = head_grid(
-            result.maps[layer], tokens, tokens, title=f"{name}, layer {layer}", columns=5
-        )
-        written.append(save_figure(fig, folder / f"heads_layer{layer}.png", dpi=dpi))
-    fig = attention_heatmap(
-        result.rollout,
-        tokens,
-        tokens,
-        title=f"attention rollout through {len(result.maps)} layers",
-        x_label="input token",
-        y_label="output position",
-    )
-    written.append(save_figure(fig, folder / "rollout.png", dpi=dpi))
-    fig = head_stats_figure(result.stats, title=f"{name}: per-head statistics (layers x heads)")
-    written.append(save_figure(fig, folder / "head_stats.png", dpi=dpi))
-    return written

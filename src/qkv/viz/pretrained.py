@@ -135,7 +135,7 @@ def encoder_pictures(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     if not page_only:
-        result.written += _figures(result, chosen, folder, name=name, dpi=dpi)
+        result.written += layer_figures(result, chosen, folder, name=name, dpi=dpi)
     if page or page_only:
         layers_page = {f"layer {i}": m for i, m in enumerate(maps)}
         result.written.append(
@@ -147,16 +147,24 @@ def encoder_pictures(
     return result
 
 
-def _figures(
-    result: PretrainedPictures, layers: Sequence[int], folder: Path, *, name: str, dpi: int
+def layer_figures(
+    result: PretrainedPictures,
+    layers: Sequence[int],
+    folder: Path,
+    *,
+    name: str,
+    dpi: int,
+    columns: int = 6,
 ) -> list[Path]:
+    """Write the head grid of each of ``layers``, the rollout and the head statistics of
+    ``result`` into ``folder``; returns the paths (encoders and decoders alike)."""
     from qkv.viz.figures import attention_heatmap, head_grid, head_stats_figure, save_figure
 
     tokens = result.tokens
     written = []
     for layer in layers:
         fig = head_grid(
-            result.maps[layer], tokens, tokens, title=f"{name}, layer {layer}", columns=6
+            result.maps[layer], tokens, tokens, title=f"{name}, layer {layer}", columns=columns
         )
         written.append(save_figure(fig, folder / f"heads_layer{layer}.png", dpi=dpi))
     fig = attention_heatmap(
