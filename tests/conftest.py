@@ -23,6 +23,14 @@ if not torch.cuda.is_available():
 os.environ["QKV_AUTO_MEASURE"] = "0"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_auto_selections() -> None:
+    """Tests patch backends and estimates: auto's remembered selections start empty in each."""
+    from qkv.backends.registry import forget_selections
+
+    forget_selections()
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread for a module of tiny models: on a busy 2-core machine two threads

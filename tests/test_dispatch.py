@@ -150,6 +150,23 @@ def test_auto_counts_the_tiles_a_mask_tensor_hides() -> None:
     assert chosen(1, 8, 4096, 64, mask=long).chosen == "sdpa"
 
 
+def test_auto_remembers_a_call_and_reprices_a_mask_edited_in_place() -> None:
+    from qkv.backends.registry import select_backend
+    from qkv.request import build_request
+
+    keys = torch.arange(4096)
+    mask = (keys < 900)[None, None, None, :].clone()
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 8, 4096, 64, generator=g) for _ in range(3))
+    first = select_backend(build_request(q, k, v, mask=mask))
+    again = select_backend(build_request(q.clone(), k, v, mask=mask))
+    assert again is first and first.backend.name in TILED  # same signature: not priced again
+    mask[..., :4000] = True  # the same tensor, now hiding almost nothing
+    assert select_backend(build_request(q, k, v, mask=mask)).backend.name == "sdpa"
+    window = masks.sliding_window(255)
+    assert select_backend(build_request(q, k, v, mask=window)) is not first
+
+
 def test_tile_states_of_a_mask_tensor_match_a_loop() -> None:
     from qkv.backends.block_mask import tile_bounds
 

@@ -54,6 +54,12 @@ MIN_SECONDS = 0.002
 
 _MEMORY: dict[str, str] = {}
 _LOADED = False
+_FORGOTTEN = 0  # how many times forget() ran: selections remembered before are stale
+
+
+def forgotten() -> int:
+    """A counter that changes whenever the remembered choices are dropped."""
+    return _FORGOTTEN
 
 
 def enabled() -> bool:
@@ -214,4 +220,6 @@ def measure_choice(request: AttentionRequest, candidates: Sequence[Any]) -> str:
 
 def forget() -> None:
     """Drop every remembered choice (in memory; the file is rewritten at the next measurement)."""
+    global _FORGOTTEN
     _MEMORY.clear()
+    _FORGOTTEN += 1

@@ -25,9 +25,13 @@ is first in line and taken unless over the memory limit); a backend you register
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from qkv.backends import measured
@@ -48,6 +52,7 @@ __all__ = [
     "Selection",
     "available_backends",
     "device_rates",
+    "forget_selections",
     "format_ms",
     "get_backend",
     "register_backend",
@@ -104,6 +109,7 @@ def register_backend(
             f"a backend named {backend.name!r} is already registered; pass replace=True"
         )
     _REGISTRY[backend.name] = backend
+    forget_selections()
     if backend.name in AUTO_ORDER:
         AUTO_ORDER.remove(backend.name)
     if auto_priority is not None:
@@ -114,6 +120,7 @@ def unregister_backend(name: str) -> None:
     """Remove a backend (and its place in ``auto``)."""
     get_backend(name)
     del _REGISTRY[name]
+    forget_selections()
     if name in AUTO_ORDER:
         AUTO_ORDER.remove(name)
 
@@ -197,6 +204,16 @@ def select_backend(
                 f"backend {name!r} cannot serve this call: {reason} ({request.describe()})"
             )
         return Selection(backend)
+    key = _signature(request, measure)
+    remembered = _remembered(key, request)
+    if remembered is not None:
+        return remembered
+    selection = _select_auto(request, measure)
+    _remember(key, request, selection)
+    return selection
+
+
+def _select_auto(request: AttentionRequest, measure: bool) -> Selection:
     rejected: dict[str, str] = {}
     able: list[Backend] = []
     for candidate in AUTO_ORDER:
@@ -210,6 +227,87 @@ def select_backend(
         details = "; ".join(f"{n}: {r}" for n, r in rejected.items())
         raise ValueError(f"no backend can serve this call ({request.describe()}): {details}")
     return _cheapest(able, request, rejected, measure)
+
+
+# --- remembered selections --------------------------------------------------------------------
+# A model calls attention with the same shapes and the same mask object step after step, and
+# pricing a call (the tile census, five estimates) costs 0.1-1 ms: a few percent of a small
+# call. So auto's answer is remembered per *call signature*: everything supports() and the
+# estimates read (shapes, strides, dtypes, gradient needs, flags, global modes) and the identity
+# of the mask and score objects, which are immutable once built. A mask tensor is keyed by its
+# identity and version counter, so an in-place edit is priced afresh. Entries hold weak
+# references where the object allows them, and the memo is bounded.
+_SELECTIONS: OrderedDict[Hashable, tuple[tuple[Any, ...], Selection]] = OrderedDict()
+_SELECTIONS_SIZE = 256
+
+
+def forget_selections() -> None:
+    """Drop every remembered ``auto`` selection (after a backend is registered or removed, or a
+    measured choice is forgotten; tests that patch a backend call it too)."""
+    _SELECTIONS.clear()
+
+
+def _tensor_layout(t: Tensor | None) -> Hashable:
+    if t is None:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _referent(obj: Any) -> Hashable:
+    """A mask or score object's part of the key: its identity (and, for a tensor, its version
+    and layout; for a module, which of its parameters train)."""
+    if obj is None:
+        return None
+    if isinstance(obj, Tensor):
+        return (id(obj), obj._version, _tensor_layout(obj))
+    if isinstance(obj, torch.nn.Module):
+        return (id(obj), tuple(p.requires_grad for p in obj.parameters()))
+    return id(obj)
+
+
+def _hold(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # an object without weak references is held (the memo is bounded)
+        return lambda obj=obj: obj
+
+
+def _signature(request: AttentionRequest, measure: bool) -> Hashable:
+    return (
+        _tensor_layout(request.q),
+        _tensor_layout(request.k),
+        _tensor_layout(request.v),
+        _tensor_layout(request.bias),
+        _referent(request.mask),
+        _referent(request.score_mod),
+        request.causal,
+        request.scale,
+        request.dropout_p,
+        request.return_weights,
+        request.return_lse,
+        torch.is_grad_enabled(),
+        torch.are_deterministic_algorithms_enabled(),
+        measured.enabled() and measure,
+        measured.forgotten(),
+    )
+
+
+def _remembered(key: Hashable, request: AttentionRequest) -> Selection | None:
+    entry = _SELECTIONS.get(key)
+    if entry is None:
+        return None
+    held, selection = entry
+    if any(ref() is not obj for ref, obj in zip(held, (request.mask, request.score_mod))):
+        del _SELECTIONS[key]  # an id reused by a new object after the old one died
+        return None
+    _SELECTIONS.move_to_end(key)
+    return selection
+
+
+def _remember(key: Hashable, request: AttentionRequest, selection: Selection) -> None:
+    _SELECTIONS[key] = ((_hold(request.mask), _hold(request.score_mod)), selection)
+    if len(_SELECTIONS) > _SELECTIONS_SIZE:
+        _SELECTIONS.popitem(last=False)
 
 
 def _estimate(backend: Backend, what: str, request: AttentionRequest) -> float | None:
