@@ -20,6 +20,7 @@ from qkv.bench import (
     expand_sweep,
     fill_matmul_share,
     matmul_tflops,
+    memory_gbps,
 )
 from qkv.bench.measure import attended_pairs, measure, prebuilt_kwargs
 from qkv.bench.peers import peer_call
@@ -229,6 +230,12 @@ def test_peer_case_is_measured_in_process() -> None:
         BenchCase("sdpa-flash", "causal", 32, heads=2, kv_heads=2, head_dim=8, repeats=1)
     )
     assert figures["seconds"] > 0 and figures["estimated_bytes"] is None
+
+
+def test_memory_read_rate_is_positive_and_checks_its_size() -> None:
+    assert memory_gbps("cpu", mib=1) > 0
+    with pytest.raises(ValueError, match="mib must be >= 1; got 0"):
+        memory_gbps("cpu", mib=0)
 
 
 def test_rates_as_a_share_of_the_matmul_rate_measured_in_the_run() -> None:

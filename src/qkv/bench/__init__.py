@@ -5,7 +5,7 @@ against a baseline; on CUDA, the allocator's peak statistics are used instead.
 """
 
 from qkv.bench.cases import MASK_KINDS, BenchCase, choose_backends, expand_sweep
-from qkv.bench.peers import PEERS, matmul_tflops
+from qkv.bench.peers import PEERS, matmul_tflops, memory_gbps
 from qkv.bench.run import BenchResult, fill_matmul_share, run_sweep
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "expand_sweep",
     "fill_matmul_share",
     "matmul_tflops",
+    "memory_gbps",
     "run_sweep",
 ]

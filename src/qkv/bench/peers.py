@@ -1,5 +1,7 @@
 """PyTorch's own fused attention as benchmark peers: SDPA with one of its kernels forced, and
-FlexAttention compiled; and the bf16 matmul rate their throughput is compared with.
+FlexAttention compiled; and the yardsticks their throughput is compared with: the bf16 matmul rate
+(:func:`matmul_tflops`) and, for calls that read far more than they compute (a few queries
+against a long key/value cache), the rate memory is read at (:func:`memory_gbps`).
 
 A peer runs a :class:`~qkv.bench.cases.BenchCase` from the same keyword arguments as
 ``qkv.attention`` (:func:`qkv.bench.measure.prebuilt_kwargs`):
@@ -23,7 +25,15 @@ from torch import Tensor
 
 from qkv.request import build_request
 
-__all__ = ["PEERS", "SDPA_KERNELS", "compiled_flex", "matmul_tflops", "peer_call", "sdpa_forced"]
+__all__ = [
+    "PEERS",
+    "SDPA_KERNELS",
+    "compiled_flex",
+    "matmul_tflops",
+    "memory_gbps",
+    "peer_call",
+    "sdpa_forced",
+]
 
 #: ``sdpa-<kernel>`` names and the ``torch.nn.attention.SDPBackend`` member each forces.
 SDPA_KERNELS = {
@@ -128,3 +138,26 @@ def matmul_tflops(
         if i >= 3:
             times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def memory_gbps(device: str | torch.device, *, mib: int = 256) -> float:
+    """GB/s read from memory on ``device``: a float32 buffer of ``mib`` MiB (far larger than a
+    CPU's last-level cache, so it comes from memory) summed, the median of 10 timed calls after
+    3 warm-up calls, on the current thread count. The yardstick of a call that reads much and
+    computes little, such as a decoding step reading its key/value cache."""
+    import statistics
+    import time
+
+    if mib < 1:
+        raise ValueError(f"mib must be >= 1; got {mib}")
+    x = torch.rand(mib * 2**18, device=device)  # (mib MiB,) float32
+    cuda = x.device.type == "cuda"
+    times = []
+    for i in range(13):
+        start = time.perf_counter()
+        x.sum()
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return x.numel() * x.element_size() / statistics.median(times) / 1e9
