@@ -21,7 +21,13 @@ from torch import Tensor
 
 from qkv.backends.block_mask import EMPTY, FULL, UNKNOWN, request_status
 from qkv.backends.chunked import ChunkedBackend
-from qkv.backends.cpu.backend import TILE_KV_CHOICES, TILE_Q, CpuBackend, uses_half_gemm
+from qkv.backends.cpu.backend import (
+    TILE_KV_CHOICES,
+    TILE_Q,
+    CpuBackend,
+    compute_dtype,
+    uses_half_gemm,
+)
 from qkv.backends.reference import ReferenceBackend
 from qkv.backends.sdpa import SdpaBackend, is_plain
 from qkv.backends.triton.backend import TritonBackend
@@ -274,12 +280,37 @@ FIXED_SECONDS = 3e-4
 HALF_GEMM_SPEEDUP = 1.6
 #: Query rows up to which the kernel decodes (one query tile; kDecodeRows in kernel.cpp).
 DECODE_ROWS = 16
+#: The kernel reads q, k, v contiguous and in the dtype it computes in; any other input is
+#: copied first (``_CpuAttention.forward``): read once and written once. A decoder's keys and
+#: values are such inputs: views of the first L tokens of its preallocated cache buffers. For
+#: a copy over :data:`FRESH_COPY_BYTES` the allocator maps fresh pages on every call, and faulting
+#: them in costs far more than the copy: SmolLM2's cache views (Hkv = 3, D = 64, float32, one
+#: thread, AMD EPYC) copied at 0.6-0.8x the two passes' time up to 12.6 MB per tensor, and 5.2x
+#: at 50 MB (2.0 GB/s copied), which this rate gives.
+FRESH_COPY_BYTES = 32 << 20
+FRESH_PAGE_BYTES_PER_SECOND = 2.5e9
+
+
+def copy_seconds(request: AttentionRequest, io_dtype: torch.dtype, rates: DeviceRates) -> float:
+    """Time to copy the inputs the kernel cannot read as they are (not contiguous, or not in
+    ``io_dtype``) into contiguous ``io_dtype`` tensors."""
+    seconds = 0.0
+    out_size = torch.empty((), dtype=io_dtype).element_size()
+    for t in (request.q, request.k, request.v):
+        if t.dtype == io_dtype and t.is_contiguous():
+            continue
+        written = t.numel() * out_size
+        seconds += (t.numel() * t.element_size() + written) / rates.memory_bytes_per_second
+        if written > FRESH_COPY_BYTES:
+            seconds += written / FRESH_PAGE_BYTES_PER_SECOND
+    return seconds
 
 
 def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     """The visited tiles' matmuls at the kernel's measured efficiency, one exp and a few passes
-    per visited score, the evaluation of tiles only a mask function of your own can decide, and
-    a fixed cost for planning the call in Python."""
+    per visited score (for decoding, at least the reading of K and V), copying the inputs it
+    cannot read as they are (:func:`copy_seconds`), the evaluation of tiles only a mask function
+    of your own can decide, and a fixed cost for planning the call in Python."""
     rates = device_rates(request.device)
     census = backend.census(request)
     tq, tk = min(census.tile_q, request.q_len), min(census.tile_kv, request.kv_len)
@@ -287,12 +318,15 @@ def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     flops = 2.0 * pairs * (request.head_dim + request.value_dim)
     seconds = flops / (KERNEL_EFFICIENCY * rates.matmul_flops)
     seconds += pairs * 2 * rates.element_seconds
-    if uses_half_gemm(request.dtype, census.tile_q, census.tile_kv):
+    half = uses_half_gemm(request.dtype, census.tile_q, census.tile_kv)
+    if half:
         seconds /= HALF_GEMM_SPEEDUP
     if request.q_len <= min(DECODE_ROWS, census.tile_q):
         # decoding reads K and V once per group of query heads, at about half the memory
         # rate (measured: 44-51% of it on one thread with one query)
         seconds = max(seconds, kv_read_seconds(request, rates, 2.0))
+    io_dtype = request.dtype if half else compute_dtype(request.dtype)
+    seconds += copy_seconds(request, io_dtype, rates)
     seconds += FIXED_SECONDS
     seconds += census.unknown * tq * tk * 8 * rates.element_seconds
     return seconds * (CPU_KERNEL_TRAINING_FACTOR if request.needs_grad else 1.0)
