@@ -37,7 +37,14 @@ from qkv.nn.kv_cache import KVCache
 from qkv.nn.multihead import MultiHeadAttention
 from qkv.nn.positional import RotaryEmbedding
 
-__all__ = ["GatedMLP", "LlamaConfig", "LlamaDecoder", "LlamaLayer", "unpermute_rope_rows"]
+__all__ = [
+    "GatedMLP",
+    "LlamaConfig",
+    "LlamaDecoder",
+    "LlamaLayer",
+    "key_mask",
+    "unpermute_rope_rows",
+]
 
 
 def _positive(name: str, value: object) -> None:
@@ -211,6 +218,21 @@ class GatedMLP(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def key_mask(mask: Tensor | None) -> Tensor | None:
+    """The key mask ``(B, 1, 1, L + n)`` every layer of one forward passes to attention, from
+    the model's ``mask (B, L + n)``; None where every token is real.
+
+    One object for all the layers of a forward, and none at all without padding
+    (:func:`qkv.decode.generate` passes an all-True mask): ``auto`` remembers its choice per
+    call signature, the mask object's identity included, so the layers after the first reuse
+    its choice instead of pricing the call again (0.2-0.5 ms each, more than the attention of
+    a decoding step itself at short contexts), and a call without a mask stays plain for the
+    backends."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask[:, None, None, :]  # (B, 1, 1, L + n)
+
+
 class LlamaLayer(nn.Module):
     """One pre-norm decoder layer: RMSNorm, causal GQA attention with RoPE, residual; RMSNorm,
     gated MLP, residual.
@@ -242,11 +264,12 @@ class LlamaLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=eps)
         self.mlp = GatedMLP(dim, ffn_dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
-        """``x (B, n, E)``; ``mask`` bool ``(B, L + n)`` True at real tokens (None: all real);
-        ``cache`` holds the ``L`` earlier tokens and receives these ``n``."""
+    def forward(self, x: Tensor, keys: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """``x (B, n, E)``; ``keys`` bool ``(B, 1, 1, L + n)`` True at real tokens (None: all
+        real; :func:`key_mask` makes it); ``cache`` holds the ``L`` earlier tokens and receives
+        these ``n``."""
         attended, _ = self.attention(
-            self.attention_norm(x), key_padding_mask=mask, causal=True, kv_cache=cache
+            self.attention_norm(x), attn_mask=keys, causal=True, kv_cache=cache
         )
         x = x + attended  # (B, n, E)
         return x + self.mlp(self.mlp_norm(x))
@@ -355,9 +378,10 @@ class LlamaDecoder(nn.Module):
             ``(B, n, V)`` float logits. A padded position's logits are meaningless.
         """
         self._check(ids, mask, caches)
+        keys = key_mask(mask)  # (B, 1, 1, L + n) or None: the same object for every layer
         x = self.embed(ids)  # (B, n, E)
         for i, layer in enumerate(self._layers()):
-            x = layer(x, mask, None if caches is None else caches[i])  # (B, n, E)
+            x = layer(x, keys, None if caches is None else caches[i])  # (B, n, E)
         return self.lm_head(self.norm(x))  # (B, n, V)
 
     @torch.no_grad()
@@ -366,11 +390,12 @@ class LlamaDecoder(nn.Module):
         ``L`` tensors ``(B, Hq, N, N)``. The forward runs on the chosen backend; each layer's
         probabilities are recomputed from its input with :func:`qkv.attention_weights`."""
         self._check(ids, mask, None)
+        keys = key_mask(mask)
         x = self.embed(ids)
         maps = []
         for layer in self._layers():
             maps.append(layer.attention_probabilities(x, mask))
-            x = layer(x, mask)
+            x = layer(x, keys)
         return maps
 
     def _layers(self) -> list[LlamaLayer]:
