@@ -6,17 +6,24 @@ For each shape every exact backend and ``auto`` run interleaved in one process (
 a busy machine slows them alike; medians reported), with auto's pick, auto's time over the
 fastest backend's, and the bytes of K and V the fastest backend reads per second against the
 memory read rate measured in the same run (:func:`qkv.bench.memory_gbps`, same thread count).
+Columns: each backend's median microseconds; ``picks``: auto's choice (``qkv.explain``);
+``p/best``: the picked backend's time over the fastest's (the choice); ``a/best``: auto's own
+time over the fastest's (the choice and its dispatch); ``best``: the fastest backend, its K/V
+``GB/s`` and their share ``of bw``, the measured memory read rate.
 
     python benchmarks/decode_step.py [--threads 1] [--batch 1 8] [--queries 1 4]
-        [--contexts 512 2048 8192] [--masks causal padding] [--rounds 40]
+        [--contexts 512 2048 8192] [--masks causal padding fresh] [--rounds 40]
 
 - The keys and values are what a decoder holds: views of the first ``L`` tokens of preallocated
   ``(B, Hkv, max_len, D)`` cache buffers (``--contiguous`` gives them storage of their own).
 - The calls cycle through enough caches (at least ``--rotate-mib`` MiB, as the 30 layers of a
   model do) that each call reads its keys and values from memory, not from the last-level cache.
-- ``causal``: ``causal="bottom_right"`` alone (the model called without a padding mask);
-  ``padding``: with the bool key-padding mask ``(B, 1, 1, L)`` that ``qkv.decode.generate``
-  always passes, a new view of it on every call as ``MultiHeadAttention`` makes one.
+- ``--masks``: ``causal`` is ``causal="bottom_right"`` alone (an unpadded batch: the decoder
+  drops an all-True mask); ``padding`` adds a bool key mask ``(B, 1, 1, L)`` of a left-padded
+  batch (row b padded by 3 b tokens), one object for every call, as ``LlamaDecoder`` hands one
+  to all its layers (auto's remembered choice serves them); ``fresh`` is that mask as a new
+  view on every call (a ``key_padding_mask`` given to ``MultiHeadAttention`` call by call), so
+  ``auto`` prices every call again.
 
 Times are wall-clock: on a shared machine they are noisy, and only the ratios measured in one
 run mean much.
@@ -79,10 +86,14 @@ def run_shape(
     copies = max(2, min(args.max_copies, math.ceil(args.rotate_mib * 2**20 / kv_bytes)))
     pairs = caches_for(B, Hkv, L, D, args.margin, copies, args.contiguous)
     q = torch.randn(B, Nq, Hq * D).unflatten(-1, (Hq, D)).transpose(1, 2)  # (B, Hq, Nq, D)
-    real = torch.ones(B, L, dtype=torch.bool)  # (B, L) True = real token
+    pad = 3 * torch.arange(B)[:, None]  # (B, 1) left padding of each row
+    real = torch.arange(L) >= pad  # (B, L) True = real token
+    shared = real[:, None, None, :]  # (B, 1, 1, L)
 
     def kwargs() -> dict[str, object]:
-        if mask_kind == "padding":  # a fresh (B, 1, 1, L) view per call, as the module does
+        if mask_kind == "padding":
+            return {"causal": "bottom_right", "mask": shared}
+        if mask_kind == "fresh":
             return {"causal": "bottom_right", "mask": real[:, None, None, :]}
         return {"causal": "bottom_right"}
 
@@ -98,11 +109,13 @@ def run_shape(
     k, v = pairs[0]
     explanation = qkv.explain(q, k, v, **kwargs())  # type: ignore[arg-type]
     fastest = min(args.backends, key=lambda name: times[name])
+    picked = times.get(explanation.chosen)
+    pick_ratio = f"{picked / times[fastest]:>6.2f}" if picked is not None else f"{'':>6}"
     rate = kv_bytes / times[fastest] / 1e9
     cells = " ".join(f"{times[name] * 1e6:>8.0f}" for name in names)
     return (
-        f"{mask_kind:<8} {B:>2} {Nq:>3} {L:>6} {cells}  {explanation.chosen:<9}"
-        f"{times['auto'] / times[fastest]:>6.2f} {fastest:<9}{rate:>6.1f} {rate / bandwidth:>5.0%}"
+        f"{mask_kind:<8} {B:>2} {Nq:>3} {L:>6} {cells}  {explanation.chosen:<9}{pick_ratio}"
+        f"{times['auto'] / times[fastest]:>7.2f} {fastest:<9}{rate:>6.1f} {rate / bandwidth:>5.0%}"
     )
 
 
@@ -113,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--masks", nargs="+", default=["causal", "padding"])
+    parser.add_argument("--masks", nargs="+", default=["causal", "padding", "fresh"])
     parser.add_argument("--backends", nargs="+", default=["sdpa", "cpu", "chunked", "reference"])
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
@@ -130,8 +143,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     for choice in args.masks:
-        if choice not in ("causal", "padding"):
-            parser.error(f"--masks takes causal and padding; got {choice!r}")
+        if choice not in ("causal", "padding", "fresh"):
+            parser.error(f"--masks takes causal, padding and fresh; got {choice!r}")
     if not args.measure:
         os.environ["QKV_AUTO_MEASURE"] = "0"
     torch.set_num_threads(args.threads)
@@ -147,7 +160,7 @@ def main() -> None:
     print(
         f"{'mask':<8} {'B':>2} {'Nq':>3} {'L':>6} "
         + " ".join(f"{name:>8}" for name in names)
-        + f"  {'picks':<9}{'a/best':>6} {'best':<9}{'GB/s':>6} {'of bw':>5}"
+        + f"  {'picks':<9}{'p/best':>6}{'a/best':>7} {'best':<9}{'GB/s':>6} {'of bw':>5}"
     )
     for mask_kind in args.masks:
         for B in args.batch:

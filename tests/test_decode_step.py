@@ -1,0 +1,175 @@
+"""``auto`` on a decoder's decoding steps: a few new queries against a long key/value cache, as
+:class:`~qkv.models.pretrained.LlamaDecoder` calls attention (SmolLM2-135M's heads: Hq = 9,
+Hkv = 3, D = 64, float32, ``causal="bottom_right"``).
+
+No timings here (the suite runs with ``QKV_AUTO_MEASURE=0``): what auto picks from its cost
+model, that the pick and the compiled kernel's decoding route serve the calls, and that they
+give the float64 reference's output. ``benchmarks/decode_step.py`` measures the same calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import qkv
+import qkv.nn.multihead as multihead
+from gold import assert_within_control, dense_mask_of, naive_attention
+from helpers import load_benchmark
+from qkv.backends import cost, get_backend, select_backend
+from qkv.backends.cpu.backend import CpuBackend
+from qkv.models.pretrained import LlamaConfig, LlamaDecoder
+from qkv.models.pretrained.llama import key_mask
+from qkv.nn.kv_cache import KVCache
+from qkv.request import AttentionRequest, build_request
+
+HQ, HKV, D = 9, 3, 64
+
+
+def decoder_call(
+    B: int, Nq: int, L: int, *, contiguous: bool, margin: int = 256
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q ``(B, 9, Nq, 64)`` as the projection makes it (a transposed view) and k, v ``(B, 3, L,
+    64)``: views of the first L slots of ``(B, 3, L + margin, 64)`` cache buffers, or contiguous.
+    Left uninitialised: the cost model reads shapes and strides only."""
+    q = torch.empty(B, Nq, HQ * D).unflatten(-1, (HQ, D)).transpose(1, 2)  # (B, Hq, Nq, D)
+    if contiguous:
+        return q, torch.empty(B, HKV, L, D), torch.empty(B, HKV, L, D)
+    k, v = (torch.empty(B, HKV, L + margin, D)[:, :, :L] for _ in range(2))  # (B, Hkv, L, D)
+    return q, k, v
+
+
+def takes_the_decoding_route(request: AttentionRequest) -> bool:
+    """The kernel decodes a call of one query tile with at most DECODE_ROWS rows (kernel.cpp's
+    attention_forward: ``status.size(0) == 1 && Nq <= kDecodeRows``)."""
+    census = get_backend("cpu").census(request)  # type: ignore[attr-defined]
+    return request.q_len <= min(cost.DECODE_ROWS, census.tile_q)
+
+
+@pytest.mark.parametrize("B, Nq, L", [(8, 1, 2048), (8, 1, 8192), (8, 4, 8192), (1, 16, 8192)])
+def test_auto_takes_the_kernels_decoding_route_for_contiguous_long_caches(
+    B: int, Nq: int, L: int
+) -> None:
+    # K and V read once per group of 3 query heads, split over key chunks, against SDPA's once
+    # per query head: the kernel, as measured (1.4-1.6x SDPA at B = 8, L = 8192, one thread)
+    q, k, v = decoder_call(B, Nq, L, contiguous=True)
+    request = build_request(q, k, v, causal="bottom_right")
+    selection = select_backend(request)
+    assert selection.backend.name == "cpu", selection.costs
+    assert get_backend("cpu").supports(request) is None
+    assert takes_the_decoding_route(request)
+
+
+@pytest.mark.parametrize("B, L", [(1, 2048), (1, 8192), (8, 512), (8, 2048), (8, 8192)])
+@pytest.mark.parametrize("Nq", [1, 4])
+def test_auto_keeps_a_decoders_cache_views_on_sdpa(B: int, Nq: int, L: int) -> None:
+    # the kernel would copy the cache views first (2-5x slower than SDPA, measured); SDPA reads
+    # them in place
+    q, k, v = decoder_call(B, Nq, L, contiguous=False)
+    request = build_request(q, k, v, causal="bottom_right")
+    selection = select_backend(request)
+    assert selection.backend.name == "sdpa", selection.costs
+    assert takes_the_decoding_route(request)  # the kernel could serve it, on its decoding route
+    assert get_backend("cpu").supports(request) is None
+
+
+def test_the_kernels_estimate_counts_the_copy_of_inputs_it_cannot_read_as_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rates = cost.device_rates(torch.device("cpu"))
+    q, k, v = decoder_call(2, 1, 1000, contiguous=False)
+    views = build_request(q, k, v, causal="bottom_right")
+    kv_bytes = 2 * k.numel() * 4
+    assert cost.copy_seconds(views, torch.float32, rates) == pytest.approx(
+        2 * kv_bytes / rates.memory_bytes_per_second  # q (one row per head) is contiguous
+    )
+    q, k, v = decoder_call(2, 1, 1000, contiguous=True)
+    contiguous = build_request(q, k, v, causal="bottom_right")
+    assert cost.copy_seconds(contiguous, torch.float32, rates) == 0.0
+    # float64 inputs the kernel reads as they are; bfloat16 ones computed in float32 are copied
+    halves = build_request(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal="bottom_right")
+    assert cost.copy_seconds(halves, torch.bfloat16, rates) == 0.0
+    assert cost.copy_seconds(halves, torch.float32, rates) > 0.0
+    kernel = CpuBackend()
+    extra = cost.cpu_seconds(kernel, views) - cost.cpu_seconds(kernel, contiguous)
+    assert extra == pytest.approx(2 * kv_bytes / rates.memory_bytes_per_second)
+    # a copy over FRESH_COPY_BYTES lands in freshly mapped pages and pays for them too
+    monkeypatch.setattr(cost, "FRESH_COPY_BYTES", kv_bytes // 4)
+    fresh = cost.cpu_seconds(kernel, views) - cost.cpu_seconds(kernel, contiguous)
+    assert fresh == pytest.approx(extra + kv_bytes / cost.FRESH_PAGE_BYTES_PER_SECOND)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "sdpa"])
+@pytest.mark.parametrize("Nq", [1, 3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoding_on_cache_views_matches_float64(backend: str, Nq: int, padded: bool) -> None:
+    g = torch.Generator().manual_seed(7 + Nq)
+    B, L = 2, 301
+    cache = KVCache(B, HKV, L + 40, D, dtype=torch.float64)
+    k, v = cache.update(
+        torch.randn(B, HKV, L, D, generator=g, dtype=torch.float64),
+        torch.randn(B, HKV, L, D, generator=g, dtype=torch.float64),
+    )  # (B, Hkv, L, D) views
+    q = torch.randn(B, Nq, HQ * D, generator=g, dtype=torch.float64).unflatten(-1, (HQ, D))
+    q = q.transpose(1, 2)  # (B, Hq, Nq, D)
+    kwargs: dict[str, object] = {"causal": "bottom_right"}
+    if padded:  # row 1 left-padded by 37 tokens
+        kwargs["mask"] = (torch.arange(L) >= torch.tensor([[0], [37]]))[:, None, None, :]
+    gold = qkv.attention(q, k, v, backend="reference", **kwargs)  # type: ignore[arg-type]
+    q32 = q.float()  # (B, Hq, Nq, D)
+    k32, v32 = KVCache(B, HKV, L + 40, D).update(k.float(), v.float())  # views again
+    out = qkv.attention(q32, k32, v32, backend=backend, **kwargs)  # type: ignore[arg-type]
+    full = dense_mask_of(q32, k32, **kwargs)
+    control = naive_attention(q32, k32, v32, full, None, q32.shape[-1] ** -0.5)
+    assert_within_control(backend, out, gold, control, torch.float32)
+
+
+def test_a_decoder_hands_every_layer_one_key_mask_and_none_without_padding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+        intermediate_size=48, max_positions=64,
+    )  # fmt: skip
+    model = LlamaDecoder(config).eval()
+    seen: list[object] = []
+    original = multihead.attention
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        seen.append(kwargs.get("mask"))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(multihead, "attention", spy)
+    ids = torch.randint(3, 50, (2, 6))
+    with torch.no_grad():
+        model(ids, torch.ones(2, 6, dtype=torch.bool))
+        assert seen == [None] * 3  # all real: no mask, the calls stay plain
+        seen.clear()
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[1, :2] = False  # row 1 left-padded
+        model(ids, mask)
+    assert len(seen) == 3 and all(m is seen[0] for m in seen)  # one object: auto's memo serves
+    first = seen[0]
+    assert isinstance(first, Tensor) and torch.equal(first, mask[:, None, None, :])
+    assert key_mask(None) is None
+
+
+def test_the_decode_step_benchmark_prints_each_backend_and_autos_pick(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark("decode_step")
+    argv = ["decode_step.py", "--batch", "2", "--queries", "1", "--contexts", "40", "--rounds"]
+    argv += ["1", "--rotate-mib", "0.1", "--backends", "sdpa", "cpu", "--masks", "causal", "fresh"]
+    monkeypatch.setattr("sys.argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert "memory read rate" in lines[0] and lines[1].split()[4:7] == ["sdpa", "cpu", "auto"]
+    for line, kind in zip(lines[2:], ("causal", "fresh"), strict=True):
+        cells = line.split()
+        assert cells[:4] == [kind, "2", "1", "40"] and cells[7] in ("sdpa", "cpu")
+        assert float(cells[8]) >= 1.0 and cells[10] in ("sdpa", "cpu")
