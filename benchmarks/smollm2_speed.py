@@ -26,6 +26,7 @@ import torch
 import qkv
 from qkv.models import load_pretrained
 from qkv.models.pretrained.decoder import resolve_decoder
+from qkv.nn.kv_cache import KVCache
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -178,9 +179,12 @@ def main() -> None:
             rate = args.steps / statistics.median(ts[1:])
             print(f"decode at {context:5d}     {name:22s} {rate:8.1f} tokens/s")
         share = _attention_share(ours, context, args.steps)
-        q = torch.randn(1, ours.config.num_heads, 1, ours.config.head_dim)
-        k = torch.randn(1, ours.config.num_kv_heads, context, ours.config.head_dim)
-        chosen = str(qkv.explain(q, k, k, causal="bottom_right")).splitlines()[1]
+        c = ours.config
+        q = torch.randn(1, c.num_heads, 1, c.head_dim)
+        cache = KVCache(1, c.num_kv_heads, context + args.steps, c.head_dim)
+        k, v = cache.update(*(torch.randn(1, c.num_kv_heads, context, c.head_dim) for _ in "kv"))
+        # the step's call as the decoder makes it: K and V are views of its cache buffers
+        chosen = str(qkv.explain(q, k, v, causal="bottom_right")).splitlines()[1]
         print(f"decode at {context:5d}     attention share of a qkv step: {share:.0%} ({chosen})")
 
 
