@@ -5,11 +5,13 @@ float32).
 For each shape every exact backend and ``auto`` run interleaved in one process (round-robin, so
 a busy machine slows them alike; medians reported), with auto's pick, auto's time over the
 fastest backend's, and the bytes of K and V the fastest backend reads per second against the
-memory read rate measured in the same run (:func:`qkv.bench.memory_gbps`, same thread count).
+memory read rate (:func:`qkv.bench.memory_gbps` over ``--read-mib`` MiB, twice the last-level
+cache of the machines this ran on, same thread count) measured just before and after each
+shape's rounds, so under about the same load.
 Columns: each backend's median microseconds; ``picks``: auto's choice (``qkv.explain``);
 ``p/best``: the picked backend's time over the fastest's (the choice); ``a/best``: auto's own
 time over the fastest's (the choice and its dispatch); ``best``: the fastest backend, its K/V
-``GB/s`` and their share ``of bw``, the measured memory read rate.
+``GB/s`` and their share ``of bw``, the memory read rate ``bw`` (GB/s).
 
     python benchmarks/decode_step.py [--threads 1] [--batch 1 8] [--queries 1 4]
         [--contexts 512 2048 8192] [--masks causal padding fresh] [--rounds 40]
@@ -78,9 +80,7 @@ def interleaved(calls: dict[str, Call], rounds: int, copies: int) -> dict[str, f
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_shape(
-    args: argparse.Namespace, B: int, Nq: int, L: int, mask_kind: str, bandwidth: float
-) -> str:
+def run_shape(args: argparse.Namespace, B: int, Nq: int, L: int, mask_kind: str) -> str:
     Hq, Hkv, D = args.heads, args.kv_heads, args.dim
     kv_bytes = 2 * B * Hkv * L * D * 4
     copies = max(2, min(args.max_copies, math.ceil(args.rotate_mib * 2**20 / kv_bytes)))
@@ -105,7 +105,9 @@ def run_shape(
         return run
 
     names = [*args.backends, "auto"]
+    before = memory_gbps("cpu", mib=args.read_mib)
     times = interleaved({name: call(name) for name in names}, args.rounds, copies)
+    bandwidth = (before + memory_gbps("cpu", mib=args.read_mib)) / 2  # under the same load
     k, v = pairs[0]
     explanation = qkv.explain(q, k, v, **kwargs())  # type: ignore[arg-type]
     fastest = min(args.backends, key=lambda name: times[name])
@@ -115,7 +117,7 @@ def run_shape(
     cells = " ".join(f"{times[name] * 1e6:>8.0f}" for name in names)
     return (
         f"{mask_kind:<8} {B:>2} {Nq:>3} {L:>6} {cells}  {explanation.chosen:<9}{pick_ratio}"
-        f"{times['auto'] / times[fastest]:>7.2f} {fastest:<9}{rate:>6.1f} {rate / bandwidth:>5.0%}"
+        f"{times['auto'] / times[fastest]:>7.2f} {fastest:<9}{rate:>6.1f} {rate / bandwidth:>5.0%}{bandwidth:>6.1f}"
     )
 
 
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=256, help="free cache slots after L")
     parser.add_argument("--contiguous", action="store_true", help="K, V not cache views")
     parser.add_argument("--rotate-mib", type=float, default=128.0)
+    parser.add_argument("--read-mib", type=int, default=64, help="buffer of the memory rate")
     parser.add_argument("--max-copies", type=int, default=256)
     parser.add_argument(
         "--measure",
@@ -149,24 +152,25 @@ def main() -> None:
         os.environ["QKV_AUTO_MEASURE"] = "0"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bandwidth = memory_gbps("cpu")
+    start_load = os.getloadavg()[0]
     layout = "contiguous" if args.contiguous else f"cache views (max_len = L + {args.margin})"
     print(
         f"decode step, float32 CPU, {args.threads} thread(s): Hq = {args.heads}, Hkv = "
-        f"{args.kv_heads}, D = {args.dim}; K, V {layout}; memory read rate "
-        f"{bandwidth:.1f} GB/s; auto measures: {args.measure}; median microseconds over {args.rounds} interleaved rounds"
+        f"{args.kv_heads}, D = {args.dim}; K, V {layout}; auto measures: "
+        f"{args.measure}; median microseconds over {args.rounds} interleaved rounds"
     )
     names = [*args.backends, "auto"]
     print(
         f"{'mask':<8} {'B':>2} {'Nq':>3} {'L':>6} "
         + " ".join(f"{name:>8}" for name in names)
-        + f"  {'picks':<9}{'p/best':>6}{'a/best':>7} {'best':<9}{'GB/s':>6} {'of bw':>5}"
+        + f"  {'picks':<9}{'p/best':>6}{'a/best':>7} {'best':<9}{'GB/s':>6} {'of bw':>5}{'bw':>6}"
     )
     for mask_kind in args.masks:
         for B in args.batch:
             for Nq in args.queries:
                 for L in args.contexts:
-                    print(run_shape(args, B, Nq, L, mask_kind, bandwidth), flush=True)
+                    print(run_shape(args, B, Nq, L, mask_kind), flush=True)
+    print(f"load average at the start {start_load:.2f}, at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
