@@ -160,7 +160,19 @@ def test_the_decode_step_benchmark_prints_each_backend_and_autos_pick(
 ) -> None:
     bench = load_benchmark("decode_step")
     argv = ["decode_step.py", "--batch", "2", "--queries", "1", "--contexts", "40", "--rounds"]
-    argv += ["1", "--rotate-mib", "0.1", "--backends", "sdpa", "cpu", "--masks", "causal", "fresh"]
+    argv += [
+        "1",
+        "--rotate-mib",
+        "0.1",
+        "--read-mib",
+        "1",
+        "--backends",
+        "sdpa",
+        "cpu",
+        "--masks",
+        "causal",
+        "fresh",
+    ]
     monkeypatch.setattr("sys.argv", argv)
     threads = torch.get_num_threads()
     try:
@@ -168,7 +180,7 @@ def test_the_decode_step_benchmark_prints_each_backend_and_autos_pick(
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
-    assert "memory read rate" in lines[0] and lines[1].split()[4:7] == ["sdpa", "cpu", "auto"]
+    assert "interleaved rounds" in lines[0] and lines[1].split()[4:7] == ["sdpa", "cpu", "auto"]
     assert lines[-1].startswith("load average at the start")
     for line, kind in zip(lines[2:-1], ("causal", "fresh"), strict=True):
         cells = line.split()
