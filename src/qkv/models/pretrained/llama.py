@@ -225,7 +225,7 @@ def key_mask(mask: Tensor | None) -> Tensor | None:
     One object for all the layers of a forward, and none at all without padding
     (:func:`qkv.decode.generate` passes an all-True mask): ``auto`` remembers its choice per
     call signature, the mask object's identity included, so the layers after the first reuse
-    its choice instead of pricing the call again (0.2-0.5 ms each, more than the attention of
+    its choice instead of pricing the call again (0.3-0.6 ms each, more than the attention of
     a decoding step itself at short contexts), and a call without a mask stays plain for the
     backends."""
     if mask is None or bool(mask.all()):
