@@ -110,6 +110,12 @@ def _register_task(
     p.add_argument(
         "--backend", default="auto", help="attention backend of the model (default %(default)s)"
     )
+    p.add_argument(
+        "--context-parallel",
+        action="store_true",
+        help="under torchrun, shard each sequence across the processes instead of the batches "
+        "(docs/parallel.md; the model must support it)",
+    )
     p.set_defaults(run=_run)
 
 
@@ -382,6 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         backend=args.backend,
+        context_parallel=args.context_parallel,
         on_step=progress.on_step,
         on_eval=progress.on_eval,
         on_message=progress.message,

@@ -53,13 +53,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch.distributed as dist
 from torch import nn
 
 from qkv.data.batching import BucketBatchSampler
 from qkv.data.registry import Splits
 from qkv.nn.surgery import check_backend, set_attention_backend
+from qkv.parallel import ContextParallel
 from qkv.train import (
+    DistributedContext,
     EvalReport,
+    LossOutput,
     ModelFolderError,
     SamplerBatches,
     StepReport,
@@ -552,6 +556,7 @@ def train_task(
     resume: bool = False,
     overwrite: bool = False,
     backend: str = "auto",
+    context_parallel: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
     on_message: Callable[[str], None] | None = None,
@@ -568,6 +573,11 @@ def train_task(
             are refused, except :data:`RESUMABLE`.
         overwrite: replace a model folder already in ``out``.
         backend: the attention backend of the model's attention layers (not saved).
+        context_parallel: under ``torchrun``, shard every sequence across the processes
+            instead of the batches (:mod:`qkv.parallel`, zigzag ring): every process takes
+            every batch and computes its share of each sequence, for sequences too long for
+            one process; the steps are one process's (not saved). Needs a model with
+            ``set_context_parallel`` (the sentiment task's transformer classifier, dropout 0).
         on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
         on_message: called with lines worth showing a user (data sizes of a split file, the
             step a run resumes from).
@@ -584,7 +594,16 @@ def train_task(
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
     try:
         return _train_in_folder(
-            spec, settings, training, folder, resume, backend, say, on_step, on_eval
+            spec,
+            settings,
+            training,
+            folder,
+            resume,
+            backend,
+            say,
+            on_step,
+            on_eval,
+            context_parallel,
         )
     finally:  # a long-lived process (a notebook) must not keep the folder locked
         release_output_folder(folder)
@@ -600,6 +619,7 @@ def _train_in_folder(
     say: Callable[[str], None],
     on_step: Callable[[StepReport], None] | None,
     on_eval: Callable[[EvalReport], None] | None,
+    context_parallel: bool = False,
 ) -> TrainOutcome:
     """:func:`train_task` once ``folder`` is checked and locked."""
     if resume:
@@ -623,6 +643,9 @@ def _train_in_folder(
     seed_everything(training.seed)  # the model's initial weights
     prepared = spec.prepare(settings, splits, folder=folder if resume else None)
     set_attention_backend(prepared.model, backend)
+    objective: Task = prepared.objective
+    if context_parallel:
+        objective = _context_parallel(spec, prepared.model, objective, context)
     for note in prepared.notes if context.is_main else []:
         say(note)
     state, resumed_from = None, None
@@ -654,8 +677,9 @@ def _train_in_folder(
         batch_size=prepared.batch_size,
         max_tokens=prepared.max_tokens,
         seed=training.seed,
-        num_replicas=context.world_size,  # each process takes every world_size-th batch
-        rank=context.rank,
+        # each process takes every world_size-th batch (every batch, under context parallelism)
+        num_replicas=1 if context_parallel else context.world_size,
+        rank=0 if context_parallel else context.rank,
     )
     if not sampler.batches():  # under DDP the batch count is cut to a multiple of the processes
         raise ValueError(
@@ -665,7 +689,7 @@ def _train_in_folder(
         )
     trainer = Trainer(
         prepared.model,
-        prepared.objective,
+        objective,
         SamplerBatches(prepared.train_set, sampler, prepared.collate),
         training,
         save=save,
@@ -675,6 +699,50 @@ def _train_in_folder(
     )
     result = trainer.fit(resume=state)
     return TrainOutcome(folder, result, prepared.settings, splits, resumed_from)
+
+
+def _context_parallel(
+    spec: TaskSpec[Any, Any], model: nn.Module, objective: Task, context: DistributedContext
+) -> Task:
+    """Put ``model`` under context parallelism over every process (a group of its own, so its
+    messages never interleave with DDP's), validating on the main process alone."""
+    setter = getattr(model, "set_context_parallel", None)
+    if not callable(setter):
+        raise ValueError(
+            f"task {spec.name!r}: its model ({type(model).__name__}) cannot run "
+            "context-parallel; leave out --context-parallel"
+        )
+    setting = ContextParallel(layout="zigzag", method="ring")
+    setter(setting)  # raises, naming what the model lacks, on one process too
+    setter(None)
+    if not context.enabled:
+        return objective  # one process: nothing to shard
+    group = dist.new_group(list(range(context.world_size)))
+    setting = ContextParallel(group, "zigzag", "ring")
+    setter(setting)
+    return _ValidateAlone(objective, setter, setting)
+
+
+class _ValidateAlone:
+    """A task whose validation (on the main process only) runs the model without context
+    parallelism, which would wait for the other processes."""
+
+    def __init__(
+        self, task: Task, setter: Callable[[ContextParallel | None], None], setting: ContextParallel
+    ) -> None:
+        self.task, self.setter, self.setting = task, setter, setting
+        self.name, self.metric = task.name, task.metric
+        self.higher_is_better = task.higher_is_better
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        return self.task.loss(model, batch)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        self.setter(None)
+        try:
+            return self.task.validate(model)
+        finally:
+            self.setter(self.setting)
 
 
 # --------------------------------------------------------------------------------------------
