@@ -15,7 +15,8 @@ reports the bytes it sent per pass beside the formula of ``docs/parallel.md``.
 ``--against-one`` runs one process of ``world x threads`` threads on the same sequence after the
 P processes and prints the ratios (time, and the most loaded rank's peaks over one process's).
 ``--fit-mib`` doubles ``N`` from ``--n`` while the most loaded rank's ``peak_mib`` stays within the
-budget and prints the longest ``N`` that fitted (a power-of-two multiple of ``--n``).
+budget, then bisects ``--refine`` times between the last ``N`` that fitted and the first that
+did not (multiples of 1024), and prints the longest ``N`` that fitted.
 
 Run it on a quiet machine for times: the figures of a shared machine measure the other jobs too
 (memory figures do not depend on the load).
@@ -189,6 +190,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--fit-mib", type=float, default=None)
     parser.add_argument(
+        "--refine", type=int, default=2, help="bisection steps after doubling (--fit-mib)"
+    )
+    parser.add_argument(
         "--against-one", action="store_true", help="then one process of world x threads"
     )
     args = parser.parse_args(argv)
@@ -203,13 +207,23 @@ def main(argv: list[str]) -> int:
             print(json.dumps(one))
             print(json.dumps(_ratios(records, one)))
         return 0
-    n, fitted = args.n, None
-    while True:
+
+    def fits(n: int) -> bool:
         peak = max(r["peak_mib"] for r in measure(args, n))
         print(json.dumps({"n": n, "world": args.world, "peak_mib": peak}))
-        if peak > args.fit_mib:
-            break
+        return peak <= args.fit_mib
+
+    fitted, n = None, args.n
+    while fits(n):
         fitted, n = n, 2 * n
+    if fitted is not None:
+        low, high = fitted, n  # low fits, high does not
+        for _ in range(args.refine):
+            middle = (low + high) // 2 // 1024 * 1024
+            if middle in (low, high):
+                break
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        fitted = low
     print(json.dumps({"world": args.world, "budget_mib": args.fit_mib, "longest_n": fitted}))
     return 0
 

@@ -239,7 +239,8 @@ class AttentionPooling(nn.Module):
         on every rank (scores gathered, ``A h`` summed over the ranks)."""
         world, rank, layout = setting.world_size(), setting.rank(), setting.layout
         keys = torch.tanh(self.key_proj(states))  # (B, n, Da)
-        scores = torch.einsum("rd,bnd->brn", self.queries, keys)  # (B, r, n)
+        # (the matmul's gradient for the queries keeps their layout, as DDP's buckets expect)
+        scores = torch.matmul(self.queries, keys.transpose(1, 2))  # (B, r, n)
         whole = gather_sequence(scores.float(), dim=2, layout=layout, group=setting.group)
         real = mask[:, None, :]  # (B, 1, N)
         lowest = torch.finfo(whole.dtype).min  # a text with no token pools zeros, not NaN

@@ -720,22 +720,29 @@ def _context_parallel(
     group = dist.new_group(list(range(context.world_size)))
     setting = ContextParallel(group, "zigzag", "ring")
     setter(setting)
-    return _ValidateAlone(objective, setter, setting)
+    return _ContextParallelTask(objective, setter, setting, context)
 
 
-class _ValidateAlone:
-    """A task whose validation (on the main process only) runs the model without context
-    parallelism, which would wait for the other processes."""
+class _ContextParallelTask:
+    """A task under context parallelism: every process counts its share of the batch's tokens
+    (it computes only those), and validation (on the main process only) runs the model
+    without context parallelism, which would wait for the other processes."""
 
     def __init__(
-        self, task: Task, setter: Callable[[ContextParallel | None], None], setting: ContextParallel
+        self,
+        task: Task,
+        setter: Callable[[ContextParallel | None], None],
+        setting: ContextParallel,
+        context: DistributedContext,
     ) -> None:
-        self.task, self.setter, self.setting = task, setter, setting
+        self.task, self.setter, self.setting, self.context = task, setter, setting, context
         self.name, self.metric = task.name, task.metric
         self.higher_is_better = task.higher_is_better
 
     def loss(self, model: nn.Module, batch: Any) -> LossOutput:
-        return self.task.loss(model, batch)
+        out = self.task.loss(model, batch)  # the whole batch's loss, the same on every process
+        share, extra = divmod(out.tokens, self.context.world_size)
+        return replace(out, tokens=share + (extra if self.context.is_main else 0))
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         self.setter(None)
