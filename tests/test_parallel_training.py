@@ -1,6 +1,7 @@
-"""Training under context parallelism: two gloo processes, each holding half of every
-sequence (zigzag), take the steps one process takes on the whole sequences (``qkv train
-sentiment --context-parallel`` under ``torchrun``)."""
+"""Training under context parallelism (``qkv train sentiment --context-parallel P`` under
+``torchrun``): two gloo processes, each holding half of every sequence (zigzag), take the
+steps one process takes on the whole sequences; four processes as a 2 x 2 data x context mesh
+take the steps two data-parallel processes take."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _reviews(path: Path) -> Path:
     return path
 
 
-def _train(folder: Path, data: Path, context_parallel: bool) -> list[float]:
+def _train(folder: Path, data: Path, context_parallel: int) -> list[float]:
     from qkv.tasks import train_task
     from qkv.tasks.sentiment import SentimentSetup
     from qkv.train import TrainConfig
@@ -82,16 +83,32 @@ def _train(folder: Path, data: Path, context_parallel: bool) -> list[float]:
     return [float(x) for x in outcome.result.state.losses]
 
 
-def _worker(rank: int, world: int, port: int, folder: str, data: str) -> None:
+def _worker(rank: int, world: int, port: int, folder: str, data: str, context: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        losses = _train(Path(folder), Path(data), context_parallel=True)
-        Path(folder).parent.joinpath(f"losses{rank}.json").write_text(json.dumps(losses))
+        losses = _train(Path(folder), Path(data), context_parallel=context)
+        Path(f"{folder}.losses{rank}.json").write_text(json.dumps(losses))
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(folder: Path, data: Path, world: int, context: int) -> list[list[float]]:
+    mp.spawn(
+        _worker, args=(world, free_port(), str(folder), str(data), context), nprocs=world, join=True
+    )
+    return [json.loads(Path(f"{folder}.losses{r}.json").read_text()) for r in range(world)]
+
+
+def _check_same(losses: list[list[float]], gold: list[float], mine: Path, theirs: Path) -> None:
+    for rank, found in enumerate(losses):
+        assert found == pytest.approx(gold, rel=1e-5, abs=1e-6), (rank, found, gold)
+    a, b = _weights(mine), _weights(theirs)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in b)
+    assert worst < 1e-4, worst
 
 
 def _weights(folder: Path) -> dict[str, Any]:
@@ -103,18 +120,20 @@ def _weights(folder: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_two_processes_of_half_sequences_train_like_one_process(tmp_path: Path) -> None:
     data = _reviews(tmp_path / "reviews.csv")
-    parallel = tmp_path / "parallel"
-    mp.spawn(_worker, args=(2, free_port(), str(parallel), str(data)), nprocs=2, join=True)
+    losses = _spawn(tmp_path / "parallel", data, world=2, context=2)
     torch.set_num_threads(1)
-    one = _train(tmp_path / "one", data, context_parallel=False)
+    one = _train(tmp_path / "one", data, context_parallel=0)
     assert len(one) == STEPS and one[-1] < one[0]
-    for rank in range(2):
-        losses = json.loads((tmp_path / f"losses{rank}.json").read_text())
-        assert losses == pytest.approx(one, rel=1e-5, abs=1e-6), (rank, losses, one)
-    mine, gold = _weights(parallel), _weights(tmp_path / "one")
-    assert mine.keys() == gold.keys()
-    worst = max(float((mine[k] - gold[k]).abs().max()) for k in gold)
-    assert worst < 1e-4, worst
+    _check_same(losses, one, tmp_path / "parallel", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_a_data_by_context_mesh_trains_like_data_parallelism(tmp_path: Path) -> None:
+    data = _reviews(tmp_path / "reviews.csv")
+    mesh = _spawn(tmp_path / "mesh", data, world=4, context=2)  # 2 replicas x 2 shards
+    ddp = _spawn(tmp_path / "ddp", data, world=2, context=0)  # the same batches, whole sequences
+    assert ddp[0] == ddp[1] and len(ddp[0]) == STEPS
+    _check_same(mesh, ddp[0], tmp_path / "mesh", tmp_path / "ddp")
 
 
 def test_a_model_without_context_parallelism_is_refused(tmp_path: Path) -> None:
@@ -135,5 +154,5 @@ def test_a_model_without_context_parallelism_is_refused(tmp_path: Path) -> None:
             settings,
             TrainConfig(max_steps=1, device="cpu"),
             tmp_path / "model",
-            context_parallel=True,
+            context_parallel=2,
         )

@@ -112,9 +112,11 @@ def _register_task(
     )
     p.add_argument(
         "--context-parallel",
-        action="store_true",
-        help="under torchrun, shard each sequence across the processes instead of the batches "
-        "(docs/parallel.md; the model must support it)",
+        type=int,
+        default=0,
+        metavar="P",
+        help="under torchrun, shard each sequence across P processes (all of them, or a data x "
+        "context mesh); docs/parallel.md. The model must support it",
     )
     p.set_defaults(run=_run)
 
