@@ -563,14 +563,15 @@ def test_one_rank_is_plain_attention(one_rank: Any, method: str) -> None:
     whole = [t.clone().requires_grad_() for t in (q, k, v)]
     gold = qkv.attention(*whole, mask=mask, bias=S.alibi(2), backend="reference")
     gold.sum().backward()
-    local = [t.clone().requires_grad_() for t in (q, k, v)]
     opts = {"mask": mask, "bias": S.alibi(2), "method": method, "backend": "chunked"}
-    out, lse = CP.attention(*local, return_lse=True, **opts)
-    out.sum().backward()
-    torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
-    for a, b in zip(local, whole, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
-    assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
+    for pieces in (None, 4):  # 4: blocks of 2 or 3 queries x 2 or 3 keys, merged in place
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = CP.attention(*local, return_lse=True, pieces=pieces, **opts)
+        out.sum().backward()
+        torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
+        for a, b in zip(local, whole, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
+        assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
     with torch.no_grad():  # inference keeps no graph and gives the same
         torch.testing.assert_close(CP.attention(q, k, v, **opts), gold)
 
@@ -581,6 +582,8 @@ def test_errors_name_the_argument(one_rank: Any) -> None:
         CP.attention(q, q, q, method="tree")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="q holds 6 positions on rank 0"):
         CP.attention(q, q, q, lengths=(8, 6))
+    with pytest.raises(ValueError, match="pieces must be a positive int or None; got 0"):
+        CP.attention(q, q, q, pieces=0)
     with pytest.raises(ValueError, match="key_padding lengths"):
         CP.attention(q, q, q, mask=M.key_padding([9]))
     with pytest.raises(ValueError, match="does not broadcast to the whole sequence"):
