@@ -2,7 +2,7 @@
 
     python benchmarks/context_parallel.py --n 32768 --mask causal --world 2 --threads 1 --against-one
     python benchmarks/context_parallel.py --n 65536 --mask window --window 4096 --world 2 --against-one
-    python benchmarks/context_parallel.py --n 4096 --fit-mib 1024 --world 4 --mask causal
+    python benchmarks/context_parallel.py --n 4096 --fit-mib 256 --world 4 --mask causal
 
 Each rank reports the wall time of ``--repeat`` forward+backward passes (after a warm-up on a
 short sequence, which loads the kernel), and its peak resident memory (the kernel's high-water
