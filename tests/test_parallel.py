@@ -420,13 +420,13 @@ def _check_counts(records: list[dict], world: int) -> None:
         # then the gradient home (from the next rank on, where the block's P - 1 hops ended):
         # P - 1 blocks, P - 2 travelling gradients, one gradient home.
         assert ring["backward_sent"] == [after] * (2 * (world - 1))
-        # ... and every step posts the K/V it passes on and its receives (the next block and
-        # the gradient travelling with it, or this rank's gradient coming home) before it
-        # computes, then sends the gradient it added to: transfers overlap the computation.
+        # ... and every step posts the K/V it passes on and the receive of the next before it
+        # computes (the transfers overlap the computation), then sends on the gradient it
+        # added to and receives the next one (from P - 1 hops on: this rank's coming home).
         a, b = f"send {after}", f"recv {before}"
         steps = [[a, b, "compute"]]
-        steps += [[a, b, b, "compute", a] for _ in range(1, world - 1)]
-        steps += [[b, "compute", a]]
+        steps += [[a, b, "compute", a, b] for _ in range(1, world - 1)]
+        steps += [["compute", a, b]]
         assert ring["backward_log"] == [e for step in steps for e in step]
         # In pieces: every piece travels on its own, in the same pattern, as many bytes.
         cut = found["count/ring/pieces"]

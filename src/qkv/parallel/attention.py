@@ -472,9 +472,14 @@ def _backward_ring(state: _Backward, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     """The forward's hops again, piece by piece. A piece that left home travels with the
     gradient accumulated for it so far (from the first rank it reached); where its travel
     ends, that gradient goes home in one message. Per step a rank posts the K/V it passes on
-    and its receives first, computes its part (overlapping the transfers), then sends the
-    gradient on: it holds at most the K/V and gradient of the piece it computes, of the piece
-    arriving, and a gradient coming home."""
+    and the receive of the next first, computes its part while they travel, then exchanges
+    gradients: it sends on the one it added to and receives the next piece's (and its own
+    piece's coming home). It holds at most the K/V and gradient of the piece it computes, of
+    the piece arriving, and a gradient coming home.
+
+    Each exchange is a ring exchange of its own (every rank sends and receives in it), so no
+    rank's first exchange waits on another rank's second: on NCCL, whose point-to-point
+    batches run in order on a stream, that would be a cycle around the ring."""
     plan = state.plan
     P, r, d = plan.world, plan.rank, k.shape[-1]
     sd = state.out.dtype
@@ -496,17 +501,19 @@ def _backward_ring(state: _Backward, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
                 kj, vj = current[..., :d], current[..., d:]
             sends = [((r + 1) % P, _packed(kj, vj) if s == 0 else current)] if onward else []
             recvs: list[tuple[int, Tensor]] = []
+            grad_recvs: list[tuple[int, Tensor]] = []
             buffer = grad_buffer = home = None
             if next_piece.length > 0 and s + 1 <= reach[coming]:
                 buffer = _kv_buffer(k, v, next_piece.length)
                 recvs.append(((r - 1) % P, buffer))
                 if s + 1 >= 2:  # a gradient travels with it from its second hop on
                     grad_buffer = _kv_buffer(k, v, next_piece.length, sd)
-                    recvs.append(((r - 1) % P, grad_buffer))
+                    grad_recvs.append(((r - 1) % P, grad_buffer))
             if mine.length > 0 and reach[r] > 0 and s == reach[r]:
                 home = _kv_buffer(k, v, mine.length, sd)
-                recvs.append(((r + reach[r]) % P, home))
+                grad_recvs.append(((r + reach[r]) % P, home))
             works = exchange(sends, recvs, plan.group, plan.stats, "backward")  # type: ignore[arg-type]
+            grad_sends: list[tuple[int, Tensor]] = []
             if s == 0:  # this rank's own piece: straight into its gradient
                 if plan.need[r][r]:
                     into = dk[:, :, piece.local], dv[:, :, piece.local]
@@ -517,7 +524,8 @@ def _backward_ring(state: _Backward, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
                 if plan.need[r][o]:
                     state.block_grads(kj, vj, piece.span, carried[..., :d], carried[..., d:])
                 to = (r + 1) % P if onward else o  # on, or home where the travel ends
-                works += exchange([(to, carried)], [], plan.group, plan.stats, "backward")
+                grad_sends = [(to, carried)]
+            works += exchange(grad_sends, grad_recvs, plan.group, plan.stats, "backward")
             for work in works:
                 work.wait()
             if home is not None:
