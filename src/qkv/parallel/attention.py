@@ -173,6 +173,7 @@ class _Plan:
     stats: CommStats | None
     cuts: int = 1
     need: tuple[tuple[bool, ...], ...] = ()  # need[r][o]: rank r reads the K/V of rank o
+    states: dict[tuple[Range, Range], int] = dataclasses.field(default_factory=dict)
 
     def q_ranges(self, rank: int) -> list[Range]:
         return self.q_layout.ranges(rank)
@@ -189,18 +190,22 @@ class _Plan:
         return _cut(_chunks(self.kv_layout, origin), self.cuts)
 
     def state(self, q_range: Range, kv_range: Range) -> int:
-        """EMPTY, FULL, PARTIAL or UNKNOWN for queries ``q_range`` x keys ``kv_range``."""
+        """EMPTY, FULL, PARTIAL or UNKNOWN for queries ``q_range`` x keys ``kv_range`` (worked
+        out once per pair: forward and backward ask for every block)."""
         if self.mask is None:
             return FULL
-        bounds = (torch.tensor(q_range), torch.tensor(kv_range))
-        return int(classify_tiles(self.mask, *bounds)[0, 0])
+        found = self.states.get((q_range, kv_range))
+        if found is None:
+            bounds = (torch.tensor(q_range), torch.tensor(kv_range))
+            found = self.states[q_range, kv_range] = int(classify_tiles(self.mask, *bounds)[0, 0])
+        return found
 
 
 #: Default: a shard's K/V travel in about this many pieces (fewer for short shards), so that a
 #: rank holds a few pieces in flight instead of whole shards (the ``pieces`` argument).
-DEFAULT_PIECES = 16
+DEFAULT_PIECES = 32
 #: The shortest piece the default cuts (shorter blocks cost more in calls than they save).
-MIN_PIECE = 512
+MIN_PIECE = 256
 
 
 def _cuts(
@@ -710,7 +715,7 @@ def context_parallel_attention(
             zigzag), for the block calls and for the ring's messages: a rank holds a few
             pieces of K/V and gradients in flight, not whole shards, and each call's
             temporaries are a piece's, so more pieces cost less memory and more calls and
-            messages. Default: 16, fewer where a piece would be shorter than 512 positions;
+            messages. Default: 32, fewer where a piece would be shorter than 256 positions;
             never more than the shortest chunk has positions.
 
     Returns:
