@@ -1,18 +1,25 @@
 """Context parallelism on the CPU: P gloo processes against one process, forward + backward.
 
-    python benchmarks/context_parallel.py --n 32768 --mask causal --world 2 --threads 1
-    python benchmarks/context_parallel.py --n 32768 --mask causal --world 1 --threads 2
-    python benchmarks/context_parallel.py --n 65536 --mask window --window 4096 --world 2
-    python benchmarks/context_parallel.py --fit-mib 2048 --world 4 --mask causal
+    python benchmarks/context_parallel.py --n 32768 --mask causal --world 2 --threads 1 --against-one
+    python benchmarks/context_parallel.py --n 65536 --mask window --window 4096 --world 2 --against-one
+    python benchmarks/context_parallel.py --n 4096 --fit-mib 256 --world 4 --mask causal
 
 Each rank reports the wall time of ``--repeat`` forward+backward passes (after a warm-up on a
-short sequence, which loads the kernel), its peak resident memory above what it held with its
-inputs in place (``ru_maxrss``: the attention's own peak, activations, gradients and buffers),
-and the bytes it sent per pass, beside the formula of ``docs/parallel.md``. ``--world 1`` runs plain :func:`qkv.attention` on the whole sequence.
-``--fit-mib`` doubles ``N`` from ``--n`` while the peak of the most loaded rank stays within the
-budget and prints the longest ``N`` that fitted.
+short sequence, which loads the kernel), and its peak resident memory (the kernel's high-water
+mark, reset before the inputs are made): ``peak_mib`` counts everything the pass needs,
+this rank's inputs included (q, k, v of its shard; the whole sequence is never built), and
+``peak_mib_above_inputs`` the same less the inputs (activations, gradients, buffers). Both are
+fair against one process (``--world 1`` runs plain :func:`qkv.attention` on the whole sequence,
+measured the same way); ``peak_mib`` is what a per-process memory budget has to hold. It also
+reports the bytes it sent per pass beside the formula of ``docs/parallel.md``.
+``--against-one`` runs one process of ``world x threads`` threads on the same sequence after the
+P processes and prints the ratios (time, and the most loaded rank's peaks over one process's).
+``--fit-mib`` doubles ``N`` from ``--n`` while the most loaded rank's ``peak_mib`` stays within the
+budget, then bisects ``--refine`` times between the last ``N`` that fitted and the first that
+did not (multiples of 1024), and prints the longest ``N`` that fitted.
 
-Run it on a quiet machine: the figures of a shared machine measure the other jobs too.
+Run it on a quiet machine for times: the figures of a shared machine measure the other jobs too
+(memory figures do not depend on the load).
 """
 
 from __future__ import annotations
@@ -31,9 +38,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+def _peak_mib() -> float:
+    """Peak resident memory of this process since the last :func:`_reset_peak`, MiB (Linux
+    reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start the high-water mark again from the current resident memory (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _current_mib() -> float:
@@ -60,17 +74,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"mask": masks.sliding_window(args.window - 1)}
 
 
-def _formula(args: argparse.Namespace, n: int, world: int) -> int:
-    """Bytes the most loaded rank sends in forward + backward by the formulas of
-    docs/parallel.md: ``b`` is one shard's K and V (float32, so its gradient is ``b`` too)."""
+def _formula(args: argparse.Namespace, n: int, world: int, rank: int) -> int | None:
+    """Bytes rank ``rank`` sends in forward + backward by the formulas of docs/parallel.md:
+    ``b`` is one shard's K and V (float32, so its gradient is ``b`` too). None where the
+    formula depends on more than the table gives (contiguous causal: unbalanced)."""
     if world == 1:
         return 0
     block = args.kv_heads * -(-n // world) * 2 * args.dim * 4
     if args.method == "all_gather":
         return 4 * (world - 1) * block  # gather, gather again, all-reduce of P gradients
-    if args.mask == "window" and args.window <= n // world:
-        return (4 if world > 2 else 2) * block  # one hop; block + gradient, gradient home
-    return (3 * (world - 1) + 1) * block  # P - 1 hops; again with gradients; gradient home
+    if args.layout == "contiguous" and args.mask == "window" and args.window <= n // world:
+        # one hop: K/V to r + 1 in forward and again in backward, the gradient home to r - 1
+        return (2 * block if rank < world - 1 else 0) + (block if rank > 0 else 0)
+    if args.layout == "zigzag" or args.mask != "causal":
+        return 3 * (world - 1) * block  # P - 1 hops; again; gradients P - 2 hops and home
+    return None
 
 
 def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out: str) -> None:
@@ -87,11 +105,11 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         if world == 1:
-            o = qkv.attention(q, k, v, **opts)
+            o = qkv.attention(q, k, v, backend=args.backend, **opts)
         else:
             o = CP.attention(
                 q, k, v, layout=args.layout, method=args.method, lengths=(length, length),
-                stats=stats, **opts,
+                stats=stats, pieces=args.pieces, backend=args.backend, **opts,
             )  # fmt: skip
         o.sum().backward()
 
@@ -100,8 +118,10 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out
     small = 128 * world
     step(*_inputs(args, small, world, rank), small)
     stats.events.clear()
+    _reset_peak()
+    base = _current_mib()
     q, k, v = _inputs(args, n, world, rank)
-    before = _current_mib()
+    inputs = _current_mib() - base
     start = time.perf_counter()
     for _ in range(args.repeat):
         step(q, k, v, n)
@@ -116,9 +136,10 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, n: int, out
         "method": args.method,
         "layout": args.layout,
         "seconds": seconds,
-        "peak_mib_above_start": _rss_mib() - before,
+        "peak_mib": _peak_mib() - base,
+        "peak_mib_above_inputs": _peak_mib() - base - inputs,
         "bytes_sent": sent,
-        "bytes_formula": _formula(args, n, world),
+        "bytes_formula": _formula(args, n, world, rank),
     }
     with open(f"{out}.{rank}", "w") as f:
         f.write(json.dumps(record))
@@ -140,6 +161,18 @@ def measure(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
     return records
 
 
+def _ratios(parallel: list[dict[str, Any]], one: dict[str, Any]) -> dict[str, Any]:
+    """The most loaded rank against one process."""
+    return {
+        "world": parallel[0]["world"],
+        "n": one["n"],
+        "time_ratio": max(r["seconds"] for r in parallel) / one["seconds"],
+        "peak_ratio": max(r["peak_mib"] for r in parallel) / one["peak_mib"],
+        "peak_above_inputs_ratio": max(r["peak_mib_above_inputs"] for r in parallel)
+        / one["peak_mib_above_inputs"],
+    }
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=4096)
@@ -152,20 +185,45 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--backend", default="cpu", help="every block's backend (both sides)")
+    parser.add_argument("--pieces", type=int, default=None, help="pieces per shard (ring)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--fit-mib", type=float, default=None)
+    parser.add_argument(
+        "--refine", type=int, default=2, help="bisection steps after doubling (--fit-mib)"
+    )
+    parser.add_argument(
+        "--against-one", action="store_true", help="then one process of world x threads"
+    )
     args = parser.parse_args(argv)
     if args.fit_mib is None:
-        for record in measure(args, args.n):
+        records = measure(args, args.n)
+        for record in records:
             print(json.dumps(record))
+        if args.against_one and args.world > 1:
+            one_args = argparse.Namespace(**{**vars(args), "world": 1})
+            one_args.threads = args.threads * args.world
+            one = measure(one_args, args.n)[0]
+            print(json.dumps(one))
+            print(json.dumps(_ratios(records, one)))
         return 0
-    n, fitted = args.n, None
-    while True:
-        peak = max(r["peak_mib_above_start"] for r in measure(args, n))
+
+    def fits(n: int) -> bool:
+        peak = max(r["peak_mib"] for r in measure(args, n))
         print(json.dumps({"n": n, "world": args.world, "peak_mib": peak}))
-        if peak > args.fit_mib:
-            break
+        return peak <= args.fit_mib
+
+    fitted, n = None, args.n
+    while fits(n):
         fitted, n = n, 2 * n
+    if fitted is not None:
+        low, high = fitted, n  # low fits, high does not
+        for _ in range(args.refine):
+            middle = (low + high) // 2 // 1024 * 1024
+            if middle in (low, high):
+                break
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        fitted = low
     print(json.dumps({"world": args.world, "budget_mib": args.fit_mib, "longest_n": fitted}))
     return 0
 

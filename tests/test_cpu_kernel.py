@@ -422,6 +422,29 @@ def test_decoding_splits_keys_and_reads_each_group_once(
     compare(x, dtype, 15, **DECODE_MASKS[mask_kind])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_reads_a_cache_slice_in_place_and_its_gradient_is_right(
+    dtype: torch.dtype,
+) -> None:
+    # a KV cache is a slice of a longer buffer: dense rows, heads apart (not contiguous)
+    g = torch.Generator().manual_seed(17)
+    buffers = [torch.randn(2, 2, 400, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    q64 = torch.randn(2, 8, 3, 8, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 8, 3, 8, generator=g, dtype=torch.float64)
+
+    def run(backend: str, t: torch.dtype) -> list[Tensor]:
+        q, *caches = (x.to(t).requires_grad_() for x in (q64, *buffers))
+        k, v = (c[:, :, :301] for c in caches)
+        assert not k.is_contiguous()
+        out = qkv.attention(q, k, v, causal="bottom_right", backend=backend)
+        out.backward(grad.to(t))
+        return [out.detach(), q.grad, caches[0].grad, caches[1].grad]  # type: ignore[list-item]
+
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(run("cpu", dtype), run("reference", torch.float64), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
 def test_decoding_with_the_shipped_tiles(small_tiles: CpuBackend) -> None:
     small_tiles.tile_q = small_tiles.tile_kv = None
     x = random_inputs(1, 8, 2, 2, 3000, 32, seed=16)

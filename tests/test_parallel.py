@@ -8,6 +8,7 @@ whole sequence in float64, and the messages sent; the test process asserts on th
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from qkv import parallel as CP
 from qkv import scores as S
 from qkv.backends.block_mask import build_block_mask
 from qkv.nn import MultiHeadAttention
+
+CP_ATTENTION = importlib.import_module("qkv.parallel.attention")  # the module, not the function
 
 TOLERANCE = 1e-10
 
@@ -115,7 +118,9 @@ def _replicated(opts: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
-def _run_case(name: str, world: int, rank: int, layout: str, method: str) -> dict[str, float]:
+def _run_case(
+    name: str, world: int, rank: int, layout: str, method: str, pieces: int | None = None
+) -> dict[str, float]:
     batch, hq, hkv, nq, nk, _ = CASES[name]
     g = torch.Generator().manual_seed(len(name))
     q = torch.randn(batch, hq, nq, 8, generator=g, dtype=torch.float64)
@@ -133,7 +138,7 @@ def _run_case(name: str, world: int, rank: int, layout: str, method: str) -> dic
     opts = _options(name, hq, nq, nk, batch)  # fresh tensors and tables
     shared = _replicated(opts)
     local = [CP.shard(t, world, rank, layout=layout).requires_grad_() for t in (q, k, v)]
-    out = CP.attention(*local, layout=layout, method=method, **opts)
+    out = CP.attention(*local, layout=layout, method=method, pieces=pieces, **opts)
     (out * CP.shard(grad, world, rank, layout=layout)).sum().backward()
     errors = {"out": _diff(out, CP.shard(gold, world, rank, layout=layout))}
     for label, mine, ref in zip(("dq", "dk", "dv"), local, whole, strict=True):
@@ -191,34 +196,53 @@ def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 
 
 class _Counting:
-    """Counts the point-to-point messages really posted (wrapping batch_isend_irecv)."""
+    """Counts the point-to-point messages really posted (wrapping batch_isend_irecv), and logs
+    them in order with the backward's block computations (``"compute"``)."""
 
     def __init__(self) -> None:
         self.sent: list[int] = []
         self.received: list[int] = []
+        self.log: list[str] = []
         self.original = dist.batch_isend_irecv
+        self.original_grads = CP_ATTENTION._Backward.block_grads
 
     def __call__(self, ops: list[dist.P2POp]) -> Any:
         for op in ops:
-            (self.sent if op.op is dist.isend else self.received).append(op.peer)
+            kind = "send" if op.op is dist.isend else "recv"
+            (self.sent if kind == "send" else self.received).append(op.peer)
+            self.log.append(f"{kind} {op.peer}")
         return self.original(ops)
 
+    def block_grads(self, state: Any, *args: Any) -> None:
+        self.log.append("compute")
+        self.original_grads(state, *args)
 
-def _count(world: int, rank: int, method: str, opts: dict[str, Any], n: int) -> dict[str, Any]:
+
+def _count(
+    world: int, rank: int, method: str, opts: dict[str, Any], n: int, pieces: int | None = None
+) -> dict[str, Any]:
     counting = _Counting()
     dist.batch_isend_irecv = counting  # type: ignore[assignment]
+    CP_ATTENTION._Backward.block_grads = (  # type: ignore[method-assign]
+        lambda state, *args: counting.block_grads(state, *args)
+    )
     try:
         stats = CP.CommStats()
         g = torch.Generator().manual_seed(rank)
         q = torch.randn(1, 2, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
         k = torch.randn(1, 1, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
         v = torch.randn(1, 1, n // world, 4, generator=g, dtype=torch.float64).requires_grad_()
-        out = CP.attention(q, k, v, method=method, stats=stats, lengths=(n, n), **opts)
+        out = CP.attention(
+            q, k, v, method=method, stats=stats, lengths=(n, n), pieces=pieces, **opts
+        )
         forward_sent, forward_received = list(counting.sent), list(counting.received)
+        forward_log = len(counting.log)
         out.sum().backward()
     finally:
         dist.batch_isend_irecv = counting.original  # type: ignore[assignment]
+        CP_ATTENTION._Backward.block_grads = counting.original_grads  # type: ignore[method-assign]
     return {
+        "backward_log": counting.log[forward_log:],
         "forward_sent": forward_sent,
         "forward_received": forward_received,
         "backward_sent": counting.sent[len(forward_sent) :],
@@ -332,6 +356,10 @@ def _worker(
         if world == 4:
             records["mesh"] = _mesh(world, rank)
         if world == 2:
+            for layout, method in PIECES_COMBOS:  # shards cut into pieces of 1 or 2 positions
+                for name in cases:
+                    key = f"{name}/{layout}/{method}/pieces"
+                    records[key] = _run_case(name, world, rank, layout, method, pieces=4)
             records["train"] = _train(world, rank, "zigzag", "ring")
             for dtype_name, dtype in DTYPES.items():
                 for name in DTYPE_CASES:
@@ -340,6 +368,7 @@ def _worker(
                         records[key] = _run_dtype_case(name, world, rank, layout, dtype)
         n = 8 * world
         records["count/ring/none"] = _count(world, rank, "ring", {}, n)
+        records["count/ring/pieces"] = _count(world, rank, "ring", {}, n, pieces=2)
         records["count/ring/window"] = _count(world, rank, "ring", {"mask": M.sliding_window(5)}, n)
         records["count/all_gather/window"] = _count(
             world, rank, "all_gather", {"mask": M.sliding_window(5)}, n
@@ -365,6 +394,7 @@ def _spawn(tmp_path: Path, world: int, cases: list[str], combos: list[list[str]]
 ALL_COMBOS = [
     [layout, method] for layout in ("contiguous", "zigzag") for method in ("ring", "all_gather")
 ]
+PIECES_COMBOS = [["contiguous", "ring"], ["zigzag", "ring"], ["zigzag", "all_gather"]]
 
 
 def _check_matches(records: list[dict], cases: list[str], combos: list[list[str]]) -> None:
@@ -386,20 +416,33 @@ def _check_counts(records: list[dict], world: int) -> None:
         assert ring["forward_sent"] == [after] * (world - 1)
         assert ring["forward_received"] == [before] * (world - 1)
         assert ring["forward_bytes"] == (world - 1) * ring["kv_block_bytes"]
-        # Backward: the blocks again, each with its gradient, then the gradient home (the
-        # next rank on, where the block's P - 1 hops ended).
-        assert ring["backward_sent"] == [after] * (2 * (world - 1) + 1)
+        # Backward: the blocks again, each with the gradient accumulated since its first hop,
+        # then the gradient home (from the next rank on, where the block's P - 1 hops ended):
+        # P - 1 blocks, P - 2 travelling gradients, one gradient home.
+        assert ring["backward_sent"] == [after] * (2 * (world - 1))
+        # ... and every step posts the K/V it passes on and the receive of the next before it
+        # computes (the transfers overlap the computation), then sends on the gradient it
+        # added to and receives the next one (from P - 1 hops on: this rank's coming home).
+        a, b = f"send {after}", f"recv {before}"
+        steps = [[a, b, "compute"]]
+        steps += [[a, b, "compute", a, b] for _ in range(1, world - 1)]
+        steps += [["compute", a, b]]
+        assert ring["backward_log"] == [e for step in steps for e in step]
+        # In pieces: every piece travels on its own, in the same pattern, as many bytes.
+        cut = found["count/ring/pieces"]
+        assert cut["forward_sent"] == [after] * (2 * (world - 1))
+        assert cut["forward_bytes"] == ring["forward_bytes"]
+        assert cut["backward_sent"] == [after] * (4 * (world - 1))
         assert ring["collectives"] == 0
         # A causal window of 6 keys over shards of 8 reaches one neighbour: rank r exchanges
         # with r - 1 and r + 1 only, and the last rank's block goes nowhere.
         window = found["count/ring/window"]
         assert window["forward_sent"] == ([] if rank == world - 1 else [after])
         assert window["forward_received"] == ([] if rank == 0 else [before])
+        # Backward: the block to the next rank again; its gradient comes straight home.
         first, last = rank == 0, rank == world - 1
-        assert window["backward_sent"] == ([] if last else [after] * 2) + (
-            [] if first else [before]
-        )
-        assert window["backward_received"] == ([] if first else [before] * 2) + (
+        assert window["backward_sent"] == ([] if last else [after]) + ([] if first else [before])
+        assert window["backward_received"] == ([] if first else [before]) + (
             [] if last else [after]
         )
         # gather, gather again in backward, gradient sum
@@ -411,6 +454,8 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     cases = sorted(CASES)
     records = _spawn(tmp_path, 2, cases, ALL_COMBOS)
     _check_matches(records, cases, ALL_COMBOS)
+    pieces = [[layout, f"{method}/pieces"] for layout, method in PIECES_COMBOS]
+    _check_matches(records, cases, pieces)
     _check_counts(records, 2)
     _check_dtypes(records)
     for found in records:  # a small model trains the same on two processes as on one
@@ -518,14 +563,15 @@ def test_one_rank_is_plain_attention(one_rank: Any, method: str) -> None:
     whole = [t.clone().requires_grad_() for t in (q, k, v)]
     gold = qkv.attention(*whole, mask=mask, bias=S.alibi(2), backend="reference")
     gold.sum().backward()
-    local = [t.clone().requires_grad_() for t in (q, k, v)]
     opts = {"mask": mask, "bias": S.alibi(2), "method": method, "backend": "chunked"}
-    out, lse = CP.attention(*local, return_lse=True, **opts)
-    out.sum().backward()
-    torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
-    for a, b in zip(local, whole, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
-    assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
+    for pieces in (None, 4):  # 4: blocks of 2 or 3 queries x 2 or 3 keys, merged in place
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = CP.attention(*local, return_lse=True, pieces=pieces, **opts)
+        out.sum().backward()
+        torch.testing.assert_close(out, gold, rtol=0, atol=TOLERANCE)
+        for a, b in zip(local, whole, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=TOLERANCE)
+        assert lse.shape == (2, 2, 9) and lse.dtype == torch.float64
     with torch.no_grad():  # inference keeps no graph and gives the same
         torch.testing.assert_close(CP.attention(q, k, v, **opts), gold)
 
@@ -536,6 +582,8 @@ def test_errors_name_the_argument(one_rank: Any) -> None:
         CP.attention(q, q, q, method="tree")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="q holds 6 positions on rank 0"):
         CP.attention(q, q, q, lengths=(8, 6))
+    with pytest.raises(ValueError, match="pieces must be a positive int or None; got 0"):
+        CP.attention(q, q, q, pieces=0)
     with pytest.raises(ValueError, match="key_padding lengths"):
         CP.attention(q, q, q, mask=M.key_padding([9]))
     with pytest.raises(ValueError, match="does not broadcast to the whole sequence"):

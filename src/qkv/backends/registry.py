@@ -297,7 +297,9 @@ def _remembered(key: Hashable, request: AttentionRequest) -> Selection | None:
     if entry is None:
         return None
     held, selection = entry
-    if any(ref() is not obj for ref, obj in zip(held, (request.mask, request.score_mod))):
+    if any(
+        ref() is not obj for ref, obj in zip(held, (request.mask, request.score_mod), strict=True)
+    ):
         del _SELECTIONS[key]  # an id reused by a new object after the old one died
         return None
     _SELECTIONS.move_to_end(key)

@@ -110,6 +110,14 @@ def _register_task(
     p.add_argument(
         "--backend", default="auto", help="attention backend of the model (default %(default)s)"
     )
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        default=0,
+        metavar="P",
+        help="under torchrun, shard each sequence across P processes (all of them, or a data x "
+        "context mesh); docs/parallel.md. The model must support it",
+    )
     p.set_defaults(run=_run)
 
 
@@ -382,6 +390,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         backend=args.backend,
+        context_parallel=args.context_parallel,
         on_step=progress.on_step,
         on_eval=progress.on_eval,
         on_message=progress.message,

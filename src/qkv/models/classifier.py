@@ -23,6 +23,15 @@ keeps the queries from all reading the same tokens.
 Encoders: ``"bigru"`` (a bidirectional GRU that never reads padding, :class:`PaddedBiGRU`) or
 ``"transformer"`` (pre-norm blocks of :class:`qkv.nn.MultiHeadAttention` with RoPE).
 
+Context parallelism (a transformer encoder without dropout):
+``model.set_context_parallel(ContextParallel(group, "zigzag"))`` on every rank of ``group``,
+then every rank calls the model on the **same** whole batch: it embeds and encodes only its
+shard of the tokens (every attention layer context-parallel, RoPE at global positions), and
+the pooling gathers the ``(B, r, N)`` scores (small) and sums ``A h`` over the ranks, so every
+rank gets the same logits and weights as one process. Every rank's loss is then the whole
+batch's; DDP's average of the ranks' gradients is the one-process gradient (each rank's share
+of it, times ``P``, since every rank's loss reads every rank's tokens).
+
 Notation used for tensor shapes: ``B`` texts, ``N`` tokens (longest in the batch), ``E`` embedding
 size, ``Dh`` encoder output size, ``r`` pooling queries, ``C`` classes.
 """
@@ -39,6 +48,7 @@ from torch import Tensor, nn
 from qkv.approx.registry import check_attention_config
 from qkv.functional.attention import attention
 from qkv.nn.multihead import MultiHeadAttention
+from qkv.parallel import ContextParallel, gather_sequence, shard, sum_over_ranks
 
 __all__ = [
     "PRESETS",
@@ -221,6 +231,23 @@ class AttentionPooling(nn.Module):
         )  # (B, r, 1, Dh), (B, r, 1, N)
         return pooled.squeeze(2), weights.squeeze(2)
 
+    def sharded(
+        self, states: Tensor, mask: Tensor, setting: ContextParallel
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` on this rank's shard ``states (B, n, Dh)`` of a sequence whose whole
+        ``mask (B, N)`` every rank holds: the same ``pooled (B, r, Dh)`` and ``weights (B, r, N)``
+        on every rank (scores gathered, ``A h`` summed over the ranks)."""
+        world, rank, layout = setting.world_size(), setting.rank(), setting.layout
+        keys = torch.tanh(self.key_proj(states))  # (B, n, Da)
+        # (the matmul's gradient for the queries keeps their layout, as DDP's buckets expect)
+        scores = torch.matmul(self.queries, keys.transpose(1, 2))  # (B, r, n)
+        whole = gather_sequence(scores.float(), dim=2, layout=layout, group=setting.group)
+        real = mask[:, None, :]  # (B, 1, N)
+        lowest = torch.finfo(whole.dtype).min  # a text with no token pools zeros, not NaN
+        weights = torch.softmax(whole.masked_fill(~real, lowest), dim=-1) * real  # (B, r, N)
+        mine = shard(weights, world, rank, dim=2, layout=layout).to(states.dtype)  # (B, r, n)
+        return sum_over_ranks(mine @ states, setting.group), weights  # (B, r, Dh), (B, r, N)
+
 
 def pooling_penalty(weights: Tensor) -> Tensor:
     """Lin et al.'s redundancy penalty ``||A A^T - I||_F^2``, averaged over the batch.
@@ -383,6 +410,34 @@ class AttentionClassifier(nn.Module):
         self.pool = AttentionPooling(c.output_dim, c.pool_dim, c.pool_queries)
         self.dropout = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.pool_queries * c.output_dim, c.num_classes)
+        self.context_parallel: ContextParallel | None = None
+
+    def set_context_parallel(self, setting: ContextParallel | None) -> None:
+        """Run on a sequence sharded across the ranks of ``setting.group`` (see the module
+        docstring; ``None``: one process again). Every rank then passes the same whole batch.
+
+        Raises:
+            ValueError: the encoder is not an exact transformer without dropout.
+        """
+        if setting is not None:
+            if not isinstance(setting, ContextParallel):
+                raise TypeError(
+                    f"setting must be a qkv.parallel.ContextParallel or None; got {setting!r}"
+                )
+            c = self.config
+            if c.encoder != "transformer" or c.attention != "exact":
+                raise ValueError(
+                    "context parallelism needs the exact transformer encoder; this classifier "
+                    f"has encoder={c.encoder!r}, attention={c.attention!r}"
+                )
+            if c.dropout > 0:
+                raise ValueError(
+                    f"context parallelism needs dropout=0 (every rank must compute what one "
+                    f"process would); this classifier has dropout={c.dropout}"
+                )
+        for block in getattr(self.encoder, "blocks", []):
+            block.attn.set_context_parallel(setting)
+        self.context_parallel = setting
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> ClassifierOutput:
         """Classify a batch of token ids.
@@ -399,11 +454,24 @@ class AttentionClassifier(nn.Module):
             TypeError: ``ids`` is not an integer tensor or ``mask`` not bool.
         """
         mask = self._check_inputs(ids, mask)
+        if self.context_parallel is not None:
+            return self._forward_sharded(ids, mask, self.context_parallel)
         x = self.dropout(self.embed(ids))  # (B, N, E)
         states = self.dropout(self.encoder(x, mask))  # (B, N, Dh)
         pooled, weights = self.pool(states, mask)  # (B, r, Dh), (B, r, N)
         logits = self.head(self.dropout(pooled.flatten(1)))  # (B, C)
         return ClassifierOutput(logits, weights)
+
+    def _forward_sharded(
+        self, ids: Tensor, mask: Tensor, setting: ContextParallel
+    ) -> ClassifierOutput:
+        """:meth:`forward` under context parallelism (dropout is 0): this rank's tokens only,
+        every attention layer reading the whole padding mask."""
+        world, rank, layout = setting.world_size(), setting.rank(), setting.layout
+        x = self.embed(shard(ids, world, rank, dim=1, layout=layout))  # (B, n, E)
+        states = self.encoder(x, mask)  # (B, n, Dh)
+        pooled, weights = self.pool.sharded(states, mask, setting)
+        return ClassifierOutput(self.head(pooled.flatten(1)), weights)  # (B, C), (B, r, N)
 
     def predict_proba(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """``(B, C)`` class probabilities (call in eval mode)."""

@@ -13,7 +13,7 @@ from qkv.parallel.attention import (
     global_lengths,
     merge,
 )
-from qkv.parallel.comm import CommEvent, CommStats
+from qkv.parallel.comm import CommEvent, CommStats, gather_sequence, sum_over_ranks
 from qkv.parallel.layout import LayoutKind, SequenceLayout, shard, unshard
 
 attention = context_parallel_attention
@@ -27,8 +27,10 @@ __all__ = [
     "SequenceLayout",
     "attention",
     "context_parallel_attention",
+    "gather_sequence",
     "global_lengths",
     "merge",
     "shard",
+    "sum_over_ranks",
     "unshard",
 ]

@@ -24,17 +24,24 @@ Methods:
 - ``"all_gather"``: every rank gathers every rank's K/V (one collective, padded to the longest
   shard), then computes its non-empty blocks. Backward sums each block's K/V gradient over the
   ranks (an all-reduce) and keeps its own.
-- ``"ring"``: K/V blocks travel around the ring of ranks (rank ``r`` sends to ``r + 1``), one
-  hop per step, the transfer of the next block overlapped with the computation of the current
-  one. A block travels only as far as the farthest rank that needs it, so a sliding window
-  that reaches one neighbour exchanges with that neighbour only. Backward sends each block's
-  K/V gradient back along the same hops, accumulating on the way.
+- ``"ring"``: K/V travel around the ring of ranks (rank ``r`` sends to ``r + 1``) in pieces (a
+  shard cut into ``pieces``), one hop per step, the transfer of the next piece overlapped with
+  the computation of the current one. A shard travels only as far as the farthest rank that
+  needs it, so a sliding window that reaches one neighbour exchanges with that neighbour only.
+  Backward sends the pieces along the same hops again, each with the gradient accumulated for
+  it since its first hop, and where a piece's travel ends its gradient goes home.
 
-Backward: each rank differentiates its own block calls and the merge with autograd (every
-backend that serves ``return_lse`` also differentiates it), then one communication phase
-returns the K/V gradients to their owners. Tensors every rank holds (a bias tensor for the
-whole sequence, a relative-position table) receive this rank's part of their gradient; sum it
-over the ranks as for any replicated parameter (DDP's all-reduce does).
+Memory: forward and backward are one ``autograd.Function`` that keeps only ``q``, ``k``, ``v``,
+the merged output and log-sum-exp; backward recomputes each block (as FlashAttention recomputes
+its tiles) and differentiates it with autograd (every backend that serves ``return_lse`` also
+differentiates it). Results merge in place into preallocated accumulators, and the block calls
+are piece x piece, so with ``method="ring"`` a rank holds its shard's tensors plus at most a
+few pieces of K/V and gradients (the one it computes, the one arriving, a gradient coming
+home): ``O(N / P)``. ``method="all_gather"`` holds every rank's K/V, ``O(N)``.
+
+Tensors every rank holds (a bias tensor for the whole sequence, a relative-position table)
+receive this rank's part of their gradient; sum it over the ranks as for any replicated
+parameter (DDP's all-reduce does).
 """
 
 from __future__ import annotations
@@ -102,9 +109,55 @@ class ContextParallel:
 # --- the plan: who holds what, who needs what --------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A run of consecutive positions of one rank's shard: global positions ``[start, stop)``,
+    found at ``offset`` in that rank's local tensors."""
+
+    start: int
+    stop: int
+    offset: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def span(self) -> Range:
+        return self.start, self.stop
+
+    @property
+    def local(self) -> slice:
+        return slice(self.offset, self.offset + self.length)
+
+
+def _cut(ranges: list[Range], cuts: int) -> list[_Piece]:
+    """Each range cut into ``cuts`` near-equal pieces (the first ones one longer), in order,
+    with their offsets in the shard the ranges form."""
+    pieces, offset = [], 0
+    for start, stop in ranges:
+        base, extra = divmod(stop - start, cuts)
+        for i in range(cuts):
+            length = base + (1 if i < extra else 0)
+            pieces.append(_Piece(start, start + length, offset))
+            start, offset = start + length, offset + length
+    return pieces
+
+
+def _chunks(layout: SequenceLayout, rank: int) -> list[Range]:
+    """The chunks rank ``rank`` holds, in shard order, empty ones too (so that every rank has
+    as many pieces as every other)."""
+    chunks = layout.chunks()
+    if layout.kind == "zigzag":
+        return [chunks[rank], chunks[2 * layout.world_size - 1 - rank]]
+    return [chunks[rank]]
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """Everything every rank knows alike: layouts, the mask, which blocks are needed."""
+    """Everything every rank knows alike: layouts, the mask, which blocks are needed, and how
+    finely shards are cut (``cuts`` pieces per chunk, the same on every rank, so every rank's
+    shard has the same number of pieces and the ring moves them in lockstep)."""
 
     rank: int
     world: int
@@ -118,7 +171,9 @@ class _Plan:
     backend: str
     method: Method
     stats: CommStats | None
+    cuts: int = 1
     need: tuple[tuple[bool, ...], ...] = ()  # need[r][o]: rank r reads the K/V of rank o
+    states: dict[tuple[Range, Range], int] = dataclasses.field(default_factory=dict)
 
     def q_ranges(self, rank: int) -> list[Range]:
         return self.q_layout.ranges(rank)
@@ -126,12 +181,41 @@ class _Plan:
     def kv_ranges(self, rank: int) -> list[Range]:
         return self.kv_layout.ranges(rank)
 
+    def q_pieces(self) -> list[_Piece]:
+        """This rank's queries, cut as the K/V are: every block call is piece x piece (a
+        call's temporaries grow with its query rows, so they are cut as finely)."""
+        return _cut(_chunks(self.q_layout, self.rank), self.cuts)
+
+    def kv_pieces(self, origin: int) -> list[_Piece]:
+        return _cut(_chunks(self.kv_layout, origin), self.cuts)
+
     def state(self, q_range: Range, kv_range: Range) -> int:
-        """EMPTY, FULL, PARTIAL or UNKNOWN for queries ``q_range`` x keys ``kv_range``."""
+        """EMPTY, FULL, PARTIAL or UNKNOWN for queries ``q_range`` x keys ``kv_range`` (worked
+        out once per pair: forward and backward ask for every block)."""
         if self.mask is None:
             return FULL
-        bounds = (torch.tensor(q_range), torch.tensor(kv_range))
-        return int(classify_tiles(self.mask, *bounds)[0, 0])
+        found = self.states.get((q_range, kv_range))
+        if found is None:
+            bounds = (torch.tensor(q_range), torch.tensor(kv_range))
+            found = self.states[q_range, kv_range] = int(classify_tiles(self.mask, *bounds)[0, 0])
+        return found
+
+
+#: Default: a shard's K/V travel in about this many pieces (fewer for short shards), so that a
+#: rank holds a few pieces in flight instead of whole shards (the ``pieces`` argument).
+DEFAULT_PIECES = 32
+#: The shortest piece the default cuts (shorter blocks cost more in calls than they save).
+MIN_PIECE = 256
+
+
+def _cuts(
+    q_layout: SequenceLayout, kv_layout: SequenceLayout, per_shard: int, shortest_piece: int
+) -> int:
+    """Pieces per chunk: about ``per_shard`` pieces per shard, as long as a piece keeps
+    ``shortest_piece`` positions (and at least 1: no piece is empty unless a chunk is)."""
+    chunks = 2 if kv_layout.kind == "zigzag" else 1
+    shortest = min(b - a for layout in (q_layout, kv_layout) for a, b in layout.chunks())
+    return max(1, min(-(-per_shard // chunks), shortest // shortest_piece))
 
 
 def _needs(plan: _Plan) -> tuple[tuple[bool, ...], ...]:
@@ -165,6 +249,8 @@ def _block(
     """Attention of local queries ``q`` (global positions ``q_range``) over the keys and values
     ``k``, ``v`` (global positions ``kv_range``): ``(out, lse)``, or None when the mask hides
     the whole block."""
+    if q_range[0] == q_range[1] or kv_range[0] == kv_range[1]:
+        return None
     state = plan.state(q_range, kv_range)
     if state == EMPTY:
         return None
@@ -183,21 +269,17 @@ def _block(
     return out, lse
 
 
-class _Partial:
-    """The running merge of block results for one query range (stats dtype)."""
-
-    def __init__(self) -> None:
-        self.out: Tensor | None = None
-        self.lse: Tensor | None = None
-
-    def add(self, result: tuple[Tensor, Tensor] | None) -> None:
-        if result is None:
-            return
-        out, lse = result[0].to(result[1].dtype), result[1]
-        if self.out is None or self.lse is None:
-            self.out, self.lse = out, lse
-            return
-        self.out, self.lse = merge(self.out, self.lse, out, lse)
+def _weights(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(w_a, w_b, lse, attended)`` of the merge of two log-sum-exps: ``w_x = exp(lse_x -
+    lse)``, computed after taking out the row maximum (a row neither attends: zeros, -inf)."""
+    top = torch.maximum(lse_a, lse_b).detach()  # the merge does not depend on it
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = w_a + w_b
+    attended = total > 0
+    safe = torch.where(attended, total, torch.ones_like(total))
+    lse = torch.where(attended, top + torch.log(safe), float("-inf"))
+    return w_a / safe, w_b / safe, lse, attended
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,101 +294,93 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[T
         ``lse = log(exp(lse_a) + exp(lse_b))``, computed after taking out the row maximum; a
         row neither attends gives ``out = 0``, ``lse = -inf`` and zero gradients.
     """
-    top = torch.maximum(lse_a, lse_b).detach()  # the merge does not depend on it
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
-    total = w_a + w_b
-    attended = total > 0
-    safe = torch.where(attended, total, torch.ones_like(total))
-    out = (w_a / safe)[..., None] * out_a + (w_b / safe)[..., None] * out_b
-    lse = torch.where(attended, top + torch.log(safe), float("-inf"))
-    return out, lse
+    w_a, w_b, lse, _ = _weights(lse_a, lse_b)
+    return w_a[..., None] * out_a + w_b[..., None] * out_b, lse
 
 
-def _finish(
-    plan: _Plan, partials: list[_Partial], q: Tensor, value_dim: int
-) -> tuple[Tensor, Tensor]:
-    """The shard's ``(out, lse)`` from its query ranges' merges, in shard order."""
-    sd = stats_dtype(q.dtype)
-    outs, lses = [], []
-    for partial, (a, b) in zip(partials, plan.q_ranges(plan.rank), strict=True):
-        if partial.out is None or partial.lse is None:  # nothing attended by any row
-            outs.append(q.new_zeros(*q.shape[:2], b - a, value_dim, dtype=sd))
-            lses.append(q.new_full((*q.shape[:2], b - a), float("-inf"), dtype=sd))
-        else:
-            outs.append(partial.out)
-            lses.append(partial.lse)
-    if not outs:
-        return q.new_zeros(*q.shape[:3], value_dim, dtype=sd), q.new_zeros(q.shape[:3], dtype=sd)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+class _Merged:
+    """The shard's running ``(out, lse)`` (stats dtype), preallocated once: each block's
+    result merges into its rows in place, so forward holds one output, not one per block."""
+
+    def __init__(self, q: Tensor, value_dim: int) -> None:
+        sd = stats_dtype(q.dtype)
+        self.out = q.new_zeros(*q.shape[:3], value_dim, dtype=sd)  # (B, Hq, nq, Dv)
+        self.lse = q.new_full(q.shape[:3], float("-inf"), dtype=sd)  # (B, Hq, nq)
+
+    def add(self, rows: slice, result: tuple[Tensor, Tensor] | None) -> None:
+        if result is None:
+            return
+        out, lse = self.out[:, :, rows], self.lse[:, :, rows]
+        w_a, w_b, merged, _ = _weights(lse, result[1])
+        out.mul_(w_a[..., None]).add_(w_b[..., None] * result[0].to(out.dtype))
+        lse.copy_(merged)
 
 
-def _query_pieces(plan: _Plan, q: Tensor) -> list[tuple[Range, Tensor]]:
-    """This rank's query ranges with their slices of the local ``q``."""
-    pieces, offset = [], 0
-    for a, b in plan.q_ranges(plan.rank):
-        pieces.append(((a, b), q[:, :, offset : offset + b - a]))
-        offset += b - a
-    return pieces
-
-
-def _absorb(
-    plan: _Plan, partials: list[_Partial], q: Tensor, kv: Tensor, head_dim: int, origin: int
-) -> None:
-    """Compute every non-empty block of queries x the K/V of ``origin``."""
-    for partial, (q_range, q_piece) in zip(partials, _query_pieces(plan, q), strict=True):
-        offset = 0
-        for kv_range in plan.kv_ranges(origin):
-            n = kv_range[1] - kv_range[0]
-            piece = kv[:, :, offset : offset + n]
-            k, v = piece[..., :head_dim], piece[..., head_dim:]
-            partial.add(_block(plan, q_piece, k, v, q_range, kv_range))
-            offset += n
+def _absorb(plan: _Plan, merged: _Merged, q: Tensor, k: Tensor, v: Tensor, kv_range: Range) -> None:
+    """Merge every non-empty block of this rank's query pieces x the keys ``k`` and values
+    ``v`` (global positions ``kv_range``)."""
+    for qp in plan.q_pieces():
+        merged.add(qp.local, _block(plan, q[:, :, qp.local], k, v, qp.span, kv_range))
 
 
 # --- forward: the two methods --------------------------------------------------------------------
 
 
-def _forward_all_gather(plan: _Plan, q: Tensor, kv: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+def _forward_all_gather(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Every rank's K/V gathered (one collective), then this rank's non-empty blocks."""
     lengths = [plan.kv_layout.shard_length(r) for r in range(plan.world)]
-    gathered = all_gather_padded(kv, lengths, plan.group, plan.stats, "forward")
-    partials = [_Partial() for _ in plan.q_ranges(plan.rank)]
+    d = k.shape[-1]
+    gathered = all_gather_padded(_packed(k, v), lengths, plan.group, plan.stats, "forward")
+    merged = _Merged(q, v.shape[-1])
     for o in range(plan.world):
-        if plan.need[plan.rank][o]:
-            _absorb(plan, partials, q, kv if o == plan.rank else gathered[o], head_dim, o)
-    return _finish(plan, partials, q, kv.shape[-1] - head_dim)
+        if not plan.need[plan.rank][o]:
+            continue
+        kv = gathered[o]
+        for kp in plan.kv_pieces(o):
+            piece = kv[:, :, kp.local]
+            _absorb(plan, merged, q, piece[..., :d], piece[..., d:], kp.span)
+    return merged.out, merged.lse
 
 
-def _forward_ring(plan: _Plan, q: Tensor, kv: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """Step ``s`` moves the K/V of origin ``r - s + 1`` from rank ``r`` to ``r + 1`` where that
-    origin's reach allows, while the block held since step ``s - 1`` is computed."""
-    P, r = plan.world, plan.rank
+def _forward_ring(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The K/V travel piece by piece: for piece ``j`` of every shard, step ``s`` has rank ``r``
+    hold piece ``j`` of origin ``r - s``, pass it on to ``r + 1`` (as far as that origin's
+    reach) and receive the next from ``r - 1`` while it computes the one it holds. A rank so
+    holds two pieces of K/V at a time besides its own shard."""
+    P, r, d = plan.world, plan.rank, k.shape[-1]
     reach = _ring_reach(plan)
     steps = max(reach, default=0)
-    partials = [_Partial() for _ in plan.q_ranges(r)]
-    current: Tensor | None = kv
-    for s in range(1, steps + 1):
-        held, coming = (r - s + 1) % P, (r - s) % P
-        sends = [((r + 1) % P, current)] if current is not None and reach[held] >= s else []
-        buffer = _kv_buffer(plan, kv, coming) if reach[coming] >= s else None
-        recvs = [] if buffer is None else [((r - 1) % P, buffer)]
-        works = exchange(sends, recvs, plan.group, plan.stats, "forward")
-        if current is not None and plan.need[r][held]:
-            _absorb(plan, partials, q, current, head_dim, held)  # overlaps the transfer
-        for work in works:
-            work.wait()
-        current = buffer
-    last = (r - steps) % P
-    if current is not None and plan.need[r][last]:
-        _absorb(plan, partials, q, current, head_dim, last)
-    return _finish(plan, partials, q, kv.shape[-1] - head_dim)
+    merged = _Merged(q, v.shape[-1])
+    own = plan.kv_pieces(r)
+    for j in range(len(own)):
+        current: Tensor | None = None  # piece j of origin r - s, received
+        for s in range(steps + 1):
+            o, coming = (r - s) % P, (r - s - 1) % P
+            piece, next_piece = plan.kv_pieces(o)[j], plan.kv_pieces(coming)[j]
+            held = piece.length > 0 and (s == 0 or current is not None)
+            if s == 0:
+                kj, vj = k[:, :, piece.local], v[:, :, piece.local]
+            elif current is not None:
+                kj, vj = current[..., :d], current[..., d:]
+            sends = []
+            if held and s < reach[o]:
+                sends = [((r + 1) % P, _packed(kj, vj) if s == 0 else current)]
+            buffer = None
+            if next_piece.length > 0 and s + 1 <= reach[coming]:
+                buffer = _kv_buffer(k, v, next_piece.length)
+            recvs = [] if buffer is None else [((r - 1) % P, buffer)]
+            works = exchange(sends, recvs, plan.group, plan.stats, "forward")  # type: ignore[arg-type]
+            if held and plan.need[r][o]:
+                _absorb(plan, merged, q, kj, vj, piece.span)  # overlaps the transfer
+            for work in works:
+                work.wait()
+            current = buffer
+    return merged.out, merged.lse
 
 
-def _kv_buffer(plan: _Plan, kv: Tensor, origin: int, dtype: torch.dtype | None = None) -> Tensor:
-    """An empty ``(B, Hkv, n_origin, D + Dv)`` buffer for the K/V (or gradient) of ``origin``."""
-    shape = (*kv.shape[:2], plan.kv_layout.shard_length(origin), kv.shape[3])
-    return kv.new_empty(shape, dtype=dtype)
+def _kv_buffer(k: Tensor, v: Tensor, length: int, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty ``(B, Hkv, length, D + Dv)`` buffer for a K/V piece (or its gradient)."""
+    return k.new_empty(*k.shape[:2], length, k.shape[3] + v.shape[3], dtype=dtype)
 
 
 # --- backward: each block recomputed, its gradients sent home ------------------------------------
@@ -323,7 +397,6 @@ class _Backward:
 
     plan: _Plan
     q: Tensor
-    head_dim: int
     out: Tensor  # (B, Hq, nq, Dv)
     lse: Tensor  # (B, Hq, nq)
     grad_out: Tensor
@@ -332,42 +405,34 @@ class _Backward:
     inputs: list[Tensor]  # bias leaf (if it needs grad) and the score function's leaves
     leaves: list[Tensor | None]
 
-    def block_grads(self, kv: Tensor, origin: int, into: Tensor) -> None:
-        """Add the gradient of the K/V block of ``origin`` (``kv``) from this rank's queries
-        to ``into`` (nothing when no block of it is needed); ``dq`` and the leaves' gradients
-        accumulate too.
+    def block_grads(self, k: Tensor, v: Tensor, kv_range: Range, dk: Tensor, dv: Tensor) -> None:
+        """Add the gradients of the keys ``k`` and values ``v`` (global positions
+        ``kv_range``) from this rank's queries to ``dk`` and ``dv``; ``dq`` and the leaves'
+        gradients accumulate too.
 
         With ``w_i = exp(lse_i - lse)`` the merge gives ``dO_i = w_i dO`` and
         ``dlse_i = w_i (rowsum(dO * (o_i - out)) + dlse)``: each block's call is rerun and
         differentiated with those (so nothing but ``q, k, v, out, lse`` is kept from forward).
         """
-        plan, sd = self.plan, self.out.dtype
-        if not plan.need[plan.rank][origin]:
-            return
-        q_offset = 0
-        for q_range in plan.q_ranges(plan.rank):
-            rows = slice(q_offset, q_offset + q_range[1] - q_range[0])
-            q_offset = rows.stop
-            kv_offset = 0
-            for kv_range in plan.kv_ranges(origin):
-                cols = slice(kv_offset, kv_offset + kv_range[1] - kv_range[0])
-                kv_offset = cols.stop
-                if plan.state(q_range, kv_range) == EMPTY:
-                    continue
-                d = self.head_dim
-                with torch.enable_grad():  # separate leaves: no (n, D + Dv) zeros per slice
-                    q_leaf = self.q[:, :, rows].detach().requires_grad_()
-                    k_leaf = kv[:, :, cols, :d].detach().requires_grad_()
-                    v_leaf = kv[:, :, cols, d:].detach().requires_grad_()
-                    result = _block(plan, q_leaf, k_leaf, v_leaf, q_range, kv_range)
-                assert result is not None
-                grads = self._through(result, rows, [q_leaf, k_leaf, v_leaf, *self.inputs])
-                self.dq[:, :, rows] += grads[0].to(sd)
-                into[:, :, cols, :d] += grads[1].to(sd)
-                into[:, :, cols, d:] += grads[2].to(sd)
-                for n, g in enumerate(grads[3:]):
-                    total = self.leaves[n]
-                    self.leaves[n] = g if total is None else total + g
+        sd = self.out.dtype
+        for qp in self.plan.q_pieces():
+            if qp.length == 0 or self.plan.state(qp.span, kv_range) == EMPTY:
+                continue
+            rows = qp.local
+            with torch.enable_grad():  # separate leaves: no (n, D + Dv) zeros per slice
+                q_leaf = self.q[:, :, rows].detach().requires_grad_()
+                k_leaf = k.detach().requires_grad_()
+                v_leaf = v.detach().requires_grad_()
+                result = _block(self.plan, q_leaf, k_leaf, v_leaf, qp.span, kv_range)
+            if result is None:
+                continue
+            grads = self._through(result, rows, [q_leaf, k_leaf, v_leaf, *self.inputs])
+            self.dq[:, :, rows] += grads[0].to(sd)
+            dk += grads[1].to(sd)
+            dv += grads[2].to(sd)
+            for n, g in enumerate(grads[3:]):
+                total = self.leaves[n]
+                self.leaves[n] = g if total is None else total + g
 
     def _through(
         self, result: tuple[Tensor, Tensor], rows: slice, inputs: list[Tensor]
@@ -388,64 +453,91 @@ class _Backward:
         return [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs, strict=True)]
 
 
-def _backward_all_gather(state: _Backward, kv: Tensor) -> Tensor:
+def _backward_all_gather(state: _Backward, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Gather the K/V again, differentiate every needed block, sum each rank's K/V gradient
     over the ranks (one all-reduce) and keep this rank's."""
-    plan = state.plan
+    plan, d = state.plan, k.shape[-1]
     lengths = [plan.kv_layout.shard_length(r) for r in range(plan.world)]
-    gathered = all_gather_padded(kv, lengths, plan.group, plan.stats, "backward")
-    total = kv.new_zeros(
-        plan.world, *kv.shape[:2], max(lengths), kv.shape[3], dtype=state.out.dtype
+    gathered = all_gather_padded(_packed(k, v), lengths, plan.group, plan.stats, "backward")
+    total = k.new_zeros(
+        plan.world, *k.shape[:2], max(lengths), d + v.shape[-1], dtype=state.out.dtype
     )
     for o in range(plan.world):
-        state.block_grads(kv if o == plan.rank else gathered[o], o, total[o, :, :, : lengths[o]])
+        if not plan.need[plan.rank][o]:
+            continue
+        for kp in plan.kv_pieces(o):
+            kv, into = gathered[o][:, :, kp.local], total[o][:, :, kp.local]
+            state.block_grads(kv[..., :d], kv[..., d:], kp.span, into[..., :d], into[..., d:])
     all_reduce_sum(total, plan.group, plan.stats, "backward")
-    return total[plan.rank, :, :, : lengths[plan.rank]]
+    mine = total[plan.rank, :, :, : lengths[plan.rank]]
+    return mine[..., :d], mine[..., d:]
 
 
-def _backward_ring(state: _Backward, kv: Tensor) -> Tensor:
-    """The forward's hops again, each block travelling with the gradient accumulated for it so
-    far; where a block's travel ends, its gradient goes home in one message. At step ``s``
-    rank ``r`` holds the block of origin ``r - s + 1``: it adds its own part, then passes block
-    and gradient on to ``r + 1`` (or the gradient home when the block goes no further)."""
+def _backward_ring(state: _Backward, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward's hops again, piece by piece. A piece that left home travels with the
+    gradient accumulated for it so far (from the first rank it reached); where its travel
+    ends, that gradient goes home in one message. Per step a rank posts the K/V it passes on
+    and the receive of the next first, computes its part while they travel, then exchanges
+    gradients: it sends on the one it added to and receives the next piece's (and its own
+    piece's coming home). It holds at most the K/V and gradient of the piece it computes, of
+    the piece arriving, and a gradient coming home.
+
+    Each exchange is a ring exchange of its own (every rank sends and receives in it), so no
+    rank's first exchange waits on another rank's second: on NCCL, whose point-to-point
+    batches run in order on a stream, that would be a cycle around the ring."""
     plan = state.plan
-    P, r = plan.world, plan.rank
+    P, r, d = plan.world, plan.rank, k.shape[-1]
+    sd = state.out.dtype
     reach = _ring_reach(plan)
     steps = max(reach, default=0)
-    sd = state.out.dtype
-    current: Tensor | None = kv
-    carried: Tensor | None = None  # the gradient travelling with the current block
-    own: Tensor | None = None  # this rank's K/V gradient, once it is home
-    for s in range(1, steps + 2):
-        held = (r - s + 1) % P
-        if current is not None:
-            if carried is None:
-                carried = torch.zeros_like(current, dtype=sd)
-            state.block_grads(current, held, carried)  # accumulates in place
-        sends: list[tuple[int, Tensor]] = []
-        if current is not None and carried is not None:
-            if reach[held] >= s:
-                sends = [((r + 1) % P, current), ((r + 1) % P, carried)]
-            elif held != r:  # the block's travel ends here: its gradient goes home
-                sends = [(held, carried)]
-            else:  # this rank's own block, which never left
-                own = carried
-        recvs: list[tuple[int, Tensor]] = []
-        coming = (r - s) % P
-        buffer = grad_buffer = home = None
-        if s <= steps and reach[coming] >= s:
-            buffer = _kv_buffer(plan, kv, coming)
-            grad_buffer = _kv_buffer(plan, kv, coming, sd)
-            recvs += [((r - 1) % P, buffer), ((r - 1) % P, grad_buffer)]
-        if reach[r] > 0 and s == reach[r] + 1:
-            home = _kv_buffer(plan, kv, r, sd)
-            recvs.append(((r + reach[r]) % P, home))
-        for work in exchange(sends, recvs, plan.group, plan.stats, "backward"):
-            work.wait()
-        if home is not None:
-            own = home
-        current, carried = buffer, grad_buffer
-    return torch.zeros_like(kv, dtype=sd) if own is None else own
+    dk, dv = torch.zeros_like(k, dtype=sd), torch.zeros_like(v, dtype=sd)
+    own = plan.kv_pieces(r)
+    for j, mine in enumerate(own):
+        current: Tensor | None = None  # piece j of origin r - s, received
+        carried: Tensor | None = None  # its gradient, received with it (from hop 2 on)
+        for s in range(steps + 1):
+            o, coming = (r - s) % P, (r - s - 1) % P
+            piece, next_piece = plan.kv_pieces(o)[j], plan.kv_pieces(coming)[j]
+            held = piece.length > 0 and (s == 0 or current is not None)
+            onward = held and s < reach[o]
+            if s == 0:
+                kj, vj = k[:, :, piece.local], v[:, :, piece.local]
+            elif current is not None:
+                kj, vj = current[..., :d], current[..., d:]
+            sends = [((r + 1) % P, _packed(kj, vj) if s == 0 else current)] if onward else []
+            recvs: list[tuple[int, Tensor]] = []
+            grad_recvs: list[tuple[int, Tensor]] = []
+            buffer = grad_buffer = home = None
+            if next_piece.length > 0 and s + 1 <= reach[coming]:
+                buffer = _kv_buffer(k, v, next_piece.length)
+                recvs.append(((r - 1) % P, buffer))
+                if s + 1 >= 2:  # a gradient travels with it from its second hop on
+                    grad_buffer = _kv_buffer(k, v, next_piece.length, sd)
+                    grad_recvs.append(((r - 1) % P, grad_buffer))
+            if mine.length > 0 and reach[r] > 0 and s == reach[r]:
+                home = _kv_buffer(k, v, mine.length, sd)
+                grad_recvs.append(((r + reach[r]) % P, home))
+            works = exchange(sends, recvs, plan.group, plan.stats, "backward")  # type: ignore[arg-type]
+            grad_sends: list[tuple[int, Tensor]] = []
+            if s == 0:  # this rank's own piece: straight into its gradient
+                if plan.need[r][r]:
+                    into = dk[:, :, piece.local], dv[:, :, piece.local]
+                    state.block_grads(kj, vj, piece.span, *into)
+            elif held:
+                if carried is None:
+                    carried = _kv_buffer(k, v, piece.length, sd).zero_()
+                if plan.need[r][o]:
+                    state.block_grads(kj, vj, piece.span, carried[..., :d], carried[..., d:])
+                to = (r + 1) % P if onward else o  # on, or home where the travel ends
+                grad_sends = [(to, carried)]
+            works += exchange(grad_sends, grad_recvs, plan.group, plan.stats, "backward")
+            for work in works:
+                work.wait()
+            if home is not None:
+                dk[:, :, mine.local] += home[..., :d]
+                dv[:, :, mine.local] += home[..., d:]
+            current, carried = buffer, grad_buffer
+    return dk, dv
 
 
 # --- autograd ------------------------------------------------------------------------------------
@@ -468,7 +560,7 @@ class _ContextParallel(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         run = _forward_ring if plan.method == "ring" else _forward_all_gather
         local = plan if bias is None else _with_bias(plan, bias.detach())
-        out, lse = run(local, q.detach(), _packed(k, v), k.shape[-1])
+        out, lse = run(local, q.detach(), k.detach(), v.detach())
         ctx.save_for_backward(q, k, v, out, lse)  # k and v are the caller's: no copy kept
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.bias = bias  # type: ignore[attr-defined]
@@ -491,7 +583,6 @@ class _ContextParallel(torch.autograd.Function):
         state = _Backward(
             plan=plan,
             q=q.detach(),
-            head_dim=k.shape[-1],
             out=out,
             lse=lse,
             grad_out=grad_out.to(sd),
@@ -501,15 +592,15 @@ class _ContextParallel(torch.autograd.Function):
             leaves=[None] * len(learnable),
         )
         back = _backward_ring if plan.method == "ring" else _backward_all_gather
-        dkv = back(state, _packed(k, v))
+        dk, dv = back(state, k.detach(), v.detach())
         found = dict(zip([id(t) for t in learnable], state.leaves, strict=True))
         bias_grad = None if bias_leaf is None else found.get(id(bias_leaf))
         leaf_grads = [found.get(id(t)) for t in leaves]
         return (
             None,
             state.dq.to(q.dtype),
-            dkv[..., : k.shape[-1]].to(k.dtype),
-            dkv[..., k.shape[-1] :].to(v.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
             None if bias_grad is None or bias is None else bias_grad.to(bias.dtype),
             *[
                 torch.zeros_like(t) if g is None else g.to(t.dtype)
@@ -547,6 +638,7 @@ def context_parallel_attention(
     return_lse: Literal[False] = ...,
     backend: str = ...,
     stats: CommStats | None = ...,
+    pieces: int | None = ...,
 ) -> Tensor: ...
 
 
@@ -567,6 +659,7 @@ def context_parallel_attention(
     return_lse: Literal[True],
     backend: str = ...,
     stats: CommStats | None = ...,
+    pieces: int | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -586,6 +679,7 @@ def context_parallel_attention(
     return_lse: bool = False,
     backend: str = "auto",
     stats: CommStats | None = None,
+    pieces: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -617,6 +711,12 @@ def context_parallel_attention(
         return_lse: also return the shard's log-sum-exp ``(B, Hq, nq)`` (stats dtype).
         backend: the backend every block runs on (one that serves ``return_lse``).
         stats: a :class:`~qkv.parallel.CommStats` to record every message in.
+        pieces: into how many pieces each shard is cut (each chunk into ``pieces / 2`` for
+            zigzag), for the block calls and for the ring's messages: a rank holds a few
+            pieces of K/V and gradients in flight, not whole shards, and each call's
+            temporaries are a piece's, so more pieces cost less memory and more calls and
+            messages. Default: 32, fewer where a piece would be shorter than 256 positions;
+            never more than the shortest chunk has positions.
 
     Returns:
         ``out (B, Hq, nq, Dv)`` in the input dtype (and ``lse`` with ``return_lse=True``).
@@ -627,6 +727,10 @@ def context_parallel_attention(
     """
     if method not in ("ring", "all_gather"):
         raise ValueError(f"method must be 'ring' or 'all_gather'; got {method!r}")
+    if pieces is not None and (
+        isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1
+    ):
+        raise ValueError(f"pieces must be a positive int or None; got {pieces!r}")
     _check_local(q, k, v)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if lengths is None:
@@ -658,6 +762,7 @@ def context_parallel_attention(
         backend=backend,
         method=method,
         stats=stats,
+        cuts=_cuts(q_layout, kv_layout, pieces or DEFAULT_PIECES, 1 if pieces else MIN_PIECE),
     )
     plan = dataclasses.replace(plan, need=_needs(plan))
     leaves = _score_leaves(score_mod, q.device)
@@ -667,7 +772,7 @@ def context_parallel_attention(
     else:  # inference: nothing to keep
         run = _forward_ring if method == "ring" else _forward_all_gather
         with_bias = plan if bias_tensor is None else _with_bias(plan, bias_tensor)
-        out_sd, lse = run(with_bias, q, _packed(k, v), k.shape[-1])
+        out_sd, lse = run(with_bias, q, k, v)
         out = out_sd.to(q.dtype)
     return (out, lse) if return_lse else out
 

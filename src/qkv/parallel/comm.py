@@ -8,12 +8,23 @@ not two), gradients the same way back. Every send, receive and collective is rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommEvent", "CommStats", "all_gather_padded", "all_reduce_sum", "exchange"]
+from qkv.parallel.layout import LayoutKind, SequenceLayout, shard, unshard
+
+__all__ = [
+    "CommEvent",
+    "CommStats",
+    "all_gather_padded",
+    "all_reduce_sum",
+    "exchange",
+    "gather_sequence",
+    "sum_over_ranks",
+]
 
 
 @dataclass(frozen=True)
@@ -109,3 +120,64 @@ def all_reduce_sum(
         world = dist.get_world_size(group)
         stats.record("all_reduce", -1, 2 * _nbytes(x) * (world - 1) // world, phase)
     return x
+
+
+# --- collectives autograd can differentiate (for the layers around attention) ------------------
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, dim: int, layout: LayoutKind, group: dist.ProcessGroup | None
+    ) -> Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        local = torch.tensor([x.shape[dim]], dtype=torch.long, device=x.device)
+        every = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(every, local, group=group)
+        lengths = [int(t) for t in every]
+        longest = max(lengths)
+        padded = x.new_zeros(*x.shape[:dim], longest, *x.shape[dim + 1 :])
+        padded.narrow(dim, 0, x.shape[dim]).copy_(x)
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded.contiguous(), group=group)
+        shards = [g.narrow(dim, 0, n) for g, n in zip(gathered, lengths, strict=True)]
+        ctx.dim, ctx.group, ctx.rank, ctx.world = dim, group, rank, world
+        ctx.layout = SequenceLayout(sum(lengths), world, layout)
+        return unshard(shards, dim=dim, layout=layout)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)  # every rank's use of this rank's shard
+        mine = shard(total, ctx.world, ctx.rank, dim=ctx.dim, layout=ctx.layout.kind)
+        return mine, None, None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        total = x.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def gather_sequence(
+    x: Tensor, *, dim: int, layout: LayoutKind, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """The whole sequence, in global order, from every rank's shard ``x`` (sharded along
+    ``dim`` in ``layout``), on every rank; differentiable: backward sums the gradient every rank
+    sends to this rank's positions. For small per-token tensors (pooling scores), not K/V."""
+    return _GatherSequence.apply(x, dim, layout, group)
+
+
+def sum_over_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """``x`` summed over the ranks of ``group``, on every rank; differentiable (backward sums
+    the gradients likewise: every rank holds the same sum, and every rank's loss reads it)."""
+    return _SumOverRanks.apply(x, group)

@@ -53,13 +53,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch.distributed as dist
 from torch import nn
 
 from qkv.data.batching import BucketBatchSampler
 from qkv.data.registry import Splits
 from qkv.nn.surgery import check_backend, set_attention_backend
+from qkv.parallel import ContextParallel
 from qkv.train import (
+    DistributedContext,
     EvalReport,
+    LossOutput,
     ModelFolderError,
     SamplerBatches,
     StepReport,
@@ -552,6 +556,7 @@ def train_task(
     resume: bool = False,
     overwrite: bool = False,
     backend: str = "auto",
+    context_parallel: int = 0,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
     on_message: Callable[[str], None] | None = None,
@@ -568,6 +573,14 @@ def train_task(
             are refused, except :data:`RESUMABLE`.
         overwrite: replace a model folder already in ``out``.
         backend: the attention backend of the model's attention layers (not saved).
+        context_parallel: under ``torchrun``, shard every sequence across this many processes
+            (:mod:`qkv.parallel`, zigzag ring; 0: off): each group of ``context_parallel``
+            consecutive processes takes the same batches and computes its share of each
+            sequence, for sequences too long for one process; the groups share out the batches
+            as DDP's processes do (a data x context mesh; all the processes: context
+            parallelism alone). The steps are those of data parallelism over the groups (not
+            saved). Needs a model with ``set_context_parallel`` (the sentiment task's
+            transformer classifier, dropout 0).
         on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
         on_message: called with lines worth showing a user (data sizes of a split file, the
             step a run resumes from).
@@ -584,7 +597,16 @@ def train_task(
     prepare_output_folder(folder, resume=resume, overwrite=overwrite)
     try:
         return _train_in_folder(
-            spec, settings, training, folder, resume, backend, say, on_step, on_eval
+            spec,
+            settings,
+            training,
+            folder,
+            resume,
+            backend,
+            say,
+            on_step,
+            on_eval,
+            context_parallel,
         )
     finally:  # a long-lived process (a notebook) must not keep the folder locked
         release_output_folder(folder)
@@ -600,6 +622,7 @@ def _train_in_folder(
     say: Callable[[str], None],
     on_step: Callable[[StepReport], None] | None,
     on_eval: Callable[[EvalReport], None] | None,
+    context_parallel: int = 0,
 ) -> TrainOutcome:
     """:func:`train_task` once ``folder`` is checked and locked."""
     if resume:
@@ -623,6 +646,11 @@ def _train_in_folder(
     seed_everything(training.seed)  # the model's initial weights
     prepared = spec.prepare(settings, splits, folder=folder if resume else None)
     set_attention_backend(prepared.model, backend)
+    objective: Task = prepared.objective
+    replicas, replica = context.world_size, context.rank  # who shares out the batches
+    if context_parallel:
+        objective = _context_parallel(spec, prepared.model, objective, context, context_parallel)
+        replicas, replica = replicas // context_parallel, replica // context_parallel
     for note in prepared.notes if context.is_main else []:
         say(note)
     state, resumed_from = None, None
@@ -654,8 +682,9 @@ def _train_in_folder(
         batch_size=prepared.batch_size,
         max_tokens=prepared.max_tokens,
         seed=training.seed,
-        num_replicas=context.world_size,  # each process takes every world_size-th batch
-        rank=context.rank,
+        # each process (each context-parallel group) takes every replicas-th batch
+        num_replicas=replicas,
+        rank=replica,
     )
     if not sampler.batches():  # under DDP the batch count is cut to a multiple of the processes
         raise ValueError(
@@ -665,7 +694,7 @@ def _train_in_folder(
         )
     trainer = Trainer(
         prepared.model,
-        prepared.objective,
+        objective,
         SamplerBatches(prepared.train_set, sampler, prepared.collate),
         training,
         save=save,
@@ -675,6 +704,70 @@ def _train_in_folder(
     )
     result = trainer.fit(resume=state)
     return TrainOutcome(folder, result, prepared.settings, splits, resumed_from)
+
+
+def _context_parallel(
+    spec: TaskSpec[Any, Any],
+    model: nn.Module,
+    objective: Task,
+    context: DistributedContext,
+    size: int,
+) -> Task:
+    """Put ``model`` under context parallelism over groups of ``size`` consecutive processes
+    (groups of their own, so their messages never interleave with DDP's), validating on the
+    main process alone."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"context_parallel must be a positive number of processes; got {size!r}")
+    setter = getattr(model, "set_context_parallel", None)
+    if not callable(setter):
+        raise ValueError(
+            f"task {spec.name!r}: its model ({type(model).__name__}) cannot run "
+            "context-parallel; leave out --context-parallel"
+        )
+    setter(ContextParallel(layout="zigzag"))  # raises, naming what the model lacks
+    setter(None)
+    if context.world_size % size:
+        raise ValueError(
+            f"--context-parallel {size} needs a multiple of {size} processes (torchrun "
+            f"--nproc_per_node); this run has {context.world_size}"
+        )
+    if size == 1:
+        return objective  # one process per sequence: data parallelism alone
+    groups = [  # every process creates every group, in the same order
+        dist.new_group(list(range(start, start + size)))
+        for start in range(0, context.world_size, size)
+    ]
+    setting = ContextParallel(groups[context.rank // size], "zigzag", "ring")
+    setter(setting)
+    return _ContextParallelTask(objective, setter, setting)
+
+
+class _ContextParallelTask:
+    """A task under context parallelism: every process counts its share of the batch's tokens
+    (it computes only those), and validation (on the main process only) runs the model
+    without context parallelism, which would wait for the other processes."""
+
+    def __init__(
+        self,
+        task: Task,
+        setter: Callable[[ContextParallel | None], None],
+        setting: ContextParallel,
+    ) -> None:
+        self.task, self.setter, self.setting = task, setter, setting
+        self.name, self.metric = task.name, task.metric
+        self.higher_is_better = task.higher_is_better
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        out = self.task.loss(model, batch)  # the whole batch's loss, the same in the group
+        share, extra = divmod(out.tokens, self.setting.world_size())
+        return replace(out, tokens=share + (extra if self.setting.rank() == 0 else 0))
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        self.setter(None)
+        try:
+            return self.task.validate(model)
+        finally:
+            self.setter(self.setting)
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,7 +154,10 @@ class _CpuAttention(torch.autograd.Function):
         cd = compute_dtype(q.dtype)
         half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
         io = q.dtype if half else cd  # the half path reads q, k, v in their own type
-        qc, kc, vc = (t.detach().to(io).contiguous() for t in (q, k, v))
+        # k and v keep their layout: the kernel reads a KV cache's slice in place when
+        # decoding and makes its own dense copy otherwise
+        qc = q.detach().to(io).contiguous()
+        kc, vc = (t.detach().to(io) for t in (k, v))
         bias_e = _expanded_bias(bias, call.shape, cd)
         mod_tables = call.tables(tables, cd)
         out, lse = ops.forward(  # type: ignore[attr-defined]
@@ -205,7 +208,8 @@ class _CpuAttention(torch.autograd.Function):
         )
         bias_grad = ctx.bias_meta is not None and needs[4]  # type: ignore[attr-defined]
         grads = ops.backward(  # type: ignore[attr-defined]
-            qc, kc, vc, out, lse, grad_out.to(qc.dtype).contiguous(), call.scale, call.status,
+            qc, kc.contiguous(), vc.contiguous(), out, lse, grad_out.to(qc.dtype).contiguous(),
+            call.scale, call.status,
             call.tile_q, call.tile_kv, call.row_lo, call.row_hi, call.doc_q, call.doc_k,
             call.dense, ctx.bias_e, bias_grad, call.mod_kind, call.mod_value,  # type: ignore[attr-defined]
             call.mod_int, ctx.mod_tables, want_tables,  # type: ignore[attr-defined]

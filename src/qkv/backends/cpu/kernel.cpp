@@ -876,8 +876,24 @@ void pv_few_rows(const T* p, int ld, const T* v, int64_t rows, int cols, int64_t
   }
 }
 
+// Batch and head strides of K and V (elements). A KV cache is a slice [:, :, :n] of a larger
+// buffer: its rows are dense but its heads are not, and copying it whole for every decoded
+// token would cost as much as the attention itself.
+struct KvStrides {
+  int64_t kb, kh, vb, vh;
+  KvStrides(const at::Tensor& k, const at::Tensor& v)
+      : kb(k.stride(0)), kh(k.stride(1)), vb(v.stride(0)), vh(v.stride(1)) {}
+};
+
+// x itself when each (b, h) slice is a dense (N, D) block, else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& x) {
+  const bool dense_rows = x.stride(3) == 1 && (x.size(2) <= 1 || x.stride(2) == x.size(3));
+  return dense_rows ? x : x.contiguous();
+}
+
 template <typename T, typename In>
-void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, T* out, T* lse) {
+void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
+                    const KvStrides& kv, T* out, T* lse) {
   std::vector<std::pair<int64_t, bool>> visits = visits_of(P, 0);
   const int64_t groups = P.B * P.Hkv, n_visits = static_cast<int64_t>(visits.size());
   const int64_t want = std::max<int64_t>(1, (kDecodeTasks + groups - 1) / groups);
@@ -899,8 +915,8 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
       T* acc = part_acc.data() + task * rows * Dv;
       // the G heads of the group are consecutive: one (G Nq) x D block of q
       const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf.data);
-      const In* kbase = k + grp * P.Nk * D;
-      const In* vbase = v + grp * P.Nk * Dv;
+      const In* kbase = k + b * kv.kb + hk * kv.kh;
+      const In* vbase = v + b * kv.vb + hk * kv.vh;
       const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
       for (int64_t t = c * per_chunk; t < last; ++t) {
         const auto [j, full] = visits[t];
@@ -1157,7 +1173,7 @@ std::vector<at::Tensor> decode_forward(
     auto P = make_problem<double>(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q,
                                   doc_k, dense, bias, mod_kind, mod_value, mod_int, mod_tables);
     forward_decode<double, double>(P, q.data_ptr<double>(), k.data_ptr<double>(),
-                                   v.data_ptr<double>(), out.data_ptr<double>(),
+                                   v.data_ptr<double>(), KvStrides(k, v), out.data_ptr<double>(),
                                    lse.data_ptr<double>());
     return {out, lse};
   }
@@ -1167,30 +1183,33 @@ std::vector<at::Tensor> decode_forward(
   float* ls = lse.data_ptr<float>();
   if (q.scalar_type() == at::kBFloat16) {
     forward_decode<float, at::BFloat16>(P, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
-                                        v.data_ptr<at::BFloat16>(), o, ls);
+                                        v.data_ptr<at::BFloat16>(), KvStrides(k, v), o, ls);
   } else if (q.scalar_type() == at::kHalf) {
     forward_decode<float, at::Half>(P, q.data_ptr<at::Half>(), k.data_ptr<at::Half>(),
-                                    v.data_ptr<at::Half>(), o, ls);
+                                    v.data_ptr<at::Half>(), KvStrides(k, v), o, ls);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "qkv cpu kernel: unsupported dtype ",
                 q.scalar_type());
     forward_decode<float, float>(P, q.data_ptr<float>(), k.data_ptr<float>(),
-                                 v.data_ptr<float>(), o, ls);
+                                 v.data_ptr<float>(), KvStrides(k, v), o, ls);
   }
   return {out, lse};
 }
 
 std::vector<at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
     const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
     const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
     const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
     const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
   // decoding in every dtype: the half GEMM path would repack all of K and V for a few rows
   if (status.size(0) == 1 && q.size(2) <= kDecodeRows) {
-    return decode_forward(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k,
-                          dense, bias, mod_kind, mod_value, mod_int, mod_tables);
+    return decode_forward(q, rows_contiguous(k_in), rows_contiguous(v_in), scale, status, tile_q,
+                          tile_kv, row_lo, row_hi, doc_q, doc_k, dense, bias, mod_kind, mod_value,
+                          mod_int, mod_tables);
   }
+  // the tiled routes index (B, H, N, D) densely
+  const at::Tensor k = k_in.contiguous(), v = v_in.contiguous();
   if (is_half(q)) {
     auto run = q.scalar_type() == at::kBFloat16 ? forward_half_typed<at::BFloat16>
                                                 : forward_half_typed<at::Half>;
