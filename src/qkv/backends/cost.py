@@ -280,25 +280,38 @@ FIXED_SECONDS = 3e-4
 HALF_GEMM_SPEEDUP = 1.6
 #: Query rows up to which the kernel decodes (one query tile; kDecodeRows in kernel.cpp).
 DECODE_ROWS = 16
-#: The kernel reads q, k, v contiguous and in the dtype it computes in; any other input is
-#: copied first (``_CpuAttention.forward``): read once and written once. A decoder's keys and
-#: values are such inputs: views of the first L tokens of its preallocated cache buffers. For
-#: a copy over :data:`FRESH_COPY_BYTES` the allocator maps fresh pages on every call, and faulting
-#: them in costs far more than the copy: SmolLM2's cache views (Hkv = 3, D = 64, float32, one
-#: thread, AMD EPYC) copied at 0.6-0.8x the two passes' time up to 12.6 MB per tensor, and 5.2x
-#: at 50 MB (2.0 GB/s copied), which this rate gives.
+#: The kernel reads q contiguous, and k and v in the dtype it computes in, each (batch, head)
+#: slice as dense rows when it decodes (a KV cache's view of its buffers, read in place) and
+#: contiguous otherwise; any other input is copied first (``_CpuAttention.forward``,
+#: ``attention_forward`` in kernel.cpp): read once and written once. For a copy over
+#: :data:`FRESH_COPY_BYTES` the allocator maps fresh pages on every call, and faulting them in
+#: costs far more than the copy: SmolLM2's cache views (Hkv = 3, D = 64, float32, one thread, AMD
+#: EPYC) copied at 0.6-0.8x the two passes' time up to 12.6 MB per tensor, and 5.2x at 50 MB
+#: (2.0 GB/s copied), which this rate gives.
 FRESH_COPY_BYTES = 32 << 20
 FRESH_PAGE_BYTES_PER_SECOND = 2.5e9
 
 
-def copy_seconds(request: AttentionRequest, io_dtype: torch.dtype, rates: DeviceRates) -> float:
-    """Time to copy the inputs the kernel cannot read as they are (not contiguous, or not in
-    ``io_dtype``) into contiguous ``io_dtype`` tensors."""
+def _dense_rows(t: Tensor) -> bool:
+    """Each ``(b, h)`` slice of ``t (B, H, N, D)`` is a dense ``(N, D)`` block."""
+    return t.stride(3) == 1 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3])
+
+
+def copy_seconds(
+    request: AttentionRequest, io_dtype: torch.dtype, rates: DeviceRates, *, decoding: bool
+) -> float:
+    """Time to copy the inputs the kernel cannot read as they are into ``io_dtype`` tensors it
+    can: q not contiguous; k or v not in ``io_dtype``, or, on the decoding route, without dense
+    rows per ``(b, h)`` slice, or, on the tiled routes, not contiguous."""
     seconds = 0.0
     out_size = torch.empty((), dtype=io_dtype).element_size()
     for t in (request.q, request.k, request.v):
-        if t.dtype == io_dtype and t.is_contiguous():
-            continue
+        if t.dtype == io_dtype:
+            if t is request.q or not decoding:
+                if t.is_contiguous():
+                    continue
+            elif _dense_rows(t):
+                continue
         written = t.numel() * out_size
         seconds += (t.numel() * t.element_size() + written) / rates.memory_bytes_per_second
         if written > FRESH_COPY_BYTES:
@@ -321,12 +334,13 @@ def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     half = uses_half_gemm(request.dtype, census.tile_q, census.tile_kv)
     if half:
         seconds /= HALF_GEMM_SPEEDUP
-    if request.q_len <= min(DECODE_ROWS, census.tile_q):
+    decoding = request.q_len <= min(DECODE_ROWS, census.tile_q)
+    if decoding:
         # decoding reads K and V once per group of query heads, at about half the memory
         # rate (measured: 44-51% of it on one thread with one query)
         seconds = max(seconds, kv_read_seconds(request, rates, 2.0))
     io_dtype = request.dtype if half else compute_dtype(request.dtype)
-    seconds += copy_seconds(request, io_dtype, rates)
+    seconds += copy_seconds(request, io_dtype, rates, decoding=decoding)
     seconds += FIXED_SECONDS
     seconds += census.unknown * tq * tk * 8 * rates.element_seconds
     return seconds * (CPU_KERNEL_TRAINING_FACTOR if request.needs_grad else 1.0)
