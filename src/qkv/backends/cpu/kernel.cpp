@@ -433,18 +433,35 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
   });
 }
 
+// What backward reduces over all tasks besides dq, dk, dv: the gradients of a bias tensor and
+// of learnable relative-position tables. Each run of tasks (see backward_typed) accumulates into
+// its own float64 slice, and the slices are added in order afterwards, so that the sums do not
+// depend on which thread ran which run.
+struct Reductions {
+  double* dbias = nullptr;  // (runs, bias shape): the bias's own shape, broadcast dims 1; or null
+  int64_t dbias_numel = 0;  // elements of one run's slice
+  int64_t dbias_strides[4] = {0, 0, 0, 0};  // (b, h, q, k) into a slice; 0 on broadcast dims
+  std::vector<double*> tables;              // per modifier: (runs, table shape), or null
+  std::vector<int64_t> table_numel;         // per modifier: elements of one run's slice
+};
+
+template <typename T>
+int count_softcaps(const Problem<T>& P) {
+  int n = 0;
+  for (int kind : P.mod_kind) n += kind == kSoftcap;
+  return n;
+}
+
 // The gradient with respect to the scores before the modifiers, in place: s holds P
 // (rows x cols, row stride ld) on entry and dS (unscaled) on exit, from dp = dO V^T and
 // delta = rowsum(dO * O); walks the score modifiers back and accumulates the bias's and the
-// relative tables' gradients into the float64 buffers of run `run` (see backward_typed).
+// relative tables' gradients into run `run`'s slice of R.
 template <typename T>
 void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows,
                       int64_t k0, int cols, T* s_data, const T* dp_data, int ld,
                       const T* delta, const std::vector<T*>& derivs, int64_t run,
-                      double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                      std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
+                      const Reductions& R) {
+  const int n_soft = count_softcaps(P);
   for (int r = 0; r < rows; ++r) {
     T* pr = s_data + r * ld;
     const T* dpr = dp_data + r * ld;
@@ -463,9 +480,9 @@ void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int
         const T* d = derivs[soft] + r * ld;
         for (int c = 0; c < cols; ++c) pr[c] *= d[c];
       }
-    } else if (kind == kRelative && dtable_bufs[m]) {
+    } else if (kind == kRelative && R.tables[m]) {
       const int64_t M = P.mod_maxd[m];
-      double* tab = dtable_bufs[m] + run * table_numel[m] + h * (2 * M + 1);
+      double* tab = R.tables[m] + run * R.table_numel[m] + h * (2 * M + 1);
       for (int r = 0; r < rows; ++r) {
         const T* pr = s_data + r * ld;
         const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
@@ -482,82 +499,65 @@ void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int
       }
     }
   }
-  if (dbias_buf) {
-    double* db = dbias_buf + run * dbias_numel;
+  if (R.dbias) {
+    const int64_t* st = R.dbias_strides;
+    double* db = R.dbias + run * R.dbias_numel;
     for (int r = 0; r < rows; ++r) {
       const T* pr = s_data + r * ld;
-      double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
-               (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
-      for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
+      double* row = db + b * st[0] + h * st[1] + (q0 + r) * st[2] + k0 * st[3];
+      for (int c = 0; c < cols; ++c) row[c * st[3]] += pr[c];
     }
   }
 }
 
-// Backward runs the tasks (b, hk) in `chunks` contiguous runs, each run by one thread in order;
-// a bias or relative table gradient is accumulated per run (in float64) and the runs are added
-// in order afterwards, so the result depends on the number of runs, never on the threads.
+// One query tile of one head, as backward visits it: rows [q0, q0 + rows) of head h (batch b,
+// key/value head hk, flat head index bh = b Hq + h), in run `run`.
+struct RowBlock {
+  int64_t b, hk, h, bh, i, q0, run;
+  int rows;
+};
+
+// A thread's scratch for backward, shared by both paths: the probability tile P (then dS), the
+// dP tile, delta = rowsum(dO * O) of the block's rows, and one tile per softcap for its
+// derivative (recorded while the scores are rebuilt, used when dS is walked back).
 template <typename T>
-void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
-                   T* dv, double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
-                   int64_t chunks) {
-  const int64_t tasks = P.B * P.Hkv;
-  const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch<T> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
-    T* const s = s_buf.data;
-    T* const dp = dp_buf.data;
-    std::vector<T> delta(P.tq);
-    std::vector<Scratch<T>> deriv_store;
-    std::vector<T*> derivs;
-    for (int n = 0; n < n_soft; ++n) {
+struct BackwardTiles {
+  Scratch<T> s, dp;
+  std::vector<T> delta;
+  std::vector<Scratch<T>> deriv_store;
+  std::vector<T*> derivs;
+  explicit BackwardTiles(const Problem<T>& P)
+      : s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq) {
+    for (int n = 0; n < count_softcaps(P); ++n) {
       deriv_store.emplace_back(P.tq * P.tk);
       derivs.push_back(deriv_store.back().data);
     }
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+  }
+  // What scores_tile records the softcap derivatives into: null when there are none.
+  std::vector<T*>* softcap_derivs() { return derivs.empty() ? nullptr : &derivs; }
+};
+
+// Runs the backward row blocks of every task (b, hk) in `runs` contiguous runs of tasks, each
+// run by one thread in order: a task's heads one after the other, and each head's query tiles in
+// order. So a task's dK and dV are only ever written by one thread (no atomics), and a run's
+// reductions (Reductions) add up in an order fixed by the run alone. `make_thread` builds a
+// thread's scratch once; `visit(scratch, block)` does one block.
+template <typename T, typename MakeThread, typename Visit>
+void for_each_backward_block(const Problem<T>& P, int64_t runs, MakeThread make_thread,
+                             Visit visit) {
+  const int64_t tasks = P.B * P.Hkv;
+  at::parallel_for(0, runs, 1, [&](int64_t run_begin, int64_t run_end) {
+    auto scratch = make_thread();
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      const int64_t task_begin = run * tasks / runs, task_end = (run + 1) * tasks / runs;
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t b = task / P.Hkv, hk = task % P.Hkv;
-        const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
-        const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
-        T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
-        T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
         for (int64_t g = 0; g < P.G; ++g) {
-          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          const int64_t h = hk * P.G + g;
           for (int64_t i = 0; i < P.nQ; ++i) {
             const int64_t q0 = i * P.tq;
             const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-            const T* qp = P.q + (bh * P.Nq + q0) * P.D;
-            const T* op = out + (bh * P.Nq + q0) * P.Dv;
-            const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
-            const T* lp = lse + bh * P.Nq + q0;
-            T* dqp = dq + (bh * P.Nq + q0) * P.D;
-            for (int r = 0; r < rows; ++r) {
-              T acc = 0;
-              for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
-              delta[r] = acc;
-            }
-            for (const auto& [j, full] : visits_of(P, i)) {
-              const int64_t k0 = j * P.tk;
-              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-              scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, n_soft ? &derivs : nullptr);
-              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
-              // dV += P^T dO ; dP = dO V^T
-              gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv,
-                      Dv);
-              gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp,
-                      ld);
-              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
-                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                               table_numel);
-              // dQ += scale dS K ; dK += scale dS^T Q
-              gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp,
-                      D);
-              gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D,
-                      D);
-            }
+            visit(scratch, RowBlock{b, hk, h, b * P.Hq + h, i, q0, run, rows});
           }
         }
       }
@@ -565,7 +565,61 @@ void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gou
   });
 }
 
-// Sum of buf (chunks, ...) over its first dim, in order (bitwise the same on every run).
+// delta[r] = rowsum(dO * O) over the block's rows (dO in its own type G, O in T; row stride Dv).
+template <typename T, typename G>
+void row_deltas(const G* gout, const T* out, int rows, int Dv, T* delta) {
+  for (int r = 0; r < rows; ++r) {
+    T acc = 0;
+    for (int c = 0; c < Dv; ++c) acc += static_cast<T>(gout[r * Dv + c]) * out[r * Dv + c];
+    delta[r] = acc;
+  }
+}
+
+// The float32 / float64 backward: the tiles of one row block on BLAS.
+template <typename T>
+void backward_block(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
+                    T* dv, const Reductions& R, BackwardTiles<T>& W, const RowBlock& blk) {
+  const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
+  const int64_t bk = blk.b * P.Hkv + blk.hk, row0 = blk.bh * P.Nq + blk.q0;
+  const T* kbase = P.k + bk * P.Nk * P.D;
+  const T* vbase = P.v + bk * P.Nk * P.Dv;
+  T* dkbase = dk + bk * P.Nk * P.D;
+  T* dvbase = dv + bk * P.Nk * P.Dv;
+  const T* qp = P.q + row0 * P.D;
+  const T* gp = gout + row0 * P.Dv;
+  const T* lp = lse + row0;
+  T* dqp = dq + row0 * P.D;
+  T* const s = W.s.data;
+  T* const dp = W.dp.data;
+  const int rows = blk.rows;
+  row_deltas(gp, out + row0 * P.Dv, rows, Dv, W.delta.data());
+  for (const auto& [j, full] : visits_of(P, blk.i)) {
+    const int64_t k0 = j * P.tk;
+    const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+    scores_tile<T>(P, blk.b, blk.h, blk.q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
+    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+    // dV += P^T dO ; dP = dO V^T
+    gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv, Dv);
+    gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp, ld);
+    score_grads_tile(P, blk.b, blk.h, blk.q0, rows, k0, cols, s, dp, ld, W.delta.data(),
+                     W.derivs, blk.run, R);
+    // dQ += scale dS K ; dK += scale dS^T Q
+    gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp, D);
+    gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D, D);
+  }
+}
+
+template <typename T>
+void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
+                   T* dv, const Reductions& R, int64_t runs) {
+  for_each_backward_block(
+      P, runs, [&] { return BackwardTiles<T>(P); },
+      [&](BackwardTiles<T>& W, const RowBlock& blk) {
+        backward_block(P, out, lse, gout, dq, dk, dv, R, W, blk);
+      });
+}
+
+// Sum of buf (runs, ...) over its first dim, in order (bitwise the same on every run).
 at::Tensor sum_in_order(const at::Tensor& buf) {
   at::Tensor total = buf.select(0, 0).clone();
   for (int64_t c = 1; c < buf.size(0); ++c) total.add_(buf.select(0, c));
@@ -730,84 +784,73 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
   });
 }
 
-// As backward_impl (the same `chunks` runs and float64 reductions), on the half GEMMs.
+// A thread's scratch for the half-precision backward: the float tiles of BackwardTiles, and the
+// half tiles the GEMMs read: dS (rows x cols) and a transposed tile (P^T, then dS^T).
+template <typename H>
+struct HalfBackwardTiles : BackwardTiles<float> {
+  Scratch<H> ds, t;
+  int ldt;  // row stride of t: tile_q rounded up to even (the GEMM reduces over pairs of rows)
+  explicit HalfBackwardTiles(const Problem<float>& P)
+      : BackwardTiles<float>(P), ds(P.tq * P.tk), t(P.tk * (P.tq + P.tq % 2)),
+        ldt(static_cast<int>(P.tq + P.tq % 2)) {}
+  // brgemm keeps per-thread state (AMX tile configuration) until released.
+  ~HalfBackwardTiles() { at::native::cpublas::brgemm_release(true); }
+};
+
+// The half-precision backward: the tiles of one row block on the half GEMMs (as backward_block,
+// with P and dS rounded to H for their products).
+template <typename H>
+void backward_half_block(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
+                         const float* lse, float* dq, float* dk, float* dv, const Reductions& R,
+                         HalfBackwardTiles<H>& W, const RowBlock& blk) {
+  const int64_t Dp = P.D, Dv = P.Dv;
+  const int ld = static_cast<int>(P.tk), ldt = W.ldt;
+  const int64_t bk = blk.b * P.Hkv + blk.hk, row0 = blk.bh * P.Nq + blk.q0, q0 = blk.q0;
+  const H* vt = X.vt + bk * Dv * X.Nkp;
+  const H* kv = X.kv + bk * X.Nkp * Dp;
+  float* dkbase = dk + bk * P.Nk * Dp;
+  float* dvbase = dv + bk * P.Nk * Dv;
+  const H* gp = X.g + row0 * Dv;
+  const H* gv = X.gv + blk.bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
+  const H* qv = X.qv + blk.bh * X.Nqp * Dp + q0 * Dp;
+  const float* lp = lse + row0;
+  float* dqp = dq + row0 * Dp;
+  float* const s = W.s.data;
+  float* const dp = W.dp.data;
+  H* const ds = W.ds.data;
+  H* const t = W.t.data;
+  const int rows = blk.rows, rows_even = rows + rows % 2;
+  row_deltas(gp, out + row0 * Dv, rows, static_cast<int>(Dv), W.delta.data());
+  for (const auto& [j, full] : visits_of(P, blk.i)) {
+    const int64_t k0 = j * P.tk;
+    const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+    const int cols_even = cols + cols % 2;
+    half_scores_tile(P, X, blk.b, blk.h, q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
+    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+    // dV += P^T dO ; dP = dO V^T
+    round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
+    half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
+    half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
+    score_grads_tile(P, blk.b, blk.h, q0, rows, k0, cols, s, dp, ld, W.delta.data(), W.derivs,
+                     blk.run, R);
+    // dQ += scale dS K ; dK += scale dS^T Q
+    round_tile(s, ld, rows, cols, P.scale, ds, ld);
+    half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
+    round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
+    half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
+  }
+}
+
+// As backward_impl (the same runs and float64 reductions), on the half GEMMs.
 template <typename H>
 void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
-                   const float* lse, float* dq, float* dk, float* dv, double* dbias_buf,
-                   int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
-                   int64_t chunks) {
-  const int64_t tasks = P.B * P.Hkv;
-  const int64_t Dp = P.D, Dv = P.Dv;
-  const int ld = static_cast<int>(P.tk), ldt = static_cast<int>(P.tq + P.tq % 2);
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch<float> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
-    Scratch<H> ds_buf(P.tq * P.tk), t_buf(P.tk * ldt);  // dS (rows x cols); P^T or dS^T
-    float* const s = s_buf.data;
-    float* const dp = dp_buf.data;
-    H* const ds = ds_buf.data;
-    H* const t = t_buf.data;
-    std::vector<float> delta(P.tq);
-    std::vector<Scratch<float>> deriv_store;
-    std::vector<float*> derivs;
-    for (int n = 0; n < n_soft; ++n) {
-      deriv_store.emplace_back(P.tq * P.tk);
-      derivs.push_back(deriv_store.back().data);
-    }
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
-      for (int64_t task = task_begin; task < task_end; ++task) {
-        const int64_t b = task / P.Hkv, hk = task % P.Hkv, bk = b * P.Hkv + hk;
-        const H* vt = X.vt + bk * Dv * X.Nkp;
-        const H* kv = X.kv + bk * X.Nkp * Dp;
-        float* dkbase = dk + bk * P.Nk * Dp;
-        float* dvbase = dv + bk * P.Nk * Dv;
-        for (int64_t g = 0; g < P.G; ++g) {
-          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
-          for (int64_t i = 0; i < P.nQ; ++i) {
-            const int64_t q0 = i * P.tq;
-            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-            const int rows_even = rows + rows % 2;
-            const float* op = out + (bh * P.Nq + q0) * Dv;
-            const H* gp = X.g + (bh * P.Nq + q0) * Dv;
-            const H* gv = X.gv + bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
-            const H* qv = X.qv + bh * X.Nqp * Dp + q0 * Dp;
-            const float* lp = lse + bh * P.Nq + q0;
-            float* dqp = dq + (bh * P.Nq + q0) * Dp;
-            for (int r = 0; r < rows; ++r) {
-              float acc = 0;
-              for (int c = 0; c < Dv; ++c)
-                acc += static_cast<float>(gp[r * Dv + c]) * op[r * Dv + c];
-              delta[r] = acc;
-            }
-            for (const auto& [j, full] : visits_of(P, i)) {
-              const int64_t k0 = j * P.tk;
-              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-              const int cols_even = cols + cols % 2;
-              half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld,
-                               n_soft ? &derivs : nullptr);
-              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
-              // dV += P^T dO ; dP = dO V^T
-              round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
-              half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
-              half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
-              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
-                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                               table_numel);
-              // dQ += scale dS K ; dK += scale dS^T Q
-              round_tile(s, ld, rows, cols, P.scale, ds, ld);
-              half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
-              round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
-              half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
-            }
-          }
-        }
-      }
-    }
-    at::native::cpublas::brgemm_release(true);
-  });
+                   const float* lse, float* dq, float* dk, float* dv, const Reductions& R,
+                   int64_t runs) {
+  for_each_backward_block(
+      P, runs, [&] { return HalfBackwardTiles<H>(P); },
+      [&](HalfBackwardTiles<H>& W, const RowBlock& blk) {
+        backward_half_block(P, X, out, lse, dq, dk, dv, R, W, blk);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -967,10 +1010,9 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
 }
 
 // Gradient buffers of one backward call (dq, dk, dv shaped as q, k, v in the compute type T,
-// and float64 per-run accumulators for the bias's and the learnable tables' gradients) handed to
-// kernel(dq, dk, dv, dbias_buf, dbias_numel, dbias_strides, table_bufs, table_numel, chunks):
-// the kernel runs its tasks (b, hk) in `chunks` contiguous runs and accumulates run c's
-// reductions into slice c of the buffers, which are then added in order.
+// and the float64 per-run Reductions) handed to kernel(dq, dk, dv, reductions, runs): the kernel
+// runs its tasks (b, hk) in `runs` contiguous runs and accumulates run c's reductions into slice
+// c of the buffers, which are then added in order.
 template <typename T, typename Kernel>
 std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
@@ -984,20 +1026,19 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
   // Without a reduction every task writes its own gradients: one run per task. With one, a run
   // per thread; under torch.use_deterministic_algorithms(True) a fixed number of runs, so that
   // the sums are bitwise the same whatever the thread count.
-  int64_t chunks = std::max<int64_t>(1, tasks);
+  int64_t runs = std::max<int64_t>(1, tasks);
   if (reduces) {
-    const int64_t runs = at::globalContext().deterministicAlgorithms()
-                             ? kDeterministicRuns
-                             : static_cast<int64_t>(at::get_num_threads());
-    chunks = std::max<int64_t>(1, std::min(tasks, runs));
+    const int64_t wanted = at::globalContext().deterministicAlgorithms()
+                               ? kDeterministicRuns
+                               : static_cast<int64_t>(at::get_num_threads());
+    runs = std::max<int64_t>(1, std::min(tasks, wanted));
   }
   const auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros(q.sizes(), opts), dk = at::zeros(k.sizes(), opts),
              dv = at::zeros(v.sizes(), opts);
+  Reductions R;
   at::Tensor dbias_buf;
-  int64_t strides[4] = {0, 0, 0, 0};
-  int64_t numel = 0;
   if (bias_grad) {
     // bias is (B, Hq, Nq, Nk) expanded from its own shape: broadcast dims have stride 0, so the
     // same strides index a contiguous buffer of the original shape.
@@ -1005,28 +1046,25 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
     for (int d = 0; d < 4; ++d) shape.push_back(bias.stride(d) == 0 ? 1 : bias.size(d));
     int64_t run = 1;
     for (int d = 3; d >= 0; --d) {
-      strides[d] = shape[d] == 1 ? 0 : run;
+      R.dbias_strides[d] = shape[d] == 1 ? 0 : run;
       run *= shape[d];
     }
-    numel = run;
-    std::vector<int64_t> buf_shape{chunks};
+    R.dbias_numel = run;
+    std::vector<int64_t> buf_shape{runs};
     buf_shape.insert(buf_shape.end(), shape.begin(), shape.end());
     dbias_buf = at::zeros(buf_shape, f64);
+    R.dbias = dbias_buf.data_ptr<double>();
   }
   std::vector<at::Tensor> table_bufs;
-  std::vector<double*> table_ptrs;
-  std::vector<int64_t> table_numel;
   for (size_t m = 0; m < mod_tables.size(); ++m) {
     const bool want = P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
-    std::vector<int64_t> shape{chunks};
+    std::vector<int64_t> shape{runs};
     for (auto s : mod_tables[m].sizes()) shape.push_back(s);
     table_bufs.push_back(want ? at::zeros(shape, f64) : at::Tensor());
-    table_ptrs.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
-    table_numel.push_back(mod_tables[m].numel());
+    R.tables.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
+    R.table_numel.push_back(mod_tables[m].numel());
   }
-  kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-         bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
-         table_numel, chunks);
+  kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), R, runs);
   const at::Tensor none = at::empty({0}, opts);
   std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? sum_in_order(dbias_buf) : none};
   for (auto& t : table_bufs) result.push_back(t.defined() ? sum_in_order(t) : none);
@@ -1041,12 +1079,9 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        bool bias_grad, at::TensorList mod_tables,
                                        const at::Tensor& table_grad) {
   return backward_typed(P, q, k, v, bias, bias_grad, mod_tables, table_grad,
-                        [&](T* dq, T* dk, T* dv, double* dbias, int64_t numel,
-                            const int64_t* strides, std::vector<double*>& tables,
-                            const std::vector<int64_t>& table_numel, int64_t chunks) {
+                        [&](T* dq, T* dk, T* dv, const Reductions& R, int64_t runs) {
                           backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(),
-                                        gout.data_ptr<T>(), dq, dk, dv, dbias, numel, strides,
-                                        tables, table_numel, chunks);
+                                        gout.data_ptr<T>(), dq, dk, dv, R, runs);
                         });
 }
 
@@ -1126,10 +1161,9 @@ std::vector<at::Tensor> backward_half_typed(
   const at::Tensor outp = pad_even(out, 3).contiguous();
   auto grads = backward_typed(
       P, call.q, kp, vp, bias, bias_grad, mod_tables, table_grad,
-      [&](float* dq, float* dk, float* dv, double* dbias, int64_t numel, const int64_t* strides,
-          std::vector<double*>& tables, const std::vector<int64_t>& table_numel, int64_t chunks) {
-        backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv,
-                      dbias, numel, strides, tables, table_numel, chunks);
+      [&](float* dq, float* dk, float* dv, const Reductions& R, int64_t runs) {
+        backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv, R,
+                      runs);
       });
   grads[0] = grads[0].narrow(3, 0, q.size(3));
   grads[1] = grads[1].narrow(3, 0, k.size(3));
