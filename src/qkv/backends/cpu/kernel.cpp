@@ -27,6 +27,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -919,6 +922,126 @@ void pv_few_rows(const T* p, int ld, const T* v, int64_t rows, int cols, int64_t
   }
 }
 
+#if defined(__AVX512F__)
+// The decoding loops above in AVX-512 for float compute, D and Dv multiples of 16 (NB blocks of
+// 16 floats, a compile-time count so that a key's row stays in registers). K and V rows are
+// converted from their own type in registers, so bfloat16 and float16 caches are read once, in
+// their own width, with no converted copy of the tile; two accumulators per dot product halve
+// its chain of dependent FMAs, and P V adds two keys per pass over the accumulator rows.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float: exact
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const at::Half* p) {  // exact
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int NB, typename In>
+void scores_few_rows_avx512(const float* q, const In* k, int64_t rows, int cols, float scale,
+                            float* s, int ld) {
+  constexpr int64_t D = 16 * NB;
+  for (int c = 0; c < cols; ++c) {
+    __m512 kc[NB];
+    for (int j = 0; j < NB; ++j) kc[j] = load16(k + c * D + 16 * j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int j = 0; j + 1 < NB; j += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j), kc[j], a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j + 16), kc[j + 1], a1);
+      }
+      if (NB % 2) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + D - 16), kc[NB - 1], a0);
+      s[r * ld + c] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  }
+}
+
+template <int NB, typename In>
+void pv_few_rows_avx512(const float* p, int ld, const In* v, int64_t rows, int cols,
+                        float* acc) {
+  constexpr int64_t Dv = 16 * NB;
+  int c = 0;
+  for (; c + 1 < cols; c += 2) {
+    __m512 v0[NB], v1[NB];
+    for (int j = 0; j < NB; ++j) {
+      v0[j] = load16(v + c * Dv + 16 * j);
+      v1[j] = load16(v + (c + 1) * Dv + 16 * j);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w0 = p[r * ld + c], w1 = p[r * ld + c + 1];
+      if (w0 == 0.0f && w1 == 0.0f) continue;  // masked keys (exp of -inf): nothing to add
+      const __m512 b0 = _mm512_set1_ps(w0), b1 = _mm512_set1_ps(w1);
+      float* a = acc + r * Dv;
+      for (int j = 0; j < NB; ++j) {
+        const __m512 x = _mm512_fmadd_ps(b0, v0[j], _mm512_loadu_ps(a + 16 * j));
+        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(b1, v1[j], x));
+      }
+    }
+  }
+  if (c < cols) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = p[r * ld + c];
+      if (w == 0.0f) continue;
+      const __m512 b = _mm512_set1_ps(w);
+      float* a = acc + r * Dv;
+      for (int j = 0; j < NB; ++j)
+        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(b, load16(v + c * Dv + 16 * j),
+                                                     _mm512_loadu_ps(a + 16 * j)));
+    }
+  }
+}
+#endif
+
+// The few-rows decoding products for one tile: q (rows x D) float, k and v in their own type;
+// returns false (nothing done) where no vector form fits (then the caller converts the tiles
+// and runs scores_few_rows / pv_few_rows).
+template <typename T, typename In>
+bool few_rows_tile_direct(int64_t D, int64_t Dv) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
+    return fits(D) && fits(Dv);
+  }
+#endif
+  (void)D;
+  (void)Dv;
+  return false;
+}
+
+template <typename T, typename In>
+void scores_few_rows_direct(const T* q, const In* k, int64_t rows, int cols, int64_t D, T scale,
+                            T* s, int ld) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    switch (D) {
+      case 32: return scores_few_rows_avx512<2>(q, k, rows, cols, scale, s, ld);
+      case 64: return scores_few_rows_avx512<4>(q, k, rows, cols, scale, s, ld);
+      case 128: return scores_few_rows_avx512<8>(q, k, rows, cols, scale, s, ld);
+      case 256: return scores_few_rows_avx512<16>(q, k, rows, cols, scale, s, ld);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no vector decoding form for D = ", D);
+}
+
+template <typename T, typename In>
+void pv_few_rows_direct(const T* p, int ld, const In* v, int64_t rows, int cols, int64_t Dv,
+                        T* acc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    switch (Dv) {
+      case 32: return pv_few_rows_avx512<2>(p, ld, v, rows, cols, acc);
+      case 64: return pv_few_rows_avx512<4>(p, ld, v, rows, cols, acc);
+      case 128: return pv_few_rows_avx512<8>(p, ld, v, rows, cols, acc);
+      case 256: return pv_few_rows_avx512<16>(p, ld, v, rows, cols, acc);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no vector decoding form for Dv = ", Dv);
+}
+
 template <typename T, typename In>
 void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, T* out, T* lse) {
   std::vector<std::pair<int64_t, bool>> visits = visits_of(P, 0);
@@ -931,8 +1054,10 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
   // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
   std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
   std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
+  const bool direct = rows <= kFewRows && few_rows_tile_direct<T, In>(D, Dv);
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(direct ? 0 : P.tk * D),
+        vbuf(direct ? 0 : P.tk * Dv);
     T* const s = s_buf.data;
     const int ld = static_cast<int>(P.tk);
     for (int64_t task = begin; task < end; ++task) {
@@ -949,18 +1074,27 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
         const auto [j, full] = visits[t];
         const int64_t k0 = j * P.tk;
         const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf.data);
-        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf.data);
-        if (rows <= kFewRows)
-          scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
-        else
-          gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
-                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+        const In* kin = kbase + k0 * D;
+        const In* vin = vbase + k0 * Dv;
+        const T *kt = nullptr, *vt = nullptr;  // the tiles as T, where the products need them
+        if (direct) {
+          scores_few_rows_direct(qg, kin, rows, cols, D, P.scale, s, ld);
+        } else {
+          kt = as_compute<T>(kin, cols, D, kbuf.data);
+          vt = as_compute<T>(vin, cols, Dv, vbuf.data);
+          if (rows <= kFewRows)
+            scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
+          else
+            gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
+                    static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+        }
         for (int64_t g = 0; g < P.G; ++g)
           finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
                            s + g * P.Nq * ld, ld, nullptr);
         online_softmax_tile(s, ld, rows, cols, m, l, acc, Dv);
-        if (rows <= kFewRows)
+        if (direct)
+          pv_few_rows_direct(s, ld, vin, rows, cols, Dv, acc);
+        else if (rows <= kFewRows)
           pv_few_rows(s, ld, vt, rows, cols, Dv, acc);
         else
           gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
