@@ -358,6 +358,40 @@ std::vector<std::pair<int64_t, bool>> visits_of(const Problem<T>& P, int64_t i) 
   return out;
 }
 
+// The keys of tile j that query rows [q0, q0 + rows) of batch b may attend: [k0, k0 + cols),
+// the whole tile unless it is PARTIAL under an interval mask, which then narrows it to the
+// union of the rows' intervals. A tile on the edge of a sliding window or on the causal diagonal
+// is often half masked, and its masked columns need no scores, exponentials or products (a
+// masked score adds exactly nothing). k0 stays even (the half path reads V in pairs of keys);
+// cols is 0 when no row attends any key of the tile.
+struct TileSpan {
+  int64_t k0;
+  int cols;
+};
+
+template <typename T>
+TileSpan tile_span(const Problem<T>& P, int64_t b, int64_t q0, int rows, int64_t j, bool full) {
+  const int64_t k0 = j * P.tk, k1 = std::min(k0 + P.tk, P.Nk);
+  if (full || P.row_lo == nullptr) return {k0, static_cast<int>(k1 - k0)};
+  const int64_t at = (P.interval_b > 1 ? b : 0) * P.Nq + q0;
+  const int64_t step = P.interval_b * P.Nq;  // from one interval of a row to the next
+  int64_t lo = k1, hi = k0;
+  for (int64_t i = 0; i < P.intervals; ++i) {
+    const int64_t* row_lo = P.row_lo + at + i * step;
+    const int64_t* row_hi = P.row_hi + at + i * step;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t a = std::max(row_lo[r], k0), z = std::min(row_hi[r], k1);
+      if (a < z) {
+        lo = std::min(lo, a);
+        hi = std::max(hi, z);
+      }
+    }
+  }
+  if (lo >= hi) return {k0, 0};
+  lo = std::max(k0, lo - lo % 2);
+  return {lo, static_cast<int>(hi - lo)};
+}
+
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double scale, const at::Tensor& status, int64_t tile_q, int64_t tile_kv,
@@ -424,8 +458,8 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
       std::fill(acc, acc + P.tq * P.Dv, T(0));
       const T* vbase = P.v + (b * P.Hkv + h / P.G) * P.Nk * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const auto [k0, cols] = tile_span(P, b, q0, rows, j, full);
+        if (cols == 0) continue;
         scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
         online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
         gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s, ld, T(1), acc, Dv);
@@ -597,8 +631,8 @@ void backward_block(const Problem<T>& P, const T* out, const T* lse, const T* go
   const int rows = blk.rows;
   row_deltas(gp, out + row0 * P.Dv, rows, Dv, W.delta.data());
   for (const auto& [j, full] : visits_of(P, blk.i)) {
-    const int64_t k0 = j * P.tk;
-    const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+    const auto [k0, cols] = tile_span(P, blk.b, blk.q0, rows, j, full);
+    if (cols == 0) continue;
     scores_tile<T>(P, blk.b, blk.h, blk.q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
     for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
     // dV += P^T dO ; dP = dO V^T
@@ -773,8 +807,8 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
       std::fill(acc, acc + P.tq * P.Dv, 0.0f);
       const H* vbase = X.v + (b * P.Hkv + h / P.G) * X.Nkp * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const auto [k0, cols] = tile_span(P, b, q0, rows, j, full);
+        if (cols == 0) continue;
         half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
         online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
         round_tile(s, ld, rows, cols, 1.0f, p, ld);
@@ -825,8 +859,8 @@ void backward_half_block(const Problem<float>& P, const HalfOperands<H>& X, cons
   const int rows = blk.rows, rows_even = rows + rows % 2;
   row_deltas(gp, out + row0 * Dv, rows, static_cast<int>(Dv), W.delta.data());
   for (const auto& [j, full] : visits_of(P, blk.i)) {
-    const int64_t k0 = j * P.tk;
-    const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+    const auto [k0, cols] = tile_span(P, blk.b, q0, rows, j, full);
+    if (cols == 0) continue;
     const int cols_even = cols + cols % 2;
     half_scores_tile(P, X, blk.b, blk.h, q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
     for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
@@ -1072,8 +1106,8 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
       const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
       for (int64_t t = c * per_chunk; t < last; ++t) {
         const auto [j, full] = visits[t];
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const auto [k0, cols] = tile_span(P, b, 0, static_cast<int>(P.Nq), j, full);
+        if (cols == 0) continue;
         const In* kin = kbase + k0 * D;
         const In* vin = vbase + k0 * Dv;
         const T *kt = nullptr, *vt = nullptr;  // the tiles as T, where the products need them
