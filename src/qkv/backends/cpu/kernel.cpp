@@ -149,31 +149,54 @@ T max_row(const T* __restrict s, int n) {
   return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
+// s = exp(s * scale - shift), its row sum returned, each value also rounded into p (the half
+// path's P for its P V product: one pass instead of an exp pass and a rounding pass).
+template <typename T, typename H>
+T exp_sum_round_row(const T* __restrict s, int n, T scale, T shift, H* __restrict p) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int c = 0; c < n; ++c) {
+    const T e = fast_exp(s[c] * scale - shift);
+    sum += e;
+    p[c] = static_cast<H>(e);
+  }
+  return sum;
+}
+
 // Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
 // l of each row, rescales its accumulator row, and leaves exp(s - m) in s. An attended NaN or
 // +inf score makes the row NaN (as exp(inf - inf) does in the formula): m = l = NaN, and once
 // NaN the row stays NaN and its tiles add nothing (s is zeroed).
-template <typename T>
-void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
+//
+// With `rounded` (the half path) the probabilities go to rounded (row stride ldr, a zero
+// column appended when cols is odd, for the GEMM's pairs) instead of s, and the scores are
+// multiplied by `scale` (> 0, so the row max commutes with it) on the way: the caller need not
+// scale the tile first.
+template <typename T, typename H = T>
+void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv,
+                         T scale = T(1), H* rounded = nullptr, int ldr = 0) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   constexpr T inf = std::numeric_limits<T>::infinity();
   constexpr T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t r = 0; r < rows; ++r) {
     T* row = s + r * ld;
-    const T tile_max = max_row(row, cols);
-    if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
-      m[r] = nan;
-      l[r] = nan;
-      std::fill(row, row + cols, T(0));
-      continue;
-    }
-    const T new_max = std::max(m[r], tile_max);
-    if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-      std::fill(row, row + cols, T(0));
+    H* out = rounded ? rounded + r * ldr : nullptr;
+    if (out && cols % 2) out[cols] = H(0.0f);
+    const T tile_max = max_row(row, cols) * scale;
+    const bool nan_row = std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf;
+    const T new_max = nan_row ? nan : std::max(m[r], tile_max);
+    if (nan_row || new_max == ninf) {  // a NaN row, or nothing attended yet: this tile adds 0
+      if (nan_row) m[r] = l[r] = nan;
+      if (out)
+        std::fill(out, out + cols, H(0.0f));
+      else
+        std::fill(row, row + cols, T(0));
       continue;
     }
     const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-    l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
+    const T sum = out ? exp_sum_round_row(row, cols, scale, new_max, out)
+                      : exp_sum_row(row, cols, new_max);
+    l[r] = l[r] * rescale + sum;
     m[r] = new_max;
     if (rescale != T(1)) {
       T* a = acc + r * Dv;
@@ -748,15 +771,17 @@ struct HalfOperands {
 };
 
 // Scaled, modified, masked scores of one tile into s (float, row stride ld).
+// With `unscaled` (only where nothing but the mask follows) the scale is left for the softmax
+// to apply (online_softmax_tile), saving a pass over the tile.
 template <typename H>
 void half_scores_tile(const Problem<float>& P, const HalfOperands<H>& X, int64_t b, int64_t h,
                       int64_t q0, int rows, int64_t k0, int cols, bool full, float* s, int ld,
-                      const std::vector<float*>* derivs) {
+                      const std::vector<float*>* derivs, bool unscaled = false) {
   const int64_t Dp = P.D, hk = h / P.G;
   const H* qp = X.q + ((b * P.Hq + h) * P.Nq + q0) * Dp;
   const H* kp = X.kt + (b * P.Hkv + hk) * Dp * X.Nkp + 2 * k0;
   half_gemm(rows, cols, Dp, qp, Dp, kp, X.Nkp, s, ld, false);
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < rows && !unscaled; ++r) {
     float* row = s + static_cast<int64_t>(r) * ld;
 #pragma omp simd
     for (int c = 0; c < cols; ++c) row[c] *= P.scale;
@@ -790,6 +815,8 @@ void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out
 template <typename H>
 void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out, float* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
+  // the softmax scales the scores where no bias or modifier needs them scaled first
+  const bool fold_scale = !P.modifies() && P.scale > 0;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<float> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
     Scratch<H> p_buf(P.tq * P.tk);
@@ -809,9 +836,9 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
       for (const auto& [j, full] : visits_of(P, i)) {
         const auto [k0, cols] = tile_span(P, b, q0, rows, j, full);
         if (cols == 0) continue;
-        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
-        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
-        round_tile(s, ld, rows, cols, 1.0f, p, ld);
+        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr, fold_scale);
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv,
+                            fold_scale ? P.scale : 1.0f, p, ld);
         half_gemm(rows, Dv, cols + cols % 2, p, ld, vbase + k0 * P.Dv, Dv, acc, Dv, true);
       }
       finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
@@ -924,6 +951,8 @@ const T* as_compute(const In* src, int64_t rows, int64_t width, T* buf) {
 // than BLAS calls: with so few rows a GEMM is a matrix-vector product, which the BLAS libraries
 // run far below memory speed; the loops read each key and value row once, for all rows.
 constexpr int64_t kFewRows = 8;
+// Up to this many stacked rows the AVX-512 loops below (where they fit) run instead.
+constexpr int64_t kDirectRows = 32;
 
 // s[r, c] = scale * q[r] . k[c] for rows x cols (row stride ld), q (rows x D), k (cols x D).
 template <typename T>
@@ -1088,7 +1117,7 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v, 
   // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
   std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
   std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
-  const bool direct = rows <= kFewRows && few_rows_tile_direct<T, In>(D, Dv);
+  const bool direct = rows <= kDirectRows && few_rows_tile_direct<T, In>(D, Dv);
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(direct ? 0 : P.tk * D),
         vbuf(direct ? 0 : P.tk * Dv);
