@@ -115,11 +115,11 @@ inline float fast_exp(float x) {
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
-void exp_row(T* __restrict s, int n, T shift) {
+void exp_row(T* __restrict s, int n, T shift, T scale = T(1)) {
   // A masked (-inf) score is 0 even in a NaN row (shift NaN): its key gets no NaN gradient.
   constexpr T ninf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] - shift);
+  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] * scale - shift);
 }
 
 // s = exp(s - shift) in place; returns the sum of the row.
@@ -789,18 +789,6 @@ void half_scores_tile(const Problem<float>& P, const HalfOperands<H>& X, int64_t
   finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
 }
 
-// Rows of a float tile (rows x cols, stride lds) rounded into a half tile (stride ldh), times
-// mul; a zero column appended when cols is odd (the GEMM's reduction runs over it).
-template <typename H>
-void round_tile(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
-  for (int r = 0; r < rows; ++r) {
-    const float* src = s + static_cast<int64_t>(r) * lds;
-    H* dst = out + static_cast<int64_t>(r) * ldh;
-    for (int c = 0; c < cols; ++c) dst[c] = static_cast<H>(src[c] * mul);
-    if (cols % 2) dst[cols] = H(0.0f);
-  }
-}
-
 // The transpose of a float tile (rows x cols) rounded into a half tile (cols x rows, stride
 // ldh), times mul; a zero column appended when rows is odd.
 template <typename H>
@@ -810,6 +798,26 @@ void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out
     for (int r = 0; r < rows; ++r) dst[r] = static_cast<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
     if (rows % 2) dst[rows] = H(0.0f);
   }
+}
+
+// A float tile (rows x cols, stride lds) times mul rounded into a half tile out (stride ldh) and
+// its transpose out_t (cols x rows, stride ldt) in one read of s, each with a zero column
+// appended where its row length is odd (the GEMMs reduce over pairs).
+template <typename H>
+void round_tile_both(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh,
+                     H* out_t, int ldt) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = s + static_cast<int64_t>(r) * lds;
+    H* dst = out + static_cast<int64_t>(r) * ldh;
+    for (int c = 0; c < cols; ++c) {
+      const H x = static_cast<H>(src[c] * mul);
+      dst[c] = x;
+      out_t[static_cast<int64_t>(c) * ldt + r] = x;
+    }
+    if (cols % 2) dst[cols] = H(0.0f);
+  }
+  if (rows % 2)
+    for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + rows] = H(0.0f);
 }
 
 template <typename H>
@@ -884,13 +892,15 @@ void backward_half_block(const Problem<float>& P, const HalfOperands<H>& X, cons
   H* const ds = W.ds.data;
   H* const t = W.t.data;
   const int rows = blk.rows, rows_even = rows + rows % 2;
+  const bool fold_scale = !P.modifies() && P.scale > 0;  // as in forward_half
   row_deltas(gp, out + row0 * Dv, rows, static_cast<int>(Dv), W.delta.data());
   for (const auto& [j, full] : visits_of(P, blk.i)) {
     const auto [k0, cols] = tile_span(P, blk.b, q0, rows, j, full);
     if (cols == 0) continue;
     const int cols_even = cols + cols % 2;
-    half_scores_tile(P, X, blk.b, blk.h, q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
-    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+    half_scores_tile(P, X, blk.b, blk.h, q0, rows, k0, cols, full, s, ld, W.softcap_derivs(),
+                     fold_scale);
+    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r], fold_scale ? P.scale : 1.0f);
     // dV += P^T dO ; dP = dO V^T
     round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
     half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
@@ -898,9 +908,8 @@ void backward_half_block(const Problem<float>& P, const HalfOperands<H>& X, cons
     score_grads_tile(P, blk.b, blk.h, q0, rows, k0, cols, s, dp, ld, W.delta.data(), W.derivs,
                      blk.run, R);
     // dQ += scale dS K ; dK += scale dS^T Q
-    round_tile(s, ld, rows, cols, P.scale, ds, ld);
+    round_tile_both(s, ld, rows, cols, P.scale, ds, ld, t, ldt);
     half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
-    round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
     half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
   }
 }
