@@ -149,6 +149,22 @@ T max_row(const T* __restrict s, int n) {
   return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
+// float -> bfloat16 rounded to nearest even, NaN kept NaN: c10's conversion, written without
+// a branch so that the loops calling it vectorise (c10's own keeps them scalar). Other types
+// (float16, float) convert as usual.
+template <typename H>
+inline H round_to(float x) {
+  if constexpr (std::is_same_v<H, at::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return at::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded),
+                        at::BFloat16::from_bits());
+  } else {
+    return static_cast<H>(x);
+  }
+}
+
 // s = exp(s * scale - shift), its row sum returned, each value also rounded into p (the half
 // path's P for its P V product: one pass instead of an exp pass and a rounding pass).
 template <typename T, typename H>
@@ -158,7 +174,7 @@ T exp_sum_round_row(const T* __restrict s, int n, T scale, T shift, H* __restric
   for (int c = 0; c < n; ++c) {
     const T e = fast_exp(s[c] * scale - shift);
     sum += e;
-    p[c] = static_cast<H>(e);
+    p[c] = round_to<H>(e);
   }
   return sum;
 }
@@ -717,12 +733,63 @@ at::Tensor pad_even(const at::Tensor& x, int64_t dim) {
   return at::constant_pad_nd(x, pad, 0);
 }
 
-// (..., K, N) with K even -> (..., K / 2, N, 2): the VNNI layout of a B operand.
+// The VNNI repacks below move 2-byte elements (bfloat16, float16) in plain loops, one matrix per
+// task: a strided tensor copy of the same layouts runs several times slower (TensorIterator's
+// generic path for a last dim of 2), and the repack is O(N D) per call.
+
+// (..., R, C) with R even -> (..., R / 2, C, 2): the VNNI layout of x as the B operand of a
+// product that reduces over R (rows 2i and 2i + 1 interleaved).
 at::Tensor vnni(const at::Tensor& x) {
-  const int64_t K = x.size(-2), N = x.size(-1);
+  const int64_t R = x.size(-2), C = x.size(-1);
+  TORCH_CHECK(R % 2 == 0 && x.element_size() == 2, "vnni: an even row count of 2-byte values");
+  const at::Tensor src = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
-  shape.insert(shape.end(), {K / 2, 2, N});
-  return x.reshape(shape).transpose(-1, -2).contiguous();
+  shape.insert(shape.end(), {R / 2, C, 2});
+  at::Tensor out = at::empty(shape, x.options());
+  const auto* in = static_cast<const uint16_t*>(src.data_ptr());
+  auto* o = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t mats = R * C == 0 ? 0 : src.numel() / (R * C);
+  at::parallel_for(0, mats * (R / 2), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {  // rows 2 pair, 2 pair + 1 of all matrices
+      const uint16_t* r0 = in + 2 * pair * C;
+      const uint16_t* r1 = r0 + C;
+      uint16_t* dst = o + 2 * pair * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        dst[2 * c] = r0[c];
+        dst[2 * c + 1] = r1[c];
+      }
+    }
+  });
+  return out;
+}
+
+// (..., R, C) with C even -> (..., C / 2, R, 2): vnni(x^T), the B operand of a product that
+// reduces over C. Element pairs (2j, 2j + 1) of a row stay together, so it is a transpose of
+// 32-bit pairs, done in blocks of 16 rows to keep the writes in few cache lines.
+at::Tensor vnni_of_transpose(const at::Tensor& x) {
+  const int64_t R = x.size(-2), C = x.size(-1), P = C / 2;
+  TORCH_CHECK(C % 2 == 0 && x.element_size() == 2, "vnni: an even column count of 2-byte values");
+  const at::Tensor src = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.insert(shape.end(), {P, R, 2});
+  at::Tensor out = at::empty(shape, x.options());
+  const auto* in = static_cast<const uint32_t*>(src.data_ptr());  // (mats, R, P) pairs
+  auto* o = static_cast<uint32_t*>(out.data_ptr());                // (mats, P, R) pairs
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (R + kBlock - 1) / kBlock;
+  const int64_t mats = R * C == 0 ? 0 : src.numel() / (R * C);
+  at::parallel_for(0, mats * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m = task / blocks, r0 = (task % blocks) * kBlock;
+      const int64_t r1 = std::min(R, r0 + kBlock);
+      const uint32_t* a = in + m * R * P;
+      uint32_t* b = o + m * P * R;
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t r = r0; r < r1; ++r) b[p * R + r] = a[r * P + p];
+    }
+  });
+  return out;
 }
 
 // Why the half GEMM cannot run for this dtype on this CPU ("" when it can): a 2 x 16 x 2
@@ -795,7 +862,7 @@ template <typename H>
 void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
   for (int c = 0; c < cols; ++c) {
     H* dst = out + static_cast<int64_t>(c) * ldh;
-    for (int r = 0; r < rows; ++r) dst[r] = static_cast<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
+    for (int r = 0; r < rows; ++r) dst[r] = round_to<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
     if (rows % 2) dst[rows] = H(0.0f);
   }
 }
@@ -809,12 +876,10 @@ void round_tile_both(const float* s, int lds, int rows, int cols, float mul, H* 
   for (int r = 0; r < rows; ++r) {
     const float* src = s + static_cast<int64_t>(r) * lds;
     H* dst = out + static_cast<int64_t>(r) * ldh;
-    for (int c = 0; c < cols; ++c) {
-      const H x = static_cast<H>(src[c] * mul);
-      dst[c] = x;
-      out_t[static_cast<int64_t>(c) * ldt + r] = x;
-    }
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) dst[c] = round_to<H>(src[c] * mul);  // vectorised
     if (cols % 2) dst[cols] = H(0.0f);
+    for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + r] = dst[c];  // strided
   }
   if (rows % 2)
     for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + rows] = H(0.0f);
@@ -1305,8 +1370,8 @@ struct HalfCall {
                 ", ", tile_kv, ")");
     q = pad_even(q_, 3).contiguous();
     const at::Tensor k = pad_even(k_, 3), vv = pad_even(v_, 3);
-    kt = vnni(pad_even(k, 2).transpose(-1, -2));  // (B, Hkv, Dp / 2, Nkp, 2)
-    v = vnni(pad_even(vv, 2));                     // (B, Hkv, Nkp / 2, Dvp, 2)
+    kt = vnni_of_transpose(pad_even(k, 2));  // (B, Hkv, Dp / 2, Nkp, 2)
+    v = vnni(pad_even(vv, 2));               // (B, Hkv, Nkp / 2, Dvp, 2)
     X.q = q.data_ptr<H>();
     X.kt = kt.data_ptr<H>();
     X.v = v.data_ptr<H>();
@@ -1316,10 +1381,10 @@ struct HalfCall {
   void add_backward(const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& gout) {
     const at::Tensor k = pad_even(pad_even(k_, 3), 2), vv = pad_even(pad_even(v_, 3), 2);
     g = pad_even(gout, 3).contiguous();
-    gv = vnni(pad_even(g, 2));     // (B, Hq, Nqp / 2, Dvp, 2)
-    vt = vnni(vv.transpose(-1, -2));  // (B, Hkv, Dvp / 2, Nkp, 2)
-    kv = vnni(k);                  // (B, Hkv, Nkp / 2, Dp, 2)
-    qv = vnni(pad_even(q, 2));     // (B, Hq, Nqp / 2, Dp, 2)
+    gv = vnni(pad_even(g, 2));       // (B, Hq, Nqp / 2, Dvp, 2)
+    vt = vnni_of_transpose(vv);      // (B, Hkv, Dvp / 2, Nkp, 2)
+    kv = vnni(k);                    // (B, Hkv, Nkp / 2, Dp, 2)
+    qv = vnni(pad_even(q, 2));       // (B, Hq, Nqp / 2, Dp, 2)
     X.g = g.data_ptr<H>();
     X.gv = gv.data_ptr<H>();
     X.vt = vt.data_ptr<H>();
