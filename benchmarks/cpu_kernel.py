@@ -11,7 +11,9 @@ stated in. Contestants:
 - ``sdpa``: ``F.scaled_dot_product_attention`` given the dense bool mask or float bias, built
   before the timed calls (``is_causal`` for causal, nothing for no mask);
 - ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask built
-  before the timed calls (forward only: FlexAttention has no backward on the CPU).
+  before the timed calls (forward only: FlexAttention has no backward on the CPU);
+- ``prev`` (with ``--previous REV``): the cpu backend on the kernel source of git revision
+  ``REV``, built under its own op namespace so that both kernels run in this one process.
 
 Each row also gives the cpu kernel's useful-work throughput (4 D flops per attended query-key
 pair and head forward, 3.5 times that forward+backward) as a fraction of the matmul rate of the
@@ -22,15 +24,21 @@ threads, timed as one more contestant, so that a loaded machine slows the yardst
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --quick    # N=4096 cases only
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --dtype bfloat16 --sizes 4096
     OMP_NUM_THREADS=2 python benchmarks/cpu_kernel.py --decode     # decoding, GB/s of K/V
+    OMP_NUM_THREADS=1 python benchmarks/cpu_kernel.py --previous HEAD~1   # against a revision
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +53,56 @@ from qkv.request import build_request
 B, H, D = 1, 8, 64
 DTYPE = torch.float32  # --dtype
 MM = 1536  # the yardstick matmul's size
+
+
+PREVIOUS: object = None  # torch.ops.qkv_cpu_prev once --previous has built it
+
+
+def build_previous(rev: str) -> object:
+    """The kernel source of git revision ``rev`` compiled as ``torch.ops.qkv_cpu_prev`` (its
+    ``TORCH_LIBRARY`` renamed, the library's own flags)."""
+    from torch.utils import cpp_extension
+
+    from qkv.backends.cpu import build
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:src/qkv/backends/cpu/kernel.cpp"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    source = source.replace("TORCH_LIBRARY(qkv_cpu,", "TORCH_LIBRARY(qkv_cpu_prev,")
+    name = "qkv_cpu_prev_" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / name
+    folder.mkdir(exist_ok=True)
+    (folder / "kernel.cpp").write_text(source)
+    start = time.perf_counter()
+    cpp_extension.load(
+        name=name, sources=[str(folder / "kernel.cpp")], extra_cflags=build.CFLAGS,
+        extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
+    )  # fmt: skip
+    print(f"previous kernel ({rev}) ready ({time.perf_counter() - start:.1f} s)")
+    return torch.ops.qkv_cpu_prev
+
+
+@contextlib.contextmanager
+def previous_kernel() -> Iterator[None]:
+    """The cpu backend's calls (forward and backward) on the ``--previous`` kernel."""
+    from qkv.backends.cpu import backend
+
+    current = backend.load_kernel
+    backend.load_kernel = lambda: PREVIOUS
+    try:
+        yield
+    finally:
+        backend.load_kernel = current
+
+
+def on_previous(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        with previous_kernel():
+            return fn()
+
+    return run
 
 
 def inputs(n: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,6 +183,8 @@ def contestants(kind: str, n: int, mode: str, names: list[str]) -> dict[str, Cal
     for name in names:
         if name in ("cpu", "auto", "chunked"):
             calls[name] = lambda name=name: qkv.attention(q, k, v, backend=name, **kwargs)
+        elif name == "prev":
+            calls[name] = lambda: qkv.attention(q, k, v, backend="cpu", **kwargs)
         elif name == "sdpa":
             dense = dense_of(q, k, kwargs)
             calls[name] = lambda dense=dense: F.scaled_dot_product_attention(q, k, v, **dense)
@@ -142,6 +202,8 @@ def contestants(kind: str, n: int, mode: str, names: list[str]) -> dict[str, Cal
 
     if grad:
         calls = {name: with_backward(fn) for name, fn in calls.items()}
+    if "prev" in calls:
+        calls["prev"] = on_previous(calls["prev"])
     if "auto" in calls:
         request = build_request(q, k, v, **kwargs)
         print(f"    auto picks {select_backend(request).backend.name}")
@@ -223,12 +285,15 @@ def decode_calls(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callable[[], Tens
     nq, nk = q.shape[2], k.shape[2]
     keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)  # SDPA's is_causal is top-left
     sdpa_mask = None if nq == 1 else keep
-    return {
+    calls = {
         "cpu": lambda: qkv.attention(q, k, v, backend="cpu", causal="bottom_right"),
         "sdpa": lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, enable_gqa=True
         ),
     }
+    if PREVIOUS is not None:
+        calls["prev"] = on_previous(calls["cpu"])
+    return calls
 
 
 def decode_table(rounds: int) -> None:
@@ -249,7 +314,10 @@ def decode_table(rounds: int) -> None:
             f"({kv_bytes / sec / bandwidth:.0%})"
             for name, sec in med.items()
         )
-        print(f"decode B={b} Nq={nq} Nk={nk}: {cells}  sdpa/cpu {med['sdpa'] / med['cpu']:.2f}x")
+        ratios = f"sdpa/cpu {med['sdpa'] / med['cpu']:.2f}x"
+        if "prev" in med:
+            ratios += f"  prev/cpu {med['prev'] / med['cpu']:.2f}x"
+        print(f"decode B={b} Nq={nq} Nk={nk}: {cells}  {ratios}")
 
 
 def main() -> None:
@@ -261,8 +329,11 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="contestants to leave out")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--decode", action="store_true", help="only the decoding table")
+    parser.add_argument(
+        "--previous", metavar="REV", help="add the kernel of git revision REV as 'prev'"
+    )
     args = parser.parse_args()
-    global DTYPE
+    global DTYPE, PREVIOUS
     DTYPE = getattr(torch, args.dtype)
     load = os.getloadavg()[0]
     threads = torch.get_num_threads()
@@ -274,6 +345,8 @@ def main() -> None:
     print(f"cpu kernel: {'ready' if status.ok else status.reason} ({status.seconds:.1f} s)")
     if (note := precision_note(DTYPE, 64, 256)) is not None:
         print(f"cpu kernel computes: {note}")
+    if args.previous:
+        PREVIOUS = build_previous(args.previous)
     if args.decode:
         decode_table(args.rounds)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
@@ -285,6 +358,8 @@ def main() -> None:
         if args.sizes and n not in args.sizes:
             continue
         names = [name for name in names if name not in args.skip]
+        if PREVIOUS is not None:
+            names.insert(1, "prev")
         print(f"{kind} N={n} {mode}", flush=True)
         calls = contestants(kind, n, mode, names)
         a, b = torch.randn(MM, MM).to(DTYPE), torch.randn(MM, MM).to(DTYPE)
@@ -298,6 +373,8 @@ def main() -> None:
             f"{args.dtype} matmul rate in the same rounds ({mm / 1e9:,.0f} GFLOP/s)"
         )
         ratios = []
+        if "prev" in med:
+            ratios.append(f"prev/cpu {med['prev'] / med['cpu']:.2f}x")
         if "flex" in med:
             ratios.append(f"cpu/flex {med['cpu'] / med['flex']:.2f}x")
         if "sdpa" in med:

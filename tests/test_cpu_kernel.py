@@ -451,6 +451,25 @@ def test_decoding_with_the_shipped_tiles(small_tiles: CpuBackend) -> None:
     compare(x, torch.float32, 16, causal="bottom_right")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("n_q", "head_dim", "value_dim"), [(1, 128, 128), (2, 64, 32), (1, 32, 256)]
+)
+@pytest.mark.parametrize("mask_kind", ["causal", "window", "key_padding"])
+def test_decoding_vector_loops(
+    dtype: torch.dtype, n_q: int, head_dim: int, value_dim: int, mask_kind: str
+) -> None:
+    # head dims of 32, 64, 128 or 256 with at most 8 stacked rows take the AVX-512 loops that
+    # read K and V in their own type (where the CPU has AVX-512; plain loops elsewhere): 301 keys
+    # end on an odd tile (the last key outside the pairs), the window (the last 41 keys) leaves
+    # masked pairs of keys at both of its ends
+    kwargs = dict(DECODE_MASKS[mask_kind])
+    if mask_kind == "window":
+        kwargs["mask"] = masks.sliding_window(40, offset=301 - n_q)
+    x = random_inputs(2, 8, 2, n_q, 301, head_dim, value_dim, seed=17)
+    compare(x, dtype, 17, **kwargs)
+
+
 def test_auto_takes_the_kernel_for_grouped_decoding() -> None:
     # a few queries against a long cache are priced by the bytes of K and V they read: SDPA
     # reads them once per query head, the kernel once per group of heads

@@ -27,6 +27,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -112,11 +115,11 @@ inline float fast_exp(float x) {
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
-void exp_row(T* __restrict s, int n, T shift) {
+void exp_row(T* __restrict s, int n, T shift, T scale = T(1)) {
   // A masked (-inf) score is 0 even in a NaN row (shift NaN): its key gets no NaN gradient.
   constexpr T ninf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] - shift);
+  for (int c = 0; c < n; ++c) s[c] = s[c] == ninf ? T(0) : fast_exp(s[c] * scale - shift);
 }
 
 // s = exp(s - shift) in place; returns the sum of the row.
@@ -146,31 +149,70 @@ T max_row(const T* __restrict s, int n) {
   return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
+// float -> bfloat16 rounded to nearest even, NaN kept NaN: c10's conversion, written without
+// a branch so that the loops calling it vectorise (c10's own keeps them scalar). Other types
+// (float16, float) convert as usual.
+template <typename H>
+inline H round_to(float x) {
+  if constexpr (std::is_same_v<H, at::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return at::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded),
+                        at::BFloat16::from_bits());
+  } else {
+    return static_cast<H>(x);
+  }
+}
+
+// s = exp(s * scale - shift), its row sum returned, each value also rounded into p (the half
+// path's P for its P V product: one pass instead of an exp pass and a rounding pass).
+template <typename T, typename H>
+T exp_sum_round_row(const T* __restrict s, int n, T scale, T shift, H* __restrict p) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int c = 0; c < n; ++c) {
+    const T e = fast_exp(s[c] * scale - shift);
+    sum += e;
+    p[c] = round_to<H>(e);
+  }
+  return sum;
+}
+
 // Online softmax over one tile of scores (FlashAttention-2): updates the running max m and sum
 // l of each row, rescales its accumulator row, and leaves exp(s - m) in s. An attended NaN or
 // +inf score makes the row NaN (as exp(inf - inf) does in the formula): m = l = NaN, and once
 // NaN the row stays NaN and its tiles add nothing (s is zeroed).
-template <typename T>
-void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv) {
+//
+// With `rounded` (the half path) the probabilities go to rounded (row stride ldr, a zero
+// column appended when cols is odd, for the GEMM's pairs) instead of s, and the scores are
+// multiplied by `scale` (> 0, so the row max commutes with it) on the way: the caller need not
+// scale the tile first.
+template <typename T, typename H = T>
+void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* acc, int64_t Dv,
+                         T scale = T(1), H* rounded = nullptr, int ldr = 0) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   constexpr T inf = std::numeric_limits<T>::infinity();
   constexpr T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t r = 0; r < rows; ++r) {
     T* row = s + r * ld;
-    const T tile_max = max_row(row, cols);
-    if (std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf) {
-      m[r] = nan;
-      l[r] = nan;
-      std::fill(row, row + cols, T(0));
-      continue;
-    }
-    const T new_max = std::max(m[r], tile_max);
-    if (new_max == ninf) {  // nothing attended yet: this tile adds nothing
-      std::fill(row, row + cols, T(0));
+    H* out = rounded ? rounded + r * ldr : nullptr;
+    if (out && cols % 2) out[cols] = H(0.0f);
+    const T tile_max = max_row(row, cols) * scale;
+    const bool nan_row = std::isnan(m[r]) || std::isnan(tile_max) || tile_max == inf;
+    const T new_max = nan_row ? nan : std::max(m[r], tile_max);
+    if (nan_row || new_max == ninf) {  // a NaN row, or nothing attended yet: this tile adds 0
+      if (nan_row) m[r] = l[r] = nan;
+      if (out)
+        std::fill(out, out + cols, H(0.0f));
+      else
+        std::fill(row, row + cols, T(0));
       continue;
     }
     const T rescale = m[r] == ninf ? T(0) : fast_exp(m[r] - new_max);
-    l[r] = l[r] * rescale + exp_sum_row(row, cols, new_max);
+    const T sum = out ? exp_sum_round_row(row, cols, scale, new_max, out)
+                      : exp_sum_row(row, cols, new_max);
+    l[r] = l[r] * rescale + sum;
     m[r] = new_max;
     if (rescale != T(1)) {
       T* a = acc + r * Dv;
@@ -355,6 +397,40 @@ std::vector<std::pair<int64_t, bool>> visits_of(const Problem<T>& P, int64_t i) 
   return out;
 }
 
+// The keys of tile j that query rows [q0, q0 + rows) of batch b may attend: [k0, k0 + cols),
+// the whole tile unless it is PARTIAL under an interval mask, which then narrows it to the
+// union of the rows' intervals. A tile on the edge of a sliding window or on the causal diagonal
+// is often half masked, and its masked columns need no scores, exponentials or products (a
+// masked score adds exactly nothing). k0 stays even (the half path reads V in pairs of keys);
+// cols is 0 when no row attends any key of the tile.
+struct TileSpan {
+  int64_t k0;
+  int cols;
+};
+
+template <typename T>
+TileSpan tile_span(const Problem<T>& P, int64_t b, int64_t q0, int rows, int64_t j, bool full) {
+  const int64_t k0 = j * P.tk, k1 = std::min(k0 + P.tk, P.Nk);
+  if (full || P.row_lo == nullptr) return {k0, static_cast<int>(k1 - k0)};
+  const int64_t at = (P.interval_b > 1 ? b : 0) * P.Nq + q0;
+  const int64_t step = P.interval_b * P.Nq;  // from one interval of a row to the next
+  int64_t lo = k1, hi = k0;
+  for (int64_t i = 0; i < P.intervals; ++i) {
+    const int64_t* row_lo = P.row_lo + at + i * step;
+    const int64_t* row_hi = P.row_hi + at + i * step;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t a = std::max(row_lo[r], k0), z = std::min(row_hi[r], k1);
+      if (a < z) {
+        lo = std::min(lo, a);
+        hi = std::max(hi, z);
+      }
+    }
+  }
+  if (lo >= hi) return {k0, 0};
+  lo = std::max(k0, lo - lo % 2);
+  return {lo, static_cast<int>(hi - lo)};
+}
+
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double scale, const at::Tensor& status, int64_t tile_q, int64_t tile_kv,
@@ -421,8 +497,8 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
       std::fill(acc, acc + P.tq * P.Dv, T(0));
       const T* vbase = P.v + (b * P.Hkv + h / P.G) * P.Nk * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
+        const auto [k0, cols] = tile_span(P, b, q0, rows, j, full);
+        if (cols == 0) continue;
         scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
         online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
         gemm<T>(false, false, Dv, rows, cols, T(1), vbase + k0 * P.Dv, Dv, s, ld, T(1), acc, Dv);
@@ -433,18 +509,35 @@ void forward_impl(const Problem<T>& P, T* out, T* lse) {
   });
 }
 
+// What backward reduces over all tasks besides dq, dk, dv: the gradients of a bias tensor and
+// of learnable relative-position tables. Each run of tasks (see backward_typed) accumulates into
+// its own float64 slice, and the slices are added in order afterwards, so that the sums do not
+// depend on which thread ran which run.
+struct Reductions {
+  double* dbias = nullptr;  // (runs, bias shape): the bias's own shape, broadcast dims 1; or null
+  int64_t dbias_numel = 0;  // elements of one run's slice
+  int64_t dbias_strides[4] = {0, 0, 0, 0};  // (b, h, q, k) into a slice; 0 on broadcast dims
+  std::vector<double*> tables;              // per modifier: (runs, table shape), or null
+  std::vector<int64_t> table_numel;         // per modifier: elements of one run's slice
+};
+
+template <typename T>
+int count_softcaps(const Problem<T>& P) {
+  int n = 0;
+  for (int kind : P.mod_kind) n += kind == kSoftcap;
+  return n;
+}
+
 // The gradient with respect to the scores before the modifiers, in place: s holds P
 // (rows x cols, row stride ld) on entry and dS (unscaled) on exit, from dp = dO V^T and
 // delta = rowsum(dO * O); walks the score modifiers back and accumulates the bias's and the
-// relative tables' gradients into the float64 buffers of run `run` (see backward_typed).
+// relative tables' gradients into run `run`'s slice of R.
 template <typename T>
 void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows,
                       int64_t k0, int cols, T* s_data, const T* dp_data, int ld,
                       const T* delta, const std::vector<T*>& derivs, int64_t run,
-                      double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                      std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel) {
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
+                      const Reductions& R) {
+  const int n_soft = count_softcaps(P);
   for (int r = 0; r < rows; ++r) {
     T* pr = s_data + r * ld;
     const T* dpr = dp_data + r * ld;
@@ -463,9 +556,9 @@ void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int
         const T* d = derivs[soft] + r * ld;
         for (int c = 0; c < cols; ++c) pr[c] *= d[c];
       }
-    } else if (kind == kRelative && dtable_bufs[m]) {
+    } else if (kind == kRelative && R.tables[m]) {
       const int64_t M = P.mod_maxd[m];
-      double* tab = dtable_bufs[m] + run * table_numel[m] + h * (2 * M + 1);
+      double* tab = R.tables[m] + run * R.table_numel[m] + h * (2 * M + 1);
       for (int r = 0; r < rows; ++r) {
         const T* pr = s_data + r * ld;
         const int64_t base = k0 - (q0 + r) - P.mod_offset[m];
@@ -482,82 +575,65 @@ void score_grads_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int
       }
     }
   }
-  if (dbias_buf) {
-    double* db = dbias_buf + run * dbias_numel;
+  if (R.dbias) {
+    const int64_t* st = R.dbias_strides;
+    double* db = R.dbias + run * R.dbias_numel;
     for (int r = 0; r < rows; ++r) {
       const T* pr = s_data + r * ld;
-      double* row = db + b * dbias_strides[0] + h * dbias_strides[1] +
-               (q0 + r) * dbias_strides[2] + k0 * dbias_strides[3];
-      for (int c = 0; c < cols; ++c) row[c * dbias_strides[3]] += pr[c];
+      double* row = db + b * st[0] + h * st[1] + (q0 + r) * st[2] + k0 * st[3];
+      for (int c = 0; c < cols; ++c) row[c * st[3]] += pr[c];
     }
   }
 }
 
-// Backward runs the tasks (b, hk) in `chunks` contiguous runs, each run by one thread in order;
-// a bias or relative table gradient is accumulated per run (in float64) and the runs are added
-// in order afterwards, so the result depends on the number of runs, never on the threads.
+// One query tile of one head, as backward visits it: rows [q0, q0 + rows) of head h (batch b,
+// key/value head hk, flat head index bh = b Hq + h), in run `run`.
+struct RowBlock {
+  int64_t b, hk, h, bh, i, q0, run;
+  int rows;
+};
+
+// A thread's scratch for backward, shared by both paths: the probability tile P (then dS), the
+// dP tile, delta = rowsum(dO * O) of the block's rows, and one tile per softcap for its
+// derivative (recorded while the scores are rebuilt, used when dS is walked back).
 template <typename T>
-void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
-                   T* dv, double* dbias_buf, int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
-                   int64_t chunks) {
-  const int64_t tasks = P.B * P.Hkv;
-  const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch<T> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
-    T* const s = s_buf.data;
-    T* const dp = dp_buf.data;
-    std::vector<T> delta(P.tq);
-    std::vector<Scratch<T>> deriv_store;
-    std::vector<T*> derivs;
-    for (int n = 0; n < n_soft; ++n) {
+struct BackwardTiles {
+  Scratch<T> s, dp;
+  std::vector<T> delta;
+  std::vector<Scratch<T>> deriv_store;
+  std::vector<T*> derivs;
+  explicit BackwardTiles(const Problem<T>& P)
+      : s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq) {
+    for (int n = 0; n < count_softcaps(P); ++n) {
       deriv_store.emplace_back(P.tq * P.tk);
       derivs.push_back(deriv_store.back().data);
     }
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
+  }
+  // What scores_tile records the softcap derivatives into: null when there are none.
+  std::vector<T*>* softcap_derivs() { return derivs.empty() ? nullptr : &derivs; }
+};
+
+// Runs the backward row blocks of every task (b, hk) in `runs` contiguous runs of tasks, each
+// run by one thread in order: a task's heads one after the other, and each head's query tiles in
+// order. So a task's dK and dV are only ever written by one thread (no atomics), and a run's
+// reductions (Reductions) add up in an order fixed by the run alone. `make_thread` builds a
+// thread's scratch once; `visit(scratch, block)` does one block.
+template <typename T, typename MakeThread, typename Visit>
+void for_each_backward_block(const Problem<T>& P, int64_t runs, MakeThread make_thread,
+                             Visit visit) {
+  const int64_t tasks = P.B * P.Hkv;
+  at::parallel_for(0, runs, 1, [&](int64_t run_begin, int64_t run_end) {
+    auto scratch = make_thread();
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      const int64_t task_begin = run * tasks / runs, task_end = (run + 1) * tasks / runs;
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t b = task / P.Hkv, hk = task % P.Hkv;
-        const T* kbase = P.k + (b * P.Hkv + hk) * P.Nk * P.D;
-        const T* vbase = P.v + (b * P.Hkv + hk) * P.Nk * P.Dv;
-        T* dkbase = dk + (b * P.Hkv + hk) * P.Nk * P.D;
-        T* dvbase = dv + (b * P.Hkv + hk) * P.Nk * P.Dv;
         for (int64_t g = 0; g < P.G; ++g) {
-          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
+          const int64_t h = hk * P.G + g;
           for (int64_t i = 0; i < P.nQ; ++i) {
             const int64_t q0 = i * P.tq;
             const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-            const T* qp = P.q + (bh * P.Nq + q0) * P.D;
-            const T* op = out + (bh * P.Nq + q0) * P.Dv;
-            const T* gp = gout + (bh * P.Nq + q0) * P.Dv;
-            const T* lp = lse + bh * P.Nq + q0;
-            T* dqp = dq + (bh * P.Nq + q0) * P.D;
-            for (int r = 0; r < rows; ++r) {
-              T acc = 0;
-              for (int c = 0; c < Dv; ++c) acc += gp[r * Dv + c] * op[r * Dv + c];
-              delta[r] = acc;
-            }
-            for (const auto& [j, full] : visits_of(P, i)) {
-              const int64_t k0 = j * P.tk;
-              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-              scores_tile<T>(P, b, h, q0, rows, k0, cols, full, s, ld, n_soft ? &derivs : nullptr);
-              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
-              // dV += P^T dO ; dP = dO V^T
-              gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv,
-                      Dv);
-              gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp,
-                      ld);
-              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
-                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                               table_numel);
-              // dQ += scale dS K ; dK += scale dS^T Q
-              gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp,
-                      D);
-              gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D,
-                      D);
-            }
+            visit(scratch, RowBlock{b, hk, h, b * P.Hq + h, i, q0, run, rows});
           }
         }
       }
@@ -565,7 +641,61 @@ void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gou
   });
 }
 
-// Sum of buf (chunks, ...) over its first dim, in order (bitwise the same on every run).
+// delta[r] = rowsum(dO * O) over the block's rows (dO in its own type G, O in T; row stride Dv).
+template <typename T, typename G>
+void row_deltas(const G* gout, const T* out, int rows, int Dv, T* delta) {
+  for (int r = 0; r < rows; ++r) {
+    T acc = 0;
+    for (int c = 0; c < Dv; ++c) acc += static_cast<T>(gout[r * Dv + c]) * out[r * Dv + c];
+    delta[r] = acc;
+  }
+}
+
+// The float32 / float64 backward: the tiles of one row block on BLAS.
+template <typename T>
+void backward_block(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
+                    T* dv, const Reductions& R, BackwardTiles<T>& W, const RowBlock& blk) {
+  const int D = static_cast<int>(P.D), Dv = static_cast<int>(P.Dv), ld = static_cast<int>(P.tk);
+  const int64_t bk = blk.b * P.Hkv + blk.hk, row0 = blk.bh * P.Nq + blk.q0;
+  const T* kbase = P.k + bk * P.Nk * P.D;
+  const T* vbase = P.v + bk * P.Nk * P.Dv;
+  T* dkbase = dk + bk * P.Nk * P.D;
+  T* dvbase = dv + bk * P.Nk * P.Dv;
+  const T* qp = P.q + row0 * P.D;
+  const T* gp = gout + row0 * P.Dv;
+  const T* lp = lse + row0;
+  T* dqp = dq + row0 * P.D;
+  T* const s = W.s.data;
+  T* const dp = W.dp.data;
+  const int rows = blk.rows;
+  row_deltas(gp, out + row0 * P.Dv, rows, Dv, W.delta.data());
+  for (const auto& [j, full] : visits_of(P, blk.i)) {
+    const auto [k0, cols] = tile_span(P, blk.b, blk.q0, rows, j, full);
+    if (cols == 0) continue;
+    scores_tile<T>(P, blk.b, blk.h, blk.q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
+    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
+    // dV += P^T dO ; dP = dO V^T
+    gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv, Dv);
+    gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp, ld);
+    score_grads_tile(P, blk.b, blk.h, blk.q0, rows, k0, cols, s, dp, ld, W.delta.data(),
+                     W.derivs, blk.run, R);
+    // dQ += scale dS K ; dK += scale dS^T Q
+    gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp, D);
+    gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D, D);
+  }
+}
+
+template <typename T>
+void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
+                   T* dv, const Reductions& R, int64_t runs) {
+  for_each_backward_block(
+      P, runs, [&] { return BackwardTiles<T>(P); },
+      [&](BackwardTiles<T>& W, const RowBlock& blk) {
+        backward_block(P, out, lse, gout, dq, dk, dv, R, W, blk);
+      });
+}
+
+// Sum of buf (runs, ...) over its first dim, in order (bitwise the same on every run).
 at::Tensor sum_in_order(const at::Tensor& buf) {
   at::Tensor total = buf.select(0, 0).clone();
   for (int64_t c = 1; c < buf.size(0); ++c) total.add_(buf.select(0, c));
@@ -603,12 +733,63 @@ at::Tensor pad_even(const at::Tensor& x, int64_t dim) {
   return at::constant_pad_nd(x, pad, 0);
 }
 
-// (..., K, N) with K even -> (..., K / 2, N, 2): the VNNI layout of a B operand.
+// The VNNI repacks below move 2-byte elements (bfloat16, float16) in plain loops, one matrix per
+// task: a strided tensor copy of the same layouts runs several times slower (TensorIterator's
+// generic path for a last dim of 2), and the repack is O(N D) per call.
+
+// (..., R, C) with R even -> (..., R / 2, C, 2): the VNNI layout of x as the B operand of a
+// product that reduces over R (rows 2i and 2i + 1 interleaved).
 at::Tensor vnni(const at::Tensor& x) {
-  const int64_t K = x.size(-2), N = x.size(-1);
+  const int64_t R = x.size(-2), C = x.size(-1);
+  TORCH_CHECK(R % 2 == 0 && x.element_size() == 2, "vnni: an even row count of 2-byte values");
+  const at::Tensor src = x.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
-  shape.insert(shape.end(), {K / 2, 2, N});
-  return x.reshape(shape).transpose(-1, -2).contiguous();
+  shape.insert(shape.end(), {R / 2, C, 2});
+  at::Tensor out = at::empty(shape, x.options());
+  const auto* in = static_cast<const uint16_t*>(src.data_ptr());
+  auto* o = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t mats = R * C == 0 ? 0 : src.numel() / (R * C);
+  at::parallel_for(0, mats * (R / 2), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {  // rows 2 pair, 2 pair + 1 of all matrices
+      const uint16_t* r0 = in + 2 * pair * C;
+      const uint16_t* r1 = r0 + C;
+      uint16_t* dst = o + 2 * pair * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        dst[2 * c] = r0[c];
+        dst[2 * c + 1] = r1[c];
+      }
+    }
+  });
+  return out;
+}
+
+// (..., R, C) with C even -> (..., C / 2, R, 2): vnni(x^T), the B operand of a product that
+// reduces over C. Element pairs (2j, 2j + 1) of a row stay together, so it is a transpose of
+// 32-bit pairs, done in blocks of 16 rows to keep the writes in few cache lines.
+at::Tensor vnni_of_transpose(const at::Tensor& x) {
+  const int64_t R = x.size(-2), C = x.size(-1), P = C / 2;
+  TORCH_CHECK(C % 2 == 0 && x.element_size() == 2, "vnni: an even column count of 2-byte values");
+  const at::Tensor src = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.insert(shape.end(), {P, R, 2});
+  at::Tensor out = at::empty(shape, x.options());
+  const auto* in = static_cast<const uint32_t*>(src.data_ptr());  // (mats, R, P) pairs
+  auto* o = static_cast<uint32_t*>(out.data_ptr());                // (mats, P, R) pairs
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (R + kBlock - 1) / kBlock;
+  const int64_t mats = R * C == 0 ? 0 : src.numel() / (R * C);
+  at::parallel_for(0, mats * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m = task / blocks, r0 = (task % blocks) * kBlock;
+      const int64_t r1 = std::min(R, r0 + kBlock);
+      const uint32_t* a = in + m * R * P;
+      uint32_t* b = o + m * P * R;
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t r = r0; r < r1; ++r) b[p * R + r] = a[r * P + p];
+    }
+  });
+  return out;
 }
 
 // Why the half GEMM cannot run for this dtype on this CPU ("" when it can): a 2 x 16 x 2
@@ -657,32 +838,22 @@ struct HalfOperands {
 };
 
 // Scaled, modified, masked scores of one tile into s (float, row stride ld).
+// With `unscaled` (only where nothing but the mask follows) the scale is left for the softmax
+// to apply (online_softmax_tile), saving a pass over the tile.
 template <typename H>
 void half_scores_tile(const Problem<float>& P, const HalfOperands<H>& X, int64_t b, int64_t h,
                       int64_t q0, int rows, int64_t k0, int cols, bool full, float* s, int ld,
-                      const std::vector<float*>* derivs) {
+                      const std::vector<float*>* derivs, bool unscaled = false) {
   const int64_t Dp = P.D, hk = h / P.G;
   const H* qp = X.q + ((b * P.Hq + h) * P.Nq + q0) * Dp;
   const H* kp = X.kt + (b * P.Hkv + hk) * Dp * X.Nkp + 2 * k0;
   half_gemm(rows, cols, Dp, qp, Dp, kp, X.Nkp, s, ld, false);
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < rows && !unscaled; ++r) {
     float* row = s + static_cast<int64_t>(r) * ld;
 #pragma omp simd
     for (int c = 0; c < cols; ++c) row[c] *= P.scale;
   }
   finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
-}
-
-// Rows of a float tile (rows x cols, stride lds) rounded into a half tile (stride ldh), times
-// mul; a zero column appended when cols is odd (the GEMM's reduction runs over it).
-template <typename H>
-void round_tile(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
-  for (int r = 0; r < rows; ++r) {
-    const float* src = s + static_cast<int64_t>(r) * lds;
-    H* dst = out + static_cast<int64_t>(r) * ldh;
-    for (int c = 0; c < cols; ++c) dst[c] = static_cast<H>(src[c] * mul);
-    if (cols % 2) dst[cols] = H(0.0f);
-  }
 }
 
 // The transpose of a float tile (rows x cols) rounded into a half tile (cols x rows, stride
@@ -691,14 +862,34 @@ template <typename H>
 void round_tile_t(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh) {
   for (int c = 0; c < cols; ++c) {
     H* dst = out + static_cast<int64_t>(c) * ldh;
-    for (int r = 0; r < rows; ++r) dst[r] = static_cast<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
+    for (int r = 0; r < rows; ++r) dst[r] = round_to<H>(s[static_cast<int64_t>(r) * lds + c] * mul);
     if (rows % 2) dst[rows] = H(0.0f);
   }
+}
+
+// A float tile (rows x cols, stride lds) times mul rounded into a half tile out (stride ldh) and
+// its transpose out_t (cols x rows, stride ldt) in one read of s, each with a zero column
+// appended where its row length is odd (the GEMMs reduce over pairs).
+template <typename H>
+void round_tile_both(const float* s, int lds, int rows, int cols, float mul, H* out, int ldh,
+                     H* out_t, int ldt) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = s + static_cast<int64_t>(r) * lds;
+    H* dst = out + static_cast<int64_t>(r) * ldh;
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) dst[c] = round_to<H>(src[c] * mul);  // vectorised
+    if (cols % 2) dst[cols] = H(0.0f);
+    for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + r] = dst[c];  // strided
+  }
+  if (rows % 2)
+    for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + rows] = H(0.0f);
 }
 
 template <typename H>
 void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out, float* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
+  // the softmax scales the scores where no bias or modifier needs them scaled first
+  const bool fold_scale = !P.modifies() && P.scale > 0;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<float> s_buf(P.tq * P.tk), acc_buf(P.tq * P.Dv);
     Scratch<H> p_buf(P.tq * P.tk);
@@ -716,11 +907,11 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
       std::fill(acc, acc + P.tq * P.Dv, 0.0f);
       const H* vbase = X.v + (b * P.Hkv + h / P.G) * X.Nkp * P.Dv;
       for (const auto& [j, full] : visits_of(P, i)) {
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr);
-        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv);
-        round_tile(s, ld, rows, cols, 1.0f, p, ld);
+        const auto [k0, cols] = tile_span(P, b, q0, rows, j, full);
+        if (cols == 0) continue;
+        half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld, nullptr, fold_scale);
+        online_softmax_tile(s, ld, rows, cols, m.data(), l.data(), acc, Dv,
+                            fold_scale ? P.scale : 1.0f, p, ld);
         half_gemm(rows, Dv, cols + cols % 2, p, ld, vbase + k0 * P.Dv, Dv, acc, Dv, true);
       }
       finish_rows(rows, m.data(), l.data(), acc, Dv, out + (bh * P.Nq + q0) * P.Dv,
@@ -730,84 +921,74 @@ void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out,
   });
 }
 
-// As backward_impl (the same `chunks` runs and float64 reductions), on the half GEMMs.
+// A thread's scratch for the half-precision backward: the float tiles of BackwardTiles, and the
+// half tiles the GEMMs read: dS (rows x cols) and a transposed tile (P^T, then dS^T).
+template <typename H>
+struct HalfBackwardTiles : BackwardTiles<float> {
+  Scratch<H> ds, t;
+  int ldt;  // row stride of t: tile_q rounded up to even (the GEMM reduces over pairs of rows)
+  explicit HalfBackwardTiles(const Problem<float>& P)
+      : BackwardTiles<float>(P), ds(P.tq * P.tk), t(P.tk * (P.tq + P.tq % 2)),
+        ldt(static_cast<int>(P.tq + P.tq % 2)) {}
+  // brgemm keeps per-thread state (AMX tile configuration) until released.
+  ~HalfBackwardTiles() { at::native::cpublas::brgemm_release(true); }
+};
+
+// The half-precision backward: the tiles of one row block on the half GEMMs (as backward_block,
+// with P and dS rounded to H for their products).
+template <typename H>
+void backward_half_block(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
+                         const float* lse, float* dq, float* dk, float* dv, const Reductions& R,
+                         HalfBackwardTiles<H>& W, const RowBlock& blk) {
+  const int64_t Dp = P.D, Dv = P.Dv;
+  const int ld = static_cast<int>(P.tk), ldt = W.ldt;
+  const int64_t bk = blk.b * P.Hkv + blk.hk, row0 = blk.bh * P.Nq + blk.q0, q0 = blk.q0;
+  const H* vt = X.vt + bk * Dv * X.Nkp;
+  const H* kv = X.kv + bk * X.Nkp * Dp;
+  float* dkbase = dk + bk * P.Nk * Dp;
+  float* dvbase = dv + bk * P.Nk * Dv;
+  const H* gp = X.g + row0 * Dv;
+  const H* gv = X.gv + blk.bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
+  const H* qv = X.qv + blk.bh * X.Nqp * Dp + q0 * Dp;
+  const float* lp = lse + row0;
+  float* dqp = dq + row0 * Dp;
+  float* const s = W.s.data;
+  float* const dp = W.dp.data;
+  H* const ds = W.ds.data;
+  H* const t = W.t.data;
+  const int rows = blk.rows, rows_even = rows + rows % 2;
+  const bool fold_scale = !P.modifies() && P.scale > 0;  // as in forward_half
+  row_deltas(gp, out + row0 * Dv, rows, static_cast<int>(Dv), W.delta.data());
+  for (const auto& [j, full] : visits_of(P, blk.i)) {
+    const auto [k0, cols] = tile_span(P, blk.b, q0, rows, j, full);
+    if (cols == 0) continue;
+    const int cols_even = cols + cols % 2;
+    half_scores_tile(P, X, blk.b, blk.h, q0, rows, k0, cols, full, s, ld, W.softcap_derivs(),
+                     fold_scale);
+    for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r], fold_scale ? P.scale : 1.0f);
+    // dV += P^T dO ; dP = dO V^T
+    round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
+    half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
+    half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
+    score_grads_tile(P, blk.b, blk.h, q0, rows, k0, cols, s, dp, ld, W.delta.data(), W.derivs,
+                     blk.run, R);
+    // dQ += scale dS K ; dK += scale dS^T Q
+    round_tile_both(s, ld, rows, cols, P.scale, ds, ld, t, ldt);
+    half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
+    half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
+  }
+}
+
+// As backward_impl (the same runs and float64 reductions), on the half GEMMs.
 template <typename H>
 void backward_half(const Problem<float>& P, const HalfOperands<H>& X, const float* out,
-                   const float* lse, float* dq, float* dk, float* dv, double* dbias_buf,
-                   int64_t dbias_numel, const int64_t* dbias_strides,
-                   std::vector<double*>& dtable_bufs, const std::vector<int64_t>& table_numel,
-                   int64_t chunks) {
-  const int64_t tasks = P.B * P.Hkv;
-  const int64_t Dp = P.D, Dv = P.Dv;
-  const int ld = static_cast<int>(P.tk), ldt = static_cast<int>(P.tq + P.tq % 2);
-  int n_soft = 0;
-  for (int kind : P.mod_kind) n_soft += kind == kSoftcap;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch<float> s_buf(P.tq * P.tk), dp_buf(P.tq * P.tk);
-    Scratch<H> ds_buf(P.tq * P.tk), t_buf(P.tk * ldt);  // dS (rows x cols); P^T or dS^T
-    float* const s = s_buf.data;
-    float* const dp = dp_buf.data;
-    H* const ds = ds_buf.data;
-    H* const t = t_buf.data;
-    std::vector<float> delta(P.tq);
-    std::vector<Scratch<float>> deriv_store;
-    std::vector<float*> derivs;
-    for (int n = 0; n < n_soft; ++n) {
-      deriv_store.emplace_back(P.tq * P.tk);
-      derivs.push_back(deriv_store.back().data);
-    }
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t task_begin = chunk * tasks / chunks, task_end = (chunk + 1) * tasks / chunks;
-      for (int64_t task = task_begin; task < task_end; ++task) {
-        const int64_t b = task / P.Hkv, hk = task % P.Hkv, bk = b * P.Hkv + hk;
-        const H* vt = X.vt + bk * Dv * X.Nkp;
-        const H* kv = X.kv + bk * X.Nkp * Dp;
-        float* dkbase = dk + bk * P.Nk * Dp;
-        float* dvbase = dv + bk * P.Nk * Dv;
-        for (int64_t g = 0; g < P.G; ++g) {
-          const int64_t h = hk * P.G + g, bh = b * P.Hq + h;
-          for (int64_t i = 0; i < P.nQ; ++i) {
-            const int64_t q0 = i * P.tq;
-            const int rows = static_cast<int>(std::min(P.tq, P.Nq - q0));
-            const int rows_even = rows + rows % 2;
-            const float* op = out + (bh * P.Nq + q0) * Dv;
-            const H* gp = X.g + (bh * P.Nq + q0) * Dv;
-            const H* gv = X.gv + bh * X.Nqp * Dv + q0 * Dv;  // q0 even: pair q0 / 2
-            const H* qv = X.qv + bh * X.Nqp * Dp + q0 * Dp;
-            const float* lp = lse + bh * P.Nq + q0;
-            float* dqp = dq + (bh * P.Nq + q0) * Dp;
-            for (int r = 0; r < rows; ++r) {
-              float acc = 0;
-              for (int c = 0; c < Dv; ++c)
-                acc += static_cast<float>(gp[r * Dv + c]) * op[r * Dv + c];
-              delta[r] = acc;
-            }
-            for (const auto& [j, full] : visits_of(P, i)) {
-              const int64_t k0 = j * P.tk;
-              const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-              const int cols_even = cols + cols % 2;
-              half_scores_tile(P, X, b, h, q0, rows, k0, cols, full, s, ld,
-                               n_soft ? &derivs : nullptr);
-              for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
-              // dV += P^T dO ; dP = dO V^T
-              round_tile_t(s, ld, rows, cols, 1.0f, t, ldt);
-              half_gemm(cols, Dv, rows_even, t, ldt, gv, Dv, dvbase + k0 * Dv, Dv, true);
-              half_gemm(rows, cols, Dv, gp, Dv, vt + 2 * k0, X.Nkp, dp, ld, false);
-              score_grads_tile(P, b, h, q0, rows, k0, cols, s, dp, ld, delta.data(), derivs,
-                               chunk, dbias_buf, dbias_numel, dbias_strides, dtable_bufs,
-                               table_numel);
-              // dQ += scale dS K ; dK += scale dS^T Q
-              round_tile(s, ld, rows, cols, P.scale, ds, ld);
-              half_gemm(rows, Dp, cols_even, ds, ld, kv + k0 * Dp, Dp, dqp, Dp, true);
-              round_tile_t(s, ld, rows, cols, P.scale, t, ldt);
-              half_gemm(cols, Dp, rows_even, t, ldt, qv, Dp, dkbase + k0 * Dp, Dp, true);
-            }
-          }
-        }
-      }
-    }
-    at::native::cpublas::brgemm_release(true);
-  });
+                   const float* lse, float* dq, float* dk, float* dv, const Reductions& R,
+                   int64_t runs) {
+  for_each_backward_block(
+      P, runs, [&] { return HalfBackwardTiles<H>(P); },
+      [&](HalfBackwardTiles<H>& W, const RowBlock& blk) {
+        backward_half_block(P, X, out, lse, dq, dk, dv, R, W, blk);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -844,6 +1025,14 @@ const T* as_compute(const In* src, int64_t rows, int64_t width, T* buf) {
 // than BLAS calls: with so few rows a GEMM is a matrix-vector product, which the BLAS libraries
 // run far below memory speed; the loops read each key and value row once, for all rows.
 constexpr int64_t kFewRows = 8;
+// Up to this many stacked rows the AVX-512 loops below (where they fit) run instead: for
+// float K and V up to kFewRows (with 32 rows MKL's small GEMMs were about 8% faster); for half
+// K and V up to 32 rows (Nq = 8 with 4 heads a group), where the alternative converts every
+// tile to float first (measured level with it, without the conversion buffers).
+template <typename In>
+constexpr int64_t direct_rows() {
+  return std::is_same_v<In, float> ? kFewRows : 32;
+}
 
 // s[r, c] = scale * q[r] . k[c] for rows x cols (row stride ld), q (rows x D), k (cols x D).
 template <typename T>
@@ -891,6 +1080,126 @@ at::Tensor rows_contiguous(const at::Tensor& x) {
   return dense_rows ? x : x.contiguous();
 }
 
+#if defined(__AVX512F__)
+// The decoding loops above in AVX-512 for float compute, D and Dv multiples of 16 (NB blocks of
+// 16 floats, a compile-time count so that a key's row stays in registers). K and V rows are
+// converted from their own type in registers, so bfloat16 and float16 caches are read once, in
+// their own width, with no converted copy of the tile; two accumulators per dot product halve
+// its chain of dependent FMAs, and P V adds two keys per pass over the accumulator rows.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float: exact
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const at::Half* p) {  // exact
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int NB, typename In>
+void scores_few_rows_avx512(const float* q, const In* k, int64_t rows, int cols, float scale,
+                            float* s, int ld) {
+  constexpr int64_t D = 16 * NB;
+  for (int c = 0; c < cols; ++c) {
+    __m512 kc[NB];
+    for (int j = 0; j < NB; ++j) kc[j] = load16(k + c * D + 16 * j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int j = 0; j + 1 < NB; j += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j), kc[j], a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j + 16), kc[j + 1], a1);
+      }
+      if (NB % 2) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + D - 16), kc[NB - 1], a0);
+      s[r * ld + c] = scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  }
+}
+
+template <int NB, typename In>
+void pv_few_rows_avx512(const float* p, int ld, const In* v, int64_t rows, int cols,
+                        float* acc) {
+  constexpr int64_t Dv = 16 * NB;
+  int c = 0;
+  for (; c + 1 < cols; c += 2) {
+    __m512 v0[NB], v1[NB];
+    for (int j = 0; j < NB; ++j) {
+      v0[j] = load16(v + c * Dv + 16 * j);
+      v1[j] = load16(v + (c + 1) * Dv + 16 * j);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w0 = p[r * ld + c], w1 = p[r * ld + c + 1];
+      if (w0 == 0.0f && w1 == 0.0f) continue;  // masked keys (exp of -inf): nothing to add
+      const __m512 b0 = _mm512_set1_ps(w0), b1 = _mm512_set1_ps(w1);
+      float* a = acc + r * Dv;
+      for (int j = 0; j < NB; ++j) {
+        const __m512 x = _mm512_fmadd_ps(b0, v0[j], _mm512_loadu_ps(a + 16 * j));
+        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(b1, v1[j], x));
+      }
+    }
+  }
+  if (c < cols) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = p[r * ld + c];
+      if (w == 0.0f) continue;
+      const __m512 b = _mm512_set1_ps(w);
+      float* a = acc + r * Dv;
+      for (int j = 0; j < NB; ++j)
+        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(b, load16(v + c * Dv + 16 * j),
+                                                     _mm512_loadu_ps(a + 16 * j)));
+    }
+  }
+}
+#endif
+
+// The few-rows decoding products for one tile: q (rows x D) float, k and v in their own type;
+// returns false (nothing done) where no vector form fits (then the caller converts the tiles
+// and runs scores_few_rows / pv_few_rows).
+template <typename T, typename In>
+bool few_rows_tile_direct(int64_t D, int64_t Dv) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
+    return fits(D) && fits(Dv);
+  }
+#endif
+  (void)D;
+  (void)Dv;
+  return false;
+}
+
+template <typename T, typename In>
+void scores_few_rows_direct(const T* q, const In* k, int64_t rows, int cols, int64_t D, T scale,
+                            T* s, int ld) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    switch (D) {
+      case 32: return scores_few_rows_avx512<2>(q, k, rows, cols, scale, s, ld);
+      case 64: return scores_few_rows_avx512<4>(q, k, rows, cols, scale, s, ld);
+      case 128: return scores_few_rows_avx512<8>(q, k, rows, cols, scale, s, ld);
+      case 256: return scores_few_rows_avx512<16>(q, k, rows, cols, scale, s, ld);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no vector decoding form for D = ", D);
+}
+
+template <typename T, typename In>
+void pv_few_rows_direct(const T* p, int ld, const In* v, int64_t rows, int cols, int64_t Dv,
+                        T* acc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    switch (Dv) {
+      case 32: return pv_few_rows_avx512<2>(p, ld, v, rows, cols, acc);
+      case 64: return pv_few_rows_avx512<4>(p, ld, v, rows, cols, acc);
+      case 128: return pv_few_rows_avx512<8>(p, ld, v, rows, cols, acc);
+      case 256: return pv_few_rows_avx512<16>(p, ld, v, rows, cols, acc);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no vector decoding form for Dv = ", Dv);
+}
+
 template <typename T, typename In>
 void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
                     const KvStrides& kv, T* out, T* lse) {
@@ -904,8 +1213,10 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
   // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
   std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
   std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
+  const bool direct = rows <= direct_rows<In>() && few_rows_tile_direct<T, In>(D, Dv);
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(P.tk * D), vbuf(P.tk * Dv);
+    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(direct ? 0 : P.tk * D),
+        vbuf(direct ? 0 : P.tk * Dv);
     T* const s = s_buf.data;
     const int ld = static_cast<int>(P.tk);
     for (int64_t task = begin; task < end; ++task) {
@@ -920,20 +1231,29 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
       const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
       for (int64_t t = c * per_chunk; t < last; ++t) {
         const auto [j, full] = visits[t];
-        const int64_t k0 = j * P.tk;
-        const int cols = static_cast<int>(std::min(P.tk, P.Nk - k0));
-        const T* kt = as_compute<T>(kbase + k0 * D, cols, D, kbuf.data);
-        const T* vt = as_compute<T>(vbase + k0 * Dv, cols, Dv, vbuf.data);
-        if (rows <= kFewRows)
-          scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
-        else
-          gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
-                  static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+        const auto [k0, cols] = tile_span(P, b, 0, static_cast<int>(P.Nq), j, full);
+        if (cols == 0) continue;
+        const In* kin = kbase + k0 * D;
+        const In* vin = vbase + k0 * Dv;
+        const T *kt = nullptr, *vt = nullptr;  // the tiles as T, where the products need them
+        if (direct) {
+          scores_few_rows_direct(qg, kin, rows, cols, D, P.scale, s, ld);
+        } else {
+          kt = as_compute<T>(kin, cols, D, kbuf.data);
+          vt = as_compute<T>(vin, cols, Dv, vbuf.data);
+          if (rows <= kFewRows)
+            scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
+          else
+            gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
+                    static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+        }
         for (int64_t g = 0; g < P.G; ++g)
           finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
                            s + g * P.Nq * ld, ld, nullptr);
         online_softmax_tile(s, ld, rows, cols, m, l, acc, Dv);
-        if (rows <= kFewRows)
+        if (direct)
+          pv_few_rows_direct(s, ld, vin, rows, cols, Dv, acc);
+        else if (rows <= kFewRows)
           pv_few_rows(s, ld, vt, rows, cols, Dv, acc);
         else
           gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
@@ -983,10 +1303,9 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
 }
 
 // Gradient buffers of one backward call (dq, dk, dv shaped as q, k, v in the compute type T,
-// and float64 per-run accumulators for the bias's and the learnable tables' gradients) handed to
-// kernel(dq, dk, dv, dbias_buf, dbias_numel, dbias_strides, table_bufs, table_numel, chunks):
-// the kernel runs its tasks (b, hk) in `chunks` contiguous runs and accumulates run c's
-// reductions into slice c of the buffers, which are then added in order.
+// and the float64 per-run Reductions) handed to kernel(dq, dk, dv, reductions, runs): the kernel
+// runs its tasks (b, hk) in `runs` contiguous runs and accumulates run c's reductions into slice
+// c of the buffers, which are then added in order.
 template <typename T, typename Kernel>
 std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
@@ -1000,20 +1319,19 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
   // Without a reduction every task writes its own gradients: one run per task. With one, a run
   // per thread; under torch.use_deterministic_algorithms(True) a fixed number of runs, so that
   // the sums are bitwise the same whatever the thread count.
-  int64_t chunks = std::max<int64_t>(1, tasks);
+  int64_t runs = std::max<int64_t>(1, tasks);
   if (reduces) {
-    const int64_t runs = at::globalContext().deterministicAlgorithms()
-                             ? kDeterministicRuns
-                             : static_cast<int64_t>(at::get_num_threads());
-    chunks = std::max<int64_t>(1, std::min(tasks, runs));
+    const int64_t wanted = at::globalContext().deterministicAlgorithms()
+                               ? kDeterministicRuns
+                               : static_cast<int64_t>(at::get_num_threads());
+    runs = std::max<int64_t>(1, std::min(tasks, wanted));
   }
   const auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros(q.sizes(), opts), dk = at::zeros(k.sizes(), opts),
              dv = at::zeros(v.sizes(), opts);
+  Reductions R;
   at::Tensor dbias_buf;
-  int64_t strides[4] = {0, 0, 0, 0};
-  int64_t numel = 0;
   if (bias_grad) {
     // bias is (B, Hq, Nq, Nk) expanded from its own shape: broadcast dims have stride 0, so the
     // same strides index a contiguous buffer of the original shape.
@@ -1021,28 +1339,25 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
     for (int d = 0; d < 4; ++d) shape.push_back(bias.stride(d) == 0 ? 1 : bias.size(d));
     int64_t run = 1;
     for (int d = 3; d >= 0; --d) {
-      strides[d] = shape[d] == 1 ? 0 : run;
+      R.dbias_strides[d] = shape[d] == 1 ? 0 : run;
       run *= shape[d];
     }
-    numel = run;
-    std::vector<int64_t> buf_shape{chunks};
+    R.dbias_numel = run;
+    std::vector<int64_t> buf_shape{runs};
     buf_shape.insert(buf_shape.end(), shape.begin(), shape.end());
     dbias_buf = at::zeros(buf_shape, f64);
+    R.dbias = dbias_buf.data_ptr<double>();
   }
   std::vector<at::Tensor> table_bufs;
-  std::vector<double*> table_ptrs;
-  std::vector<int64_t> table_numel;
   for (size_t m = 0; m < mod_tables.size(); ++m) {
     const bool want = P.mod_kind[m] == kRelative && table_grad.data_ptr<bool>()[m];
-    std::vector<int64_t> shape{chunks};
+    std::vector<int64_t> shape{runs};
     for (auto s : mod_tables[m].sizes()) shape.push_back(s);
     table_bufs.push_back(want ? at::zeros(shape, f64) : at::Tensor());
-    table_ptrs.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
-    table_numel.push_back(mod_tables[m].numel());
+    R.tables.push_back(want ? table_bufs.back().data_ptr<double>() : nullptr);
+    R.table_numel.push_back(mod_tables[m].numel());
   }
-  kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-         bias_grad ? dbias_buf.data_ptr<double>() : nullptr, numel, strides, table_ptrs,
-         table_numel, chunks);
+  kernel(dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), R, runs);
   const at::Tensor none = at::empty({0}, opts);
   std::vector<at::Tensor> result{dq, dk, dv, bias_grad ? sum_in_order(dbias_buf) : none};
   for (auto& t : table_bufs) result.push_back(t.defined() ? sum_in_order(t) : none);
@@ -1057,12 +1372,9 @@ std::vector<at::Tensor> backward_typed(const Problem<T>& P, const at::Tensor& q,
                                        bool bias_grad, at::TensorList mod_tables,
                                        const at::Tensor& table_grad) {
   return backward_typed(P, q, k, v, bias, bias_grad, mod_tables, table_grad,
-                        [&](T* dq, T* dk, T* dv, double* dbias, int64_t numel,
-                            const int64_t* strides, std::vector<double*>& tables,
-                            const std::vector<int64_t>& table_numel, int64_t chunks) {
+                        [&](T* dq, T* dk, T* dv, const Reductions& R, int64_t runs) {
                           backward_impl(P, out.data_ptr<T>(), lse.data_ptr<T>(),
-                                        gout.data_ptr<T>(), dq, dk, dv, dbias, numel, strides,
-                                        tables, table_numel, chunks);
+                                        gout.data_ptr<T>(), dq, dk, dv, R, runs);
                         });
 }
 
@@ -1080,8 +1392,8 @@ struct HalfCall {
                 ", ", tile_kv, ")");
     q = pad_even(q_, 3).contiguous();
     const at::Tensor k = pad_even(k_, 3), vv = pad_even(v_, 3);
-    kt = vnni(pad_even(k, 2).transpose(-1, -2));  // (B, Hkv, Dp / 2, Nkp, 2)
-    v = vnni(pad_even(vv, 2));                     // (B, Hkv, Nkp / 2, Dvp, 2)
+    kt = vnni_of_transpose(pad_even(k, 2));  // (B, Hkv, Dp / 2, Nkp, 2)
+    v = vnni(pad_even(vv, 2));               // (B, Hkv, Nkp / 2, Dvp, 2)
     X.q = q.data_ptr<H>();
     X.kt = kt.data_ptr<H>();
     X.v = v.data_ptr<H>();
@@ -1091,10 +1403,10 @@ struct HalfCall {
   void add_backward(const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& gout) {
     const at::Tensor k = pad_even(pad_even(k_, 3), 2), vv = pad_even(pad_even(v_, 3), 2);
     g = pad_even(gout, 3).contiguous();
-    gv = vnni(pad_even(g, 2));     // (B, Hq, Nqp / 2, Dvp, 2)
-    vt = vnni(vv.transpose(-1, -2));  // (B, Hkv, Dvp / 2, Nkp, 2)
-    kv = vnni(k);                  // (B, Hkv, Nkp / 2, Dp, 2)
-    qv = vnni(pad_even(q, 2));     // (B, Hq, Nqp / 2, Dp, 2)
+    gv = vnni(pad_even(g, 2));       // (B, Hq, Nqp / 2, Dvp, 2)
+    vt = vnni_of_transpose(vv);      // (B, Hkv, Dvp / 2, Nkp, 2)
+    kv = vnni(k);                    // (B, Hkv, Nkp / 2, Dp, 2)
+    qv = vnni(pad_even(q, 2));       // (B, Hq, Nqp / 2, Dp, 2)
     X.g = g.data_ptr<H>();
     X.gv = gv.data_ptr<H>();
     X.vt = vt.data_ptr<H>();
@@ -1142,10 +1454,9 @@ std::vector<at::Tensor> backward_half_typed(
   const at::Tensor outp = pad_even(out, 3).contiguous();
   auto grads = backward_typed(
       P, call.q, kp, vp, bias, bias_grad, mod_tables, table_grad,
-      [&](float* dq, float* dk, float* dv, double* dbias, int64_t numel, const int64_t* strides,
-          std::vector<double*>& tables, const std::vector<int64_t>& table_numel, int64_t chunks) {
-        backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv,
-                      dbias, numel, strides, tables, table_numel, chunks);
+      [&](float* dq, float* dk, float* dv, const Reductions& R, int64_t runs) {
+        backward_half(P, call.X, outp.data_ptr<float>(), lse.data_ptr<float>(), dq, dk, dv, R,
+                      runs);
       });
   grads[0] = grads[0].narrow(3, 0, q.size(3));
   grads[1] = grads[1].narrow(3, 0, k.size(3));
