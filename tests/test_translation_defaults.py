@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from qkv.cli.main import main
-from qkv.tasks.translation import TranslationConfig
 from qkv.tasks import translation_defaults
+from qkv.tasks.translation import TranslationConfig, train_translation
 from qkv.tasks.translation_defaults import (
     SMALL_CORPUS,
     SizedChoices,
@@ -18,6 +18,7 @@ from qkv.tasks.translation_defaults import (
     sized_training,
     suggested_steps,
 )
+from qkv.train import TrainConfig
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -145,3 +146,19 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["model"]["dropout"] == 0.1 and config["translation"]["size_defaults"] is False
     assert "small corpus" not in err
+
+
+def test_library_runs_take_the_sized_training_only_without_a_train_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = {"max_steps": 3, "max_minutes": None, "eval_every": 3, "keep_best": True}
+    monkeypatch.setattr(translation_defaults, "sized_training", lambda n, b: dict(budget))
+    data = tmp_path / "train.tsv"
+    data.write_text("".join(f"item {i} red\tobjet {i} rouge\n" for i in range(40)))
+    settings = TranslationConfig(data=str(data), valid_size=4)
+    sized = train_translation(settings, None, tmp_path / "sized")
+    assert sized.result.state.step == 3 and sized.training is not None
+    assert sized.training.keep_best is True and sized.training.eval_every == 3
+    own = TrainConfig(max_steps=2, eval_every=2, device="cpu")
+    given = train_translation(settings, own, tmp_path / "given")
+    assert given.result.state.step == 2 and given.training == own
