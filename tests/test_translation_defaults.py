@@ -34,16 +34,19 @@ def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
     assert sized.training == {
         "max_steps": 1000,
         "max_minutes": None,
+        "lr": 3e-3,
+        "schedule": "cosine",
         "eval_every": 200,
         "keep_best": True,
     }
     assert sized.notes[0].startswith("a small corpus (500 training pairs)")
     text = "\n".join(sized.notes)
     flags = ("--vocab-size", "--preset", "--dropout", "--separate-vocab", "--copy", "--steps")
-    for flag in (*flags, "--eval-every", "--no-keep-best", "--no-size-defaults"):
+    for flag in (*flags, "--lr", "--schedule", "--eval-every", "--no-keep-best"):
         assert flag in text
+    assert "--no-size-defaults" in text
     assert "model size tiny (d_model 64, 2+2 layers, 4 heads)" in text
-    assert "1000 steps (about 60 passes" in text
+    assert "1000 steps (about 60 passes over the data) at a peak learning rate of 0.003" in text
     assert size_to_data(TranslationConfig(data="x.tsv"), 2000).settings.vocab_size == 4000
     assert size_to_data(TranslationConfig(data="x.tsv"), 9000).settings.vocab_size == 8000
     rnn = size_to_data(TranslationConfig(data="x.tsv", model="rnn"), 500).model_overrides
