@@ -30,7 +30,7 @@ TINY = {"d_model": 64, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_lay
 def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
     sized = size_to_data(TranslationConfig(data="x.tsv"), 500)
     assert sized.settings.vocab_size == 1000
-    assert sized.model_overrides == {**TINY, "dropout": 0.3}
+    assert sized.model_overrides == {**TINY, "dropout": 0.1}
     assert sized.training == {
         "max_steps": 1000,
         "max_minutes": None,
@@ -50,7 +50,7 @@ def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
     assert size_to_data(TranslationConfig(data="x.tsv"), 2000).settings.vocab_size == 4000
     assert size_to_data(TranslationConfig(data="x.tsv"), 9000).settings.vocab_size == 8000
     rnn = size_to_data(TranslationConfig(data="x.tsv", model="rnn"), 500).model_overrides
-    assert rnn == {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.3}
+    assert rnn == {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.1}
 
 
 def test_choices_the_user_made_are_kept() -> None:
@@ -122,13 +122,13 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     argv = ["train", "translation", "--data", str(data), "--steps", "1"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "a small corpus (" in err and "BPE vocabulary 500" in err and "dropout 0.3" in err
+    assert "a small corpus (" in err and "BPE vocabulary 500" in err and "dropout 0.1" in err
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["model"]["dropout"] == 0.3 and config["translation"]["vocab_size"] == 500
+    assert config["model"]["dropout"] == 0.1 and config["translation"]["vocab_size"] == 500
     assert config["translation"]["model_overrides"] == {}  # resuming with the same flags is fine
     assert main([*argv, "--out", str(tmp_path / "a"), "--resume", "--steps", "2"]) == 0
     capsys.readouterr()
-    flags = ["--no-size-defaults", "--dropout", "0.1", "--vocab-size", "600"]
+    flags = ["--no-size-defaults", "--dropout", "0.2", "--vocab-size", "600"]
     assert (
         main(
             [
@@ -147,7 +147,7 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     )
     err = capsys.readouterr().err
     config = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert config["model"]["dropout"] == 0.1 and config["translation"]["size_defaults"] is False
+    assert config["model"]["dropout"] == 0.2 and config["translation"]["size_defaults"] is False
     assert "small corpus" not in err
 
 

@@ -14,7 +14,8 @@ The rules (``n``: training pairs; all of them apply below :data:`SMALL_CORPUS` p
   pair (1,000 for 500 pairs, 4,000 for 2,000), so that most subwords occur several times.
 - **model size** the ``tiny`` preset (:func:`sized_preset`): a few hundred thousand weights
   besides the embeddings, which a few thousand pairs can train in minutes on a CPU.
-- **dropout** 0.3 (instead of the preset's 0.1).
+- **dropout** 0.1, not more (measured: within a budget of minutes the tiny model under-fits
+  a small corpus; 0.3 scored lower).
 - **shared vocabulary and tied embeddings** (already the defaults; reported, since
   ``--separate-vocab`` turns both off): one table learns from both sides' occurrences.
 - **training** (:func:`sized_training`): a step budget of about :data:`EPOCHS` passes over the
@@ -59,7 +60,10 @@ SMALL_LR = 3e-3
 
 _DEFAULT_BPE = 8000
 _DEFAULT_PRESET = "tiny"
-_SMALL_DROPOUT = 0.3
+#: Dropout of a sized run: the preset's 0.1, said and saved. Within a budget of minutes the
+#: tiny model under-fits a small corpus rather than memorises it (500 Bible verses, 1,000
+#: steps at 3e-3: validation chrF 19.1 at 0.1 against 16.8 at 0.3).
+_SMALL_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,8 @@ def size_to_data(settings: TranslationSettings, num_pairs: int) -> SizedChoices:
     if "dropout" not in settings.model_overrides:
         overrides["dropout"] = _SMALL_DROPOUT
         notes.append(
-            f"  dropout {_SMALL_DROPOUT} (not the preset's): a small corpus is memorised "
-            "quickly without it (--dropout)"
+            f"  dropout {_SMALL_DROPOUT}, not more: within this budget the model under-fits a "
+            "small corpus rather than memorises it (--dropout)"
         )
     if settings.shared_vocab and settings.model == "transformer":
         notes.append(
