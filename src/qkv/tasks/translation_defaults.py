@@ -1,9 +1,8 @@
 """Settings sized to the corpus: what ``qkv train translation`` picks for a small one, and why.
 
 A user's corpus of a few hundred to a few thousand pairs (a product FAQ, a glossary) is not
-WMT: an 8,000-subword vocabulary leaves most subwords seen once or never, a model with little
-dropout memorises the training pairs within a few hundred steps, and a fixed step limit is
-either far too short or dozens of needless passes. :func:`size_to_data` fills in the choices
+WMT: an 8,000-subword vocabulary leaves most subwords seen once or never, and a fixed step
+limit is either far too short or dozens of needless passes. :func:`size_to_data` fills in the choices
 the user left open from the number of training pairs and says why; a choice the user made (a
 flag, a ``model_overrides`` key, a ``vocab_size``, a ``preset``, a training limit) is never
 changed.
@@ -21,7 +20,7 @@ The rules (``n``: training pairs; all of them apply below :data:`SMALL_CORPUS` p
 - **training** (:func:`sized_training`): a step budget of about :data:`EPOCHS` passes over the
   data (bounded to ``[1000, 8000]`` steps) at a peak learning rate of :data:`SMALL_LR` with a
   cosine decay over it, validation :data:`VALIDATIONS` times over it, and the weights of the
-  best validation kept (a small corpus is over-fitted late in a run).
+  best validation kept (500 number phrases peaked at step 600 of 1,000).
   Applied when the caller left the limits open (no ``--steps`` or ``--minutes``; no
   :class:`~qkv.train.TrainConfig` passed to the library), each field unless its flag is given.
 """
@@ -164,9 +163,8 @@ def size_to_data(settings: TranslationSettings, num_pairs: int) -> SizedChoices:
     notes.append(
         f"  {training['max_steps']} steps (about {EPOCHS} passes over the data) at a peak "
         f"learning rate of {SMALL_LR:g} decayed to zero by a cosine, validating every "
-        f"{training['eval_every']} and keeping the best validation's weights: a small corpus "
-        "is learned fast and over-fitted late (unless --steps or --minutes; --lr, --schedule, "
-        "--eval-every, --no-keep-best)"
+        f"{training['eval_every']} and keeping the best validation's weights (unless --steps "
+        "or --minutes; --lr, --schedule, --eval-every, --no-keep-best)"
     )
     return SizedChoices(settings, overrides, training, notes)
 
