@@ -578,9 +578,10 @@ def train_task(
             are refused, except :data:`RESUMABLE`.
         overwrite: replace a model folder already in ``out``.
         backend: the attention backend of the model's attention layers (not saved).
-        training_given: the :class:`~qkv.train.TrainConfig` fields the caller chose; the
-            task's training choices sized to the data (:attr:`Prepared.training`) replace the
-            others. ``None``: every field when ``training`` is given, none when it is ``None``
+        training_given: the :class:`~qkv.train.TrainConfig` fields the caller chose. When
+            the limits (``max_steps``, ``max_minutes``) are not among them, the task's
+            training choices sized to the data (:attr:`Prepared.training`) replace the other
+            fields. ``None``: every field when ``training`` is given, none when it is ``None``
             (``qkv train`` passes the fields of the flags given).
         on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
         on_message: called with lines worth showing a user (data sizes of a split file, the
