@@ -4,44 +4,114 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qkv.cli.main import main
-from qkv.tasks.translation import TranslationConfig
-from qkv.tasks.translation_defaults import SMALL_CORPUS, size_to_data, suggested_steps
+from qkv.tasks import translation_defaults
+from qkv.tasks.translation import TranslationConfig, train_translation
+from qkv.tasks.translation_defaults import (
+    SMALL_CORPUS,
+    SizedChoices,
+    size_to_data,
+    sized_training,
+    suggested_steps,
+)
+from qkv.train import TrainConfig
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 
-def test_a_small_corpus_gets_a_small_vocabulary_and_more_dropout() -> None:
-    settings, overrides, notes = size_to_data(TranslationConfig(data="x.tsv"), 500)
-    assert settings.vocab_size == 1000 and overrides == {"dropout": 0.3}
-    assert notes[0].startswith("a small corpus (500 training pairs)")
-    text = "\n".join(notes)
-    for flag in ("--vocab-size", "--dropout", "--separate-vocab", "--copy", "--steps"):
+TINY = {"d_model": 64, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 2}
+
+
+def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
+    sized = size_to_data(TranslationConfig(data="x.tsv"), 500)
+    assert sized.settings.vocab_size == 1000
+    assert sized.model_overrides == {**TINY, "dropout": 0.1}
+    assert sized.training == {
+        "max_steps": 1000,
+        "max_minutes": None,
+        "lr": 3e-3,
+        "schedule": "cosine",
+        "eval_every": 200,
+        "keep_best": True,
+    }
+    assert sized.notes[0].startswith("a small corpus (500 training pairs)")
+    text = "\n".join(sized.notes)
+    flags = ("--vocab-size", "--preset", "--dropout", "--separate-vocab", "--copy", "--steps")
+    for flag in (*flags, "--lr", "--schedule", "--eval-every", "--no-keep-best"):
         assert flag in text
-    assert size_to_data(TranslationConfig(data="x.tsv"), 2000)[0].vocab_size == 4000
-    assert size_to_data(TranslationConfig(data="x.tsv"), 9000)[0].vocab_size == 8000
+    assert "--no-size-defaults" in text
+    assert "model size tiny (d_model 64, 2+2 layers, 4 heads)" in text
+    assert "1000 steps (about 60 passes over the data) at a peak learning rate of 0.003" in text
+    assert size_to_data(TranslationConfig(data="x.tsv"), 2000).settings.vocab_size == 4000
+    assert size_to_data(TranslationConfig(data="x.tsv"), 9000).settings.vocab_size == 8000
+    rnn = size_to_data(TranslationConfig(data="x.tsv", model="rnn"), 500).model_overrides
+    assert rnn == {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.1}
 
 
 def test_choices_the_user_made_are_kept() -> None:
-    given = TranslationConfig(data="x.tsv", vocab_size=300, model_overrides={"dropout": 0.05})
-    settings, overrides, notes = size_to_data(given, 500)
-    assert settings == given and overrides == {}
-    assert not any("vocabulary 300" in n or "dropout 0.3" in n for n in notes)
+    given = TranslationConfig(
+        data="x.tsv", vocab_size=300, preset="small", model_overrides={"dropout": 0.05}
+    )
+    sized = size_to_data(given, 500)
+    assert sized.settings == given and sized.model_overrides == {}
+    assert not any(w in n for n in sized.notes for w in ("BPE", "dropout", "model size"))
+    # a model field of the user's own wins over the sized model
+    width = TranslationConfig(data="x.tsv", model_overrides={"d_model": 32})
+    assert "d_model" not in size_to_data(width, 500).model_overrides
     chars = TranslationConfig(data="x.tsv", tokenizer="char")
-    assert size_to_data(chars, 500)[0].vocab_size is None  # characters need no vocabulary size
+    assert size_to_data(chars, 500).settings.vocab_size is None  # characters need no BPE size
     off = TranslationConfig(data="x.tsv", size_defaults=False)
-    assert size_to_data(off, 500) == (off, {}, [])
-    assert size_to_data(TranslationConfig(data="x.tsv"), SMALL_CORPUS)[2] == []
+    assert size_to_data(off, 500) == SizedChoices(off)
+    assert size_to_data(TranslationConfig(data="x.tsv"), SMALL_CORPUS) == SizedChoices(
+        TranslationConfig(data="x.tsv")
+    )
 
 
 def test_suggested_steps_are_bounded() -> None:
     assert suggested_steps(100, 64) == 1000
     assert suggested_steps(2000, 64) == 1900  # 60 passes of 32 batches
     assert suggested_steps(100_000, 64) == 8000
+    assert sized_training(2000, 64)["eval_every"] == 380  # five validations
+
+
+def test_cli_applies_the_sized_training_unless_limits_are_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a budget of a few steps stands in for the sized one (1,000 steps and more), to keep
+    # the test fast; what is checked is that it is applied, printed and overridable
+    budget = {"max_steps": 4, "max_minutes": None, "eval_every": 2, "keep_best": True}
+    monkeypatch.setattr(translation_defaults, "sized_training", lambda n, b: dict(budget))
+    data = tmp_path / "train.tsv"
+    data.write_text("".join(f"item {i} blue\tobjet {i} bleu\n" for i in range(60)))
+    argv = ["train", "translation", "--data", str(data), "--device", "cpu"]
+
+    def run(out: str, *flags: str) -> tuple[dict[str, Any], str, str]:
+        assert main([*argv, "--out", str(tmp_path / out), *flags]) == 0
+        captured = capsys.readouterr()
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        return config, captured.out, captured.err
+
+    config, out, err = run("open")
+    assert config["training"] | budget == config["training"]
+    assert "trained 4 steps" in out and "the weights of step" in out
+    assert "model size tiny" in err and config["model"]["d_model"] == 64
+    assert "limits given" not in err
+    # a training flag given is kept, the others still sized
+    config, out, _ = run("own-eval", "--eval-every", "1", "--no-keep-best")
+    assert config["training"]["eval_every"] == 1 and config["training"]["keep_best"] is False
+    assert config["training"]["max_steps"] == 4 and "trained 4 steps" in out
+    # limits of the user's own: the sized training does not apply, and the note says so
+    config, out, err = run("own-steps", "--steps", "3")
+    assert config["training"]["max_steps"] == 3 and config["training"]["keep_best"] is False
+    assert "the limits given replace the training sized to the data (max_steps=4" in err
+    # --preset replaces the sized model size
+    config, _, err = run("small", "--steps", "1", "--preset", "small")
+    assert config["model"]["d_model"] == 256 and "model size" not in err
 
 
 def test_cli_prints_the_choices_and_every_one_is_a_flag(
@@ -52,13 +122,13 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     argv = ["train", "translation", "--data", str(data), "--steps", "1"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "a small corpus (" in err and "BPE vocabulary 500" in err and "dropout 0.3" in err
+    assert "a small corpus (" in err and "BPE vocabulary 500" in err and "dropout 0.1" in err
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["model"]["dropout"] == 0.3 and config["translation"]["vocab_size"] == 500
+    assert config["model"]["dropout"] == 0.1 and config["translation"]["vocab_size"] == 500
     assert config["translation"]["model_overrides"] == {}  # resuming with the same flags is fine
     assert main([*argv, "--out", str(tmp_path / "a"), "--resume", "--steps", "2"]) == 0
     capsys.readouterr()
-    flags = ["--no-size-defaults", "--dropout", "0.1", "--vocab-size", "600"]
+    flags = ["--no-size-defaults", "--dropout", "0.2", "--vocab-size", "600"]
     assert (
         main(
             [
@@ -77,5 +147,21 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     )
     err = capsys.readouterr().err
     config = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert config["model"]["dropout"] == 0.1 and config["translation"]["size_defaults"] is False
+    assert config["model"]["dropout"] == 0.2 and config["translation"]["size_defaults"] is False
     assert "small corpus" not in err
+
+
+def test_library_runs_take_the_sized_training_only_without_a_train_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = {"max_steps": 3, "max_minutes": None, "eval_every": 3, "keep_best": True}
+    monkeypatch.setattr(translation_defaults, "sized_training", lambda n, b: dict(budget))
+    data = tmp_path / "train.tsv"
+    data.write_text("".join(f"item {i} red\tobjet {i} rouge\n" for i in range(40)))
+    settings = TranslationConfig(data=str(data), valid_size=4)
+    sized = train_translation(settings, None, tmp_path / "sized")
+    assert sized.result.state.step == 3 and sized.training is not None
+    assert sized.training.keep_best is True and sized.training.eval_every == 3
+    own = TrainConfig(max_steps=2, eval_every=2, device="cpu")
+    given = train_translation(settings, own, tmp_path / "given")
+    assert given.result.state.step == 2 and given.training == own

@@ -39,6 +39,7 @@ __all__ = [
     "add_training_args",
     "register",
     "training_config",
+    "training_given",
 ]
 
 #: What a new run uses for a training flag that is not given (shown in ``--help``).
@@ -183,9 +184,10 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 2000) -> None:
     )
     g.add_argument(
         "--keep-best",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="the model folder keeps the best-validated weights, not the last step's",
+        help="the model folder keeps the best-validated weights, not the last step's "
+        "(default: not kept, unless the task sizes it to the data)",
     )
     g.add_argument(
         "--log-every",
@@ -252,6 +254,15 @@ def training_config(
     return TrainConfig(
         **{**TRAINING_DEFAULTS, **own, **given}, max_steps=steps, max_minutes=minutes
     )
+
+
+def training_given(args: argparse.Namespace) -> set[str]:
+    """The :class:`~qkv.train.TrainConfig` fields the flags chose (``--steps`` or
+    ``--minutes`` chooses both limits): a task may size the others to its data."""
+    given = {name for name in TRAINING_DEFAULTS if getattr(args, name, None) is not None}
+    if args.steps is not None or args.minutes is not None:
+        given |= {"max_steps", "max_minutes"}
+    return given
 
 
 def task_settings(spec: TaskSpec[Any, Any], args: argparse.Namespace, base: Any) -> Any:
@@ -391,6 +402,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         backend=args.backend,
         context_parallel=args.context_parallel,
+        training_given=training_given(args),
         on_step=progress.on_step,
         on_eval=progress.on_eval,
         on_message=progress.message,
@@ -404,7 +416,8 @@ def _run(args: argparse.Namespace) -> int:
         if state.best_metric is None
         else f", best {metric} {state.best_metric:.4g} at step {state.best_step}"
     )
-    kept = f" (the weights of step {state.best_step})" if training.keep_best else ""
+    used = outcome.training or training  # with the choices sized to the data
+    kept = f" (the weights of step {state.best_step})" if used.keep_best else ""
     print(
         f"trained {state.step} steps in {state.elapsed_s:.0f}s ({outcome.result.stopped}{best}); "
         f"model folder: {outcome.out}{kept}"

@@ -48,7 +48,7 @@ import importlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -188,6 +188,11 @@ class Prepared:
         extra: more ``config.json`` keys (e.g. the labels of a classifier).
         notes: lines for the user about choices the task made (shown once, by the main
             process).
+        training: :class:`~qkv.train.TrainConfig` fields the task sized to its data (a small
+            corpus's step budget, say). When the caller left the step and time limits open,
+            each replaces the run's value unless the caller chose that field
+            (``training_given`` of :func:`train_task`); with limits of the caller's, none
+            does. A resumed run keeps its saved training, so this is for a new run only.
     """
 
     settings: Any
@@ -201,6 +206,7 @@ class Prepared:
     tokenizer: SavesToFolder | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,8 @@ class TrainOutcome:
         settings: the task settings the run used (saved in the folder).
         splits: the data the run read.
         resumed_from: the step a resumed run continued from (``None``: a new run).
+        training: the training settings the run used (saved in the folder; with a task's
+            choices sized to the data applied).
     """
 
     out: Path
@@ -277,6 +285,7 @@ class TrainOutcome:
     settings: Any
     splits: Splits[Any]
     resumed_from: int | None = None
+    training: TrainConfig | None = None
 
 
 class TaskSpec(ABC, Generic[SettingsT, PredictorT]):
@@ -557,6 +566,7 @@ def train_task(
     overwrite: bool = False,
     backend: str = "auto",
     context_parallel: int = 0,
+    training_given: Collection[str] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     on_eval: Callable[[EvalReport], None] | None = None,
     on_message: Callable[[str], None] | None = None,
@@ -581,6 +591,11 @@ def train_task(
             parallelism alone). The steps are those of data parallelism over the groups (not
             saved). Needs a model with ``set_context_parallel`` (the sentiment task's
             transformer classifier, dropout 0).
+        training_given: the :class:`~qkv.train.TrainConfig` fields the caller chose. When
+            the limits (``max_steps``, ``max_minutes``) are not among them, the task's
+            training choices sized to the data (:attr:`Prepared.training`) replace the other
+            fields. ``None``: every field when ``training`` is given, none when it is ``None``
+            (``qkv train`` passes the fields of the flags given).
         on_step, on_eval: progress callbacks (see :class:`~qkv.train.Trainer`).
         on_message: called with lines worth showing a user (data sizes of a split file, the
             step a run resumes from).
@@ -603,6 +618,7 @@ def train_task(
             folder,
             resume,
             backend,
+            _given_fields(training, training_given),
             say,
             on_step,
             on_eval,
@@ -619,6 +635,7 @@ def _train_in_folder(
     folder: Path,
     resume: bool,
     backend: str,
+    given: frozenset[str],
     say: Callable[[str], None],
     on_step: Callable[[StepReport], None] | None,
     on_eval: Callable[[EvalReport], None] | None,
@@ -653,6 +670,10 @@ def _train_in_folder(
         replicas, replica = replicas // context_parallel, replica // context_parallel
     for note in prepared.notes if context.is_main else []:
         say(note)
+    if not resume:
+        training, note = _sized_training(training, prepared.training, given)
+        if note and context.is_main:
+            say(note)
     state, resumed_from = None, None
     if resume:
         resumed_from = load_weights(prepared.model, folder)
@@ -703,7 +724,31 @@ def _train_in_folder(
         distributed=context,
     )
     result = trainer.fit(resume=state)
-    return TrainOutcome(folder, result, prepared.settings, splits, resumed_from)
+    return TrainOutcome(folder, result, prepared.settings, splits, resumed_from, training)
+
+
+def _given_fields(training: TrainConfig | None, given: Collection[str] | None) -> frozenset[str]:
+    """The TrainConfig fields a run must not change (see ``training_given``)."""
+    if given is not None:
+        return frozenset(given)
+    return frozenset() if training is None else frozenset(f.name for f in fields(TrainConfig))
+
+
+def _sized_training(
+    training: TrainConfig, sized: dict[str, Any], given: frozenset[str]
+) -> tuple[TrainConfig, str]:
+    """``training`` with the task's sized fields, and a note when they are not applied.
+
+    The sized fields go together with the step budget they size (a validation interval and
+    checkpoint selection fit a budget): with a step or time limit of the caller's, none
+    applies; otherwise each applies unless the caller chose that field.
+    """
+    if not sized:
+        return training, ""
+    if given & {"max_steps", "max_minutes"}:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sized.items())
+        return training, f"  the limits given replace the training sized to the data ({shown})"
+    return replace(training, **{k: v for k, v in sized.items() if k not in given}), ""
 
 
 def _context_parallel(

@@ -76,6 +76,8 @@ ModelKind = Literal["transformer", "rnn"]
 AttentionKind = Literal["bahdanau", "luong", "none"]
 Metric = Literal["exact_match", "chrf", "bleu", "loss"]
 TASK_NAME = "translation"
+#: The model size when ``preset`` is not given and the corpus is not small.
+DEFAULT_PRESET = "tiny"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class TranslationSettings(Settings):
         model: ``"transformer"`` or ``"rnn"``.
         attention: the RNN's attention, ``"bahdanau"``, ``"luong"`` or ``"none"`` (the
             Transformer always uses scaled dot-product attention: leave this ``None``).
-        preset: ``"tiny"``, ``"small"`` or ``"base"`` (see :mod:`qkv.models`).
+        preset: ``"tiny"``, ``"small"`` or ``"base"`` (see :mod:`qkv.models`); ``None``:
+            sized to a small corpus (:mod:`qkv.tasks.translation_defaults`), else ``"tiny"``.
         copy: copy attention (a pointer-generator switch, :mod:`qkv.models.copy`): the model
             can copy source tokens into its output, even ones its target vocabulary lacks
             (Transformer, or an RNN with attention).
@@ -97,7 +100,7 @@ class TranslationSettings(Settings):
             source token as ``<unk>`` and asks the model to copy it from its position (so that
             it learns to copy words it has never seen).
         size_defaults: below 10,000 training pairs, size the choices left open (BPE
-            vocabulary, dropout) to the corpus and say why
+            vocabulary, model size, dropout, step budget) to the corpus and say why
             (:mod:`qkv.tasks.translation_defaults`).
         model_overrides: fields of the model config to change, e.g. ``{"dropout": 0.0}``.
         tokenizer: ``"char"``, ``"bpe"``, or ``"auto"`` (characters for ``dates`` and
@@ -121,7 +124,7 @@ class TranslationSettings(Settings):
     data_options: dict[str, Any] = field(default_factory=dict)
     model: ModelKind = "transformer"
     attention: AttentionKind | None = None
-    preset: str = "tiny"
+    preset: str | None = None
     copy: bool = False
     copy_unknown_rate: float = 0.1
     size_defaults: bool = True
@@ -142,6 +145,7 @@ class TranslationSettings(Settings):
         _check_choice("model", self.model, ("transformer", "rnn"))
         _check_choice("tokenizer", self.tokenizer, ("auto", "char", "bpe"))
         _check_choice("metric", self.metric, ("exact_match", "chrf", "bleu", "loss"))
+        _check_choice("preset", self.preset, (None, "tiny", "small", "base"))
         if self.copy and self.model == "rnn" and self.attention == "none":
             raise ValueError(
                 "copy=True copies through the attention: an RNN with attention='none' has "
@@ -210,11 +214,11 @@ def build_translation_model(
         tie = "all" if tokenizer.shared else "decoder"
         options = {"tie_embeddings": tie, **config.model_overrides}
         kind = CopyTransformerConfig if config.copy else TransformerConfig
-        model_config = kind.from_name(config.preset, **sizes, **options)
+        model_config = kind.from_name(config.preset or DEFAULT_PRESET, **sizes, **options)
     else:
         options = {"attention": config.attention or "bahdanau", **config.model_overrides}
         rnn_kind = CopyRNNConfig if config.copy else RNNConfig
-        model_config = rnn_kind.from_name(config.preset, **sizes, **options)
+        model_config = rnn_kind.from_name(config.preset or DEFAULT_PRESET, **sizes, **options)
     as_dict = model_config.to_dict()
     model = build_model(as_dict)
     if config.copy:
@@ -414,7 +418,12 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             "the RNN's attention (default bahdanau); not for the Transformer",
             choices=("bahdanau", "luong", "none"),
         ),
-        Flag("--preset", "preset", "model size", choices=("tiny", "small", "base")),
+        Flag(
+            "--preset",
+            "preset",
+            "model size (default: sized to a small corpus, else tiny)",
+            choices=("tiny", "small", "base"),
+        ),
         Flag(
             "--copy",
             "copy",
@@ -445,7 +454,8 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
         Flag(
             "--no-size-defaults",
             None,
-            "keep vocabulary size and dropout at their defaults on a small corpus",
+            "keep vocabulary, model size, dropout and step budget at their defaults on a "
+            "small corpus",
             switch=True,
             apply=_no_size_defaults,
         ),
@@ -489,12 +499,13 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
     def prepare(
         self, settings: TranslationSettings, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
-        notes: list[str] = []
-        sized: dict[str, Any] = {}
-        if folder is None:  # a resumed run keeps the settings and model it saved
-            from qkv.tasks.translation_defaults import size_to_data
+        from qkv.tasks.translation_defaults import SizedChoices, size_to_data
 
-            settings, sized, notes = size_to_data(settings, len(splits.train))
+        # a resumed run keeps the settings, model and training it saved
+        choices = SizedChoices(settings)
+        if folder is None:
+            choices = size_to_data(settings, len(splits.train))
+        settings = choices.settings
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
@@ -507,7 +518,7 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             model_config = read_config(folder)["model"]
             model = _build_from_dict(model_config)
         else:
-            overrides = {**sized, **settings.model_overrides}
+            overrides = {**choices.model_overrides, **settings.model_overrides}
             model, model_config = build_translation_model(
                 replace(settings, model_overrides=overrides), tokenizer
             )
@@ -536,7 +547,8 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             batch_size=settings.batch_size,
             max_tokens=settings.max_tokens,
             tokenizer=tokenizer,
-            notes=notes,
+            notes=choices.notes,
+            training=choices.training,
         )
 
     def load(self, folder: Path, *, device: str = "auto") -> Translator:
