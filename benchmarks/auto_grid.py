@@ -3,8 +3,9 @@
 For every case (mask kind x N x dtype x pass) each exact backend that can serve it runs in
 round-robin with ``auto`` (so a busy machine slows them alike); a backend more than 1.5x slower
 than the best in the warm-up round is dropped from the timed rounds (it cannot be the fastest).
-Prints, per case, the median of every backend, which one ``auto`` picked, and ``auto`` over the
-fastest: the target is <= 1.02. ``--estimates`` adds the cost model's estimates beside them.
+A sample of a call under 0.1 s is the mean of enough calls to last about 0.1 s. Prints, per
+case, the median of every backend, which one ``auto`` picked, and ``auto`` over the fastest: the
+target is <= 1.02. ``--estimates`` adds the cost model's estimates beside them.
 
     python benchmarks/auto_grid.py                              # the whole grid (long)
     python benchmarks/auto_grid.py --n 4096 --dtypes float32 --rounds 3
@@ -30,6 +31,8 @@ from qkv.request import build_request
 KINDS = ("none", "causal", "window", "documents", "alibi", "relative")
 BACKENDS = ("sdpa", "cpu", "chunked", "reference")
 B, H, D = 1, 8, 64
+SAMPLE_SECONDS = 0.1
+MAX_REPEATS = 50
 
 
 def case_kwargs(kind: str, n: int) -> dict[str, Any]:
@@ -72,12 +75,16 @@ def measure(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, floa
         first[name] = time.perf_counter() - start
     best = min(t for n, t in first.items() if n != "auto")
     kept = {n: fn for n, fn in calls.items() if n == "auto" or first[n] <= 1.5 * best}
+    # a sample of a small call averages enough calls to last about SAMPLE_SECONDS: one call of
+    # a millisecond is at the mercy of the timer, the scheduler and the garbage collector
+    repeats = max(1, min(MAX_REPEATS, round(SAMPLE_SECONDS / best)))
     samples: dict[str, list[float]] = {n: [] for n in kept}
     for _ in range(rounds):
         for name, fn in kept.items():
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(repeats):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeats)
     out = {n: statistics.median(s) for n, s in samples.items()}
     out.update({n: float("nan") for n in calls if n not in kept})  # dropped: far slower
     return out

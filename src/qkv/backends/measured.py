@@ -11,7 +11,8 @@ machine and remembers the winner, like ``torch.backends.cudnn.benchmark``:
 - never for dropout (timing would draw random numbers) or ``return_weights``, and only on the
   CPU (on a GPU the estimates decide: timing there needs synchronisation, and a call may be
   inside a CUDA graph capture);
-- each candidate runs twice, interleaved, on detached copies of the inputs (forward, and backward
+- each candidate runs once untimed (its first call pays for allocations and caches), then
+  twice, interleaved, on detached copies of the inputs (forward, and backward
   with a random gradient when the call needs gradients), the faster of the two counting;
 - the class is the call's device, dtype, whether it trains, batch x heads, the head group size,
   ``Nq`` and ``Nk`` rounded to powers of two, the head dims, the mask's kinds and the fraction of
@@ -206,6 +207,8 @@ def measure_choice(request: AttentionRequest, candidates: Sequence[Any]) -> str:
     if grad:
         shape = (*copy.q.shape[:3], request.value_dim)
         grad_out = torch.randn(shape, generator=generator, device=request.device).to(request.dtype)
+    for backend in candidates:  # untimed: a first call pays for allocations and caches
+        _time_once(backend, copy, grad_out)
     best: dict[str, float] = {}
     for _ in range(2):
         for backend in candidates:
