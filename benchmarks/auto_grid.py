@@ -9,6 +9,7 @@ target is <= 1.02. ``--estimates`` adds the cost model's estimates beside them.
 
     python benchmarks/auto_grid.py                              # the whole grid (long)
     python benchmarks/auto_grid.py --n 4096 --dtypes float32 --rounds 3
+    python benchmarks/auto_grid.py --n 16384 --rounds 2 --skip chunked
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--estimates", action="store_true")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="peers not timed (auto still chooses among all)"
+    )
     args = parser.parse_args()
     print(f"B={B} H={H} D={D}, threads={torch.get_num_threads()}; median ms of {args.rounds}")
     head = " ".join(f"{b:>9}" for b in BACKENDS)
@@ -116,7 +120,9 @@ def main() -> None:
                     )
                     kwargs = case_kwargs(kind, n)
                     g = torch.randn(B, H, n, D, dtype=dtype) if grad_on else None
-                    names = [b for b in BACKENDS if able(b, q, k, v, kwargs)]
+                    names = [b for b in BACKENDS if b not in args.skip and able(b, q, k, v, kwargs)]
+                    if kind not in ("none", "causal") and n > 4096 and "sdpa" in names:
+                        names.remove("sdpa")  # a dense (N, N) mask or bias: never the fastest
                     if n > 4096 and "reference" in names:
                         names.remove("reference")  # O(N^2) memory: never the fastest there
                     with torch.set_grad_enabled(grad_on):

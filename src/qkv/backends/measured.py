@@ -48,7 +48,7 @@ from qkv.request import AttentionRequest
 __all__ = ["AMBIGUOUS", "MIN_SECONDS", "enabled", "known_choice", "measure_choice", "shape_class"]
 
 #: Estimates within this factor of the cheapest are too close to trust.
-AMBIGUOUS = 1.5
+AMBIGUOUS = 2.0
 #: Calls estimated below this many seconds are never measured (timing them costs more than a
 #: wrong choice could).
 MIN_SECONDS = 0.002
