@@ -193,3 +193,21 @@ def test_the_decode_step_benchmark_prints_each_backend_and_autos_pick(
         cells = line.split()
         assert cells[:4] == [kind, "2", "1", "40"] and cells[7] in ("sdpa", "cpu")
         assert float(cells[8]) >= 1.0 and cells[10] in ("sdpa", "cpu") and float(cells[-1]) > 0
+
+
+@pytest.mark.parametrize("scale", [None, -0.5, 0.0])
+def test_sdpa_decoding_step_needs_no_causal_mask_and_matches_float64(scale: float | None) -> None:
+    # one query row, bottom-right causal: it sees every key, so SDPA gets no mask (and no
+    # is_causal, which would be top-left); any scale, including the ones is_causal cannot take
+    from qkv.backends.sdpa import _sdpa_mask, is_plain
+
+    g = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(2, 6, n, 16, generator=g, dtype=torch.float64) for n in (1, 37, 37))
+    request = build_request(q, k, v, causal="bottom_right", scale=scale)
+    assert is_plain(request) and _sdpa_mask(request) == (None, False)
+    want = qkv.attention(q, k, v, causal="bottom_right", scale=scale, backend="reference")
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        got = qkv.attention(
+            *(t.to(dtype) for t in (q, k, v)), causal="bottom_right", scale=scale, backend="sdpa"
+        )
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

@@ -29,7 +29,7 @@ from qkv.backends.cpu.backend import (
     uses_half_gemm,
 )
 from qkv.backends.reference import ReferenceBackend
-from qkv.backends.sdpa import SdpaBackend, is_plain
+from qkv.backends.sdpa import SdpaBackend, is_plain, uses_is_causal
 from qkv.backends.triton.backend import TritonBackend
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
@@ -139,7 +139,7 @@ def sdpa_seconds(request: AttentionRequest) -> float:
     rates = device_rates(request.device)
     flops = 2.0 * request.score_elements * (request.head_dim + request.value_dim)
     plain = is_plain(request)
-    if plain and request.causal is not None:
+    if uses_is_causal(request):
         flops /= 2
     # SDPA's CPU kernels read K and V once per query head (grouped heads repeat them): the
     # floor of a call with few queries against a long cache

@@ -38,7 +38,7 @@ from qkv.backends.reference import reference_attention
 from qkv.request import AttentionRequest, stats_dtype
 from qkv.scores import is_additive
 
-__all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend", "is_plain"]
+__all__ = ["LOGIT_LIMIT_FOR_CPU_BACKWARD", "SdpaBackend", "is_plain", "uses_is_causal"]
 
 #: Largest bound on ``|q k^T * scale|`` for which SDPA serves a CPU call that needs gradients
 #: (float32 spacing there is 2, far from where ``exp`` of a rounding error overflows).
@@ -113,9 +113,20 @@ def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
     return not bound <= LOGIT_LIMIT_FOR_CPU_BACKWARD  # NaN/inf inputs count as overflowing
 
 
+def _causal_hides_nothing(request: AttentionRequest) -> bool:
+    """A bottom-right causal mask over one query row (a decoding step) shows it every key."""
+    return request.causal == "bottom_right" and request.q_len == 1
+
+
+def uses_is_causal(request: AttentionRequest) -> bool:
+    """Whether SDPA runs the call with ``is_causal=True`` (skipping the masked half)."""
+    return is_plain(request) and request.causal is not None and not _causal_hides_nothing(request)
+
+
 def is_plain(request: AttentionRequest) -> bool:
-    """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``)."""
-    if request.causal is None:
+    """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``), or a
+    causal mask that hides nothing."""
+    if request.causal is None or _causal_hides_nothing(request):
         plain_causal = True
     else:
         aligned = request.causal == "top_left" or request.q_len == request.kv_len
@@ -128,7 +139,7 @@ def is_plain(request: AttentionRequest) -> bool:
 def _sdpa_mask(request: AttentionRequest) -> tuple[Tensor | None, bool]:
     """SDPA's ``(attn_mask, is_causal)`` for the request's mask, causal flag and bias."""
     if is_plain(request):
-        return None, request.causal is not None
+        return None, uses_is_causal(request)
     bias = request.dense_bias()
     mask = request.mask_tile(request.full_q, request.full_kv)
     if bias is None:
