@@ -195,19 +195,39 @@ def test_the_decode_step_benchmark_prints_each_backend_and_autos_pick(
         assert float(cells[8]) >= 1.0 and cells[10] in ("sdpa", "cpu") and float(cells[-1]) > 0
 
 
+@pytest.mark.parametrize(
+    ("causal", "Nq", "Nk", "hides"),
+    [
+        ("bottom_right", 1, 37, False),  # a decoding step sees the whole cache
+        ("top_left", 5, 1, False),  # every query sees the one key
+        ("bottom_right", 2, 37, True),
+        ("top_left", 1, 2, True),
+    ],
+)
 @pytest.mark.parametrize("scale", [None, -0.5, 0.0])
-def test_sdpa_decoding_step_needs_no_causal_mask_and_matches_float64(scale: float | None) -> None:
-    # one query row, bottom-right causal: it sees every key, so SDPA gets no mask (and no
-    # is_causal, which would be top-left); any scale, including the ones is_causal cannot take
-    from qkv.backends.sdpa import _sdpa_mask, is_plain
+def test_a_causal_flag_that_hides_no_key_is_dropped_and_every_backend_agrees(
+    causal: str, Nq: int, Nk: int, hides: bool, scale: float | None
+) -> None:
+    # the request keeps causal only where it hides a key, so a decoding step runs unmasked
+    # everywhere (SDPA's is_causal would be top-left, and cannot take scale <= 0)
+    from qkv.backends.sdpa import _sdpa_mask
 
-    g = torch.Generator().manual_seed(23)
-    q, k, v = (torch.randn(2, 6, n, 16, generator=g, dtype=torch.float64) for n in (1, 37, 37))
-    request = build_request(q, k, v, causal="bottom_right", scale=scale)
-    assert is_plain(request) and _sdpa_mask(request) == (None, False)
-    want = qkv.attention(q, k, v, causal="bottom_right", scale=scale, backend="reference")
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        got = qkv.attention(
-            *(t.to(dtype) for t in (q, k, v)), causal="bottom_right", scale=scale, backend="sdpa"
-        )
-        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    g = torch.Generator().manual_seed(23 + Nq + Nk)
+    q = torch.randn(2, 6, Nq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, Nk, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    request = build_request(q, k, v, causal=causal, scale=scale)
+    assert (request.causal is not None) == hides
+    if not hides:
+        assert request.whole_mask is None and _sdpa_mask(request) == (None, False)
+    offset = 0 if causal == "top_left" else Nk - Nq
+    keep = torch.arange(Nk)[None, :] <= torch.arange(Nq)[:, None] + offset  # (Nq, Nk)
+    scores = (
+        q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * (16**-0.5 if scale is None else scale)
+    )
+    want = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    for backend in ("reference", "sdpa", "cpu", "chunked"):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            got = qkv.attention(
+                *(t.to(dtype) for t in (q, k, v)), causal=causal, scale=scale, backend=backend
+            )
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=backend)

@@ -564,9 +564,27 @@ def tile_edges(bounds: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     return bounds[:-1].view(shape), (bounds[1:] - 1).view(shape)
 
 
+def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``shapes`` broadcast to, as :func:`torch.broadcast_shapes` gives it.
+
+    Plain arithmetic: ``torch.broadcast_shapes`` goes through PyTorch's symbolic-shape
+    reference code, about 0.3 ms a call, which was a sixth of a 4,096-token decoding step.
+    """
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for axis, size in enumerate(shape, start=rank - len(shape)):
+            if size == out[axis] or size == 1:
+                continue
+            if out[axis] != 1:
+                raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast together")
+            out[axis] = size
+    return tuple(out)
+
+
 def tile_states(full: Tensor, empty: Tensor) -> Tensor:
     """Tile states from where the tiles are known full / empty (PARTIAL elsewhere)."""
-    out = torch.full(torch.broadcast_shapes(full.shape, empty.shape), PARTIAL, dtype=torch.int8)
+    out = torch.full(broadcast_shape(full.shape, empty.shape), PARTIAL, dtype=torch.int8)
     return out.masked_fill_(full, FULL).masked_fill_(empty, EMPTY)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from qkv import masks as M
+from qkv.mask_core import broadcast_shape
 from qkv.masks import MaskFn, MaskFunction
 from qkv.scores import ScoreFunction, ScoreMod, check_score_call, is_additive
 
@@ -182,7 +183,7 @@ class AttentionRequest:
     def evaluate_mask(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         """:attr:`whole_mask` on broadcastable index tensors (any selection of batch entries,
         heads, queries and keys), checked as :meth:`mask_tile` checks a tile."""
-        target = tuple(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
+        target = broadcast_shape(b.shape, h.shape, q_idx.shape, kv_idx.shape)
         return self._checked_mask(
             lambda m: m(b, h, q_idx, kv_idx),
             target,
@@ -352,7 +353,7 @@ def build_request(
         mask=mask_value,
         bias=bias_tensor,
         score_mod=score_mod,
-        causal=_check_causal(causal),
+        causal=_causal_that_hides(_check_causal(causal), q.shape[2], k.shape[2]),
         scale=_check_scale(scale, q.shape[-1]),
         dropout_p=_check_dropout(dropout_p),
         return_weights=bool(return_weights),
@@ -482,6 +483,18 @@ def _check_causal(causal: CausalArg) -> CausalAlignment | None:
     if causal in ("top_left", "bottom_right"):
         return causal
     raise ValueError(f'causal must be False, True, "top_left" or "bottom_right"; got {causal!r}')
+
+
+def _causal_that_hides(
+    causal: CausalAlignment | None, q_len: int, kv_len: int
+) -> CausalAlignment | None:
+    """``causal``, or None where it hides no key from any query: a decoding step (one query,
+    bottom-right) or a single key. Every backend then runs the call unmasked, which is exact
+    and skips the mask's tile classification, lowering and SDPA's mask tensor."""
+    if causal is None:
+        return None
+    offset = 0 if causal == "top_left" else kv_len - q_len
+    return None if offset >= kv_len - 1 else causal  # query 0 already sees key Nk - 1
 
 
 def _check_scale(scale: float | None, head_dim: int) -> float:

@@ -113,20 +113,15 @@ def _cpu_backward_may_overflow(request: AttentionRequest) -> bool:
     return not bound <= LOGIT_LIMIT_FOR_CPU_BACKWARD  # NaN/inf inputs count as overflowing
 
 
-def _causal_hides_nothing(request: AttentionRequest) -> bool:
-    """A bottom-right causal mask over one query row (a decoding step) shows it every key."""
-    return request.causal == "bottom_right" and request.q_len == 1
-
-
 def uses_is_causal(request: AttentionRequest) -> bool:
     """Whether SDPA runs the call with ``is_causal=True`` (skipping the masked half)."""
-    return is_plain(request) and request.causal is not None and not _causal_hides_nothing(request)
+    return is_plain(request) and request.causal is not None
 
 
 def is_plain(request: AttentionRequest) -> bool:
-    """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``), or a
-    causal mask that hides nothing."""
-    if request.causal is None or _causal_hides_nothing(request):
+    """No mask and no bias beyond what ``is_causal`` expresses (which needs ``scale > 0``; a
+    causal flag that hides nothing was dropped when the request was built)."""
+    if request.causal is None:
         plain_causal = True
     else:
         aligned = request.causal == "top_left" or request.q_len == request.kv_len

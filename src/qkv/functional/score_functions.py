@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from qkv.mask_core import broadcast_shape
 from qkv.numerics import masked_softmax
 from qkv.request import broadcasts_to, stats_dtype
 
@@ -223,7 +224,7 @@ def additive_attention(
     pk = k @ w_k.T  # (..., Nk, H)
     if bias is not None:
         pk = pk + bias
-    lead = torch.broadcast_shapes(pq.shape[:-2], pk.shape[:-2])
+    lead = broadcast_shape(pq.shape[:-2], pk.shape[:-2])
     row_bytes = math.prod(lead) * pk.shape[-2] * pk.shape[-1] * pk.element_size()
     rows = max(1, chunk_bytes // max(row_bytes, 1))
     recompute = torch.is_grad_enabled() and any(

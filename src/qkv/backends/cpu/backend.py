@@ -26,6 +26,7 @@ path: float32, float64, the half-precision GEMMs and decoding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from qkv.backends.block_mask import EMPTY, UNKNOWN, BlockMask, block_mask_for, request_status
+from qkv.backends.block_mask import EMPTY, FULL, UNKNOWN, BlockMask, block_mask_for, request_status
 from qkv.backends.cpu.build import kernel_status, load_kernel
 from qkv.backends.cpu.plan import KernelPlan, plan_request
 from qkv.backends.reference import reference_attention_lse, reference_gradients
@@ -53,6 +54,7 @@ TILE_OVERHEAD_SCORES = 2048
 
 _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
+_EMPTY_DOUBLE = torch.empty(0, dtype=torch.float64)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,6 +141,40 @@ def _expanded_bias(bias: Tensor | None, shape: tuple[int, ...], dtype: torch.dty
     return bias.expand(shape)
 
 
+@dataclass(frozen=True, eq=False)
+class _Forward:
+    """The kernel's forward results and the operands it ran on (what backward reuses)."""
+
+    out: Tensor  # (B, Hq, Nq, Dv) in the compute dtype
+    lse: Tensor  # (B, Hq, Nq), +inf on rows attending nothing
+    qc: Tensor
+    kc: Tensor
+    vc: Tensor
+    bias_e: Tensor
+    mod_tables: list[Tensor]
+
+
+def _run_forward(
+    call: _Call, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, tables: tuple[Tensor, ...]
+) -> _Forward:
+    ops = load_kernel()
+    cd = compute_dtype(q.dtype)
+    half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
+    io = q.dtype if half else cd  # the half path reads q, k, v in their own type
+    # k and v keep their layout: the kernel reads a KV cache's slice in place when
+    # decoding and makes its own dense copy otherwise
+    qc = q.detach().to(io).contiguous()
+    kc, vc = (t.detach().to(io) for t in (k, v))
+    bias_e = _expanded_bias(bias, call.shape, cd)
+    mod_tables = call.tables(tables, cd)
+    out, lse = ops.forward(  # type: ignore[attr-defined]
+        qc, kc, vc, call.scale, call.status, call.tile_q, call.tile_kv, call.row_lo,
+        call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
+        call.mod_value, call.mod_int, mod_tables,
+    )  # fmt: skip
+    return _Forward(out, lse, qc, kc, vc, bias_e, mod_tables)
+
+
 class _CpuAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -150,29 +186,15 @@ class _CpuAttention(torch.autograd.Function):
         bias: Tensor | None,
         *tables: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        ops = load_kernel()
-        cd = compute_dtype(q.dtype)
-        half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
-        io = q.dtype if half else cd  # the half path reads q, k, v in their own type
-        # k and v keep their layout: the kernel reads a KV cache's slice in place when
-        # decoding and makes its own dense copy otherwise
-        qc = q.detach().to(io).contiguous()
-        kc, vc = (t.detach().to(io) for t in (k, v))
-        bias_e = _expanded_bias(bias, call.shape, cd)
-        mod_tables = call.tables(tables, cd)
-        out, lse = ops.forward(  # type: ignore[attr-defined]
-            qc, kc, vc, call.scale, call.status, call.tile_q, call.tile_kv, call.row_lo,
-            call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
-            call.mod_value, call.mod_int, mod_tables,
-        )  # fmt: skip
-        ctx.save_for_backward(qc, kc, vc, out, lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
+        run = _run_forward(call, q, k, v, bias, tables)
+        ctx.save_for_backward(run.qc, run.kc, run.vc, run.out, run.lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
         ctx.call = call  # type: ignore[attr-defined]
-        ctx.bias_e = bias_e  # type: ignore[attr-defined]
+        ctx.bias_e = run.bias_e  # type: ignore[attr-defined]
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)  # type: ignore[attr-defined]
-        ctx.mod_tables = mod_tables  # type: ignore[attr-defined]
+        ctx.mod_tables = run.mod_tables  # type: ignore[attr-defined]
         ctx.table_dtypes = [t.dtype for t in tables]  # type: ignore[attr-defined]
         ctx.in_dtype = q.dtype  # type: ignore[attr-defined]
-        return out.to(q.dtype), lse  # lse: (B, Hq, Nq), +inf on rows attending nothing
+        return run.out.to(q.dtype), run.lse  # lse: (B, Hq, Nq), +inf on rows attending nothing
 
     @staticmethod
     def backward(
@@ -254,8 +276,27 @@ def _with_lse_gradient(
     return v, out, grad_out
 
 
-def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
+@functools.lru_cache(maxsize=64)
+def _all_full(q_tiles: int, kv_tiles: int) -> Tensor:
+    """The tile states of a call without a mask (the kernel only reads them)."""
+    return torch.full((q_tiles, kv_tiles), FULL, dtype=torch.int8)
+
+
+def _status_of(request: AttentionRequest, tile_q: int, tile_kv: int) -> tuple[Tensor, int, int]:
+    """``(status, tile_q, tile_kv)``: the tile states the kernel runs, at a block mask's own
+    tile sizes when the mask is one."""
+    if request.whole_mask is None:  # a decoding step, or no mask at all: no census to take
+        return (
+            _all_full(-(-request.q_len // tile_q), -(-request.kv_len // tile_kv)),
+            tile_q,
+            tile_kv,
+        )
     block = block_mask_for(request, tile_q, tile_kv)
+    return block.status.contiguous(), block.tile_q, block.tile_kv
+
+
+def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: int) -> _Call:
+    status, tile_q, tile_kv = _status_of(request, tile_q, tile_kv)
     mask, mods = plan.mask, plan.modifiers
     fixed: list[Tensor | None] = []
     for m in mods:
@@ -263,9 +304,9 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         fixed.append(None if learnable else (m.table if m.table is not None else _EMPTY_LONG))
     return _Call(
         scale=request.scale,
-        status=block.status.contiguous(),
-        tile_q=block.tile_q,
-        tile_kv=block.tile_kv,
+        status=status,
+        tile_q=tile_q,
+        tile_kv=tile_kv,
         row_lo=_EMPTY_LONG if mask.lo is None else mask.lo,
         row_hi=_EMPTY_LONG if mask.hi is None else mask.hi,
         doc_q=_EMPTY_LONG if mask.doc_q is None else mask.doc_q,
@@ -273,9 +314,13 @@ def _call_of(request: AttentionRequest, plan: KernelPlan, tile_q: int, tile_kv: 
         dense=_EMPTY_BOOL
         if mask.dense is None
         else mask.dense.expand(request.batch, request.q_heads, request.q_len, request.kv_len),
-        mod_kind=torch.tensor([m.kind for m in mods], dtype=torch.long),
-        mod_value=torch.tensor([m.value for m in mods], dtype=torch.float64),
-        mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1),
+        mod_kind=torch.tensor([m.kind for m in mods], dtype=torch.long) if mods else _EMPTY_LONG,
+        mod_value=torch.tensor([m.value for m in mods], dtype=torch.float64)
+        if mods
+        else _EMPTY_DOUBLE,
+        mod_int=torch.tensor([[m.offset, m.max_distance] for m in mods], dtype=torch.long).view(-1)
+        if mods
+        else _EMPTY_LONG,
         fixed_tables=tuple(fixed),
         shape=(request.batch, request.q_heads, request.q_len, request.kv_len),
         request=request,
@@ -366,7 +411,13 @@ def cpu_attention_lse(
         for m, fixed in zip(plan.modifiers, call.fixed_tables, strict=True)
         if fixed is None and m.table is not None
     )
-    out, lse = _CpuAttention.apply(call, request.q, request.k, request.v, request.bias, *learnable)
+    if request.needs_grad or any(t.requires_grad for t in learnable):
+        out, lse = _CpuAttention.apply(
+            call, request.q, request.k, request.v, request.bias, *learnable
+        )
+    else:  # nothing to differentiate (inference, decoding): no autograd node to build
+        run = _run_forward(call, request.q, request.k, request.v, request.bias, learnable)
+        out, lse = run.out.to(request.dtype), run.lse
     if request.return_lse:  # the kernel keeps +inf on rows attending nothing; callers get -inf
         lse = torch.where(lse == float("inf"), float("-inf"), lse)
     return out, lse
