@@ -243,6 +243,57 @@ def test_tile_choice_narrows_for_windows_and_stays_wide_without_mask() -> None:
     assert narrow == (KERNEL_TILE_Q, 64)
 
 
+def test_tall_tiles_only_for_forward_calls_streaming_much_k_and_v() -> None:
+    # 8 heads x 16384 keys x (64 + 64) float32 values: 8 MiB of K and V per query tile
+    q = torch.empty(1, 8, 16384, 64)
+    assert choose_tiles(build_request(q, q, q)) == (512, 512)
+    assert choose_tiles(build_request(q, q, q, causal=True)) == (512, 512)
+    window = build_request(q, q, q, mask=masks.sliding_window(255), causal=True)
+    assert choose_tiles(window)[0] == KERNEL_TILE_Q  # a window reads few keys per query tile
+    short = torch.empty(1, 8, 4096, 64)  # 2 MiB
+    assert choose_tiles(build_request(short, short, short))[0] == KERNEL_TILE_Q
+    trained = q.clone().requires_grad_()
+    assert choose_tiles(build_request(trained, q, q))[0] == KERNEL_TILE_Q
+    one_head = torch.empty(1, 1, 16384, 64)  # 512-row tiles would leave 32 tasks
+    assert choose_tiles(build_request(one_head, one_head, one_head)) == (256, 512)
+    step = torch.empty(8, 8, 1, 64)  # decoding: one query tile reads K and V once
+    assert (
+        choose_tiles(build_request(step, q.expand(8, -1, -1, -1), q.expand(8, -1, -1, -1)))[0]
+        == KERNEL_TILE_Q
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"causal": True}, {"mask": masks.sliding_window(200)}, {}],
+    ids=["causal", "window", "none"],
+)
+def test_tall_tiles_match_float64(
+    small_tiles: CpuBackend, dtype: torch.dtype, kwargs: dict[str, object]
+) -> None:
+    # the kernel at the tall tile sizes, forward and backward, partial last tiles included
+    x = random_inputs(1, 4, 2, 1000, 1100, 16, seed=31)
+    for tile_q, tile_kv in cpu_backend.TALL_TILES:
+        small_tiles.tile_q, small_tiles.tile_kv = tile_q, tile_kv
+        compare(x, dtype, 31, **kwargs)
+
+
+def test_tile_states_pooled_from_finer_tiles_equal_their_own_classification() -> None:
+    from qkv.backends.block_mask import hinted_status, request_status
+
+    g = torch.Generator().manual_seed(5)
+    docs = torch.randint(0, 6, (1000,), generator=g).sort().values
+    for mask in (masks.sliding_window(70), masks.document(docs) & masks.causal()):
+        request = build_request(torch.empty(1, 1, 1000, 8), torch.empty(1, 1, 1000, 8),
+                                torch.empty(1, 1, 1000, 8), mask=mask)  # fmt: skip
+        request_status(request, 64, 64, resolve=False)  # the finest grid first
+        for tq, tk in ((128, 64), (64, 256), (256, 512), (512, 128)):
+            pooled = request_status(request, tq, tk, resolve=False)
+            direct = hinted_status(request.whole_mask, 1000, 1000, tq, tk)
+            assert torch.equal(pooled, direct), (mask, tq, tk)
+
+
 UNSERVED = {
     "dropout": ({"dropout_p": 0.1}, "dropout"),
     "weights": ({"return_weights": True}, "probabilities"),

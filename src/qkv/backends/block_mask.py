@@ -449,10 +449,13 @@ def request_status(
         return known
     hinted = per_request.get((tile_q, tile_kv, False))
     if hinted is None:
-        finer = [w for (tq, w, r) in per_request if tq == tile_q and not r and tile_kv % w == 0]
-        if finer:  # pooled from a finer key width: no second pass over the mask
-            width = min(finer)
-            hinted = _pool_columns(per_request[(tile_q, width, False)], tile_kv // width)
+        finer = [
+            (tq, w) for (tq, w, r) in per_request if not r and tile_q % tq == 0 and tile_kv % w == 0
+        ]
+        if finer:  # pooled from finer tiles: no second pass over the mask
+            height, width = max(finer)
+            hinted = _pool_columns(per_request[(height, width, False)], tile_kv // width)
+            hinted = _pool_columns(hinted.T, tile_q // height).T.contiguous()
         else:
             hinted = hinted_status(
                 request.whole_mask, request.q_len, request.kv_len, tile_q, tile_kv
@@ -469,7 +472,8 @@ def request_status(
 
 def _pool_columns(status: Tensor, factor: int) -> Tensor:
     """Tile states of key tiles ``factor`` times wider: EMPTY or FULL where every narrow tile
-    is, UNKNOWN where one is, PARTIAL otherwise (exact: a tile is full iff its parts are)."""
+    is, UNKNOWN where one is, PARTIAL otherwise (exact: a tile is full iff its parts are).
+    Query tiles pool the same way, on the transpose."""
     if factor == 1:
         return status
     rows, cols = status.shape

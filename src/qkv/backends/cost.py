@@ -22,8 +22,6 @@ from torch import Tensor
 from qkv.backends.block_mask import EMPTY, FULL, UNKNOWN, request_status
 from qkv.backends.chunked import ChunkedBackend
 from qkv.backends.cpu.backend import (
-    TILE_KV_CHOICES,
-    TILE_Q,
     CpuBackend,
     compute_dtype,
     uses_half_gemm,
@@ -356,9 +354,10 @@ def cpu_bytes(backend: CpuBackend, request: AttentionRequest) -> int:
     if request.dtype in (torch.float16, torch.bfloat16):
         # float32 copies, or the half path's repacked operands (about the same)
         total += elements * cd_bytes
-    # Each thread's few tiles (256 KiB of float32 each) are counted once, so that the estimate
-    # does not depend on the thread count.
-    total += 4 * TILE_Q * max(TILE_KV_CHOICES) * cd_bytes
+    # Each thread's few tiles (up to 1 MiB of float32 each) are counted once, so that the
+    # estimate does not depend on the thread count.
+    census = backend.census(request)
+    total += 4 * census.tile_q * census.tile_kv * cd_bytes
     if request.needs_grad:
         total += elements * cd_bytes * 2
     return total
