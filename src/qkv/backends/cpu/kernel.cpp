@@ -217,6 +217,19 @@ inline float exp_sum_row(float* __restrict s, int n, float shift) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+
+// exp_row for float (backward: P rebuilt from the scores and the log-sum-exp).
+inline void exp_row(float* __restrict s, int n, float shift, float scale = 1.0f) {
+  const __m512 to_base2 = _mm512_set1_ps(kLog2e), lse = _mm512_set1_ps(shift);
+  const __m512 factor = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : first_lanes(n - c);
+    const __m512 x = _mm512_maskz_loadu_ps(m, s + c);
+    const __mmask16 hidden = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
+    const __m512 e = exp2_16(_mm512_mul_ps(_mm512_fmsub_ps(x, factor, lse), to_base2));
+    _mm512_mask_storeu_ps(s + c, m, _mm512_maskz_mov_ps(static_cast<__mmask16>(~hidden), e));
+  }
+}
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
