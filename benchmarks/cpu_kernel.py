@@ -81,7 +81,21 @@ def build_previous(rev: str) -> object:
         extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
     )  # fmt: skip
     print(f"previous kernel ({rev}) ready ({time.perf_counter() - start:.1f} s)")
-    return torch.ops.qkv_cpu_prev
+    return _OlderSchema(torch.ops.qkv_cpu_prev)
+
+
+class _OlderSchema:
+    """A previous kernel's ops, called with as many arguments as its schema has: the current
+    Python side may pass trailing arguments an older kernel lacks (their defaults keep the old
+    behaviour)."""
+
+    def __init__(self, ops: Any) -> None:
+        self._ops = ops
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        op = getattr(self._ops, name)
+        count = len(op.default._schema.arguments)
+        return lambda *args: op(*args[:count])
 
 
 @contextlib.contextmanager

@@ -412,6 +412,32 @@ def test_bfloat16_on_the_half_gemms_with_shipped_tiles(
 
 
 @needs_bf16_gemm
+@pytest.mark.parametrize("head_dim", [16, 7])
+def test_bfloat16_inference_writes_the_output_the_training_path_rounds(head_dim: int) -> None:
+    # without gradients the kernel writes bfloat16 itself; it must be the float32 output of the
+    # training path rounded to nearest even, NaN rows and rows attending nothing included
+    x = random_inputs(2, 4, 2, 150, 170, head_dim, seed=13)
+    q, k, v = (t.to(torch.bfloat16) for t in (x.q, x.k, x.v))
+    q[0, 1, 5, 0] = float("nan")  # one NaN row
+    keep = torch.ones(150, 170, dtype=torch.bool)
+    keep[7] = False  # one row attending nothing
+    kwargs: dict[str, object] = {"mask": keep, "causal": "bottom_right"}
+    with torch.no_grad():
+        inferred = qkv.attention(q, k, v, backend="cpu", **kwargs)  # type: ignore[arg-type]
+    trained = qkv.attention(
+        q.requires_grad_(),
+        k,
+        v,
+        backend="cpu",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert inferred.dtype == torch.bfloat16
+    assert torch.equal(inferred.isnan(), trained.isnan()) and inferred[0, 1, 5].isnan().all()
+    assert torch.equal(inferred.nan_to_num(), trained.detach().nan_to_num())
+    assert torch.equal(inferred[:, :, 7], torch.zeros_like(inferred[:, :, 7]))
+
+
+@needs_bf16_gemm
 def test_bfloat16_runs_on_the_half_gemms_and_explain_says_so(
     small_tiles: CpuBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -159,7 +159,7 @@ def _expanded_bias(bias: Tensor | None, shape: tuple[int, ...], dtype: torch.dty
 class _Forward:
     """The kernel's forward results and the operands it ran on (what backward reuses)."""
 
-    out: Tensor  # (B, Hq, Nq, Dv) in the compute dtype
+    out: Tensor  # (B, Hq, Nq, Dv) in the compute dtype, or a half input type (see below)
     lse: Tensor  # (B, Hq, Nq), +inf on rows attending nothing
     qc: Tensor
     kc: Tensor
@@ -169,8 +169,18 @@ class _Forward:
 
 
 def _run_forward(
-    call: _Call, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, tables: tuple[Tensor, ...]
+    call: _Call,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    tables: tuple[Tensor, ...],
+    *,
+    for_backward: bool,
 ) -> _Forward:
+    """One forward on the kernel. Without ``for_backward`` the half path writes its output in
+    the input type (a float32 output the size of ``q`` and its conversion cost a tenth of a long
+    bfloat16 forward, in freshly mapped pages mostly); backward reads the float32 one."""
     ops = load_kernel()
     cd = compute_dtype(q.dtype)
     half = uses_half_gemm(q.dtype, call.tile_q, call.tile_kv)
@@ -184,7 +194,7 @@ def _run_forward(
     out, lse = ops.forward(  # type: ignore[attr-defined]
         qc, kc, vc, call.scale, call.status, call.tile_q, call.tile_kv, call.row_lo,
         call.row_hi, call.doc_q, call.doc_k, call.dense, bias_e, call.mod_kind,
-        call.mod_value, call.mod_int, mod_tables,
+        call.mod_value, call.mod_int, mod_tables, half and not for_backward,
     )  # fmt: skip
     return _Forward(out, lse, qc, kc, vc, bias_e, mod_tables)
 
@@ -200,7 +210,7 @@ class _CpuAttention(torch.autograd.Function):
         bias: Tensor | None,
         *tables: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        run = _run_forward(call, q, k, v, bias, tables)
+        run = _run_forward(call, q, k, v, bias, tables, for_backward=True)
         ctx.save_for_backward(run.qc, run.kc, run.vc, run.out, run.lse, q, k, v, bias, *tables)  # type: ignore[arg-type]
         ctx.call = call  # type: ignore[attr-defined]
         ctx.bias_e = run.bias_e  # type: ignore[attr-defined]
@@ -457,7 +467,9 @@ def cpu_attention_lse(
             call, request.q, request.k, request.v, request.bias, *learnable
         )
     else:  # nothing to differentiate (inference, decoding): no autograd node to build
-        run = _run_forward(call, request.q, request.k, request.v, request.bias, learnable)
+        run = _run_forward(
+            call, request.q, request.k, request.v, request.bias, learnable, for_backward=False
+        )
         out, lse = run.out.to(request.dtype), run.lse
     if request.return_lse:  # the kernel keeps +inf on rows attending nothing; callers get -inf
         lse = torch.where(lse == float("inf"), float("-inf"), lse)

@@ -4,8 +4,10 @@
 //
 // Layout: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all contiguous, in the
 // compute type (float or double), or in bfloat16 / float16 for the half-precision GEMM path and
-// decoding (both below; everything besides q, k, v and the output gradient then is float). Query head h reads key/value
-// head h / G (grouped heads without copies). The tile grid is `status` (nQ, nK) int8:
+// decoding (both below; everything besides q, k, v and the output gradient then is float; the
+// half path writes its output in the input type when the forward takes `half_out`, which the
+// caller sets where nothing will differentiate the call). Query head h reads key/value head
+// h / G (grouped heads without copies). The tile grid is `status` (nQ, nK) int8:
 // 0 EMPTY (skipped), 1 PARTIAL (mask evaluated), 2 FULL (mask never evaluated).
 //
 // The mask of a PARTIAL tile: keys outside every interval [row_lo[i], row_hi[i]) of the row
@@ -297,20 +299,28 @@ void online_softmax_tile(T* s, int ld, int64_t rows, int cols, T* m, T* l, T* ac
 
 // Output rows and log-sum-exp from the accumulators of a finished row block: acc / l and
 // m + log(l); +inf lse (and zero output) on a row attending nothing, NaN output and lse on a
-// NaN row.
-template <typename T>
-void finish_rows(int rows, const T* m, const T* l, const T* acc, int64_t Dv, T* o, T* ls) {
+// NaN row. The output is written as O: T, or the half type of a half-precision call's inputs
+// (rounded to nearest even) when nothing will differentiate it.
+template <typename T, typename O>
+void finish_rows(int rows, const T* m, const T* l, const T* acc, int64_t Dv, O* o, T* ls) {
   constexpr T nan = std::numeric_limits<T>::quiet_NaN();
   for (int r = 0; r < rows; ++r) {
-    T* orow = o + r * Dv;
+    O* orow = o + r * Dv;
     if (std::isnan(l[r])) {
-      std::fill(orow, orow + Dv, nan);
+      std::fill(orow, orow + Dv, O(nan));
       ls[r] = nan;
       continue;
     }
     const bool seen = l[r] > 0;
     const T inv = seen ? T(1) / l[r] : T(0);
-    for (int64_t c = 0; c < Dv; ++c) orow[c] = acc[r * Dv + c] * inv;
+#pragma omp simd
+    for (int64_t c = 0; c < Dv; ++c) {
+      const T x = acc[r * Dv + c] * inv;
+      if constexpr (std::is_same_v<O, T>)
+        orow[c] = x;
+      else
+        orow[c] = round_to<O>(x);
+    }
     ls[r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<T>::infinity();
   }
 }
@@ -959,8 +969,8 @@ void round_tile_both(const float* s, int lds, int rows, int cols, float mul, H* 
     for (int c = 0; c < cols; ++c) out_t[static_cast<int64_t>(c) * ldt + rows] = H(0.0f);
 }
 
-template <typename H>
-void forward_half(const Problem<float>& P, const HalfOperands<H>& X, float* out, float* lse) {
+template <typename H, typename O>
+void forward_half(const Problem<float>& P, const HalfOperands<H>& X, O* out, float* lse) {
   const int64_t tasks = P.B * P.Hq * P.nQ;
   // the softmax scales the scores where no bias or modifier needs them scaled first
   const bool fold_scale = !P.modifies() && P.scale > 0;
@@ -1495,15 +1505,19 @@ std::vector<at::Tensor> forward_half_typed(
     const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
     const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
     const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
-    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables,
+    bool half_out) {
   HalfCall<H> call(q, k, v, tile_q, tile_kv);
   auto P = make_problem<float>(call.q, pad_even(k, 3), pad_even(v, 3), scale, status, tile_q,
                                tile_kv, row_lo, row_hi, doc_q, doc_k, dense, bias, mod_kind,
                                mod_value, mod_int, mod_tables);
   const auto opts = q.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({P.B, P.Hq, P.Nq, P.Dv}, opts);
+  at::Tensor out = at::empty({P.B, P.Hq, P.Nq, P.Dv}, half_out ? q.options() : opts);
   at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, opts);
-  forward_half(P, call.X, out.data_ptr<float>(), lse.data_ptr<float>());
+  if (half_out)
+    forward_half(P, call.X, out.data_ptr<H>(), lse.data_ptr<float>());
+  else
+    forward_half(P, call.X, out.data_ptr<float>(), lse.data_ptr<float>());
   return {out.narrow(3, 0, v.size(3)).contiguous(), lse};
 }
 
@@ -1586,7 +1600,8 @@ std::vector<at::Tensor> attention_forward(
     const at::Tensor& status, int64_t tile_q, int64_t tile_kv, const at::Tensor& row_lo,
     const at::Tensor& row_hi, const at::Tensor& doc_q, const at::Tensor& doc_k,
     const at::Tensor& dense, const at::Tensor& bias, const at::Tensor& mod_kind,
-    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables) {
+    const at::Tensor& mod_value, const at::Tensor& mod_int, at::TensorList mod_tables,
+    bool half_out) {
   // decoding in every dtype: the half GEMM path would repack all of K and V for a few rows
   if (status.size(0) == 1 && q.size(2) <= kDecodeRows) {
     return decode_forward(q, rows_contiguous(k_in), rows_contiguous(v_in), scale, status, tile_q,
@@ -1599,7 +1614,7 @@ std::vector<at::Tensor> attention_forward(
     auto run = q.scalar_type() == at::kBFloat16 ? forward_half_typed<at::BFloat16>
                                                 : forward_half_typed<at::Half>;
     return run(q, k, v, scale, status, tile_q, tile_kv, row_lo, row_hi, doc_q, doc_k, dense,
-               bias, mod_kind, mod_value, mod_int, mod_tables);
+               bias, mod_kind, mod_value, mod_int, mod_tables, half_out);
   }
   const auto opts = q.options();
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, opts);
@@ -1649,8 +1664,8 @@ TORCH_LIBRARY(qkv_cpu, m) {
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, float scale, Tensor status, int tile_q, "
       "int tile_kv, Tensor row_lo, Tensor row_hi, Tensor doc_q, Tensor doc_k, Tensor dense, "
-      "Tensor bias, Tensor mod_kind, Tensor mod_value, Tensor mod_int, Tensor[] mod_tables) "
-      "-> Tensor[]",
+      "Tensor bias, Tensor mod_kind, Tensor mod_value, Tensor mod_int, Tensor[] mod_tables, "
+      "bool half_out=False) -> Tensor[]",
       &attention_forward);
   m.def(
       "backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor gout, float scale, "
