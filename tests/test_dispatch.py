@@ -147,7 +147,10 @@ def test_auto_counts_the_tiles_a_mask_tensor_hides() -> None:
     short, long = (keys < 900)[None, None, None, :], (keys < 4000)[None, None, None, :]
     assert chosen(1, 8, 4096, 64, mask=short).chosen in TILED
     assert chosen(1, 8, 4096, 64, mask=masks.key_padding([900])).chosen in TILED
-    assert chosen(1, 8, 4096, 64, mask=long).chosen == "sdpa"
+    # the kernel's price follows the tiles the tensor hides; SDPA's does not
+    few, most = chosen(1, 8, 4096, 64, mask=short).costs, chosen(1, 8, 4096, 64, mask=long).costs
+    assert few["cpu"] < 0.35 * most["cpu"]
+    assert few["sdpa"] == pytest.approx(most["sdpa"], rel=0.01)
 
 
 def test_auto_remembers_a_call_and_reprices_a_mask_edited_in_place() -> None:
@@ -162,7 +165,8 @@ def test_auto_remembers_a_call_and_reprices_a_mask_edited_in_place() -> None:
     again = select_backend(build_request(q.clone(), k, v, mask=mask))
     assert again is first and first.backend.name in TILED  # same signature: not priced again
     mask[..., :4000] = True  # the same tensor, now hiding almost nothing
-    assert select_backend(build_request(q, k, v, mask=mask)).backend.name == "sdpa"
+    repriced = select_backend(build_request(q, k, v, mask=mask))
+    assert repriced is not first and repriced.costs["cpu"] > 3 * first.costs["cpu"]
     window = masks.sliding_window(255)
     assert select_backend(build_request(q, k, v, mask=window)) is not first
 
