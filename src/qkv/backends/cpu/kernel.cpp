@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -369,7 +370,8 @@ struct Problem {
   std::vector<int64_t> mod_offset;  // alibi, relative: query offset
   std::vector<int64_t> mod_maxd;    // relative: max distance
   std::vector<const T*> mod_table;  // alibi: slopes (Hq); relative: table (Hq, 2M+1)
-  // float: K^T (B Hkv, D, Nk) when the scores run on brgemm (with_transposed_keys), else null
+  // float: K^T (B Hkv, D, Nk) when each key tile is read by many query tiles (WholeKeysT),
+  // else null and each visit transposes its key tile (transposed_tile)
   const T* kt = nullptr;
   bool modifies() const { return bias != nullptr || !mod_kind.empty(); }
 };
@@ -380,6 +382,30 @@ template <typename T>
 void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
                    int cols, bool full, T* s, int ld, const std::vector<T*>* derivs);
 
+// float32 scores run on oneDNN's brgemm micro-kernels (row-major, nothing packed per product),
+// which PyTorch's CPU BLAS replaces by its GEMM where the CPU lacks them. On an AVX-512 CPU whose
+// MKL takes its generic path (AMD), one thread: 64 x 64 x 128 products at 114 against 87
+// GFLOP/s, 64 x 256 x 64 at 108 against 88. Their B operand is K^T: a transposed copy of all of
+// K (WholeKeysT) where each key tile is read by many query tiles, else each visit transposes its
+// key tile into the thread's own buffer (a copy of K is a fresh allocation per call whose pages
+// fault in each time: for a sliding window that cost more than the per-visit copies).
+inline const float* transposed_tile(const float* k, int cols, int64_t D) {
+  thread_local std::unique_ptr<Scratch<float>> buf;
+  thread_local int64_t capacity = 0;
+  if (capacity < cols * D) {
+    buf = std::make_unique<Scratch<float>>(cols * D);
+    capacity = cols * D;
+  }
+  float* t = buf->data;
+  constexpr int kBlock = 16;  // keys at a time: 16 consecutive floats written per row of K^T
+  for (int c0 = 0; c0 < cols; c0 += kBlock) {
+    const int c1 = std::min(cols, c0 + kBlock);
+    for (int64_t d = 0; d < D; ++d)
+      for (int c = c0; c < c1; ++c) t[d * cols + c] = k[c * D + d];
+  }
+  return t;
+}
+
 template <typename T>
 void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
                  int cols, bool full, T* s, int ld, const std::vector<T*>* derivs) {
@@ -388,17 +414,21 @@ void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows
   const T* kp = P.k + ((b * P.Hkv + hk) * P.Nk + k0) * P.D;
   const int D = static_cast<int>(P.D);
   if constexpr (std::is_same_v<T, float>) {
-    if (P.kt != nullptr) {  // forward and backward both come here: the same scores, bit for bit
-      const float* ktp = P.kt + (b * P.Hkv + hk) * P.D * P.Nk + k0;
-      at::native::cpublas::brgemm(rows, cols, D, D, P.Nk, ld, false, qp, ktp, s,
+    // forward and backward both come here: the same scores, bit for bit (with logits near
+    // 2**24 a last-bit difference moves exp(s - lse) by orders of magnitude)
+    if (P.kt != nullptr)
+      at::native::cpublas::brgemm(rows, cols, D, D, P.Nk, ld, false, qp,
+                                  P.kt + (b * P.Hkv + hk) * P.D * P.Nk + k0, s,
                                   /*is_vnni=*/false);
-      for (int r = 0; r < rows; ++r) {
-        float* row = s + static_cast<int64_t>(r) * ld;
+    else
+      at::native::cpublas::brgemm(rows, cols, D, D, cols, ld, false, qp,
+                                  transposed_tile(kp, cols, D), s, /*is_vnni=*/false);
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + static_cast<int64_t>(r) * ld;
 #pragma omp simd
-        for (int c = 0; c < cols; ++c) row[c] *= P.scale;
-      }
-      return finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
+      for (int c = 0; c < cols; ++c) row[c] *= P.scale;
     }
+    return finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
   }
   gemm<T>(true, false, cols, rows, D, P.scale, kp, D, qp, D, T(0), s, ld);
   finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
@@ -577,45 +607,40 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return P;
 }
 
-// K^T of every (batch, kv head): (B Hkv, D, Nk), the row-major B operand of S = Q K^T.
-at::Tensor transpose_keys(const Problem<float>& P) {
-  at::Tensor kt = at::empty({P.B * P.Hkv, P.D, P.Nk}, at::kFloat);
-  float* const dst = kt.data_ptr<float>();
-  constexpr int64_t kBlock = 16;  // keys per task: few cache lines written per row of K^T
-  const int64_t blocks = (P.Nk + kBlock - 1) / kBlock;
-  at::parallel_for(0, P.B * P.Hkv * blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t m = task / blocks, n0 = (task % blocks) * kBlock;
-      const int64_t n1 = std::min(P.Nk, n0 + kBlock);
-      const float* src = P.k + m * P.Nk * P.D;
-      float* t = dst + m * P.D * P.Nk;
-      for (int64_t d = 0; d < P.D; ++d)
-        for (int64_t n = n0; n < n1; ++n) t[d * P.Nk + n] = src[n * P.D + d];
-    }
-  });
-  return kt;
-}
-
-// float32 scores on oneDNN's brgemm micro-kernels (row-major, nothing packed per product: K is
-// transposed once per call instead), which PyTorch's CPU BLAS replaces by its GEMM where the
-// CPU lacks them. On an AVX-512 CPU whose MKL takes its generic path (AMD), one thread: 64 x 64
-// x 128 products at 114 against 87 GFLOP/s, 64 x 256 x 64 at 108 against 88. Forward and
-// backward both take it (scores_tile), so that they compute the very same scores: with logits
-// near 2**24 a last-bit difference moves exp(s - lse) by orders of magnitude.
-struct TransposedKeys {
+// K^T of every (batch, kv head), (B Hkv, D, Nk), when the call's key tiles are each read by at
+// least kWholeKeysVisits query tiles on average; the problem then points at it.
+constexpr double kWholeKeysVisits = 8.0;
+struct WholeKeysT {
   at::Tensor kt;
   Problem<float> P;
-  explicit TransposedKeys(const Problem<float>& base) : kt(transpose_keys(base)), P(base) {
-    P.kt = kt.data_ptr<float>();
+  explicit WholeKeysT(const Problem<float>& base) : P(base) {
+    int64_t visited = 0;
+    for (int64_t t = 0; t < P.nQ * P.nK; ++t) visited += P.status[t] != kEmpty;
+    if (P.nK == 0 || visited < kWholeKeysVisits * P.nK) return;
+    kt = at::empty({P.B * P.Hkv, P.D, P.Nk}, at::kFloat);
+    float* const dst = kt.data_ptr<float>();
+    constexpr int64_t kBlock = 16;  // keys per task: 16 consecutive floats per row of K^T
+    const int64_t blocks = (P.Nk + kBlock - 1) / kBlock;
+    at::parallel_for(0, P.B * P.Hkv * blocks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t m = task / blocks, n0 = (task % blocks) * kBlock;
+        const int64_t n1 = std::min(P.Nk, n0 + kBlock);
+        const float* src = P.k + m * P.Nk * P.D;
+        float* t = dst + m * P.D * P.Nk;
+        for (int64_t d = 0; d < P.D; ++d)
+          for (int64_t n = n0; n < n1; ++n) t[d * P.Nk + n] = src[n * P.D + d];
+      }
+    });
+    P.kt = dst;
   }
 };
 
 template <typename T>
 void forward_impl(const Problem<T>& P, T* out, T* lse) {
   if constexpr (std::is_same_v<T, float>) {
-    if (P.kt == nullptr && P.Nk > 0) {
-      const TransposedKeys with_kt(P);
-      return forward_impl(with_kt.P, out, lse);
+    if (P.kt == nullptr) {
+      const WholeKeysT keys(P);
+      if (keys.P.kt != nullptr) return forward_impl(keys.P, out, lse);
     }
   }
   const int64_t tasks = P.B * P.Hq * P.nQ;
@@ -836,9 +861,9 @@ template <typename T>
 void backward_impl(const Problem<T>& P, const T* out, const T* lse, const T* gout, T* dq, T* dk,
                    T* dv, const Reductions& R, int64_t runs) {
   if constexpr (std::is_same_v<T, float>) {
-    if (P.kt == nullptr && P.Nk > 0) {  // the forward's scores (see TransposedKeys)
-      const TransposedKeys with_kt(P);
-      return backward_impl(with_kt.P, out, lse, gout, dq, dk, dv, R, runs);
+    if (P.kt == nullptr) {  // as the forward did: the same scores
+      const WholeKeysT keys(P);
+      if (keys.P.kt != nullptr) return backward_impl(keys.P, out, lse, gout, dq, dk, dv, R, runs);
     }
   }
   for_each_backward_block(
