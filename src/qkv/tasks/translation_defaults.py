@@ -2,10 +2,10 @@
 
 A user's corpus of a few hundred to a few thousand pairs (a product FAQ, a glossary) is not
 WMT: an 8,000-subword vocabulary leaves most subwords seen once or never, and a fixed step
-limit is either far too short or dozens of needless passes. :func:`size_to_data` fills in the choices
-the user left open from the number of training pairs and says why; a choice the user made (a
-flag, a ``model_overrides`` key, a ``vocab_size``, a ``preset``, a training limit) is never
-changed.
+limit is either far too short or dozens of needless passes. :func:`size_to_data` fills in the
+choices the user left open from the number of training pairs and says why; a choice the user
+made (a flag, a ``model_overrides`` key, a ``vocab_size``, a ``batch_size``, a ``preset``, a
+training limit) is never changed.
 
 The rules (``n``: training pairs; all of them apply below :data:`SMALL_CORPUS` pairs):
 
@@ -26,8 +26,12 @@ The rules (``n``: training pairs; all of them apply below :data:`SMALL_CORPUS` p
 - **training** (:func:`sized_training`): a step budget of about :data:`EPOCHS` passes over the
   data (bounded to ``[1000, 8000]`` steps) at a peak learning rate of :data:`SMALL_LR` with a
   cosine decay over it, validation :data:`VALIDATIONS` times over it, and the weights of the
-  best validation kept. For 2,000 pairs that is 3,000 steps, about 15 minutes on one CPU
-  thread. Applied when the caller left the limits open (no ``--steps`` or ``--minutes``; no
+  best validation kept. For 2,000 pairs (1,900 after validation) that is 3,000 steps, about
+  15 minutes on one CPU thread (852 s on a loaded machine): 2,000 Bible verses reached a
+  best validation chrF of 30.1 (25.4 with the earlier defaults: batch 64, width 64, 1,800
+  steps) and a test BLEU / chrF of 10.89 / 33.5 against 7.69 / 28.7, above the retrieval
+  baseline's 8.14 / 31.7 (docs/small-corpus.md; 500 verses stay below it). Applied when the
+  caller left the limits open (no ``--steps`` or ``--minutes``; no
   :class:`~qkv.train.TrainConfig` passed to the library), each field unless its flag is given.
 """
 
