@@ -46,7 +46,7 @@ def test_a_small_corpus_gets_its_vocabulary_batch_model_dropout_and_budget() -> 
         assert flag in text
     assert "--no-size-defaults" in text and "--no-keep-best" in text
     assert "batch size 32 (not 64)" in text
-    assert "model size d_model 128, 2+2 layers, 4 heads: the tiny preset's depth" in text
+    assert "model size d_model 128, 2+2 layers, 4 heads (the tiny preset's depth" in text
     assert "1000 steps (about 50 passes over the data, bounded to 1000-8000)" in text
     assert "peak learning rate of 0.003" in text
     two = size_to_data(TranslationConfig(data="x.tsv"), 2000)
@@ -130,6 +130,8 @@ def test_cli_applies_the_sized_training_unless_limits_are_given(
     config, _, err = run("narrow", "--steps", "1", "--d-model", "32", "--batch-size", "8")
     assert config["model"]["d_model"] == 32 and "model size d_model 32" in err
     assert config["translation"]["batch_size"] == 8 and "batch size" not in err
+    with pytest.raises(ValueError, match=r"d_model=32 \(--d-model\) is the Transformer's width"):
+        TranslationConfig(data="x.tsv", model="rnn", model_overrides={"d_model": 32})
 
 
 def test_cli_prints_the_choices_and_every_one_is_a_flag(

@@ -153,6 +153,11 @@ class TranslationSettings(Settings):
                 "copy=True copies through the attention: an RNN with attention='none' has "
                 "none to copy with"
             )
+        if self.model == "rnn" and "d_model" in self.model_overrides:
+            raise ValueError(
+                f"model_overrides d_model={self.model_overrides['d_model']!r} (--d-model) is "
+                "the Transformer's width; an RNN's sizes are embed_dim and hidden_dim"
+            )
         if self.model == "rnn":
             _check_choice("attention", self.attention, ("bahdanau", "luong", "none", None))
         elif self.attention is not None:

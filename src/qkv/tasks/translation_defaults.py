@@ -180,14 +180,13 @@ def size_to_data(settings: TranslationSettings, num_pairs: int) -> SizedChoices:
         shown = {**sizes, **{k: v for k, v in settings.model_overrides.items() if k in sizes}}
         if settings.model == "transformer":
             why = (
-                f"the {sized_preset(num_pairs)} preset's depth at width {SMALL_WIDTH}: about "
-                "twice the cost per step of width 64 and a better model within the same "
-                "minutes; the small preset costs about 20 times as much as tiny (--preset, "
-                "--d-model)"
+                f" (the {sized_preset(num_pairs)} preset's depth, wider): about twice the cost "
+                "per step of width 64 and a better model within the same minutes; the small "
+                "preset costs about 20 times as much as tiny (--preset, --d-model)"
             )
         else:
-            why = f"the {sized_preset(num_pairs)} preset (--preset)"
-        notes.append(f"  model size {_describe(shown)}: {why}")
+            why = f" (the {sized_preset(num_pairs)} preset; --preset)"
+        notes.append(f"  model size {_describe(shown)}{why}")
     if "dropout" not in settings.model_overrides:
         overrides["dropout"] = _SMALL_DROPOUT
         notes.append(
