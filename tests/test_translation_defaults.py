@@ -24,13 +24,13 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 
-TINY = {"d_model": 64, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 2}
+SIZED = {"d_model": 128, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 2}
 
 
-def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
+def test_a_small_corpus_gets_its_vocabulary_batch_model_dropout_and_budget() -> None:
     sized = size_to_data(TranslationConfig(data="x.tsv"), 500)
-    assert sized.settings.vocab_size == 1000
-    assert sized.model_overrides == {**TINY, "dropout": 0.1}
+    assert sized.settings.vocab_size == 1000 and sized.settings.batch_size == 32
+    assert sized.model_overrides == {**SIZED, "dropout": 0.1}
     assert sized.training == {
         "max_steps": 1000,
         "max_minutes": None,
@@ -41,28 +41,41 @@ def test_a_small_corpus_gets_its_vocabulary_model_dropout_and_budget() -> None:
     }
     assert sized.notes[0].startswith("a small corpus (500 training pairs)")
     text = "\n".join(sized.notes)
-    flags = ("--vocab-size", "--preset", "--dropout", "--separate-vocab", "--copy", "--steps")
-    for flag in (*flags, "--lr", "--schedule", "--eval-every", "--no-keep-best"):
+    flags = ("--vocab-size", "--batch-size", "--preset", "--d-model", "--dropout", "--copy")
+    for flag in (*flags, "--separate-vocab", "--steps", "--lr", "--schedule", "--eval-every"):
         assert flag in text
-    assert "--no-size-defaults" in text
-    assert "model size tiny (d_model 64, 2+2 layers, 4 heads)" in text
-    assert "1000 steps (about 60 passes over the data) at a peak learning rate of 0.003" in text
-    assert size_to_data(TranslationConfig(data="x.tsv"), 2000).settings.vocab_size == 4000
+    assert "--no-size-defaults" in text and "--no-keep-best" in text
+    assert "batch size 32 (not 64)" in text
+    assert "model size d_model 128, 2+2 layers, 4 heads (the tiny preset's depth" in text
+    assert "1000 steps (about 50 passes over the data, bounded to 1000-8000)" in text
+    assert "peak learning rate of 0.003" in text
+    two = size_to_data(TranslationConfig(data="x.tsv"), 2000)
+    assert two.settings.vocab_size == 4000 and two.training["max_steps"] == 3200
+    assert two.training["eval_every"] == 640
     assert size_to_data(TranslationConfig(data="x.tsv"), 9000).settings.vocab_size == 8000
     rnn = size_to_data(TranslationConfig(data="x.tsv", model="rnn"), 500).model_overrides
     assert rnn == {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.1}
+    # the batch size of a corpus that is not sized is the task's default, filled in later
+    assert size_to_data(TranslationConfig(data="x.tsv"), SMALL_CORPUS).settings.batch_size is None
 
 
 def test_choices_the_user_made_are_kept() -> None:
     given = TranslationConfig(
-        data="x.tsv", vocab_size=300, preset="small", model_overrides={"dropout": 0.05}
+        data="x.tsv",
+        vocab_size=300,
+        batch_size=16,
+        preset="small",
+        model_overrides={"dropout": 0.05},
     )
     sized = size_to_data(given, 500)
     assert sized.settings == given and sized.model_overrides == {}
-    assert not any(w in n for n in sized.notes for w in ("BPE", "dropout", "model size"))
-    # a model field of the user's own wins over the sized model
-    width = TranslationConfig(data="x.tsv", model_overrides={"d_model": 32})
-    assert "d_model" not in size_to_data(width, 500).model_overrides
+    notes = sized.notes
+    assert not any(w in n for n in notes for w in ("BPE", "batch", "dropout", "model size"))
+    assert "1600 steps" in notes[-1]  # 50 passes of 32 batches of 16
+    # a model field of the user's own wins over the sized model, and the note shows it
+    width = size_to_data(TranslationConfig(data="x.tsv", model_overrides={"d_model": 32}), 500)
+    assert "d_model" not in width.model_overrides
+    assert any("model size d_model 32, 2+2 layers" in n for n in width.notes)
     chars = TranslationConfig(data="x.tsv", tokenizer="char")
     assert size_to_data(chars, 500).settings.vocab_size is None  # characters need no BPE size
     off = TranslationConfig(data="x.tsv", size_defaults=False)
@@ -73,10 +86,11 @@ def test_choices_the_user_made_are_kept() -> None:
 
 
 def test_suggested_steps_are_bounded() -> None:
-    assert suggested_steps(100, 64) == 1000
-    assert suggested_steps(2000, 64) == 1900  # 60 passes of 32 batches
-    assert suggested_steps(100_000, 64) == 8000
-    assert sized_training(2000, 64)["eval_every"] == 380  # five validations
+    assert suggested_steps(100, 32) == 1000
+    assert suggested_steps(1900, 32) == 3000  # 50 passes of 60 batches
+    assert suggested_steps(2000, 64) == 1600  # 50 passes of 32 batches
+    assert suggested_steps(100_000, 32) == 8000
+    assert sized_training(1900, 32)["eval_every"] == 600  # five validations
 
 
 def test_cli_applies_the_sized_training_unless_limits_are_given(
@@ -99,7 +113,8 @@ def test_cli_applies_the_sized_training_unless_limits_are_given(
     config, out, err = run("open")
     assert config["training"] | budget == config["training"]
     assert "trained 4 steps" in out and "the weights of step" in out
-    assert "model size tiny" in err and config["model"]["d_model"] == 64
+    assert "model size d_model 128" in err and config["model"]["d_model"] == 128
+    assert "batch size 32" in err and config["translation"]["batch_size"] == 32
     assert "limits given" not in err
     # a training flag given is kept, the others still sized
     config, out, _ = run("own-eval", "--eval-every", "1", "--no-keep-best")
@@ -109,9 +124,14 @@ def test_cli_applies_the_sized_training_unless_limits_are_given(
     config, out, err = run("own-steps", "--steps", "3")
     assert config["training"]["max_steps"] == 3 and config["training"]["keep_best"] is False
     assert "the limits given replace the training sized to the data (max_steps=4" in err
-    # --preset replaces the sized model size
+    # --preset replaces the sized model size, --d-model its width, --batch-size the batch
     config, _, err = run("small", "--steps", "1", "--preset", "small")
     assert config["model"]["d_model"] == 256 and "model size" not in err
+    config, _, err = run("narrow", "--steps", "1", "--d-model", "32", "--batch-size", "8")
+    assert config["model"]["d_model"] == 32 and "model size d_model 32" in err
+    assert config["translation"]["batch_size"] == 8 and "batch size" not in err
+    with pytest.raises(ValueError, match=r"d_model=32 \(--d-model\) is the Transformer's width"):
+        TranslationConfig(data="x.tsv", model="rnn", model_overrides={"d_model": 32})
 
 
 def test_cli_prints_the_choices_and_every_one_is_a_flag(
@@ -148,6 +168,7 @@ def test_cli_prints_the_choices_and_every_one_is_a_flag(
     err = capsys.readouterr().err
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["model"]["dropout"] == 0.2 and config["translation"]["size_defaults"] is False
+    assert config["model"]["d_model"] == 64 and config["translation"]["batch_size"] == 64
     assert "small corpus" not in err
 
 

@@ -103,7 +103,12 @@ def _register_task(
         "--batch-size",
         type=_positive_int,
         default=None,
-        help=f"examples per batch per process (default {defaults.batch_size})",
+        help="examples per batch per process (default "
+        + (
+            "sized to the data by the task)"
+            if defaults.batch_size is None
+            else f"{defaults.batch_size})"
+        ),
     )
     add_task_flags(g, spec)
     g.add_argument("--quiet", action="store_true", help="no progress output")

@@ -107,7 +107,9 @@ class TranslationSettings(Settings):
             ``numbers``, byte-level BPE otherwise).
         vocab_size: BPE vocabulary size (default 8,000).
         shared_vocab: one vocabulary for both sides (lets the Transformer tie all embeddings).
-        batch_size: pairs per batch (per process under DDP).
+        batch_size: pairs per batch (per process under DDP); ``None``: sized to a small
+            corpus (:data:`~qkv.tasks.translation_defaults.SMALL_BATCH`), else
+            :data:`~qkv.tasks.translation_defaults.DEFAULT_BATCH_SIZE` (filled in and saved).
         max_tokens: also cap padded tokens per batch.
         max_source_length, max_target_length: longer sequences are cut (specials included).
         label_smoothing: of the cross-entropy, in ``[0, 1)``.
@@ -132,7 +134,7 @@ class TranslationSettings(Settings):
     tokenizer: Literal["auto", "char", "bpe"] = "auto"
     vocab_size: int | None = None
     shared_vocab: bool = True
-    batch_size: int = 64
+    batch_size: int | None = None
     max_tokens: int | None = None
     max_source_length: int = 256
     max_target_length: int = 256
@@ -151,6 +153,11 @@ class TranslationSettings(Settings):
                 "copy=True copies through the attention: an RNN with attention='none' has "
                 "none to copy with"
             )
+        if self.model == "rnn" and "d_model" in self.model_overrides:
+            raise ValueError(
+                f"model_overrides d_model={self.model_overrides['d_model']!r} (--d-model) is "
+                "the Transformer's width; an RNN's sizes are embed_dim and hidden_dim"
+            )
         if self.model == "rnn":
             _check_choice("attention", self.attention, ("bahdanau", "luong", "none", None))
         elif self.attention is not None:
@@ -158,10 +165,10 @@ class TranslationSettings(Settings):
                 f"attention={self.attention!r} is for model='rnn'; the Transformer always uses "
                 "scaled dot-product attention (leave attention unset)"
             )
-        for name in ("batch_size", "max_source_length", "max_target_length", "valid_size"):
+        for name in ("max_source_length", "max_target_length", "valid_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "vocab_size", "max_decode_length"):
+        for name in ("batch_size", "max_tokens", "vocab_size", "max_decode_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -438,6 +445,12 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
         ),
         Flag("--dropout", "model_overrides.dropout", "override the preset's dropout", float),
         Flag(
+            "--d-model",
+            "model_overrides.d_model",
+            "override the Transformer preset's width (d_model, a multiple of its heads)",
+            int,
+        ),
+        Flag(
             "--tokenizer",
             "tokenizer",
             "auto: characters for dates/numbers, BPE otherwise",
@@ -499,13 +512,15 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
     def prepare(
         self, settings: TranslationSettings, splits: Splits[Pair], *, folder: Path | None
     ) -> Prepared:
-        from qkv.tasks.translation_defaults import SizedChoices, size_to_data
+        from qkv.tasks.translation_defaults import DEFAULT_BATCH_SIZE, SizedChoices, size_to_data
 
         # a resumed run keeps the settings, model and training it saved
         choices = SizedChoices(settings)
         if folder is None:
             choices = size_to_data(settings, len(splits.train))
         settings = choices.settings
+        batch_size = DEFAULT_BATCH_SIZE if settings.batch_size is None else settings.batch_size
+        settings = replace(settings, batch_size=batch_size)
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
@@ -544,7 +559,7 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             objective=TranslationTask(tokenizer, validation, settings),
             train_set=train_set,
             collate=collate_pairs,
-            batch_size=settings.batch_size,
+            batch_size=batch_size,
             max_tokens=settings.max_tokens,
             tokenizer=tokenizer,
             notes=choices.notes,
