@@ -382,6 +382,23 @@ template <typename T>
 void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows, int64_t k0,
                    int cols, bool full, T* s, int ld, const std::vector<T*>* derivs);
 
+// Keys [n0, n1) of k (rows of D floats) into columns of t (D rows, row stride ldt): a block
+// of keys at a time writes consecutive floats of each row of K^T.
+inline void transpose_keys(const float* k, int64_t n0, int64_t n1, int64_t D, float* t,
+                           int64_t ldt) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = n0; n < n1; ++n) t[d * ldt + n] = k[n * D + d];
+}
+
+// The first `rows` rows of a score tile (row stride ld) times scale.
+inline void scale_rows(float* s, int ld, int rows, int cols, float scale) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + static_cast<int64_t>(r) * ld;
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) row[c] *= scale;
+  }
+}
+
 // float32 scores run on oneDNN's brgemm micro-kernels (row-major, nothing packed per product),
 // which PyTorch's CPU BLAS replaces by its GEMM where the CPU lacks them. On an AVX-512 CPU whose
 // MKL takes its generic path (AMD), one thread: 64 x 64 x 128 products at 114 against 87
@@ -397,12 +414,9 @@ inline const float* transposed_tile(const float* k, int cols, int64_t D) {
     capacity = cols * D;
   }
   float* t = buf->data;
-  constexpr int kBlock = 16;  // keys at a time: 16 consecutive floats written per row of K^T
-  for (int c0 = 0; c0 < cols; c0 += kBlock) {
-    const int c1 = std::min(cols, c0 + kBlock);
-    for (int64_t d = 0; d < D; ++d)
-      for (int c = c0; c < c1; ++c) t[d * cols + c] = k[c * D + d];
-  }
+  constexpr int kBlock = 16;
+  for (int c0 = 0; c0 < cols; c0 += kBlock)
+    transpose_keys(k, c0, std::min(cols, c0 + kBlock), D, t, cols);
   return t;
 }
 
@@ -423,11 +437,7 @@ void scores_tile(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int rows
     else
       at::native::cpublas::brgemm(rows, cols, D, D, cols, ld, false, qp,
                                   transposed_tile(kp, cols, D), s, /*is_vnni=*/false);
-    for (int r = 0; r < rows; ++r) {
-      float* row = s + static_cast<int64_t>(r) * ld;
-#pragma omp simd
-      for (int c = 0; c < cols; ++c) row[c] *= P.scale;
-    }
+    scale_rows(s, ld, rows, cols, P.scale);
     return finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
   }
   gemm<T>(true, false, cols, rows, D, P.scale, kp, D, qp, D, T(0), s, ld);
@@ -619,16 +629,13 @@ struct WholeKeysT {
     if (P.nK == 0 || visited < kWholeKeysVisits * P.nK) return;
     kt = at::empty({P.B * P.Hkv, P.D, P.Nk}, at::kFloat);
     float* const dst = kt.data_ptr<float>();
-    constexpr int64_t kBlock = 16;  // keys per task: 16 consecutive floats per row of K^T
+    constexpr int64_t kBlock = 16;  // keys per task
     const int64_t blocks = (P.Nk + kBlock - 1) / kBlock;
     at::parallel_for(0, P.B * P.Hkv * blocks, 16, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m = task / blocks, n0 = (task % blocks) * kBlock;
-        const int64_t n1 = std::min(P.Nk, n0 + kBlock);
-        const float* src = P.k + m * P.Nk * P.D;
-        float* t = dst + m * P.D * P.Nk;
-        for (int64_t d = 0; d < P.D; ++d)
-          for (int64_t n = n0; n < n1; ++n) t[d * P.Nk + n] = src[n * P.D + d];
+        transpose_keys(P.k + m * P.Nk * P.D, n0, std::min(P.Nk, n0 + kBlock), P.D,
+                       dst + m * P.D * P.Nk, P.Nk);
       }
     });
     P.kt = dst;
@@ -1026,11 +1033,7 @@ void half_scores_tile(const Problem<float>& P, const HalfOperands<H>& X, int64_t
   const H* qp = X.q + ((b * P.Hq + h) * P.Nq + q0) * Dp;
   const H* kp = X.kt + (b * P.Hkv + hk) * Dp * X.Nkp + 2 * k0;
   half_gemm(rows, cols, Dp, qp, Dp, kp, X.Nkp, s, ld, false);
-  for (int r = 0; r < rows && !unscaled; ++r) {
-    float* row = s + static_cast<int64_t>(r) * ld;
-#pragma omp simd
-    for (int c = 0; c < cols; ++c) row[c] *= P.scale;
-  }
+  if (!unscaled) scale_rows(s, ld, rows, cols, P.scale);
   finish_scores(P, b, h, q0, rows, k0, cols, full, s, ld, derivs);
 }
 
