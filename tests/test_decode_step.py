@@ -19,7 +19,8 @@ import qkv.nn.multihead as multihead
 from gold import assert_within_control, dense_mask_of, naive_attention
 from helpers import load_benchmark
 from qkv.backends import cost, get_backend, select_backend
-from qkv.backends.cpu.backend import CpuBackend
+from qkv.backends.cpu.backend import DECODE_ROWS, CpuBackend
+from qkv.functional.attention import memory_estimate
 from qkv.models.pretrained import LlamaConfig, LlamaDecoder
 from qkv.models.pretrained.llama import key_mask
 from qkv.nn.kv_cache import KVCache
@@ -45,7 +46,7 @@ def takes_the_decoding_route(request: AttentionRequest) -> bool:
     """The kernel decodes a call of one query tile with at most DECODE_ROWS rows (kernel.cpp's
     attention_forward: ``status.size(0) == 1 && Nq <= kDecodeRows``)."""
     census = get_backend("cpu").census(request)  # type: ignore[attr-defined]
-    return request.q_len <= min(cost.DECODE_ROWS, census.tile_q)
+    return request.q_len <= min(DECODE_ROWS, census.tile_q)
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
@@ -231,3 +232,49 @@ def test_a_causal_flag_that_hides_no_key_is_dropped_and_every_backend_agrees(
                 *(t.to(dtype) for t in (q, k, v)), causal=causal, scale=scale, backend=backend
             )
             torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=backend)
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Nq, D, Dv",
+    [
+        (8, 2, 1, 128, 128),  # 4 stacked rows: one row block
+        (6, 2, 1, 64, 32),  # 3 rows: the remainder block alone
+        (8, 2, 8, 32, 64),  # 32 rows (8 queries x 4 heads), causal within them
+        (2, 1, 3, 256, 256),  # 3 rows, the widest head
+    ],
+)
+def test_bfloat16_decoding_matches_float64(Hq: int, Hkv: int, Nq: int, D: int, Dv: int) -> None:
+    # the decoding route's bfloat16 loops (AVX512-BF16 dot products where the CPU has them):
+    # 301 keys leave an odd last tile and blocks that are not multiples of 16; batch 1 is
+    # left-padded, so its first tile has masked keys; one query row is NaN and only it is
+    g = torch.Generator().manual_seed(D + Nq)
+    B, L = 2, 301
+    q = torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64).bfloat16()
+    k = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64).bfloat16()
+    v = torch.randn(B, Hkv, L, Dv, generator=g, dtype=torch.float64).bfloat16()
+    q[1, Hq - 1, Nq - 1, 0] = float("nan")
+    pad = (torch.arange(L) >= torch.tensor([[0], [37]]))[:, None, None, :]  # (B, 1, 1, L)
+    kwargs: dict[str, object] = {"causal": "bottom_right", "mask": pad}
+    request = build_request(q, k, v, **kwargs)  # type: ignore[arg-type]
+    assert takes_the_decoding_route(request)
+    out = qkv.attention(q, k, v, backend="cpu", **kwargs)  # type: ignore[arg-type]
+    assert out[1, Hq - 1, Nq - 1].isnan().all() and out.isnan().sum() == Dv
+    out[1, Hq - 1, Nq - 1] = 0
+    q[1, Hq - 1, Nq - 1] = 0
+    gold = qkv.attention(q.double(), k.double(), v.double(), backend="reference", **kwargs)  # type: ignore[arg-type]
+    control = naive_attention(q, k, v, dense_mask_of(q, k, **kwargs), None, D**-0.5)
+    gold[1, Hq - 1, Nq - 1] = control[1, Hq - 1, Nq - 1] = 0
+    assert_within_control("cpu", out, gold, control, torch.bfloat16)
+
+
+def test_a_half_precision_decoding_call_is_explained_as_decoded_without_copies() -> None:
+    q = torch.randn(1, 8, 1, 64).bfloat16()  # (B, Hq, 1, D)
+    k, v = (torch.randn(1, 2, 4096, 64).bfloat16() for _ in range(2))  # (B, Hkv, Nk, D)
+    text = str(qkv.explain(q, k, v, backend="cpu", causal="bottom_right"))
+    assert "computes: decoding:" in text, text
+    # K and V are read as they are: no float32 copies counted (those alone would be 2x kv)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    assert memory_estimate(get_backend("cpu"), build_request(q, k, v)) < kv_bytes / 2
+    # the same call with a long query block runs on the tiled route, which converts them
+    q_long = torch.randn(1, 8, 512, 64).bfloat16()
+    assert memory_estimate(get_backend("cpu"), build_request(q_long, k, v)) > kv_bytes

@@ -24,6 +24,7 @@ from qkv.backends.chunked import ChunkedBackend
 from qkv.backends.cpu.backend import (
     CpuBackend,
     compute_dtype,
+    decodes,
     uses_half_gemm,
 )
 from qkv.backends.reference import ReferenceBackend
@@ -277,8 +278,6 @@ FIXED_SECONDS = 3e-4
 #: 230 against 414 ms forward, 783 against 1172 ms forward+backward; SDPA took 415 and 969 ms
 #: in bfloat16, the same as in float32).
 HALF_GEMM_SPEEDUP = 1.6
-#: Query rows up to which the kernel decodes (one query tile; kDecodeRows in kernel.cpp).
-DECODE_ROWS = 16
 #: The kernel reads q contiguous, and k and v in the dtype it computes in, each (batch, head)
 #: slice as dense rows when it decodes (a KV cache's view of its buffers, read in place) and
 #: contiguous otherwise; any other input is copied first (``_CpuAttention.forward``,
@@ -333,7 +332,7 @@ def cpu_seconds(backend: CpuBackend, request: AttentionRequest) -> float:
     half = uses_half_gemm(request.dtype, census.tile_q, census.tile_kv)
     if half:
         seconds /= HALF_GEMM_SPEEDUP
-    decoding = request.q_len <= min(DECODE_ROWS, census.tile_q)
+    decoding = decodes(request, census.tile_q)
     if decoding:
         # decoding reads K and V once per group of query heads, at about half the memory
         # rate (measured: 44-51% of it on one thread with one query)
@@ -352,12 +351,13 @@ def cpu_bytes(backend: CpuBackend, request: AttentionRequest) -> int:
     elements = request.q.numel() + request.k.numel() + request.v.numel()
     rows = request.batch * request.q_heads * request.q_len
     total = rows * (request.value_dim + 1) * cd_bytes
-    if request.dtype in (torch.float16, torch.bfloat16):
-        # float32 copies, or the half path's repacked operands (about the same)
+    census = backend.census(request)
+    if request.dtype in (torch.float16, torch.bfloat16) and not decodes(request, census.tile_q):
+        # float32 copies, or the half path's repacked operands (about the same); decoding reads
+        # K and V as they are
         total += elements * cd_bytes
     # Each thread's few tiles (up to 1 MiB of float32 each) are counted once, so that the
     # estimate does not depend on the thread count.
-    census = backend.census(request)
     total += 4 * census.tile_q * census.tile_kv * cd_bytes
     if request.needs_grad:
         total += elements * cd_bytes * 2

@@ -104,11 +104,40 @@ def uses_half_gemm(dtype: torch.dtype, tile_q: int, tile_kv: int) -> bool:
     return half_gemm_reason(dtype) is None and tile_q % 2 == 0 and tile_kv % 2 == 0
 
 
-def precision_note(dtype: torch.dtype, tile_q: int, tile_kv: int) -> str | None:
+#: The kernel decodes (kernel.cpp's ``kDecodeRows``) a call whose queries fit one tile of at
+#: most this many rows: K and V are read once per group of query heads, in their own type.
+DECODE_ROWS = 16
+
+
+def decodes(request: AttentionRequest, tile_q: int) -> bool:
+    """True when the kernel runs ``request`` on its decoding route with query tiles of
+    ``tile_q`` rows."""
+    return request.q_len <= min(DECODE_ROWS, tile_q)
+
+
+@functools.cache
+def bfloat16_dot_decoding() -> bool:
+    """True when the kernel decodes bfloat16 on AVX512-BF16 dot products (this CPU has them)."""
+    if not kernel_status().ok:
+        return False
+    return bool(load_kernel().bfloat16_dot_decoding())  # type: ignore[attr-defined]
+
+
+def precision_note(
+    dtype: torch.dtype, tile_q: int, tile_kv: int, *, decoding: bool = False
+) -> str | None:
     """How the kernel computes a half-precision call, in words (None for float32 and float64)."""
     if dtype not in _HALF_NAMES:
         return None
     name = _HALF_NAMES[dtype]
+    if decoding and dtype == torch.bfloat16 and bfloat16_dot_decoding():
+        return (
+            "decoding: q k^T and P V as AVX512-BF16 dot products with float32 accumulation, K "
+            "and V read as they are; softmax statistics in float32, probabilities rounded to "
+            "bfloat16 for P V"
+        )
+    if decoding:
+        return f"decoding: {name} K and V widened to float32 as they are read, float32 products"
     if uses_half_gemm(dtype, tile_q, tile_kv):
         return (
             f"{name} GEMMs with float32 accumulation (oneDNN brgemm); softmax statistics in "
@@ -535,7 +564,8 @@ class CpuBackend:
         """How a half-precision call is computed (:func:`precision_note`); None otherwise."""
         if request.q.dtype not in _HALF_NAMES:
             return None
-        return precision_note(request.q.dtype, *self.tile_sizes(request))
+        tile_q, tile_kv = self.tile_sizes(request)
+        return precision_note(request.q.dtype, tile_q, tile_kv, decoding=decodes(request, tile_q))
 
     def forward(self, request: AttentionRequest) -> tuple[Tensor, Tensor | None]:
         tile_q, tile_kv = self.tile_sizes(request)

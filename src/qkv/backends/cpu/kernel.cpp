@@ -1333,6 +1333,177 @@ void pv_few_rows_avx512(const float* p, int ld, const In* v, int64_t rows, int c
 }
 #endif
 
+// Rows of a block of K or V fetched into L2 one at a time from the loops of another product
+// (V's block while the scores run, the next K block while P V runs), so that the reads run under
+// the arithmetic rather than between it: one core with loops that wait for each miss read half
+// as fast as one whose reads are in flight.
+struct RowFetch {
+  const char* base;
+  int64_t row_bytes;
+  void fetch(int64_t row) const {
+    for (int64_t at = 0; at < row_bytes; at += 64)
+      __builtin_prefetch(base + row * row_bytes + at, 0, 2);
+  }
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Decoding on bfloat16 q, K and V with AVX512-BF16 dot products (vdpbf16ps: 32 products of
+// bfloat16 pairs, exact, added into 16 float lanes), where the loops above widen every element
+// to float first and spend as much again on one horizontal sum per dot product.
+//
+// Scores: a row of q against 16 keys leaves 16 vectors of partial sums, and one transposing
+// tree of unpacks and lane shuffles sums all 16 at once (45 instructions, not 16 reductions).
+//
+// P V: pairs of keys. Two value rows interleaved by vpunpck{l,h}wd hold (v[c][d], v[c+1][d])
+// pairs, and the probability pair (p[c], p[c+1]), rounded to bfloat16 as the tiled forward's P
+// is, multiplies them in one instruction. The interleave works within 128-bit lanes, so each 32
+// wide block of an accumulator row holds its columns in `unpack order` (see pair_order) until
+// the task ends and in_column_order puts them back.
+
+inline __m512bh as_pairs(__m512i x) {
+  __m512bh r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r;
+}
+
+// The horizontal sums of x[0..15], in order, as one vector.
+inline __m512 sum16(const __m512* x) {
+  __m512 y[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: x[2i] partial sums at 0 and 2, x[2i+1] at 1, 3
+    y[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                         _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per lane: the lane's sums of x[4i .. 4i+3]
+    const __m512d a = _mm512_castps_pd(y[2 * i]), b = _mm512_castps_pd(y[2 * i + 1]);
+    z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // lanes (0, 2 | 0, 2) + (1, 3 | 1, 3) of two vectors: pairs of lanes summed, twice
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                       _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+template <int NB>  // D = 32 NB
+inline __m512 dot_partials_bf16(const __m512bh* qr, const at::BFloat16* kc) {
+  __m512 a = _mm512_setzero_ps();
+  for (int j = 0; j < NB; ++j)
+    a = _mm512_dpbf16_ps(a, qr[j], as_pairs(_mm512_loadu_si512(kc + 32 * j)));
+  return a;
+}
+
+// s[r, c] = scale * q[r] . k[c] for rows x cols (row stride ld), q (rows x D), k (cols x D).
+template <int NB>
+void scores_few_rows_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t rows, int cols,
+                          float scale, float* s, int ld, const RowFetch& v_rows) {
+  constexpr int64_t D = 32 * NB;
+  const __m512 sc = _mm512_set1_ps(scale);
+  // keys outer: the rows' passes over 16 keys read them from L1, and the stream of new keys
+  // from memory stays steady (rows outer left the memory idle during the later rows)
+  int c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    for (int i = 0; i < 16; ++i) v_rows.fetch(c + i);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512bh qr[NB];
+      for (int j = 0; j < NB; ++j) qr[j] = as_pairs(_mm512_loadu_si512(q + r * D + 32 * j));
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) part[i] = dot_partials_bf16<NB>(qr, k + (c + i) * D);
+      _mm512_storeu_ps(s + r * ld + c, _mm512_mul_ps(sc, sum16(part)));
+    }
+  }
+  for (int cc = c; cc < cols; ++cc) v_rows.fetch(cc);
+  for (int64_t r = 0; r < rows && c < cols; ++r) {
+    __m512bh qr[NB];
+    for (int j = 0; j < NB; ++j) qr[j] = as_pairs(_mm512_loadu_si512(q + r * D + 32 * j));
+    for (int cc = c; cc < cols; ++cc)
+      s[r * ld + cc] = scale * _mm512_reduce_add_ps(dot_partials_bf16<NB>(qr, k + cc * D));
+  }
+}
+
+// Column d' of a 32-wide accumulator block in unpack order holds column pair_order(d') of v.
+constexpr int pair_order(int i) {
+  return i < 16 ? 8 * (i / 4) + i % 4 : 8 * ((i - 16) / 4) + 4 + i % 4;
+}
+
+// acc[r] += sum_c p[r, c] v[c] over keys [c0, c1) and columns [d0, d0 + 32 NBD) for RG rows
+// (p: bfloat16, row stride ldp, a 0 after an odd last column; acc: row stride Dv, unpack
+// order), v (keys x Dv), the accumulators in registers throughout. `next`, where given, has
+// the rows of the same keys fetched.
+template <int RG, int NBD>
+inline void pv_block_bf16(const at::BFloat16* p, int ldp, const at::BFloat16* v, int c0, int c1,
+                          int64_t Dv, int64_t d0, float* acc, const RowFetch* next) {
+  __m512 lo[RG][NBD], hi[RG][NBD];
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < NBD; ++j) {
+      lo[r][j] = _mm512_loadu_ps(acc + r * Dv + d0 + 32 * j);
+      hi[r][j] = _mm512_loadu_ps(acc + r * Dv + d0 + 32 * j + 16);
+    }
+  for (int c = c0; c < c1; c += 2) {
+    if (next) {
+      next->fetch(c);
+      next->fetch(c + 1);
+    }
+    __m512bh vl[NBD], vh[NBD];
+    for (int j = 0; j < NBD; ++j) {
+      const __m512i a = _mm512_loadu_si512(v + c * Dv + d0 + 32 * j);
+      const __m512i b = c + 1 < c1 ? _mm512_loadu_si512(v + (c + 1) * Dv + d0 + 32 * j)
+                                   : _mm512_setzero_si512();
+      vl[j] = as_pairs(_mm512_unpacklo_epi16(a, b));
+      vh[j] = as_pairs(_mm512_unpackhi_epi16(a, b));
+    }
+    for (int r = 0; r < RG; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, p + r * ldp + c, sizeof(pair));
+      const __m512bh w = as_pairs(_mm512_set1_epi32(pair));
+      for (int j = 0; j < NBD; ++j) {
+        lo[r][j] = _mm512_dpbf16_ps(lo[r][j], vl[j], w);
+        hi[r][j] = _mm512_dpbf16_ps(hi[r][j], vh[j], w);
+      }
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < NBD; ++j) {
+      _mm512_storeu_ps(acc + r * Dv + d0 + 32 * j, lo[r][j]);
+      _mm512_storeu_ps(acc + r * Dv + d0 + 32 * j + 16, hi[r][j]);
+    }
+}
+
+// Keys 16 at a time, so that after the first pass every pass reads them from L1; rows four at
+// a time (4 x 2 x NBD accumulators and 2 NBD value pairs fit in the 32 vector registers).
+template <int NBD>
+void pv_few_rows_bf16(const at::BFloat16* p, int ldp, const at::BFloat16* v, int64_t rows,
+                      int cols, int64_t Dv, float* acc, const RowFetch& next) {
+  for (int c0 = 0; c0 < cols; c0 += 16) {
+    const int c1 = std::min(cols, c0 + 16);
+    for (int64_t d0 = 0; d0 < Dv; d0 += 32 * NBD) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4)
+        pv_block_bf16<4, NBD>(p + r * ldp, ldp, v, c0, c1, Dv, d0, acc + r * Dv,
+                              r == 0 && d0 == 0 ? &next : nullptr);
+      const RowFetch* fetch = r == 0 && d0 == 0 ? &next : nullptr;
+      switch (rows - r) {
+        case 3: pv_block_bf16<3, NBD>(p + r * ldp, ldp, v, c0, c1, Dv, d0, acc + r * Dv, fetch);
+          break;
+        case 2: pv_block_bf16<2, NBD>(p + r * ldp, ldp, v, c0, c1, Dv, d0, acc + r * Dv, fetch);
+          break;
+        case 1: pv_block_bf16<1, NBD>(p + r * ldp, ldp, v, c0, c1, Dv, d0, acc + r * Dv, fetch);
+          break;
+      }
+    }
+  }
+}
+
+// Accumulator rows (rows x Dv) from unpack order back to column order.
+void in_column_order(float* acc, int64_t rows, int64_t Dv) {
+  float block[32];
+  for (int64_t at = 0; at < rows * Dv; at += 32) {
+    for (int i = 0; i < 32; ++i) block[pair_order(i)] = acc[at + i];
+    std::memcpy(acc + at, block, sizeof(block));
+  }
+}
+#endif
+
 // The few-rows decoding products for one tile: q (rows x D) float, k and v in their own type;
 // returns false (nothing done) where no vector form fits (then the caller converts the tiles
 // and runs scores_few_rows / pv_few_rows).
@@ -1381,6 +1552,67 @@ void pv_few_rows_direct(const T* p, int ld, const In* v, int64_t rows, int cols,
   TORCH_CHECK(false, "qkv cpu kernel: no vector decoding form for Dv = ", Dv);
 }
 
+
+// Keys per block of the AVX512-BF16 decoding loops: a block of K (and then of V) stays in the L1
+// cache while each stacked query row reads it.
+constexpr int kPairsBlock = 64;
+
+// The AVX512-BF16 decoding loops (above) take bfloat16 calls with D and Dv in 32 .. 256.
+template <typename In>
+bool pairs_fit(int64_t D, int64_t Dv) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<In, at::BFloat16>) {
+    auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
+    return fits(D) && fits(Dv);
+  }
+#endif
+  (void)D;
+  (void)Dv;
+  return false;
+}
+
+template <typename T, typename In>
+void scores_pairs(const In* q, const In* k, int64_t rows, int cols, int64_t D, T scale, T* s,
+                  int ld, const In* v, int64_t Dv) {
+  const RowFetch v_rows{reinterpret_cast<const char*>(v), Dv * static_cast<int64_t>(sizeof(In))};
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<In, at::BFloat16> && std::is_same_v<T, float>) {
+    switch (D) {
+      case 32: return scores_few_rows_bf16<1>(q, k, rows, cols, scale, s, ld, v_rows);
+      case 64: return scores_few_rows_bf16<2>(q, k, rows, cols, scale, s, ld, v_rows);
+      case 128: return scores_few_rows_bf16<4>(q, k, rows, cols, scale, s, ld, v_rows);
+      case 256: return scores_few_rows_bf16<8>(q, k, rows, cols, scale, s, ld, v_rows);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no bfloat16 pair decoding for D = ", D);
+}
+
+template <typename T, typename In>
+void pv_pairs(const at::BFloat16* p, int ldp, const In* v, int64_t rows, int cols, int64_t Dv,
+              T* acc, const In* k_next, int64_t D) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<In, at::BFloat16> && std::is_same_v<T, float>) {
+    const int nbd = static_cast<int>(std::min<int64_t>(Dv / 32, 2));
+    const RowFetch next{reinterpret_cast<const char*>(k_next), D * 2};
+    switch (nbd) {
+      case 1: return pv_few_rows_bf16<1>(p, ldp, v, rows, cols, Dv, acc, next);
+      case 2: return pv_few_rows_bf16<2>(p, ldp, v, rows, cols, Dv, acc, next);
+      case 4: return pv_few_rows_bf16<4>(p, ldp, v, rows, cols, Dv, acc, next);
+    }
+  }
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no bfloat16 pair decoding for Dv = ", Dv);
+}
+
+template <typename T>
+void pairs_in_column_order(T* acc, int64_t rows, int64_t Dv) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, float>) return in_column_order(acc, rows, Dv);
+#endif
+  TORCH_CHECK(false, "qkv cpu kernel: no bfloat16 pair decoding");
+}
+
 template <typename T, typename In>
 void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
                     const KvStrides& kv, T* out, T* lse) {
@@ -1394,10 +1626,15 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
   // per (group, chunk): running max and sum (rows), unnormalised output (rows x Dv)
   std::vector<T> part_m(groups * chunks * rows, ninf), part_l(groups * chunks * rows, T(0));
   std::vector<T> part_acc(groups * chunks * rows * Dv, T(0));
-  const bool direct = rows <= direct_rows<In>() && few_rows_tile_direct<T, In>(D, Dv);
+  const bool pairs = pairs_fit<In>(D, Dv);
+  const bool direct =
+      !pairs && rows <= direct_rows<In>() && few_rows_tile_direct<T, In>(D, Dv);
+  const int ldp = static_cast<int>((P.tk + 2) & ~int64_t(1));  // even: whole pairs per row
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s_buf(rows * P.tk), qbuf(rows * D), kbuf(direct ? 0 : P.tk * D),
-        vbuf(direct ? 0 : P.tk * Dv);
+    Scratch<T> s_buf(rows * P.tk), qbuf(pairs ? 0 : rows * D),
+        kbuf(direct || pairs ? 0 : P.tk * D),
+        vbuf(direct || pairs ? 0 : P.tk * Dv);
+    Scratch<at::BFloat16> p_pairs(pairs ? rows * ldp : 0);
     T* const s = s_buf.data;
     const int ld = static_cast<int>(P.tk);
     for (int64_t task = begin; task < end; ++task) {
@@ -1406,7 +1643,8 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
       T* l = part_l.data() + task * rows;
       T* acc = part_acc.data() + task * rows * Dv;
       // the G heads of the group are consecutive: one (G Nq) x D block of q
-      const T* qg = as_compute<T>(q + (b * P.Hq + hk * P.G) * P.Nq * D, rows, D, qbuf.data);
+      const In* q_in = q + (b * P.Hq + hk * P.G) * P.Nq * D;
+      const T* qg = pairs ? nullptr : as_compute<T>(q_in, rows, D, qbuf.data);
       const In* kbase = k + b * kv.kb + hk * kv.kh;
       const In* vbase = v + b * kv.vb + hk * kv.vh;
       const int64_t last = std::min(n_visits, (c + 1) * per_chunk);
@@ -1417,6 +1655,19 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
         const In* kin = kbase + k0 * D;
         const In* vin = vbase + k0 * Dv;
         const T *kt = nullptr, *vt = nullptr;  // the tiles as T, where the products need them
+        if (pairs) {  // block by block; P rounded to bfloat16 pairs as the tiled forward's
+          for (int c0 = 0; c0 < cols; c0 += kPairsBlock) {
+            const int n = std::min(kPairsBlock, cols - c0);
+            scores_pairs(q_in, kin + c0 * D, rows, n, D, P.scale, s, ld, vin + c0 * Dv, Dv);
+            for (int64_t g = 0; g < P.G; ++g)
+              finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0 + c0, n, full,
+                               s + g * P.Nq * ld, ld, nullptr);
+            online_softmax_tile(s, ld, rows, n, m, l, acc, Dv, T(1), p_pairs.data, ldp);
+            // the next block's K and V are fetched during this block's P V
+            pv_pairs(p_pairs.data, ldp, vin + c0 * Dv, rows, n, Dv, acc, kin + (c0 + n) * D, D);
+          }
+          continue;
+        }
         if (direct) {
           scores_few_rows_direct(qg, kin, rows, cols, D, P.scale, s, ld);
         } else {
@@ -1440,6 +1691,7 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
           gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
                   static_cast<int>(Dv), s, ld, T(1), acc, static_cast<int>(Dv));
       }
+      if (pairs) pairs_in_column_order(acc, rows, Dv);
     }
   });
   // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max; a NaN chunk
@@ -1755,6 +2007,9 @@ std::vector<at::Tensor> attention_backward(
   return backward_typed(P, q, k, v, out, lse, gout, bias, bias_grad, mod_tables, table_grad);
 }
 
+// Whether bfloat16 decoding runs on AVX512-BF16 dot products (else it widens to float).
+bool bfloat16_dot_decoding() { return pairs_fit<at::BFloat16>(32, 32); }
+
 }  // namespace
 
 TORCH_LIBRARY(qkv_cpu, m) {
@@ -1771,4 +2026,5 @@ TORCH_LIBRARY(qkv_cpu, m) {
       "Tensor mod_value, Tensor mod_int, Tensor[] mod_tables, Tensor table_grad) -> Tensor[]",
       &attention_backward);
   m.def("half_gemm_status(str dtype) -> str", &half_gemm_status);
+  m.def("bfloat16_dot_decoding() -> bool", &bfloat16_dot_decoding);
 }
