@@ -240,6 +240,8 @@ def test_a_causal_flag_that_hides_no_key_is_dropped_and_every_backend_agrees(
         (8, 2, 1, 128, 128),  # 4 stacked rows: one row block
         (6, 2, 1, 64, 32),  # 3 rows: the remainder block alone
         (8, 2, 8, 32, 64),  # 32 rows (8 queries x 4 heads), causal within them
+        (8, 2, 5, 128, 64),  # 20 rows: two row vectors, the second partial
+        (16, 2, 7, 64, 64),  # 56 rows: four row vectors
         (2, 1, 3, 256, 256),  # 3 rows, the widest head
     ],
 )
