@@ -411,18 +411,23 @@ inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ld
 }
 #endif
 
-// Keys [n0, n1) of k (rows of D floats) into columns of t (D rows, row stride ldt): a block
-// of keys at a time writes consecutive floats of each row of K^T.
-inline void transpose_keys(const float* k, int64_t n0, int64_t n1, int64_t D, float* t,
-                           int64_t ldt) {
+// src (rows x cols, row stride lds) transposed into dst (cols x rows, row stride ldd): 16 x 16
+// blocks in registers where they fit (element by element, the key tiles' transposition was a
+// tenth of a sliding-window forward), the edges element by element.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                      int64_t ldd) {
+  int64_t r0 = 0;
 #if defined(__AVX512F__)
-  if (n1 - n0 == 16 && D % 16 == 0) {  // element by element this was a tenth of a forward
-    for (int64_t d = 0; d < D; d += 16) transpose16x16(k + n0 * D + d, D, t + d * ldt + n0, ldt);
-    return;
+  for (; r0 + 16 <= rows; r0 += 16) {
+    int64_t c0 = 0;
+    for (; c0 + 16 <= cols; c0 += 16)
+      transpose16x16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (int64_t c = c0; c < cols; ++c)
+      for (int64_t r = r0; r < r0 + 16; ++r) dst[c * ldd + r] = src[r * lds + c];
   }
 #endif
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t n = n0; n < n1; ++n) t[d * ldt + n] = k[n * D + d];
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = r0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // The first `rows` rows of a score tile (row stride ld) times scale.
@@ -448,11 +453,8 @@ inline const float* transposed_tile(const float* k, int cols, int64_t D) {
     buf = std::make_unique<Scratch<float>>(cols * D);
     capacity = cols * D;
   }
-  float* t = buf->data;
-  constexpr int kBlock = 16;
-  for (int c0 = 0; c0 < cols; c0 += kBlock)
-    transpose_keys(k, c0, std::min(cols, c0 + kBlock), D, t, cols);
-  return t;
+  transpose(k, cols, D, D, buf->data, cols);
+  return buf->data;
 }
 
 template <typename T>
@@ -669,8 +671,8 @@ struct WholeKeysT {
     at::parallel_for(0, P.B * P.Hkv * blocks, 16, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m = task / blocks, n0 = (task % blocks) * kBlock;
-        transpose_keys(P.k + m * P.Nk * P.D, n0, std::min(P.Nk, n0 + kBlock), P.D,
-                       dst + m * P.D * P.Nk, P.Nk);
+        transpose(P.k + (m * P.Nk + n0) * P.D, std::min(kBlock, P.Nk - n0), P.D, P.D,
+                  dst + m * P.D * P.Nk + n0, P.Nk);
       }
     });
     P.kt = dst;
@@ -809,7 +811,7 @@ struct RowBlock {
 // derivative (recorded while the scores are rebuilt, used when dS is walked back).
 template <typename T>
 struct BackwardTiles {
-  Scratch<T> s, dp;
+  Scratch<T> s, dp, t;  // t: P^T and dS^T for the float32 products
   std::vector<T> delta;
   std::vector<Scratch<T>> deriv_store;
   std::vector<T*> derivs;
@@ -817,7 +819,8 @@ struct BackwardTiles {
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(false);
   }
   explicit BackwardTiles(const Problem<T>& P)
-      : s(P.tq * P.tk), dp(P.tq * P.tk), delta(P.tq) {
+      : s(P.tq * P.tk), dp(P.tq * P.tk), t(std::is_same_v<T, float> ? P.tq * P.tk : 0),
+        delta(P.tq) {
     for (int n = 0; n < count_softcaps(P); ++n) {
       deriv_store.emplace_back(P.tq * P.tk);
       derivs.push_back(deriv_store.back().data);
@@ -888,14 +891,36 @@ void backward_block(const Problem<T>& P, const T* out, const T* lse, const T* go
     if (cols == 0) continue;
     scores_tile<T>(P, blk.b, blk.h, blk.q0, rows, k0, cols, full, s, ld, W.softcap_derivs());
     for (int r = 0; r < rows; ++r) exp_row(s + r * ld, cols, lp[r]);
-    // dV += P^T dO ; dP = dO V^T
-    gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv, Dv);
-    gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp, ld);
-    score_grads_tile(P, blk.b, blk.h, blk.q0, rows, k0, cols, s, dp, ld, W.delta.data(),
-                     W.derivs, blk.run, R);
-    // dQ += scale dS K ; dK += scale dS^T Q
-    gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp, D);
-    gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D, D);
+    if constexpr (std::is_same_v<T, float>) {
+      // the products on brgemm as the scores are (row-major, so P, V and dS are transposed
+      // into the thread's buffers where they are the transposed operand)
+      float* const t = W.t.data;
+      // dV += P^T dO ; dP = dO V^T
+      transpose(s, rows, cols, ld, t, rows);
+      at::native::cpublas::brgemm(cols, Dv, rows, rows, Dv, Dv, true, t, gp,
+                                  dvbase + k0 * P.Dv, /*is_vnni=*/false);
+      at::native::cpublas::brgemm(rows, cols, Dv, Dv, cols, ld, false, gp,
+                                  transposed_tile(vbase + k0 * P.Dv, cols, Dv), dp,
+                                  /*is_vnni=*/false);
+      score_grads_tile(P, blk.b, blk.h, blk.q0, rows, k0, cols, s, dp, ld, W.delta.data(),
+                       W.derivs, blk.run, R);
+      // dQ += scale dS K ; dK += scale dS^T Q
+      scale_rows(s, ld, rows, cols, P.scale);
+      at::native::cpublas::brgemm(rows, D, cols, ld, D, D, true, s, kbase + k0 * P.D, dqp,
+                                  /*is_vnni=*/false);
+      transpose(s, rows, cols, ld, t, rows);
+      at::native::cpublas::brgemm(cols, D, rows, rows, D, D, true, t, qp, dkbase + k0 * P.D,
+                                  /*is_vnni=*/false);
+    } else {
+      // dV += P^T dO ; dP = dO V^T
+      gemm<T>(false, true, Dv, cols, rows, T(1), gp, Dv, s, ld, T(1), dvbase + k0 * P.Dv, Dv);
+      gemm<T>(true, false, cols, rows, Dv, T(1), vbase + k0 * P.Dv, Dv, gp, Dv, T(0), dp, ld);
+      score_grads_tile(P, blk.b, blk.h, blk.q0, rows, k0, cols, s, dp, ld, W.delta.data(),
+                       W.derivs, blk.run, R);
+      // dQ += scale dS K ; dK += scale dS^T Q
+      gemm<T>(false, false, D, rows, cols, P.scale, kbase + k0 * P.D, D, s, ld, T(1), dqp, D);
+      gemm<T>(false, true, D, cols, rows, P.scale, qp, D, s, ld, T(1), dkbase + k0 * P.D, D);
+    }
   }
 }
 
