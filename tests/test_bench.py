@@ -263,3 +263,35 @@ def test_flex_compile_time_is_reported_on_its_own_line() -> None:
     assert "compile" not in format_table(
         [BenchResult(BenchCase("sdpa", "causal", 64), 1.0, gflops=1.0)]
     )
+
+
+def test_decode_bench_reports_kv_bytes_per_second_against_the_memory_rate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from qkv.bench.decode import DecodeCase, format_decode_table, time_decode
+
+    case = DecodeCase(2, 3, 40, 4, 2, 16, torch.float32)
+    assert case.kv_bytes == 2 * 2 * 2 * 40 * 16 * 4
+    results = time_decode(case, ["cpu", "sdpa", "triton"], rounds=2)
+    assert [r.backend for r in results] == ["cpu", "sdpa", "triton"]
+    for r in results[:2]:
+        assert r.seconds is not None and r.seconds > 0 and r.error is None
+        assert r.kv_gbps == pytest.approx(case.kv_bytes / r.seconds / 1e9)
+        assert r.memory_gbps > 0
+    assert results[2].seconds is None and "CUDA" in (results[2].error or "")
+    table = format_decode_table(results).splitlines()
+    assert "% bw" in table[0] and "x sdpa" in table[0]
+    cpu, sdpa, triton = table[2:]
+    assert cpu.split()[5] == "cpu" and sdpa.endswith("1.00") and "failed:" in triton
+    share = results[0].kv_gbps / results[0].memory_gbps  # type: ignore[operator]
+    assert cpu.split()[-2] == f"{share:.0%}"
+    # the command prints the same table; bad shapes are refused naming the argument
+    argv = ["bench", "decode", "--contexts", "40", "--queries", "1", "--rounds", "1"]
+    shape = ["--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32"]
+    assert main([*argv, *shape]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [line.split()[5] for line in rows[-2:]] == ["cpu", "sdpa"]
+    with pytest.raises(ValueError, match=r"q_heads \(6\) must be a multiple of kv_heads \(4\)"):
+        DecodeCase(1, 1, 8, 6, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"queries \(9\) must be at most context \(8\)"):
+        DecodeCase(1, 9, 8, 4, 4, 16, torch.float32)

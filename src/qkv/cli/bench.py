@@ -1,4 +1,5 @@
-"""``qkv bench``: time every backend over a sweep; ``qkv bench approx``: approximate attention
+"""``qkv bench``: time every backend over a sweep; ``qkv bench decode``: decoding steps against
+the memory read rate (:mod:`qkv.bench.decode`); ``qkv bench approx``: approximate attention
 against exact (:mod:`qkv.bench.approx`: error vs knob, time and memory vs N).
 
 The experiments that train models with approximate attention are not a ``qkv`` command: see
@@ -19,7 +20,7 @@ __all__ = ["register"]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``qkv bench`` and its ``approx`` sub-command."""
+    """Add ``qkv bench`` and its ``decode`` and ``approx`` sub-commands."""
     bench = commands.add_parser(
         "bench",
         help="time every backend over a sweep of N and mask kinds, with ratios to SDPA",
@@ -30,7 +31,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _add_bench_args(bench)
     bench.set_defaults(run=_run_bench)
-    _register_approx(bench.add_subparsers(dest="bench_kind", metavar="KIND"))
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
+    _register_decode(kinds)
+    _register_approx(kinds)
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -166,6 +169,57 @@ def _run_bench(args: argparse.Namespace) -> int:
                 else " (no plot: pip install -e '.[viz]')"
             )
         )
+    return 0
+
+
+def _register_decode(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``qkv bench decode``."""
+    p = kinds.add_parser(
+        "decode",
+        help="decoding steps: K/V bytes read per second against the memory read rate",
+        description="Decoding steps on the CPU (a few new queries against a long key/value "
+        "cache, causal bottom-right) on each backend, interleaved in one process: the median "
+        "time, the bytes of K and V read per second and their share of the memory read rate "
+        "(a sum over 256 MiB) measured in the same run, and the time over SDPA's.",
+    )
+    p.add_argument("--batch", type=int_list, default=[1], help="batch sizes (default 1)")
+    p.add_argument("--queries", type=int_list, default=[1, 8], help="new queries (default 1,8)")
+    p.add_argument(
+        "--contexts", type=int_list, default=[4096, 32768], help="cached keys (default 4096,32768)"
+    )
+    p.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="(default bfloat16)")
+    p.add_argument("--backends", type=str_list, default=["cpu", "sdpa"], help="(default cpu,sdpa)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    p.set_defaults(run=_run_decode)
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from qkv.backends import available_backends
+    from qkv.bench.decode import decode_cases, format_decode_table, time_decode
+
+    unknown = sorted(set(args.backends) - set(available_backends()))
+    if unknown:
+        raise ValueError(f"--backends: unknown {unknown}; known: {available_backends()}")
+    cases = decode_cases(
+        args.batch,
+        args.queries,
+        args.contexts,
+        q_heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        dtype=getattr(torch, args.dtype),
+    )
+    bar = ProgressBar(len(cases))
+    results = []
+    for case in cases:
+        results += time_decode(case, args.backends, rounds=args.rounds)
+        bar.step(f"B={case.batch} Nq={case.queries} Nk={case.context}")
+    print(format_decode_table(results))
     return 0
 
 
