@@ -1567,13 +1567,16 @@ void in_column_order(float* acc, int64_t rows, int64_t Dv) {
 // The few-rows decoding products for one tile: q (rows x D) float, k and v in their own type;
 // returns false (nothing done) where no vector form fits (then the caller converts the tiles
 // and runs scores_few_rows / pv_few_rows).
+// Head dimensions the vector decoding loops are compiled for (a row of K or V in registers).
+constexpr bool vector_head_dims(int64_t D, int64_t Dv) {
+  auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
+  return fits(D) && fits(Dv);
+}
+
 template <typename T, typename In>
 bool few_rows_tile_direct(int64_t D, int64_t Dv) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
-    return fits(D) && fits(Dv);
-  }
+  if constexpr (std::is_same_v<T, float>) return vector_head_dims(D, Dv);
 #endif
   (void)D;
   (void)Dv;
@@ -1621,10 +1624,7 @@ constexpr int kPairsBlock = 64;
 template <typename In>
 bool pairs_fit(int64_t D, int64_t Dv) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if constexpr (std::is_same_v<In, at::BFloat16>) {
-    auto fits = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
-    return fits(D) && fits(Dv);
-  }
+  if constexpr (std::is_same_v<In, at::BFloat16>) return vector_head_dims(D, Dv);
 #endif
   (void)D;
   (void)Dv;
