@@ -216,8 +216,8 @@ def _run_forward(
     io = q.dtype if half else cd  # the half path reads q, k, v in their own type
     # k and v keep their layout: the kernel reads a KV cache's slice in place when
     # decoding and makes its own dense copy otherwise
-    qc = q.detach().to(io).contiguous()
-    kc, vc = (t.detach().to(io) for t in (k, v))
+    qc, kc, vc = (t.detach() if t.dtype == io else t.detach().to(io) for t in (q, k, v))
+    qc = qc.contiguous()
     bias_e = _expanded_bias(bias, call.shape, cd)
     mod_tables = call.tables(tables, cd)
     out, lse = ops.forward(  # type: ignore[attr-defined]
@@ -420,6 +420,8 @@ def tile_census(
     if (known := _CENSUS.get(request)) is not None and known[0] == key:
         return known[1]
     best: tuple[float, Census] | None = None
+    if request.whole_mask is None:  # every tile visited: the widest does the least work
+        choices = (max(choices),)
     for tile_kv in sorted(choices):  # the narrowest first: the wider ones are pooled from it
         census = _count_tiles(request, tile_q or TILE_Q, tile_kv)
         tq, tk = min(census.tile_q, request.q_len), min(tile_kv, request.kv_len)
