@@ -1673,6 +1673,29 @@ void pairs_in_column_order(T* acc, int64_t rows, int64_t Dv) {
   TORCH_CHECK(false, "qkv cpu kernel: no bfloat16 pair decoding");
 }
 
+// The decoding products of more stacked rows than the loops take: GEMMs, on brgemm in float32
+// as the tiled products are (K transposed per tile).
+template <typename T>
+void stacked_scores(const T* q, const T* k, int64_t rows, int cols, int64_t D, T scale, T* s,
+                    int ld) {
+  const int m = static_cast<int>(rows), d = static_cast<int>(D);
+  if constexpr (std::is_same_v<T, float>) {
+    at::native::cpublas::brgemm(m, cols, d, d, cols, ld, false, q, transposed_tile(k, cols, D), s,
+                                /*is_vnni=*/false);
+    return scale_rows(s, ld, m, cols, scale);
+  }
+  gemm<T>(true, false, cols, m, d, scale, k, d, q, d, T(0), s, ld);
+}
+
+template <typename T>
+void stacked_pv(const T* p, int ld, const T* v, int64_t rows, int cols, int64_t Dv, T* acc) {
+  const int m = static_cast<int>(rows), dv = static_cast<int>(Dv);
+  if constexpr (std::is_same_v<T, float>)
+    return at::native::cpublas::brgemm(m, dv, cols, ld, dv, dv, true, p, v, acc,
+                                       /*is_vnni=*/false);
+  gemm<T>(false, false, dv, m, cols, T(1), v, dv, p, ld, T(1), acc, dv);
+}
+
 template <typename T, typename In>
 void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
                     const KvStrides& kv, T* out, T* lse) {
@@ -1736,8 +1759,7 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
           if (rows <= kFewRows)
             scores_few_rows(qg, kt, rows, cols, D, P.scale, s, ld);
           else
-            gemm<T>(true, false, cols, static_cast<int>(rows), static_cast<int>(D), P.scale, kt,
-                    static_cast<int>(D), qg, static_cast<int>(D), T(0), s, ld);
+            stacked_scores(qg, kt, rows, cols, D, P.scale, s, ld);
         }
         for (int64_t g = 0; g < P.G; ++g)
           finish_scores<T>(P, b, hk * P.G + g, 0, static_cast<int>(P.Nq), k0, cols, full,
@@ -1748,11 +1770,11 @@ void forward_decode(const Problem<T>& P, const In* q, const In* k, const In* v,
         else if (rows <= kFewRows)
           pv_few_rows(s, ld, vt, rows, cols, Dv, acc);
         else
-          gemm<T>(false, false, static_cast<int>(Dv), static_cast<int>(rows), cols, T(1), vt,
-                  static_cast<int>(Dv), s, ld, T(1), acc, static_cast<int>(Dv));
+          stacked_pv(s, ld, vt, rows, cols, Dv, acc);
       }
       if (pairs) pairs_in_column_order(acc, rows, Dv);
     }
+    if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(false);
   });
   // merge the chunks of every row: weights exp(m_c - M), M the largest chunk max; a NaN chunk
   // (an attended NaN or +inf score, see online_softmax_tile) makes the row NaN
