@@ -528,14 +528,14 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             "--memory",
             "memory",
             "translation memory (neural fuzzy repair): give the model the target of the most "
-            "similar training pair after the source, saved with the model (default: sized to "
-            "the corpus)",
+            "similar training pair after the source, saved with the model (default off: "
+            "docs/small-corpus.md)",
             switch=True,
         ),
         Flag(
             "--no-memory",
             None,
-            "no translation memory, whatever the corpus size",
+            "no translation memory (the default)",
             switch=True,
             apply=_no_memory,
         ),
