@@ -110,6 +110,8 @@ def test_bad_inputs_are_refused_naming_the_argument() -> None:
         TranslationMemory((("a", "b"), ("c", 3)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"memory_threshold must be in \[0, 100\].*got -1"):
         TranslationConfig(memory=True, memory_threshold=-1)
+    with pytest.raises(ValueError, match=r"memory_threshold=30 \(--memory-threshold\).*--memory"):
+        TranslationConfig(memory=False, memory_threshold=30)
     with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
         nearest_sources(["a", "b"], ["a", "b"], exclude=[0])
     memory = TranslationMemory.from_pairs([("a b", "c d"), ("e f", "g h")])
@@ -201,6 +203,9 @@ def test_cli_memory_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     saved = json.loads((tmp_path / "b" / "config.json").read_text())["translation"]
     assert saved["memory"] is True and saved["memory_threshold"] == 20.0
     assert main([*base, "--no-memory", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--memory-threshold", "20", "--out", str(tmp_path / "d")]) == 2
+    assert "add memory=True (--memory)" in capsys.readouterr().err
     assert not (tmp_path / "c" / MEMORY_FILE).exists()
 
 

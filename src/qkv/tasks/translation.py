@@ -190,6 +190,8 @@ class TranslationSettings(Settings):
             raise ValueError(
                 f"memory_threshold must be in [0, 100] (a chrF), got {self.memory_threshold}"
             )
+        if self.memory is False and self.memory_threshold > 0:
+            _threshold_without_memory(self.memory_threshold)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -203,6 +205,13 @@ class TranslationSettings(Settings):
 
 #: The earlier name of :class:`TranslationSettings` (kept so existing code keeps working).
 TranslationConfig = TranslationSettings
+
+
+def _threshold_without_memory(threshold: float) -> None:
+    raise ValueError(
+        f"memory_threshold={threshold} (--memory-threshold) chooses the matches of a "
+        "translation memory, and this run has none: add memory=True (--memory)"
+    )
 
 
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -623,6 +632,8 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
         settings = choices.settings
         batch_size = DEFAULT_BATCH_SIZE if settings.batch_size is None else settings.batch_size
         settings = replace(settings, batch_size=batch_size, memory=bool(settings.memory))
+        if not settings.memory and settings.memory_threshold > 0:
+            _threshold_without_memory(settings.memory_threshold)
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
