@@ -11,6 +11,8 @@ on one thread::
     OMP_NUM_THREADS=1 python benchmarks/small_corpus.py --out runs/small
     OMP_NUM_THREADS=1 python benchmarks/small_corpus.py --out runs/small \\
         --only "bible-ny-en 500" --variant copy=--copy --variant bpe500=--vocab-size,500
+    OMP_NUM_THREADS=1 python benchmarks/small_corpus.py --out runs/small \\
+        --variant memory=--memory --variant memory-t35=--memory,--memory-threshold,35
 
 Writes ``RESULTS.md`` (the table) and ``results.json`` into ``--out`` (results already there
 for other corpora or variants are kept, so runs can be split).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def test_a_small_corpus_gets_its_vocabulary_batch_model_dropout_and_budget() -> 
     assert "model size d_model 128, 2+2 layers, 4 heads (the tiny preset's depth" in text
     assert "1000 steps (about 50 passes over the data, bounded to 1000-8000)" in text
     assert "peak learning rate of 0.003" in text
+    assert sized.settings.memory is False  # measured: no higher by validation on 500 verses
+    assert "no translation memory" in text and "(--memory)" in text
     two = size_to_data(TranslationConfig(data="x.tsv"), 2000)
     assert two.settings.vocab_size == 4000 and two.training["max_steps"] == 3200
     assert two.training["eval_every"] == 640
@@ -68,7 +71,10 @@ def test_choices_the_user_made_are_kept() -> None:
         model_overrides={"dropout": 0.05},
     )
     sized = size_to_data(given, 500)
-    assert sized.settings == given and sized.model_overrides == {}
+    assert sized.settings == replace(given, memory=False) and sized.model_overrides == {}
+    with_memory = size_to_data(replace(given, memory=True), 500)
+    assert with_memory.settings.memory is True
+    assert not any("translation memory" in n for n in with_memory.notes)
     notes = sized.notes
     assert not any(w in n for n in notes for w in ("BPE", "batch", "dropout", "model size"))
     assert "1600 steps" in notes[-1]  # 50 passes of 32 batches of 16

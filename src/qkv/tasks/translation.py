@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ from qkv.train import (
     read_config,
 )
 from qkv.train.checkpoint import ModelFolderError
+
+if TYPE_CHECKING:
+    from qkv.tasks.translation_memory import TranslationMemory
 
 __all__ = [
     "SPEC",
@@ -99,6 +102,13 @@ class TranslationSettings(Settings):
         copy_unknown_rate: with ``copy``, the probability that training hides a copyable
             source token as ``<unk>`` and asks the model to copy it from its position (so that
             it learns to copy words it has never seen).
+        memory: a translation memory as extra input (neural fuzzy repair,
+            :mod:`qkv.tasks.translation_memory`): each source is followed by ``<sep>`` and the
+            target of the most similar training pair, so the model can repair a close match;
+            saved with the model. ``None``: sized to the corpus
+            (:mod:`qkv.tasks.translation_defaults`; filled in and saved).
+        memory_threshold: with ``memory``, the lowest sentence chrF (0-100) of a match that is
+            attached; below it the input is the source alone.
         size_defaults: below 10,000 training pairs, size the choices left open (BPE
             vocabulary, model size, dropout, step budget) to the corpus and say why
             (:mod:`qkv.tasks.translation_defaults`).
@@ -129,6 +139,8 @@ class TranslationSettings(Settings):
     preset: str | None = None
     copy: bool = False
     copy_unknown_rate: float = 0.1
+    memory: bool | None = None
+    memory_threshold: float = 0.0
     size_defaults: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: Literal["auto", "char", "bpe"] = "auto"
@@ -174,6 +186,12 @@ class TranslationSettings(Settings):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.copy_unknown_rate < 1.0:
             raise ValueError(f"copy_unknown_rate must be in [0, 1), got {self.copy_unknown_rate}")
+        if not 0.0 <= self.memory_threshold <= 100.0:
+            raise ValueError(
+                f"memory_threshold must be in [0, 100] (a chrF), got {self.memory_threshold}"
+            )
+        if self.memory is False and self.memory_threshold > 0:
+            _threshold_without_memory(self.memory_threshold)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -187,6 +205,13 @@ class TranslationSettings(Settings):
 
 #: The earlier name of :class:`TranslationSettings` (kept so existing code keeps working).
 TranslationConfig = TranslationSettings
+
+
+def _threshold_without_memory(threshold: float) -> None:
+    raise ValueError(
+        f"memory_threshold={threshold} (--memory-threshold) chooses the matches of a "
+        "translation memory, and this run has none: add memory=True (--memory)"
+    )
 
 
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -262,16 +287,26 @@ class TranslationTask:
         tokenizer: the pair tokenizer.
         validation: pairs to decode at each validation.
         config: the translation settings (label smoothing, metric, decode length).
+        memory: the translation memory the validation sources are matched in (with
+            ``config.memory``).
     """
 
     name = TASK_NAME
 
     def __init__(
-        self, tokenizer: PairTokenizer, validation: Sequence[Pair], config: TranslationSettings
+        self,
+        tokenizer: PairTokenizer,
+        validation: Sequence[Pair],
+        config: TranslationSettings,
+        memory: TranslationMemory | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.validation = list(validation)
         self.config = config
+        self.memory = memory
+        sources = [p.source for p in self.validation]
+        # the model's inputs of the validation sources (matched once: the memory is fixed)
+        self._inputs = memory.inputs(sources) if memory is not None else sources
         self.metric: str = config.metric
         self.higher_is_better = config.metric != "loss"
 
@@ -311,8 +346,10 @@ class TranslationTask:
         from qkv.tasks.evaluation import score_translations
 
         device = next(model.parameters()).device
-        translator = Translator(model, self.tokenizer, self.config, device=device)
-        hypotheses = translator.translate([p.source for p in self.validation])
+        translator = Translator(
+            model, self.tokenizer, self.config, device=device, memory=self.memory
+        )
+        hypotheses = translator.translate_inputs(self._inputs)
         scores = score_translations(
             hypotheses, [p.target for p in self.validation], [p.source for p in self.validation]
         )
@@ -324,8 +361,9 @@ class TranslationTask:
         }
 
     def _validation_loss(self, model: nn.Module, device: torch.device) -> float:
+        pairs = [replace(p, source=x) for p, x in zip(self.validation, self._inputs, strict=True)]
         dataset = PairDataset.from_pairs(
-            self.validation,
+            pairs,
             self.tokenizer,
             max_source_length=self.config.max_source_length,
             max_target_length=self.config.max_target_length,
@@ -398,12 +436,64 @@ def _train_tokenizer(config: TranslationSettings, pairs: Sequence[Pair]) -> Pair
     )
 
 
+def _with_memory(
+    settings: TranslationSettings,
+    train: Sequence[Pair],
+    tokenizer: PairTokenizer,
+    folder: Path | None,
+) -> tuple[TranslationMemory | None, Sequence[Pair]]:
+    """The translation memory of a run (``None`` without ``settings.memory``) and the training
+    pairs as the model reads them (each source with the match of another pair). A new run
+    builds the memory from its training pairs and adds the separator to the vocabulary; a
+    resumed one reads both back from its folder."""
+    if not settings.memory:
+        return None, train
+    from qkv.tasks.translation_memory import TranslationMemory, add_separator
+
+    if folder is None:
+        memory = TranslationMemory.from_pairs(train, threshold=settings.memory_threshold)
+        add_separator(tokenizer)
+    else:
+        memory = _load_memory(folder)
+    if [p.source for p in train] != memory.sources:
+        raise ValueError(
+            f"the training data ({len(train)} pairs) is not the translation memory saved with "
+            f"the model ({len(memory.pairs)} pairs): resume with the data the run was trained on"
+        )
+    inputs = memory.training_inputs()
+    return memory, [replace(p, source=x) for p, x in zip(train, inputs, strict=True)]
+
+
+def _with_files(tokenizer: PairTokenizer, memory: TranslationMemory) -> Any:
+    """What saves the tokenizer and the memory into the model folder."""
+    from qkv.tasks.translation_memory import FolderParts
+
+    return FolderParts(tokenizer, memory)
+
+
+def _load_memory(folder: Path) -> TranslationMemory:
+    """The memory saved in a model folder (a :class:`ModelFolderError` when it is missing or
+    unreadable)."""
+    from qkv.tasks.translation_memory import TranslationMemory
+
+    try:
+        return TranslationMemory.load(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise ModelFolderError(f"{error} (the model was trained with --memory)") from None
+
+
 def _set_max_length(settings: TranslationSettings, value: int) -> TranslationSettings:
     return replace(settings, max_source_length=value, max_target_length=value)
 
 
 def _no_size_defaults(settings: TranslationSettings, value: bool) -> TranslationSettings:
     return replace(settings, size_defaults=not value)
+
+
+def _no_memory(settings: TranslationSettings, value: bool) -> TranslationSettings:
+    if value and settings.memory:
+        raise ValueError("--memory and --no-memory contradict each other: give one")
+    return replace(settings, memory=False) if value else settings
 
 
 def _set_separate_vocab(settings: TranslationSettings, value: bool) -> TranslationSettings:
@@ -441,6 +531,27 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             "--copy-unknown-rate",
             "copy_unknown_rate",
             "with --copy: how often training hides a source token as <unk> to be copied",
+            float,
+        ),
+        Flag(
+            "--memory",
+            "memory",
+            "translation memory (neural fuzzy repair): give the model the target of the most "
+            "similar training pair after the source, saved with the model (default off: "
+            "docs/small-corpus.md)",
+            switch=True,
+        ),
+        Flag(
+            "--no-memory",
+            None,
+            "no translation memory (the default)",
+            switch=True,
+            apply=_no_memory,
+        ),
+        Flag(
+            "--memory-threshold",
+            "memory_threshold",
+            "with --memory: the lowest chrF (0-100) of a match that is given to the model",
             float,
         ),
         Flag("--dropout", "model_overrides.dropout", "override the preset's dropout", float),
@@ -520,10 +631,13 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             choices = size_to_data(settings, len(splits.train))
         settings = choices.settings
         batch_size = DEFAULT_BATCH_SIZE if settings.batch_size is None else settings.batch_size
-        settings = replace(settings, batch_size=batch_size)
+        settings = replace(settings, batch_size=batch_size, memory=bool(settings.memory))
+        if not settings.memory and settings.memory_threshold > 0:
+            _threshold_without_memory(settings.memory_threshold)
         tokenizer = (
             PairTokenizer.load(folder) if folder else _train_tokenizer(settings, splits.train)
         )
+        memory, train_pairs = _with_memory(settings, splits.train, tokenizer, folder)
         if settings.max_decode_length is None:
             cap = 2 * settings.max_target_length
             settings = replace(
@@ -539,7 +653,7 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             )
         validation = (splits.validation or splits.train)[: settings.valid_size]
         train_set = PairDataset.from_pairs(
-            splits.train,
+            train_pairs,
             tokenizer,
             max_source_length=settings.max_source_length,
             max_target_length=settings.max_target_length,
@@ -556,12 +670,12 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
             settings=settings,
             model=model,
             model_config=model_config,
-            objective=TranslationTask(tokenizer, validation, settings),
+            objective=TranslationTask(tokenizer, validation, settings, memory),
             train_set=train_set,
             collate=collate_pairs,
             batch_size=batch_size,
             max_tokens=settings.max_tokens,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer if memory is None else _with_files(tokenizer, memory),
             notes=choices.notes,
             training=choices.training,
         )
@@ -581,7 +695,11 @@ class TranslationSpec(TaskSpec[TranslationSettings, "Translator"]):
         scores = score_translations(
             hypotheses, references, sources, num_buckets=options.num_buckets
         ).to_dict()
-        train_pairs, note = self._training_pairs(predictor.config)
+        train_pairs: list[tuple[str, str]] | None
+        if predictor.memory is not None:  # the pairs the model was trained on, saved with it
+            train_pairs, note = list(predictor.memory.pairs), None
+        else:
+            train_pairs, note = self._training_pairs(predictor.config)
         scores["baselines"] = translation_baselines(
             sources, references, train_pairs, num_buckets=options.num_buckets
         )
@@ -623,6 +741,12 @@ class Translator:
         tokenizer: its tokenizer.
         config: the translation settings it was trained with.
         device: where to run (default: the model's).
+        memory: the translation memory of a model trained with ``config.memory`` (each source
+            is given with its fuzzy match, :mod:`qkv.tasks.translation_memory`).
+
+    Raises:
+        ValueError: ``memory`` missing for a model trained with one, or given to one trained
+            without.
     """
 
     def __init__(
@@ -632,11 +756,19 @@ class Translator:
         config: TranslationSettings,
         *,
         device: torch.device | None = None,
+        memory: TranslationMemory | None = None,
     ) -> None:
+        if bool(config.memory) != (memory is not None):
+            raise ValueError(
+                f"memory is {'None' if memory is None else 'given'} but the model was trained "
+                f"with memory={config.memory}: a model reads fuzzy matches exactly when it was "
+                "trained with them"
+            )
         self.device = device or next(model.parameters()).device
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.config = config
+        self.memory = memory
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "auto") -> Translator:
@@ -651,11 +783,17 @@ class Translator:
             tokenizer = PairTokenizer.load(folder)
         except FileNotFoundError as error:
             raise ModelFolderError(str(error)) from None
-        return cls(model, tokenizer, settings)
+        memory = _load_memory(folder) if settings.memory else None
+        return cls(model, tokenizer, settings, memory=memory)
 
     @property
     def max_length(self) -> int:
         return self.config.max_decode_length or 2 * self.config.max_target_length
+
+    def inputs(self, texts: Sequence[str]) -> list[str]:
+        """What the model reads for ``texts``: the texts, or with a translation memory each
+        followed by ``<sep>`` and its fuzzy match."""
+        return list(texts) if self.memory is None else self.memory.inputs(texts)
 
     def _encode_sources(self, texts: Sequence[str]) -> Tensor:
         return self.tokenizer.source.encode_batch(
@@ -674,6 +812,22 @@ class Translator:
 
         Sentences are decoded in batches of similar length (less padding), then put back.
         """
+        return self.translate_inputs(
+            self.inputs(texts),
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            batch_size=batch_size,
+        )
+
+    def translate_inputs(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
+        batch_size: int = 128,
+    ) -> list[str]:
+        """:meth:`translate` of model inputs already built by :meth:`inputs`."""
         from qkv.decode import beam_search, greedy_decode
 
         if beam_size < 1:
@@ -730,7 +884,7 @@ class Translator:
             )
         if translation is None:
             translation = self.translate([text])[0]
-        source = self._encode_sources([text]).to(self.device)  # (1, Ns)
+        source = self._encode_sources(self.inputs([text])).to(self.device)  # (1, Ns)
         target_ids = self.tokenizer.target.encode(translation, add_bos=True, add_eos=True)
         target_in = torch.tensor([target_ids[:-1]], device=self.device)  # (1, Nt)
         with torch.no_grad():
@@ -748,12 +902,14 @@ class Translator:
             translation: the target to align with (default: the model's own translation).
 
         Returns:
-            ``weights (Nt, Ns)`` on the CPU, the source token labels (``Ns``, with ``</s>``),
-            and the target token labels (``Nt``: each row is the attention used to produce
+            ``weights (Nt, Ns)`` on the CPU, the source token labels (``Ns``, with ``</s>``;
+            with a translation memory, the fuzzy match after ``<sep>`` too), and the target
+            token labels (``Nt``: each row is the attention used to produce
             that token, ``</s>`` last).
         """
         if translation is None:
             translation = self.translate([text])[0]
+        text = self.inputs([text])[0]
         source_ids = self.tokenizer.source.encode(text, add_eos=True)
         target_ids = self.tokenizer.target.encode(translation, add_bos=True, add_eos=True)
         source = torch.tensor([source_ids], device=self.device)  # (1, Ns)

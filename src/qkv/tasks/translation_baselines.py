@@ -31,6 +31,7 @@ __all__ = [
     "SHORTLIST",
     "baseline_verdict",
     "format_baselines",
+    "nearest_sources",
     "retrieve_targets",
     "translation_baselines",
 ]
@@ -98,30 +99,71 @@ def _shortlists(queries: Sequence[str], sources: Sequence[str], k: int) -> list[
     return out
 
 
+def nearest_sources(
+    queries: Sequence[str],
+    sources: Sequence[str],
+    *,
+    shortlist: int = SHORTLIST,
+    exclude: Sequence[int] | None = None,
+) -> list[tuple[int, float]]:
+    """For each query, the index of the source with the highest sentence chrF against it and
+    that chrF (among the ``shortlist`` closest by character 3-grams; ties: the earlier source).
+
+    Args:
+        queries: the texts to find neighbours for.
+        sources: the texts searched.
+        shortlist: sources kept per query by the 3-gram prefilter before chrF ranks them.
+        exclude: per query, a source index it may not return (leave-one-out: query ``i`` is
+            ``sources[i]`` itself), or ``-1`` for none.
+
+    Returns:
+        ``(index, chrF)`` per query; ``(-1, 0.0)`` when no source is left to return (one
+        source, excluded).
+
+    Raises:
+        ValueError: no sources, ``shortlist < 1``, or ``exclude`` of another length than
+            ``queries``.
+    """
+    from sacrebleu.metrics import CHRF
+
+    if not sources:
+        raise ValueError("retrieval needs training pairs; got none")
+    if shortlist < 1:
+        raise ValueError(f"shortlist must be >= 1, got {shortlist}")
+    if exclude is not None and len(exclude) != len(queries):
+        raise ValueError(
+            f"exclude has {len(exclude)} entries for {len(queries)} queries: give one per query"
+        )
+    skip = list(exclude) if exclude is not None else [-1] * len(queries)
+    widened = shortlist + (exclude is not None)  # room for the excluded source itself
+    chrf = CHRF()
+    out = []
+    for query, candidates, banned in zip(
+        queries, _shortlists(queries, sources, widened), skip, strict=True
+    ):
+        kept = [i for i in candidates if i != banned][:shortlist]
+        if not kept:
+            out.append((-1, 0.0))
+            continue
+        score, negative = max((chrf.sentence_score(sources[i], [query]).score, -i) for i in kept)
+        out.append((-negative, score))
+    return out
+
+
 def retrieve_targets(
     queries: Sequence[str], train_pairs: Sequence[tuple[str, str]], *, shortlist: int = SHORTLIST
 ) -> list[str]:
     """For each query, the target of the training pair whose source has the highest sentence
-    chrF against it (among the ``shortlist`` closest by character 3-grams; ties: the earlier
-    training pair).
+    chrF against it (:func:`nearest_sources`).
 
     Raises:
         ValueError: no training pairs, or ``shortlist < 1``.
     """
-    from sacrebleu.metrics import CHRF
-
     if not train_pairs:
         raise ValueError("retrieval needs training pairs; got none")
-    if shortlist < 1:
-        raise ValueError(f"shortlist must be >= 1, got {shortlist}")
     sources = [s for s, _ in train_pairs]
-    chrf = CHRF()
-    out = []
-    for query, candidates in zip(queries, _shortlists(queries, sources, shortlist), strict=True):
-        scored = [(chrf.sentence_score(sources[i], [query]).score, -i) for i in candidates]
-        best = -max(scored)[1]
-        out.append(train_pairs[best][1])
-    return out
+    found = nearest_sources(queries, sources, shortlist=shortlist)
+    return [train_pairs[i][1] for i, _ in found]
 
 
 def translation_baselines(
