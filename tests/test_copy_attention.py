@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torch_threads
 from qkv.decode import beam_search, greedy_decode
 from qkv.models import (
     CopyRNN,
@@ -21,6 +22,7 @@ from qkv.models.copy import copy_mixture, extended_source
 from qkv.tasks.translation import TranslationConfig, Translator, train_translation
 from qkv.tasks.translation_copy import copy_loss, decode_copied, simulate_unknowns
 from qkv.train import TrainConfig
+from toys import TINY
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -28,10 +30,8 @@ pytest.importorskip("safetensors")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 UNK = 3
@@ -160,13 +160,6 @@ def test_bad_mapping_and_state_are_refused() -> None:
 
 # --- through the translation task ---------------------------------------------------------------
 
-TINY = {
-    "d_model": 32,
-    "num_heads": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "dropout": 0.0,
-}
 KNOWN, UNSEEN = "abcdefghij", "klmnopqrst"
 
 

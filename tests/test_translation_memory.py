@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import torch_threads
 from qkv.cli.main import main
 from qkv.tasks.translation import TranslationConfig, Translator, train_translation
 from qkv.tasks.translation_baselines import nearest_sources
@@ -22,6 +22,7 @@ from qkv.tasks.translation_memory import (
 )
 from qkv.train import TrainConfig
 from qkv.train.checkpoint import ModelFolderError
+from toys import TINY
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -30,19 +31,8 @@ pytest.importorskip("sacrebleu")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = {
-    "d_model": 32,
-    "num_heads": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "dropout": 0.0,
-}
+    with torch_threads(1):
+        yield
 
 
 def letters(rng: random.Random, alphabet: str, n: int) -> str:
